@@ -1,0 +1,1 @@
+"""Checkpoint I/O: Hugging Face folders (hf.py) over a checked safetensors reader."""

@@ -1,0 +1,205 @@
+"""Hugging Face model folders: config.json + (sharded) safetensors + tokenizer files.
+
+`load_model` streams tensors shard by shard into a model allocated once in the target dtype, so
+peak memory stays near the model's own size. `save_model` writes the same layout that
+`transformers.AutoModelForCausalLM.from_pretrained` reads, atomically.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+
+from ..config import ConfigError, ModelConfig
+from ..model import Transformer
+from .safetensors_io import CheckpointError, read_header, read_into
+
+# Our parameter names -> Hugging Face names, per family (first matching pattern wins).
+_COMMON = [
+    (r"^embed\.", "model.embed_tokens."),
+    (r"^blocks\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^lm_head\.", "lm_head."),
+]
+_NAMES = {
+    "llama": _COMMON + [
+        (r"^blocks\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
+        (r"^blocks\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
+        (r"^blocks\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
+        (r"^norm\.", "model.norm."),
+    ],
+    "phi": _COMMON + [
+        (r"^blocks\.(\d+)\.attn\.o_proj\.", r"model.layers.\1.self_attn.dense."),
+        (r"^blocks\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
+        (r"^blocks\.(\d+)\.mlp\.up_proj\.", r"model.layers.\1.mlp.fc1."),
+        (r"^blocks\.(\d+)\.mlp\.down_proj\.", r"model.layers.\1.mlp.fc2."),
+        (r"^norm\.", "model.final_layernorm."),
+    ],
+}
+_NAMES["mistral"] = _NAMES["llama"]
+# Tensors some checkpoints carry that hold no weights (old Llama exports saved the rope table).
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def hf_name(family: str, ours: str) -> str:
+    for pat, rep in _NAMES[family]:
+        if re.match(pat, ours):
+            return re.sub(pat, rep, ours)
+    raise KeyError(ours)
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_config(path: str) -> ModelConfig:
+    """ModelConfig from a model folder's config.json."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such model folder")
+    hf = read_json(cfg_path)
+    try:
+        return ModelConfig.from_hf(hf, name=os.path.basename(os.path.normpath(path)))
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a folder, refusing pickle-based checkpoints."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        files = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if not files:
+            raise CheckpointError(f"{index}: weight_map is empty")
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard {missing[0]} which is missing from {path}")
+        return [os.path.join(path, f) for f in files]
+    if os.path.exists(single):
+        return [single]
+    found = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if found:
+        return found
+    pickles = [os.path.basename(p) for ext in ("bin", "pt", "pth", "ckpt")
+               for p in glob.glob(os.path.join(path, f"*.{ext}"))]
+    if pickles:
+        raise CheckpointError(
+            f"{path}: holds only pickle checkpoints ({', '.join(sorted(pickles))}). slm loads safetensors only, "
+            "because unpickling can run arbitrary code. Convert it where you trust the file, e.g. "
+            "`python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\"`")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # This CPU has no native bf16: fp32 is both faster and exact. GPUs get bf16.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(path: str, dtype: torch.dtype | None = None, device=None) -> Transformer:
+    cfg = read_config(path)
+    files = weight_files(path)
+    device = torch.device(device or "cpu")
+    dtype = dtype or default_dtype(device)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to(dtype).to_empty(device=device)  # allocated, not yet touched
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight  # to_empty unties shared parameters
+    params = {hf_name(cfg.family, n): p for n, p in model.named_parameters()}
+    seen: set[str] = set()
+    for file in files:
+        for name, info in read_header(file).items():
+            if _IGNORED.search(name) or (cfg.tie_embeddings and name == "lm_head.weight"):
+                continue
+            if name not in params:
+                raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {cfg.family} model")
+            p = params[name]
+            if tuple(p.shape) != info.shape:
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {list(info.shape)} but config.json "
+                                      f"implies {list(p.shape)}")
+            read_into(file, info, p)
+            seen.add(name)
+    missing = [n for n in params if n not in seen and not (cfg.tie_embeddings and n == "lm_head.weight")]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    return model.eval()
+
+
+def _atomic_dir(path: str):
+    """A temporary sibling folder, swapped into place by `_commit` so readers never see half a save."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.normpath(path)) + "-", dir=parent)
+
+
+def _commit(tmp: str, path: str) -> None:
+    for name in os.listdir(tmp):  # flush file contents before the rename makes them visible
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    if os.path.isdir(path):
+        old = tmp + ".old"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def save_model(model: Transformer, path: str, tokenizer=None, generation_config: dict | None = None,
+               max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write a Hugging Face folder. Shards when the weights exceed max_shard_bytes."""
+    cfg = model.config
+    tmp = _atomic_dir(path)
+    try:
+        tensors = {hf_name(cfg.family, n): p.detach().to("cpu").contiguous()
+                   for n, p in model.named_parameters() if not (cfg.tie_embeddings and n == "lm_head.weight")}
+        shards, cur, size = [], {}, 0
+        for name, t in tensors.items():
+            nb = t.numel() * t.element_size()
+            if cur and size + nb > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[name], size = t, size + nb
+        shards.append(cur)
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n in shard})
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        hf = cfg.to_hf()
+        hf["dtype"] = _DTYPE_NAMES.get(model.embed.weight.dtype, "float32")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+        gen.update(generation_config or {})
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _commit(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

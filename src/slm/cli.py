@@ -1,0 +1,133 @@
+"""`slm <command>`: each subcommand is a thin call into one module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .checkpoint.safetensors_io import CheckpointError
+from .config import ConfigError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--device", default=None)
+
+
+def _sampling(a) -> dict:
+    return dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                seed=a.seed, stop=a.stop)
+
+
+def cmd_generate(a) -> None:
+    from . import load
+    lm = load(a.model, dtype=a.dtype, device=a.device)
+    for chunk in lm.stream(a.prompt, a.max_new_tokens, **_sampling(a)):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(a) -> None:
+    from . import load
+    lm = load(a.model, dtype=a.dtype, device=a.device)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print(f"Chatting with {a.model}. Empty line or /exit to quit, /reset to start over.", file=sys.stderr)
+    while True:
+        try:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            break
+        if not line or line.strip() in ("", "/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if a.system else []
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = []
+        for chunk in lm.chat(messages, a.max_new_tokens, stream=True, **_sampling(a)):
+            reply.append(chunk)
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_info(a) -> None:
+    from .config import get_config, memory_table
+    if a.preset:
+        cfg = get_config(a.preset)
+    else:
+        from .checkpoint.hf import read_config
+        cfg = read_config(a.model)
+    n = cfg.num_params()
+    rows = [
+        ("name", cfg.name), ("family", cfg.family),
+        ("parameters", f"{n:,} ({n / 1e6:.1f}M)"),
+        ("layers", cfg.num_layers), ("hidden size", cfg.hidden_size), ("MLP size", cfg.intermediate_size),
+        ("attention heads", f"{cfg.num_heads} (KV heads {cfg.num_kv_heads}, head dim {cfg.head_dim})"),
+        ("context", cfg.max_seq_len), ("sliding window", cfg.sliding_window or "-"),
+        ("rope", f"theta {cfg.rope_theta:g}, rotary dim {cfg.rotary_dim}/{cfg.head_dim}"),
+        ("vocabulary", cfg.vocab_size), ("tied embeddings", cfg.tie_embeddings),
+    ]
+    rows += [(f"weights {k}", _human(v)) for k, v in memory_table(cfg).items()]
+    rows.append(("KV cache (bf16, full context)", _human(cfg.kv_cache_bytes())))
+    if cfg.source:
+        rows.append(("source", cfg.source))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="slm", description="Small language models on one ordinary machine.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--prompt", required=True)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat through the model's chat template")
+    p.add_argument("--model", required=True)
+    p.add_argument("--system", default=None, help="system message")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_chat, max_new_tokens=256)
+
+    p = sub.add_parser("info", help="parameters, shape and memory of a model or preset")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model")
+    g.add_argument("--preset")
+    p.set_defaults(func=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"slm {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)

@@ -1,0 +1,257 @@
+"""Model configuration: one dataclass for every family, and a registry of named models.
+
+Each registry entry cites the upstream `config.json` it was copied from, so a reader can check
+every number. `ModelConfig.from_hf` / `to_hf` translate to and from Hugging Face `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+FAMILIES = ("llama", "mistral", "phi")
+
+
+class ConfigError(ValueError):
+    """A config.json or preset that `slm` cannot turn into a model."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    family: str = "llama"  # llama (Llama 2, Orca 2, our presets) | mistral | phi
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32  # < num_heads: grouped-query attention
+    head_dim: int | None = None  # defaults to hidden_size // num_heads
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0  # Phi-2 rotates only the first 40% of each head
+    norm_eps: float = 1e-5
+    sliding_window: int | None = None  # Mistral: each token sees the last `sliding_window` tokens
+    tie_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    # Architecture switches derived from the family (see __post_init__).
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    mlp: str = "swiglu"  # swiglu | gelu
+    parallel_block: bool = False  # Phi: attention and MLP read the same normed input
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    source: str = ""  # where the numbers come from
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ConfigError(f"unknown model family {self.family!r}; slm supports {', '.join(FAMILIES)}")
+        if self.family == "phi":
+            self.norm, self.mlp, self.parallel_block = "layernorm", "gelu", True
+            self.attention_bias = self.mlp_bias = self.lm_head_bias = True
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        self.validate()
+
+    # -- derived sizes -------------------------------------------------------------------------
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def validate(self) -> None:
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "max_seq_len"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{f} must be a positive integer, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.rotary_dim % 2:
+            raise ConfigError(f"rotary dim {self.rotary_dim} (head_dim x partial_rotary_factor) must be even")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        d, h, kv, hd, f = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size
+        attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+        if self.attention_bias:
+            attn += h * hd + 2 * kv * hd + d
+        n_mats = 3 if self.mlp == "swiglu" else 2
+        mlp = n_mats * d * f + ((f + d) if self.mlp_bias else 0)
+        norms = (1 if self.parallel_block else 2) * d * (2 if self.norm == "layernorm" else 1)
+        per_layer = attn + mlp + norms
+        final_norm = d * (2 if self.norm == "layernorm" else 1)
+        emb = self.vocab_size * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        head += self.vocab_size if self.lm_head_bias else 0
+        total = self.num_layers * per_layer + final_norm + head
+        return total + (emb if include_embeddings else 0)
+
+    def kv_cache_bytes(self, seq_len: int | None = None, bytes_per_el: int = 2) -> int:
+        seq = seq_len or self.max_seq_len
+        if self.sliding_window:
+            seq = min(seq, self.sliding_window)
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * seq * bytes_per_el
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # -- Hugging Face config.json ---------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict, name: str = "custom") -> "ModelConfig":
+        mt = hf.get("model_type")
+        if mt not in FAMILIES:
+            raise ConfigError(f"unsupported model_type {mt!r}; slm supports {', '.join(FAMILIES)}")
+        # transformers >= 5 nests rope settings under rope_parameters; older files keep them on top.
+        rope = hf.get("rope_parameters") or {}
+        if isinstance(rope, dict) and "full_attention" in rope:
+            rope = rope["full_attention"]
+        scaling = hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        if rope_type != "default":
+            raise ConfigError(f"rope scaling {rope_type!r} is not supported yet")
+        try:
+            heads = hf["num_attention_heads"]
+            kw = dict(
+                name=name,
+                family=mt,
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=hf.get("num_key_value_heads") or heads,
+                head_dim=hf.get("head_dim") or None,
+                max_seq_len=hf.get("max_position_embeddings", 2048),
+                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
+                norm_eps=float(hf.get("rms_norm_eps", hf.get("layer_norm_eps", 1e-5))),
+                sliding_window=hf.get("sliding_window") if mt == "mistral" else None,
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=hf.get("eos_token_id"),
+                pad_token_id=hf.get("pad_token_id"),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
+        if mt == "phi" and hf.get("qk_layernorm"):
+            raise ConfigError("Phi with qk_layernorm=true is not supported")
+        if mt != "phi":
+            kw["attention_bias"] = bool(hf.get("attention_bias", False))
+            kw["mlp_bias"] = bool(hf.get("mlp_bias", False))
+            act = hf.get("hidden_act", "silu")
+            if act != "silu":
+                raise ConfigError(f"hidden_act {act!r} is not supported for {mt}")
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi": "PhiForCausalLM"}[self.family]
+        hf = {
+            "architectures": [arch],
+            "model_type": self.family,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_theta": self.rope_theta,  # for readers older than transformers 5
+        }
+        if self.family == "phi":
+            hf.update(hidden_act="gelu_new", layer_norm_eps=self.norm_eps, qk_layernorm=False,
+                      partial_rotary_factor=self.partial_rotary_factor, resid_pdrop=0.0, embd_pdrop=0.0)
+            hf["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
+        else:
+            hf.update(hidden_act="silu", rms_norm_eps=self.norm_eps, head_dim=self.head_dim,
+                      attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        if self.family == "mistral":
+            hf["sliding_window"] = self.sliding_window
+        return hf
+
+
+# -- the registry ------------------------------------------------------------------------------
+# Known models: values copied from the upstream config.json named in `source`.
+# Presets for training from scratch: shapes chosen by us (stories15M/110M follow llama2.c).
+_HF = "https://huggingface.co/{}/blob/main/config.json"
+
+REGISTRY: dict[str, ModelConfig] = {}
+
+
+def _register(cfg: ModelConfig) -> None:
+    REGISTRY[cfg.name] = cfg
+
+
+_register(ModelConfig(
+    name="mistral-7b-v0.1", family="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+    num_layers=32, num_heads=32, num_kv_heads=8, max_seq_len=32768, rope_theta=10000.0, norm_eps=1e-5,
+    sliding_window=4096, tie_embeddings=False, bos_token_id=1, eos_token_id=2,
+    source=_HF.format("mistralai/Mistral-7B-v0.1")))
+_register(ModelConfig(
+    name="llama-2-7b", family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+    num_layers=32, num_heads=32, num_kv_heads=32, max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5,
+    tie_embeddings=False, bos_token_id=1, eos_token_id=2, source=_HF.format("meta-llama/Llama-2-7b-hf")))
+_register(ModelConfig(
+    name="llama-2-13b", family="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+    num_layers=40, num_heads=40, num_kv_heads=40, max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5,
+    tie_embeddings=False, bos_token_id=1, eos_token_id=2, source=_HF.format("meta-llama/Llama-2-13b-hf")))
+# Orca 2 is Llama 2 fine-tuned; its tokenizer adds <|im_start|>, <|im_end|> and <pad> (vocab 32003).
+_register(ModelConfig(
+    name="orca-2-7b", family="llama", vocab_size=32003, hidden_size=4096, intermediate_size=11008,
+    num_layers=32, num_heads=32, num_kv_heads=32, max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5,
+    tie_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    source=_HF.format("microsoft/Orca-2-7b")))
+_register(ModelConfig(
+    name="orca-2-13b", family="llama", vocab_size=32003, hidden_size=5120, intermediate_size=13824,
+    num_layers=40, num_heads=40, num_kv_heads=40, max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5,
+    tie_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    source=_HF.format("microsoft/Orca-2-13b")))
+_register(ModelConfig(
+    name="phi-2", family="phi", vocab_size=51200, hidden_size=2560, intermediate_size=10240,
+    num_layers=32, num_heads=32, num_kv_heads=32, max_seq_len=2048, rope_theta=10000.0,
+    partial_rotary_factor=0.4, norm_eps=1e-5, tie_embeddings=False, bos_token_id=50256, eos_token_id=50256,
+    source=_HF.format("microsoft/phi-2")))
+
+# Presets for training from scratch (Llama architecture, tied embeddings as llama2.c does).
+_register(ModelConfig(
+    name="slm-1m", family="llama", vocab_size=2048, hidden_size=128, intermediate_size=352, num_layers=4,
+    num_heads=4, num_kv_heads=4, max_seq_len=256, tie_embeddings=True, source="slm preset (~1M parameters)"))
+_register(ModelConfig(
+    name="stories15m", family="llama", vocab_size=32000, hidden_size=288, intermediate_size=768, num_layers=6,
+    num_heads=6, num_kv_heads=6, max_seq_len=256, tie_embeddings=True,
+    source="llama2.c stories15M: dim 288, n_layers 6, n_heads 6, hidden 768, seq 256"))
+_register(ModelConfig(
+    name="slm-50m", family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=10,
+    num_heads=8, num_kv_heads=8, max_seq_len=512, tie_embeddings=True, source="slm preset (~50M parameters)"))
+_register(ModelConfig(
+    name="stories110m", family="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+    num_layers=12, num_heads=12, num_kv_heads=12, max_seq_len=1024, tie_embeddings=True,
+    source="llama2.c stories110M: dim 768, n_layers 12, n_heads 12, hidden 2048, seq 1024"))
+_register(ModelConfig(
+    name="slm-124m", family="llama", vocab_size=50304, hidden_size=768, intermediate_size=2048, num_layers=12,
+    num_heads=12, num_kv_heads=12, max_seq_len=1024, tie_embeddings=True,
+    source="slm preset: the GPT-2 small shape (124M) with a Llama block"))
+
+
+def get_config(name: str) -> ModelConfig:
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name].replace()
+
+
+def memory_table(cfg: ModelConfig) -> dict[str, int]:
+    """Bytes of weights at each storage precision: int8 with one fp32 scale per output row,
+    int4 with one bf16 scale and zero point per group of 32 weights."""
+    n = cfg.num_params()
+    return {"fp32": n * 4, "bf16": n * 2, "int8": n + 4 * n // cfg.hidden_size, "int4": math.ceil(n / 2 + n / 32 * 4)}

@@ -1,0 +1,288 @@
+"""The one decoder-only transformer behind every family `slm` runs.
+
+Read top to bottom: norms, rotary embeddings, the KV cache, attention, MLP, block, model.
+The families differ only in switches on `ModelConfig`:
+
+    Llama 2 / Orca 2   RMSNorm, SwiGLU MLP, full rotary, multi-head attention
+    Mistral            as Llama, plus grouped-query attention and a sliding attention window
+    Phi-2              LayerNorm, GELU MLP with biases, rotary on 40% of each head, attention and
+                       MLP in parallel from one norm, biased LM head
+
+Parameter names are ours (`blocks.3.attn.q_proj.weight`); `checkpoint/hf.py` maps them to each
+family's Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+# -- normalisation -----------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused kernel
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Low precision: normalise in fp32, then scale in the model dtype, as the reference does.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+# -- rotary position embedding -----------------------------------------------------------------
+def rope_tables(rotary_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for positions 0..length-1, laid out for the half-split rotation that Hugging
+    Face checkpoints use. sin carries the sign of the rotation, so applying it is one roll:
+    rotate_half(x) * sin == roll(x, half) * [-sin, sin]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim))
+    freqs = torch.outer(torch.arange(length, device=device).float(), inv_freq)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, head_dim]; cos/sin: [B, 1, T, rotary_dim]. Rotates the first rotary_dim dims."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + x.roll(rd // 2, -1) * sin
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat([rot * cos + rot.roll(rd // 2, -1) * sin, rest], -1)
+
+
+# -- KV cache ----------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """How one forward step reads and writes the cache for layers of one window size."""
+    mask: torch.Tensor | None = None  # bool [B, 1, T, S]; None with causal=False: attend to all keys
+    causal: bool = False
+    write: slice | torch.Tensor | None = None  # cache slots receiving the new keys
+    read: int = 0  # leading slots to attend over
+    concat: bool = False  # rolling prefill: attend over old slots + all new keys, keep the newest
+
+
+def _mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [B, 1, T, S] mask from absolute positions (-1 marks padding or an empty slot)."""
+    q, k = qpos[:, :, None], kpos[:, None, :]
+    ok = (k >= 0) & (k <= q)
+    if window is not None:
+        ok &= q - k < window
+    ok |= q < 0  # padding queries attend everywhere: finite garbage, never read, never NaN
+    return ok[:, None]
+
+
+class KVCache:
+    """Keys and values of earlier tokens, preallocated per layer.
+
+    Layers with a sliding window keep a rolling buffer of `window` slots, so a long generation
+    with Mistral uses bounded memory. `pos` records the absolute position held by each slot
+    (-1: empty or padding); masks are built from it, which also handles left-padded batches.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        self.max_len, self.seen, self.padded = max_len, 0, False
+        self.windows = [cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < max_len else None
+                        for _ in range(cfg.num_layers)]
+        self.size = {w: (w if w else max_len) for w in set(self.windows)}
+        self.pos = {w: torch.full((batch, s), -1, dtype=torch.long, device=device) for w, s in self.size.items()}
+        shape = lambda w: (batch, cfg.num_kv_heads, self.size[w], cfg.head_dim)  # noqa: E731
+        self.k = [torch.zeros(shape(w), device=device, dtype=dtype) for w in self.windows]
+        self.v = [torch.zeros(shape(w), device=device, dtype=dtype) for w in self.windows]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def plan(self, window: int | None, qpos: torch.Tensor) -> _Plan:
+        L, T, S, pos = self.seen, qpos.shape[1], self.size[window], self.pos[window]
+        if window is None:  # one slot per position
+            pos[:, L:L + T] = qpos
+            kpos = pos[:, :L + T]
+            if T == 1 and not self.padded:
+                mask, causal = None, False
+            elif L == 0 and not self.padded:
+                mask, causal = None, True
+            else:
+                mask, causal = _mask(qpos, kpos, None), False
+            return _Plan(mask, causal, slice(L, L + T), L + T)
+        if T == 1:  # rolling decode step: the slot overwritten is the one leaving the window
+            slot = L % S
+            pos[:, slot] = qpos[:, 0]
+            read = min(L + 1, S)
+            mask = _mask(qpos, pos[:, :read], window) if self.padded else None
+            return _Plan(mask, False, slice(slot, slot + 1), read)
+        # Rolling prefill: earlier queries of this chunk still need the keys later ones overwrite.
+        read, keep = min(L, S), min(T, S)
+        kpos = torch.cat([pos[:, :read], qpos], 1)
+        slots = torch.arange(L + T - keep, L + T, device=qpos.device) % S
+        pos[:, slots] = qpos[:, T - keep:]
+        if L == 0 and T <= window and not self.padded:
+            return _Plan(None, True, slots, read, concat=True)
+        return _Plan(_mask(qpos, kpos, window), False, slots, read, concat=True)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: _Plan):
+        """Store the new keys/values and return the keys/values to attend over."""
+        K, V = self.k[layer], self.v[layer]
+        if plan.concat:
+            keys, vals = torch.cat([K[:, :, :plan.read], k], 2), torch.cat([V[:, :, :plan.read], v], 2)
+            n = len(plan.write)
+            K[:, :, plan.write], V[:, :, plan.write] = k[:, :, -n:], v[:, :, -n:]
+            return keys, vals
+        K[:, :, plan.write], V[:, :, plan.write] = k, v
+        return K[:, :, :plan.read], V[:, :, :plan.read]
+
+
+# -- attention and MLP -------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv, self.head_dim = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d, q_dim, kv_dim, bias = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(d, q_dim, bias=bias)
+        self.k_proj = nn.Linear(d, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(d, kv_dim, bias=bias)
+        self.o_proj = nn.Linear(q_dim, d, bias=bias)
+
+    def forward(self, x, cos, sin, plan: _Plan, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, plan)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gated = cfg.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x):
+        if self.gated:  # SwiGLU
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # Phi's gelu_new
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        if not self.parallel:
+            self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, plan, cache):
+        if self.parallel:  # Phi: one norm feeds both branches
+            h = self.attn_norm(x)
+            return self.attn(h, cos, sin, plan, cache) + self.mlp(h) + x
+        x = x + self.attn(self.attn_norm(x), cos, sin, plan, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# -- the model ---------------------------------------------------------------------------------
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._rope: dict = {}  # (device, dtype) -> (cos, sin), built on first use
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fresh weights for training from scratch: GPT-2 style, with the residual projections
+        scaled down by sqrt(2 * layers) so the residual stream does not grow with depth."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.num_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def rope(self, pos: torch.Tensor, dtype: torch.dtype):
+        key = (pos.device, dtype)
+        if key not in self._rope:
+            cfg = self.config
+            cos, sin = rope_tables(cfg.rotary_dim, cfg.max_seq_len, cfg.rope_theta, pos.device)
+            self._rope[key] = (cos.to(dtype), sin.to(dtype))
+        cos, sin = self._rope[key]
+        p = pos.clamp(min=0)
+        return cos[p].unsqueeze(1), sin[p].unsqueeze(1)
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.config, batch, max_len or self.config.max_seq_len, p.device, p.dtype)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
+
+        pos gives each token's absolute position, -1 for padding; by default tokens follow what
+        the cache holds. attention_mask (1 = token, 0 = padding) is the Hugging Face way to say
+        the same for a left-padded batch."""
+        B, T = input_ids.shape
+        start = cache.seen if cache is not None else 0
+        if pos is None and attention_mask is not None:
+            pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1) + start
+        if pos is None:
+            pos = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if start + T > limit:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {limit}")
+        x = self.embed(input_ids)
+        cos, sin = self.rope(pos, x.dtype)
+        plans = self._plans(pos, cache)
+        for i, block in enumerate(self.blocks):
+            w = cache.windows[i] if cache is not None else self._window(T)
+            x = block(x, cos, sin, plans[w], cache)
+        if cache is not None:
+            cache.seen += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def _window(self, T: int) -> int | None:
+        w = self.config.sliding_window
+        return w if w and w < T else None
+
+    def _plans(self, pos: torch.Tensor, cache: KVCache | None) -> dict:
+        T = pos.shape[1]
+        if cache is None:
+            padded = bool((pos < 0).any()) if T > 1 else False
+            w = self._window(T)
+            if not padded and w is None:
+                return {None: _Plan(causal=True)}
+            return {w: _Plan(mask=_mask(pos, pos, w))}
+        if T > 1 and cache.seen == 0:
+            cache.padded = bool((pos < 0).any())
+        return {w: cache.plan(w, pos) for w in cache.size}

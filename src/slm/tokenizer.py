@@ -1,0 +1,147 @@
+"""One Tokenizer over the `tokenizers` library, read from and written to Hugging Face files
+(tokenizer.json, tokenizer_config.json, chat_template.jinja), with chat templates rendered by
+Jinja2 in a sandbox, as transformers does."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _Tk
+from tokenizers.decoders import DecodeStream
+
+from .checkpoint.safetensors_io import CheckpointError
+
+# Used when a checkpoint brings no chat template: ChatML, as Orca 2 and many small models use.
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# For a tokenizer without ChatML tokens: plain text turns.
+PLAIN_CHAT = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
+    "{% else %}{{ 'Assistant: ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def _token_str(tok) -> str | None:
+    if isinstance(tok, dict):  # older tokenizer_config.json stores AddedToken dicts
+        return tok.get("content")
+    return tok
+
+
+class Tokenizer:
+    def __init__(self, tk: _Tk, config: dict | None = None, chat_template: str | None = None):
+        self.tk = tk
+        self.config = dict(config or {})
+        self.bos_token = _token_str(self.config.get("bos_token"))
+        self.eos_token = _token_str(self.config.get("eos_token"))
+        self.pad_token = _token_str(self.config.get("pad_token"))
+        self.chat_template = chat_template or self.config.get("chat_template")
+        self.bos_id = tk.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_id = tk.token_to_id(self.eos_token) if self.eos_token else None
+        # Some configs ask for a BOS that tokenizer.json's post-processor does not add itself.
+        probe = tk.encode("a").ids
+        self._prepend_bos = bool(self.config.get("add_bos_token") and self.bos_id is not None
+                                 and (not probe or probe[0] != self.bos_id))
+
+    # -- files ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, path: str) -> "Tokenizer":
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tj):
+            raise CheckpointError(f"{path}: no tokenizer.json (slm reads the fast-tokenizer format)")
+        try:
+            tk = _Tk.from_file(tj)
+        except Exception as e:  # the Rust library raises plain Exceptions
+            raise CheckpointError(f"{tj}: cannot be read as a tokenizer ({e})") from None
+        config = {}
+        tc = os.path.join(path, "tokenizer_config.json")
+        if os.path.exists(tc):
+            from .checkpoint.hf import read_json
+            config = read_json(tc)
+        template = None
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if os.path.exists(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                template = f.read()
+        return cls(tk, config, template)
+
+    def save(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.tk.save(os.path.join(path, "tokenizer.json"))
+        config = {k: v for k, v in self.config.items() if k not in ("chat_template", "added_tokens_decoder")}
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if getattr(self, key):
+                config[key] = getattr(self, key)
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        if self.chat_template:
+            with open(os.path.join(path, "chat_template.jinja"), "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
+
+    # -- text <-> ids --------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self._prepend_bos:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, skip_special_tokens: bool = True):
+        """A function id -> new text (possibly ''), that holds back incomplete UTF-8 sequences."""
+        ds = DecodeStream(skip_special_tokens=skip_special_tokens)
+        return lambda i: ds.step(self.tk, int(i)) or ""
+
+    def token_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    # -- chat ----------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"each chat message needs 'role' and 'content', got {m!r}")
+        template = self.chat_template
+        if template is None:
+            template = CHATML if self.token_id("<|im_start|>") is not None else PLAIN_CHAT
+        return _compile(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", pad_token=self.pad_token or "")
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template writes BOS itself where the model wants one; do not add a second.
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        ids = self.encode(text, add_special_tokens=False)
+        if self.bos_id is not None and self.bos_token and not text.startswith(self.bos_token) and self._adds_bos():
+            ids = [self.bos_id] + ids
+        return ids
+
+    def _adds_bos(self) -> bool:
+        return self._prepend_bos or (self.bos_id is not None and self.tk.encode("a").ids[:1] == [self.bos_id])
+
+
+_TEMPLATES: dict[str, jinja2.Template] = {}
+
+
+def _compile(source: str) -> jinja2.Template:
+    if source not in _TEMPLATES:
+        def raise_exception(msg):
+            raise jinja2.exceptions.TemplateError(msg)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+        _TEMPLATES[source] = env.from_string(source)
+    return _TEMPLATES[source]
