@@ -7,6 +7,7 @@ peak memory stays near the model's own size. `save_model` writes the same layout
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 
 import torch
+import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..config import ConfigError, ModelConfig
@@ -109,16 +111,41 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+@contextlib.contextmanager
+def _meta_device():
+    """Build modules on the meta device without nn.Embedding's random init: on meta it runs a Python
+    decomposition that imports torch._dynamo (80 MB, 2 s) for values about to be overwritten."""
+    saved = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        nn.Embedding.reset_parameters = saved
+
+
+def _materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Give each meta parameter real, uninitialised storage (tied parameters stay tied). Unlike
+    Module.to_empty this calls torch.empty directly: empty_like on meta imports torch.fx (50 MB)."""
+    made: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), p.requires_grad)
+                mod._parameters[name] = made[id(p)]
+
+
 def load_model(path: str, dtype: torch.dtype | None = None, device=None) -> Transformer:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such model folder")
+    files = weight_files(path)  # first: a pickle-only folder is refused before anything else
     cfg = read_config(path)
-    files = weight_files(path)
     device = torch.device(device or "cpu")
     dtype = dtype or default_dtype(device)
-    with torch.device("meta"):
+    with _meta_device():
         model = Transformer(cfg)
-    model = model.to(dtype).to_empty(device=device)  # allocated, not yet touched
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight  # to_empty unties shared parameters
+    _materialize(model, dtype, device)  # allocated, not yet touched
     params = {hf_name(cfg.family, n): p for n, p in model.named_parameters()}
     seen: set[str] = set()
     for file in files:
