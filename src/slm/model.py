@@ -8,8 +8,8 @@ The families differ only in switches on `ModelConfig`:
     Phi-2              LayerNorm, GELU MLP with biases, rotary on 40% of each head, attention and
                        MLP in parallel from one norm, biased LM head
 
-Parameter names are ours (`blocks.3.attn.q_proj.weight`); `checkpoint/hf.py` maps them to each
-family's Hugging Face names.
+Parameter names are ours (`blocks.3.attn.qkv_proj.weight`); `checkpoint/hf.py` maps them to each
+family's Hugging Face names, splitting the fused QKV and gate/up matrices.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused kernel
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # Low precision: normalise in fp32, then scale in the model dtype, as the reference does.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # Written out: on CPU, F.rms_norm decomposes into twice as many small kernels.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)  # normalise in fp32, scale in the model dtype
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -150,18 +150,17 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv, self.head_dim = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        d, q_dim, kv_dim, bias = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.attention_bias
-        self.q_proj = nn.Linear(d, q_dim, bias=bias)
-        self.k_proj = nn.Linear(d, kv_dim, bias=bias)
-        self.v_proj = nn.Linear(d, kv_dim, bias=bias)
-        self.o_proj = nn.Linear(q_dim, d, bias=bias)
+        d, bias = cfg.hidden_size, cfg.attention_bias
+        self.split = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+        # Q, K and V in one matrix: one matmul instead of three (checkpoints keep them apart).
+        self.qkv_proj = nn.Linear(d, sum(self.split), bias=bias)
+        self.o_proj = nn.Linear(self.split[0], d, bias=bias)
 
     def forward(self, x, cos, sin, plan: _Plan, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+        qk = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)  # Q and K heads rotated together
+        q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv:]
         if cache is not None:
             k, v = cache.update(self.layer, k, v, plan)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.causal,
@@ -174,14 +173,16 @@ class MLP(nn.Module):
         super().__init__()
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gated = cfg.mlp == "swiglu"
-        if self.gated:
-            self.gate_proj = nn.Linear(d, f, bias=bias)
-        self.up_proj = nn.Linear(d, f, bias=bias)
+        if self.gated:  # gate and up projections in one matrix, as Q/K/V above
+            self.gate_up_proj = nn.Linear(d, 2 * f, bias=bias)
+        else:
+            self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
 
     def forward(self, x):
         if self.gated:  # SwiGLU
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # Phi's gelu_new
 
 
