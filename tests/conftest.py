@@ -52,7 +52,7 @@ def tokenizer_dir(tmp_path_factory) -> str:
 
 
 def hf_config(family: str, vocab_size: int, **kw):
-    from transformers import LlamaConfig, MistralConfig, PhiConfig
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, PhiConfig
 
     base = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
@@ -66,6 +66,13 @@ def hf_config(family: str, vocab_size: int, **kw):
     if family == "phi":
         base.setdefault("partial_rotary_factor", 0.4)
         return PhiConfig(**base)
+    if family == "gemma3":
+        base.update(tie_word_embeddings=kw.get("tie_word_embeddings", True), head_dim=kw.get("head_dim", 16))
+        base.setdefault("sliding_window", 8)
+        base.setdefault("layer_types", ["sliding_attention", "sliding_attention", "full_attention"])
+        base["num_hidden_layers"] = len(base["layer_types"])
+        return Gemma3TextConfig(rms_norm_eps=1e-6, query_pre_attn_scalar=24, rope_theta=1_000_000.0,
+                                rope_local_base_freq=10_000.0, **base)
     raise ValueError(family)
 
 
@@ -78,6 +85,10 @@ def make_checkpoint(path: str, family: str, tokenizer_dir: str | None, seed: int
     cfg = hf_config(family, vocab, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # norms start at 1 (or 0 for Gemma's 1 + w): perturb them so they are tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path, max_shard_size=shard)
     if tokenizer_dir:
         for f in os.listdir(tokenizer_dir):
@@ -90,6 +101,7 @@ FAMILIES = {
     "llama-tied": ("llama", {"tie_word_embeddings": True}),
     "mistral-gqa": ("mistral", {"num_key_value_heads": 2, "sliding_window": 16}),
     "phi": ("phi", {}),
+    "gemma3": ("gemma3", {"num_key_value_heads": 2}),
 }
 
 

@@ -10,7 +10,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-FAMILIES = ("llama", "mistral", "phi")
+FAMILIES = ("llama", "mistral", "phi", "gemma3")
+# Hugging Face model_type -> our family
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "phi": "phi", "gemma3_text": "gemma3"}
 
 
 class ConfigError(ValueError):
@@ -20,7 +22,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "custom"
-    family: str = "llama"  # llama (Llama 2, Orca 2, our presets) | mistral | phi
+    family: str = "llama"  # llama (Llama 2, Orca 2, our presets) | mistral | phi | gemma3
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -33,13 +35,21 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0  # Phi-2 rotates only the first 40% of each head
     norm_eps: float = 1e-5
     sliding_window: int | None = None  # Mistral: each token sees the last `sliding_window` tokens
+    layer_types: list[str] | None = None  # Gemma 3: "sliding_attention" | "full_attention" per layer
+    rope_local_theta: float | None = None  # Gemma 3: rope base of the sliding-window layers
+    rope_scaling_factor: float = 1.0  # linear position scaling of the full-attention layers
+    query_pre_attn_scalar: float | None = None  # Gemma 3: attention scale is its -1/2 power
     tie_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     # Architecture switches derived from the family (see __post_init__).
     norm: str = "rmsnorm"  # rmsnorm | layernorm
-    mlp: str = "swiglu"  # swiglu | gelu
+    norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight), computed in fp32
+    qk_norm: bool = False  # Gemma 3: RMSNorm on each query and key head before rope
+    sandwich_norm: bool = False  # Gemma 3: norms after attention and MLP too
+    embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(hidden_size)
+    mlp: str = "swiglu"  # swiglu | geglu | gelu
     parallel_block: bool = False  # Phi: attention and MLP read the same normed input
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -52,6 +62,9 @@ class ModelConfig:
         if self.family == "phi":
             self.norm, self.mlp, self.parallel_block = "layernorm", "gelu", True
             self.attention_bias = self.mlp_bias = self.lm_head_bias = True
+        if self.family == "gemma3":
+            self.norm_plus_one = self.qk_norm = self.sandwich_norm = self.embed_scale = True
+            self.mlp = "geglu"
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_heads
         self.validate()
@@ -73,15 +86,30 @@ class ModelConfig:
             raise ConfigError(f"rotary dim {self.rotary_dim} (head_dim x partial_rotary_factor) must be even")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise ConfigError(f"layer_types lists {len(self.layer_types)} layers, the model has {self.num_layers}")
+
+    def layer_window(self, i: int) -> int | None:
+        """The attention window of layer i (None: full causal attention)."""
+        if self.layer_types is not None and self.layer_types[i] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def layer_rope(self, i: int) -> tuple[float, float]:
+        """(rope base, linear position scale) of layer i: Gemma's local layers use their own base."""
+        if self.rope_local_theta is not None and self.layer_window(i) is not None:
+            return self.rope_local_theta, 1.0
+        return self.rope_theta, self.rope_scaling_factor
 
     def num_params(self, include_embeddings: bool = True) -> int:
         d, h, kv, hd, f = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size
         attn = d * h * hd + 2 * d * kv * hd + h * hd * d
         if self.attention_bias:
             attn += h * hd + 2 * kv * hd + d
-        n_mats = 3 if self.mlp == "swiglu" else 2
+        n_mats = 2 if self.mlp == "gelu" else 3
         mlp = n_mats * d * f + ((f + d) if self.mlp_bias else 0)
-        norms = (1 if self.parallel_block else 2) * d * (2 if self.norm == "layernorm" else 1)
+        norms = (1 if self.parallel_block else 4 if self.sandwich_norm else 2) * d * (2 if self.norm == "layernorm" else 1)
+        norms += 2 * hd if self.qk_norm else 0
         per_layer = attn + mlp + norms
         final_norm = d * (2 if self.norm == "layernorm" else 1)
         emb = self.vocab_size * d
@@ -106,21 +134,23 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict, name: str = "custom") -> "ModelConfig":
         mt = hf.get("model_type")
-        if mt not in FAMILIES:
-            raise ConfigError(f"unsupported model_type {mt!r}; slm supports {', '.join(FAMILIES)}")
-        # transformers >= 5 nests rope settings under rope_parameters; older files keep them on top.
+        if mt not in HF_MODEL_TYPES:
+            raise ConfigError(f"unsupported model_type {mt!r}; slm supports {', '.join(HF_MODEL_TYPES)}")
+        family = HF_MODEL_TYPES[mt]
+        # transformers >= 5 nests rope settings under rope_parameters (per layer type for Gemma 3);
+        # older files keep them on top, or under rope_scaling.
         rope = hf.get("rope_parameters") or {}
-        if isinstance(rope, dict) and "full_attention" in rope:
-            rope = rope["full_attention"]
-        scaling = hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        if rope_type != "default":
+        local = rope.get("sliding_attention") or {}
+        rope = rope.get("full_attention", rope)
+        scaling = rope if "rope_type" in rope else (hf.get("rope_scaling") or {})
+        rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+        if rope_type not in ("default", "linear"):
             raise ConfigError(f"rope scaling {rope_type!r} is not supported yet")
         try:
             heads = hf["num_attention_heads"]
             kw = dict(
                 name=name,
-                family=mt,
+                family=family,
                 vocab_size=hf["vocab_size"],
                 hidden_size=hf["hidden_size"],
                 intermediate_size=hf["intermediate_size"],
@@ -130,31 +160,43 @@ class ModelConfig:
                 head_dim=hf.get("head_dim") or None,
                 max_seq_len=hf.get("max_position_embeddings", 2048),
                 rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                rope_scaling_factor=float(scaling.get("factor", 1.0)) if rope_type == "linear" else 1.0,
                 partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
                 norm_eps=float(hf.get("rms_norm_eps", hf.get("layer_norm_eps", 1e-5))),
-                sliding_window=hf.get("sliding_window") if mt == "mistral" else None,
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                sliding_window=hf.get("sliding_window") if family in ("mistral", "gemma3") else None,
+                tie_embeddings=bool(hf.get("tie_word_embeddings", family == "gemma3")),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
                 pad_token_id=hf.get("pad_token_id"),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
-        if mt == "phi" and hf.get("qk_layernorm"):
+        if family == "phi" and hf.get("qk_layernorm"):
             raise ConfigError("Phi with qk_layernorm=true is not supported")
-        if mt != "phi":
+        if family in ("llama", "mistral"):
             kw["attention_bias"] = bool(hf.get("attention_bias", False))
             kw["mlp_bias"] = bool(hf.get("mlp_bias", False))
             act = hf.get("hidden_act", "silu")
             if act != "silu":
                 raise ConfigError(f"hidden_act {act!r} is not supported for {mt}")
+        if family == "gemma3":
+            for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
+                if hf.get(key):
+                    raise ConfigError(f"{key}={hf[key]!r} is not supported")
+            pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+            kw["layer_types"] = hf.get("layer_types") or [
+                "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(kw["num_layers"])]
+            kw["rope_local_theta"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
+            kw["query_pre_attn_scalar"] = float(hf.get("query_pre_attn_scalar", kw["head_dim"] or 256))
+            kw["attention_bias"] = bool(hf.get("attention_bias", False))
         return cls(**kw)
 
     def to_hf(self) -> dict:
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi": "PhiForCausalLM"}[self.family]
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi": "PhiForCausalLM",
+                "gemma3": "Gemma3ForCausalLM"}[self.family]
         hf = {
             "architectures": [arch],
-            "model_type": self.family,
+            "model_type": "gemma3_text" if self.family == "gemma3" else self.family,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -166,19 +208,35 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "rope_theta": self.rope_theta,  # for readers older than transformers 5
         }
+        full = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling_factor != 1.0:
+            full.update(rope_type="linear", factor=self.rope_scaling_factor)
+            hf["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_scaling_factor}
+        hf["rope_parameters"] = full
         if self.family == "phi":
             hf.update(hidden_act="gelu_new", layer_norm_eps=self.norm_eps, qk_layernorm=False,
                       partial_rotary_factor=self.partial_rotary_factor, resid_pdrop=0.0, embd_pdrop=0.0)
-            hf["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
+            full["partial_rotary_factor"] = self.partial_rotary_factor
         else:
-            hf.update(hidden_act="silu", rms_norm_eps=self.norm_eps, head_dim=self.head_dim,
-                      attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+            hf.update(rms_norm_eps=self.norm_eps, head_dim=self.head_dim, attention_bias=self.attention_bias)
+        if self.family in ("llama", "mistral"):
+            hf.update(hidden_act="silu", mlp_bias=self.mlp_bias)
         if self.family == "mistral":
             hf["sliding_window"] = self.sliding_window
+        if self.family == "gemma3":
+            hf.update(hidden_activation="gelu_pytorch_tanh", sliding_window=self.sliding_window,
+                      layer_types=self.layer_types, query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar),
+                      rope_local_base_freq=self.rope_local_theta, final_logit_softcapping=None,
+                      attn_logit_softcapping=None, use_bidirectional_attention=False)
+            hf["rope_parameters"] = {"full_attention": full, "sliding_attention": {
+                "rope_type": "default", "rope_theta": self.rope_local_theta}}
         return hf
+
+
+def _int_if_whole(x):
+    return int(x) if x is not None and float(x).is_integer() else x  # transformers' strict configs want ints
 
 
 # -- the registry ------------------------------------------------------------------------------
@@ -222,6 +280,27 @@ _register(ModelConfig(
     num_layers=32, num_heads=32, num_kv_heads=32, max_seq_len=2048, rope_theta=10000.0,
     partial_rotary_factor=0.4, norm_eps=1e-5, tie_embeddings=False, bos_token_id=50256, eos_token_id=50256,
     source=_HF.format("microsoft/phi-2")))
+
+# Gemma 3 text models: 5 sliding-window layers (local rope base 10k) per full-attention layer (1M).
+_GEMMA_TYPES = lambda n: ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]  # noqa: E731
+_register(ModelConfig(
+    name="gemma-3-270m", family="gemma3", vocab_size=262144, hidden_size=640, intermediate_size=2048,
+    num_layers=18, num_heads=4, num_kv_heads=1, head_dim=256, max_seq_len=32768, rope_theta=1_000_000.0,
+    rope_local_theta=10_000.0, sliding_window=512, layer_types=_GEMMA_TYPES(18), query_pre_attn_scalar=256,
+    norm_eps=1e-6, tie_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    source=_HF.format("google/gemma-3-270m")))
+_register(ModelConfig(
+    name="gemma-3-1b", family="gemma3", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+    num_layers=26, num_heads=4, num_kv_heads=1, head_dim=256, max_seq_len=32768, rope_theta=1_000_000.0,
+    rope_local_theta=10_000.0, sliding_window=512, layer_types=_GEMMA_TYPES(26), query_pre_attn_scalar=256,
+    norm_eps=1e-6, tie_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    source=_HF.format("google/gemma-3-1b-pt")))
+_register(ModelConfig(
+    name="gemma-3-4b", family="gemma3", vocab_size=262208, hidden_size=2560, intermediate_size=10240,
+    num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256, max_seq_len=131072, rope_theta=1_000_000.0,
+    rope_scaling_factor=8.0, rope_local_theta=10_000.0, sliding_window=1024, layer_types=_GEMMA_TYPES(34),
+    query_pre_attn_scalar=256, norm_eps=1e-6, tie_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    source=_HF.format("google/gemma-3-4b-pt") + " (text_config)"))
 
 # Presets for training from scratch (Llama architecture, tied embeddings as llama2.c does).
 _register(ModelConfig(

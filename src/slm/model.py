@@ -7,6 +7,9 @@ The families differ only in switches on `ModelConfig`:
     Mistral            as Llama, plus grouped-query attention and a sliding attention window
     Phi-2              LayerNorm, GELU MLP with biases, rotary on 40% of each head, attention and
                        MLP in parallel from one norm, biased LM head
+    Gemma 3            RMSNorm scaling by (1 + w), norms before and after attention and MLP,
+                       QK-norm, GeGLU, embeddings times sqrt(hidden), sliding-window layers with
+                       their own rope base interleaved with global layers, tied embeddings
 
 Parameter names are ours (`blocks.3.attn.qkv_proj.weight`); `checkpoint/hf.py` maps them to each
 family's Hugging Face names, splitting the fused QKV and gate/up matrices.
@@ -26,30 +29,34 @@ from .config import ModelConfig
 
 # -- normalisation -----------------------------------------------------------------------------
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Written out: on CPU, F.rms_norm decomposes into twice as many small kernels.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)  # normalise in fp32, scale in the model dtype
+        if self.plus_one:  # Gemma: scale by (1 + w), all in fp32
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * h.to(x.dtype)  # Llama: normalise in fp32, scale in the model dtype
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        return nn.LayerNorm(dim or cfg.hidden_size, eps=cfg.norm_eps)
+    return RMSNorm(dim or cfg.hidden_size, cfg.norm_eps, cfg.norm_plus_one)
 
 
 # -- rotary position embedding -----------------------------------------------------------------
-def rope_tables(rotary_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(rotary_dim: int, length: int, theta: float, scale: float = 1.0,
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for positions 0..length-1, laid out for the half-split rotation that Hugging
     Face checkpoints use. sin carries the sign of the rotation, so applying it is one roll:
-    rotate_half(x) * sin == roll(x, half) * [-sin, sin]."""
+    rotate_half(x) * sin == roll(x, half) * [-sin, sin]. `scale` > 1 is linear position scaling."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim))
+    inv_freq = inv_freq / scale
     freqs = torch.outer(torch.arange(length, device=device).float(), inv_freq)
     cos, sin = freqs.cos(), freqs.sin()
     return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
@@ -95,8 +102,7 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
         self.max_len, self.seen, self.padded = max_len, 0, False
-        self.windows = [cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < max_len else None
-                        for _ in range(cfg.num_layers)]
+        self.windows = [w if w and w < max_len else None for w in map(cfg.layer_window, range(cfg.num_layers))]
         self.size = {w: (w if w else max_len) for w in set(self.windows)}
         self.pos = {w: torch.full((batch, s), -1, dtype=torch.long, device=device) for w, s in self.size.items()}
         shape = lambda w: (batch, cfg.num_kv_heads, self.size[w], cfg.head_dim)  # noqa: E731
@@ -155,16 +161,25 @@ class Attention(nn.Module):
         # Q, K and V in one matrix: one matmul instead of three (checkpoints keep them apart).
         self.qkv_proj = nn.Linear(d, sum(self.split), bias=bias)
         self.o_proj = nn.Linear(self.split[0], d, bias=bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = make_norm(cfg, cfg.head_dim), make_norm(cfg, cfg.head_dim)
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
 
     def forward(self, x, cos, sin, plan: _Plan, cache: KVCache | None):
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
-        qk = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)  # Q and K heads rotated together
-        q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv:]
+        H, v = self.n_heads, qkv[:, self.n_heads + self.n_kv:]
+        if self.qk_norm:  # Gemma 3: normalise each head, then rotate
+            q = apply_rope(self.q_norm(qkv[:, :H]), cos, sin)
+            k = apply_rope(self.k_norm(qkv[:, H:H + self.n_kv]), cos, sin)
+        else:
+            qk = apply_rope(qkv[:, :H + self.n_kv], cos, sin)  # Q and K heads rotated together
+            q, k = qk[:, :H], qk[:, H:]
         if cache is not None:
             k, v = cache.update(self.layer, k, v, plan)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.causal,
-                                           enable_gqa=self.n_kv != self.n_heads)
+                                           scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -172,7 +187,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gated = cfg.mlp == "swiglu"
+        self.gated, self.act = cfg.mlp != "gelu", cfg.mlp
         if self.gated:  # gate and up projections in one matrix, as Q/K/V above
             self.gate_up_proj = nn.Linear(d, 2 * f, bias=bias)
         else:
@@ -180,26 +195,32 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=bias)
 
     def forward(self, x):
-        if self.gated:  # SwiGLU
+        if self.gated:
             gate, up = self.gate_up_proj(x).chunk(2, -1)
-            return self.down_proj(F.silu(gate) * up)
+            gate = F.silu(gate) if self.act == "swiglu" else F.gelu(gate, approximate="tanh")  # SwiGLU | GeGLU
+            return self.down_proj(gate * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # Phi's gelu_new
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.parallel = cfg.parallel_block
+        self.parallel, self.sandwich = cfg.parallel_block, cfg.sandwich_norm
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer)
         if not self.parallel:
             self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        if self.sandwich:
+            self.post_attn_norm, self.post_mlp_norm = make_norm(cfg), make_norm(cfg)
 
     def forward(self, x, cos, sin, plan, cache):
         if self.parallel:  # Phi: one norm feeds both branches
             h = self.attn_norm(x)
             return self.attn(h, cos, sin, plan, cache) + self.mlp(h) + x
+        if self.sandwich:  # Gemma 3: each branch normalised on the way in and on the way out
+            x = x + self.post_attn_norm(self.attn(self.attn_norm(x), cos, sin, plan, cache))
+            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         x = x + self.attn(self.attn_norm(x), cos, sin, plan, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -215,7 +236,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self._rope: dict = {}  # (device, dtype) -> (cos, sin), built on first use
+        self._rope: dict = {}  # (device, dtype, theta, scale) -> (cos, sin), built on first use
+        self._layer_rope = [cfg.layer_rope(i) for i in range(cfg.num_layers)]
 
     def init_weights(self, std: float = 0.02) -> None:
         """Fresh weights for training from scratch: GPT-2 style, with the residual projections
@@ -224,17 +246,17 @@ class Transformer(nn.Module):
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif "norm" in name:
-                nn.init.ones_(p)
+                nn.init.constant_(p, 0.0 if self.config.norm_plus_one else 1.0)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.num_layers))
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def rope(self, pos: torch.Tensor, dtype: torch.dtype):
-        key = (pos.device, dtype)
+    def rope(self, pos: torch.Tensor, dtype: torch.dtype, theta: float, scale: float):
+        key = (pos.device, dtype, theta, scale)
         if key not in self._rope:
             cfg = self.config
-            cos, sin = rope_tables(cfg.rotary_dim, cfg.max_seq_len, cfg.rope_theta, pos.device)
+            cos, sin = rope_tables(cfg.rotary_dim, cfg.max_seq_len, theta, scale, pos.device)
             self._rope[key] = (cos.to(dtype), sin.to(dtype))
         cos, sin = self._rope[key]
         p = pos.clamp(min=0)
@@ -261,29 +283,30 @@ class Transformer(nn.Module):
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {limit}")
         x = self.embed(input_ids)
-        cos, sin = self.rope(pos, x.dtype)
+        if self.config.embed_scale:  # Gemma: sqrt(hidden), rounded to the model dtype first
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        ropes = {r: self.rope(pos, x.dtype, *r) for r in set(self._layer_rope)}
         plans = self._plans(pos, cache)
         for i, block in enumerate(self.blocks):
-            w = cache.windows[i] if cache is not None else self._window(T)
-            x = block(x, cos, sin, plans[w], cache)
+            w = cache.windows[i] if cache is not None else self._window(i, T)
+            x = block(x, *ropes[self._layer_rope[i]], plans[w], cache)
         if cache is not None:
             cache.seen += T
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
-    def _window(self, T: int) -> int | None:
-        w = self.config.sliding_window
+    def _window(self, layer: int, T: int) -> int | None:
+        w = self.config.layer_window(layer)
         return w if w and w < T else None
 
     def _plans(self, pos: torch.Tensor, cache: KVCache | None) -> dict:
         T = pos.shape[1]
         if cache is None:
             padded = bool((pos < 0).any()) if T > 1 else False
-            w = self._window(T)
-            if not padded and w is None:
-                return {None: _Plan(causal=True)}
-            return {w: _Plan(mask=_mask(pos, pos, w))}
+            windows = {self._window(i, T) for i in range(self.config.num_layers)}
+            return {w: _Plan(causal=True) if w is None and not padded else _Plan(mask=_mask(pos, pos, w))
+                    for w in windows}
         if T > 1 and cache.seen == 0:
             cache.padded = bool((pos < 0).any())
         return {w: cache.plan(w, pos) for w in cache.size}

@@ -45,6 +45,14 @@ _NAMES = {
     ],
 }
 _NAMES["mistral"] = _NAMES["llama"]
+_NAMES["gemma3"] = _COMMON + [
+    (r"^blocks\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
+    (r"^blocks\.(\d+)\.post_attn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^blocks\.(\d+)\.mlp_norm\.", r"model.layers.\1.pre_feedforward_layernorm."),
+    (r"^blocks\.(\d+)\.post_mlp_norm\.", r"model.layers.\1.post_feedforward_layernorm."),
+    (r"^blocks\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
+    (r"^norm\.", "model.norm."),
+]
 # Tensors some checkpoints carry that hold no weights (old Llama exports saved the rope table).
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
