@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .checkpoint.safetensors_io import CheckpointError
@@ -47,7 +48,8 @@ def cmd_chat(a) -> None:
     from . import load
     lm = load(a.model, dtype=a.dtype, device=a.device)
     messages = [{"role": "system", "content": a.system}] if a.system else []
-    print(f"Chatting with {a.model}. Empty line or /exit to quit, /reset to start over.", file=sys.stderr)
+    print(f"Chatting with {a.model or 'the default model'}. Empty line or /exit to quit, /reset to start over.",
+          file=sys.stderr)
     while True:
         try:
             sys.stderr.write("> ")
@@ -74,6 +76,10 @@ def cmd_info(a) -> None:
     from .config import get_config, memory_table
     if a.preset:
         cfg = get_config(a.preset)
+    elif os.path.isfile(a.model):
+        from .checkpoint.gguf import read_gguf
+        from .config import ModelConfig
+        cfg = ModelConfig.from_hf(read_gguf(a.model).hf_config, name=os.path.basename(a.model))
     else:
         from .checkpoint.hf import read_config
         cfg = read_config(a.model)
@@ -101,13 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="continue a prompt, streaming the text")
-    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--model", default=None, help="Hugging Face model folder or .gguf file (default: gemma-3-270m)")
     p.add_argument("--prompt", required=True)
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat through the model's chat template")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help="Hugging Face model folder or .gguf file (default: gemma-3-270m)")
     p.add_argument("--system", default=None, help="system message")
     _sampling_args(p)
     p.set_defaults(func=cmd_chat, max_new_tokens=256)

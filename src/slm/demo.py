@@ -16,6 +16,7 @@ import torch
 
 from . import load
 from .checkpoint.hf import save_model
+from .checkpoint.safetensors_io import CheckpointError
 from .config import REGISTRY, get_config, memory_table
 from .generate import generate_ids
 from .model import Transformer
@@ -70,6 +71,18 @@ def main(out: str = "runs/demo") -> None:
     dt = time.perf_counter() - t
     print(f"\n\ngreedy decode: {n} tokens in {dt:.2f}s = {n / dt:.0f} tokens/s on {torch.get_num_threads()} threads")
     print("Benchmark against transformers: python benchmarks/decode.py")
+
+    print("\n== A real pretrained model: gemma-3-270m (slm generate --prompt ... with no --model) ==")
+    try:
+        real = load()  # the default model; a line on stderr says which
+    except CheckpointError as e:
+        print(f"skipped: {e}")
+        return
+    prompt = "Once upon a time, there was a little"
+    print(prompt, end="", flush=True)
+    for chunk in real.stream(prompt, max_new_tokens=40, temperature=0):
+        print(chunk, end="", flush=True)
+    print()
 
 
 if __name__ == "__main__":

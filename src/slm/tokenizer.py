@@ -20,6 +20,14 @@ CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Gemma's turn format, for Gemma tokenizers without a template (base models).
+GEMMA_CHAT = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+    "{% if m['role'] == 'system' %}{{ '<start_of_turn>user\n' + m['content'] + '\n\n' }}{% else %}"
+    "{% if not (loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'system') %}{{ '<start_of_turn>' + role + '\n' }}"
+    "{% endif %}{{ m['content'] + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 # For a tokenizer without ChatML tokens: plain text turns.
 PLAIN_CHAT = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
@@ -115,7 +123,8 @@ class Tokenizer:
                 raise ValueError(f"each chat message needs 'role' and 'content', got {m!r}")
         template = self.chat_template
         if template is None:
-            template = CHATML if self.token_id("<|im_start|>") is not None else PLAIN_CHAT
+            template = (CHATML if self.token_id("<|im_start|>") is not None else
+                        GEMMA_CHAT if self.token_id("<start_of_turn>") is not None else PLAIN_CHAT)
         return _compile(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", pad_token=self.pad_token or "")

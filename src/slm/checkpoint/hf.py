@@ -175,36 +175,50 @@ def _empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def new_empty_model(cfg: ModelConfig, dtype: torch.dtype | None = None, device=None) -> Transformer:
+    """A model whose parameters are allocated but not initialised, ready to be filled."""
+    device = torch.device(device or "cpu")
+    with _meta_device():
+        model = Transformer(cfg)
+    _materialize(model, dtype or default_dtype(device), device)
+    return model
+
+
+def fill_model(model: Transformer, tensors, source: str, config_name: str = "config.json") -> Transformer:
+    """Fill every parameter from `tensors`: (file, Hugging Face name, shape, write(dst)) items.
+    Each tensor is written into its place as it comes, so nothing larger than one tensor is held."""
+    cfg = model.config
+    params, layout = dict(model.named_parameters()), hf_layout(model)
+    seen: set[str] = set()
+    for file, name, shape, write in tensors:
+        if _IGNORED.search(name) or (cfg.tie_embeddings and name == "lm_head.weight"):
+            continue
+        if name not in layout:
+            raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {cfg.family} model")
+        ours, rows = layout[name]
+        dst = params[ours] if rows is None else params[ours][rows]
+        if tuple(dst.shape) != tuple(shape):
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {list(shape)} but {config_name} "
+                                  f"implies {list(dst.shape)}")
+        write(dst.data)
+        seen.add(name)
+    missing = sorted(set(layout) - seen)
+    if missing:
+        raise CheckpointError(f"{source}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    return model.eval()
+
+
 def load_model(path: str, dtype: torch.dtype | None = None, device=None) -> Transformer:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such model folder")
     files = weight_files(path)  # first: a pickle-only folder is refused before anything else
-    cfg = read_config(path)
-    device = torch.device(device or "cpu")
-    dtype = dtype or default_dtype(device)
-    with _meta_device():
-        model = Transformer(cfg)
-    _materialize(model, dtype, device)  # allocated, not yet touched
-    params = dict(model.named_parameters())
-    layout = hf_layout(model)
-    seen: set[str] = set()
-    for file in files:
-        for name, info in read_header(file).items():
-            if _IGNORED.search(name) or (cfg.tie_embeddings and name == "lm_head.weight"):
-                continue
-            if name not in layout:
-                raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {cfg.family} model")
-            ours, rows = layout[name]
-            dst = params[ours] if rows is None else params[ours][rows]
-            if tuple(dst.shape) != info.shape:
-                raise CheckpointError(f"{file}: tensor {name!r} has shape {list(info.shape)} but config.json "
-                                      f"implies {list(dst.shape)}")
-            read_into(file, info, dst.data)
-            seen.add(name)
-    missing = sorted(set(layout) - seen)
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
-    return model.eval()
+    model = new_empty_model(read_config(path), dtype, device)
+
+    def tensors():
+        for file in files:
+            for name, info in read_header(file).items():
+                yield file, name, info.shape, lambda dst, f=file, i=info: read_into(f, i, dst)
+    return fill_model(model, tensors(), path)
 
 
 def _atomic_dir(path: str):
