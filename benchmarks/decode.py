@@ -1,10 +1,13 @@
-"""Batch-1 greedy decode speed: slm against transformers' generate() on the same weights.
+"""Batch-1 greedy decode speed: slm against transformers' generate() on the same weights, and on
+the real gemma-3-270m also against llama.cpp (llama-cpp-python) on the same GGUF file.
 
-    python benchmarks/decode.py [--shapes stories15m stories110m] [--new-tokens 128]
+    python benchmarks/decode.py [--shapes stories15m stories110m] [--new-tokens 128] [--no-gemma]
 
-Builds each shape with random weights through transformers' LlamaForCausalLM, saves it as a
-Hugging Face folder, loads it with slm, and times both on the same prompt in the same process.
-Prints tokens/s and the ratio slm / transformers.
+Random-weight shapes: built through transformers' LlamaForCausalLM, saved as a Hugging Face folder,
+loaded by slm, both timed on the same prompt in the same process. gemma-3-270m: slm reads the
+Q4_K_M GGUF; transformers runs the same weights in fp32 (its 5.x GGUF loader refuses the file's
+Q5_0 tensors, so it loads the Hugging Face folder slm writes from them); llama.cpp runs the GGUF
+with the same number of threads. Prints tokens/s and the ratios.
 """
 
 from __future__ import annotations
@@ -64,11 +67,61 @@ def bench(preset: str, new_tokens: int, repeats: int) -> tuple[float, float, lis
     return new_tokens / t_hf, new_tokens / t_slm, out_hf, out_slm
 
 
+def bench_gemma(new_tokens: int, repeats: int, quantize: str | None) -> None:
+    from slm.lm import default_model_path
+    path = default_model_path()
+    prompt = "Once upon a time, there was a little"
+    lm = slm.load(path, quantize=quantize) if quantize else slm.load(path)
+    ids = lm.tokenizer.encode(prompt)
+    results = {}
+
+    def run_slm():
+        return [s[0] for s in generate_ids(lm.model, [ids], new_tokens)]
+    run_slm()
+    results[f"slm ({quantize or 'fp32'})"] = best_rate(run_slm, new_tokens, repeats)
+
+    from transformers import AutoModelForCausalLM
+    with tempfile.TemporaryDirectory() as d:
+        (slm.load(path) if quantize else lm).save(d)
+        ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+
+    def run_hf():
+        with torch.inference_mode():
+            return ref.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    run_hf()
+    results["transformers (fp32)"] = best_rate(run_hf, new_tokens, repeats)
+    del ref
+
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama-cpp-python is not installed: pip install llama-cpp-python (builds from source)")
+    else:
+        llm = Llama(path, n_threads=torch.get_num_threads(), n_ctx=512, verbose=False)
+
+        def run_llama():
+            out = llm(prompt, max_tokens=new_tokens, temperature=0)
+            assert out["usage"]["completion_tokens"] == new_tokens, "llama.cpp stopped early"
+        run_llama()
+        results["llama.cpp (Q4_K_M)"] = best_rate(run_llama, new_tokens, repeats)
+    ours = results[f"slm ({quantize or 'fp32'})"]
+    print(f"gemma-3-270m, {new_tokens} new tokens, {torch.get_num_threads()} threads")
+    for name, rate in results.items():
+        print(f"  {name:<22} {rate:7.1f} tok/s   slm / this = {ours / rate:5.2f}x")
+
+
+def best_rate(fn, n: int, repeats: int) -> float:
+    return n / time_best(fn, repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["stories15m", "stories110m"])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-gemma", action="store_true", help="skip the real gemma-3-270m")
+    ap.add_argument("--gemma-quantize", default=None, help="int8: slm's int8 kernels on gemma")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, greedy, {a.new_tokens} new tokens, fp32")
     print(f"{'shape':<12} {'params':>8} {'transformers tok/s':>19} {'slm tok/s':>10} {'ratio':>6}  same tokens")
@@ -76,6 +129,8 @@ def main() -> None:
         hf_tps, slm_tps, o1, o2 = bench(shape, a.new_tokens, a.repeats)
         n = slm.get_config(shape).num_params()
         print(f"{shape:<12} {n / 1e6:>7.1f}M {hf_tps:>19.1f} {slm_tps:>10.1f} {slm_tps / hf_tps:>5.2f}x  {o1 == o2}")
+    if not a.no_gemma:
+        bench_gemma(a.new_tokens, a.repeats, a.gemma_quantize)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None)
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8: weight-only int8 linear layers (block scales, AVX2 kernel): ~3.5x fewer bytes per token")
 
 
 def _sampling(a) -> dict:
@@ -37,7 +39,7 @@ def _sampling(a) -> dict:
 
 def cmd_generate(a) -> None:
     from . import load
-    lm = load(a.model, dtype=a.dtype, device=a.device)
+    lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize)
     for chunk in lm.stream(a.prompt, a.max_new_tokens, **_sampling(a)):
         sys.stdout.write(chunk)
         sys.stdout.flush()
@@ -46,7 +48,7 @@ def cmd_generate(a) -> None:
 
 def cmd_chat(a) -> None:
     from . import load
-    lm = load(a.model, dtype=a.dtype, device=a.device)
+    lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize)
     messages = [{"role": "system", "content": a.system}] if a.system else []
     print(f"Chatting with {a.model or 'the default model'}. Empty line or /exit to quit, /reset to start over.",
           file=sys.stderr)

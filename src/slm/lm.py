@@ -90,9 +90,18 @@ def default_model_path() -> str:
 
 
 def load(path: str | None = None, dtype: torch.dtype | str | None = None,
-         device: str | torch.device | None = None) -> LM:
+         device: str | torch.device | None = None, quantize: str | None = None) -> LM:
     """Load a Hugging Face model folder (config.json + safetensors + tokenizer.json) or a GGUF file.
-    With no path, the default model (gemma-3-270m) is used, and a line on stderr says so."""
+    With no path, the default model (gemma-3-270m) is used, and a line on stderr says so.
+    quantize="int8" replaces the linear layers by int8 ones (block-wise scales) after loading."""
+    lm = _load(path, dtype, device)
+    if quantize:
+        from .quantize import quantize_model
+        quantize_model(lm.model, quantize)
+    return lm
+
+
+def _load(path, dtype, device) -> LM:
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]

@@ -248,6 +248,8 @@ def save_model(model: Transformer, path: str, tokenizer=None, generation_config:
                max_shard_bytes: int = 2 * 1024**3) -> None:
     """Write a Hugging Face folder. Shards when the weights exceed max_shard_bytes."""
     cfg = model.config
+    if any(hasattr(m, "qweight") for m in model.modules()):
+        raise ValueError("an int8-quantized model cannot be saved as a Hugging Face folder yet; save it before quantizing")
     tmp = _atomic_dir(path)
     try:
         params = dict(model.named_parameters())

@@ -1,0 +1,118 @@
+"""Hand-written CPU kernels, compiled on first use.
+
+`q8_linear_op()` is the int8 weight-only linear kernel of `q8.cpp` (AVX2 + FMA, threads from
+ATen's pool), registered as `torch.ops.slm_q8.linear` / `torch.ops.slm_q8.dequantize`, or None
+where it cannot be built: no C++ compiler, no AVX2, not x86-64, or `SLM_NO_KERNELS=1`. Callers
+then use a pure-PyTorch path with the same results, and a warning says so once.
+
+The library is built by calling the C++ compiler directly ($CXX, else c++) against the headers and
+libraries of the installed torch: `torch.utils.cpp_extension.load` would need ninja, and the
+kernel needs no Python bindings (the ops register themselves with the dispatcher when loaded).
+The build takes ~15-20 s once and is cached in `$SLM_CACHE/kernels` (default
+`~/.cache/slm/kernels`), keyed by the source, the flags, the compiler and the torch version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+
+import torch
+
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "q8.cpp")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w"]
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "q8" -> the op, or None after a failure; "error" -> why
+
+
+def cache_dir() -> str:
+    root = os.environ.get("SLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "slm")
+    return os.path.join(root, "kernels")
+
+
+def _unsupported() -> str | None:
+    if os.environ.get("SLM_NO_KERNELS", "") not in ("", "0"):
+        return "disabled by SLM_NO_KERNELS"
+    if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
+        return f"needs Linux/x86-64, this is {sys.platform}/{platform.machine()}"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        return f"needs a CPU with AVX2, torch reports {cap}"
+    return None
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX") or "c++"
+    return shutil.which(cxx)
+
+
+def _build(cxx: str) -> str:
+    """Compile q8.cpp unless a library for this source/torch/compiler is cached; return its path."""
+    from torch.utils import cpp_extension
+
+    with open(_SRC, "rb") as f:
+        src = f.read()
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    flags = _FLAGS + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), torch.__version__.encode(),
+                                     cxx.encode(), "".join(version).encode()])).hexdigest()[:16]
+    out_dir = cache_dir()
+    lib = os.path.join(out_dir, f"slm_q8_{key}.so")
+    if os.path.exists(lib):
+        return lib
+    os.makedirs(out_dir, exist_ok=True)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libdirs = cpp_extension.library_paths()
+    links = [f"-L{p}" for p in libdirs] + [f"-Wl,-rpath,{p}" for p in libdirs] + ["-lc10", "-ltorch_cpu"]
+    print("slm: compiling the int8 CPU kernel (once, ~20 s)", file=sys.stderr, flush=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        r = subprocess.run([cxx, *flags, *includes, _SRC, "-o", tmp, *links],
+                           capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cxx} failed:\n{r.stderr[-2000:]}")
+        os.replace(tmp, lib)  # atomic: a concurrent build of the same key writes the same library
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return lib
+
+
+def q8_linear_op():
+    """torch.ops.slm_q8.linear (building and loading it on the first call), or None."""
+    if "q8" in _state:
+        return _state["q8"]
+    with _lock:
+        if "q8" in _state:
+            return _state["q8"]
+        op, why = None, _unsupported()
+        if why is None and not hasattr(torch.ops.slm_q8, "linear"):
+            cxx = _compiler()
+            if cxx is None:
+                why = "no C++ compiler found (set CXX, or install g++)"
+            else:
+                try:
+                    torch.ops.load_library(_build(cxx))
+                except Exception as e:  # noqa: BLE001 - any build or load failure means: fall back
+                    why = f"could not build it: {e}"
+        if why is None:
+            op = torch.ops.slm_q8.linear.default
+        elif not why.startswith("disabled"):
+            warnings.warn(f"slm: int8 CPU kernel unavailable ({why}); using the slower PyTorch path "
+                          "(dequantize, then matmul)", RuntimeWarning, stacklevel=3)
+        _state["q8"], _state["error"] = op, why
+        return op
+
+
+def kernel_error() -> str | None:
+    """Why the int8 kernel is unavailable (None: it is loaded, or nobody asked for it yet)."""
+    return _state.get("error")  # type: ignore[return-value]
