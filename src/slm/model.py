@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import ModelConfig
 
 
@@ -152,6 +153,20 @@ class KVCache:
 
 
 # -- attention and MLP -------------------------------------------------------------------------
+class Linear(nn.Linear):
+    """nn.Linear; when decoding (one row of x, fp32, on the CPU, no autograd) the product goes to
+    slm's AVX2 matrix-vector kernel, which streams small matrices from memory faster than MKL
+    (benchmarks/int8_matvec.py). Everything else is F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1] and x.is_cpu and x.dtype == torch.float32 and self.weight.is_contiguous() \
+                and not torch.is_grad_enabled():
+            op = kernels.matvec_f32_op()
+            if op is not None:
+                return op(x.contiguous(), self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -159,8 +174,8 @@ class Attention(nn.Module):
         d, bias = cfg.hidden_size, cfg.attention_bias
         self.split = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
         # Q, K and V in one matrix: one matmul instead of three (checkpoints keep them apart).
-        self.qkv_proj = nn.Linear(d, sum(self.split), bias=bias)
-        self.o_proj = nn.Linear(self.split[0], d, bias=bias)
+        self.qkv_proj = Linear(d, sum(self.split), bias=bias)
+        self.o_proj = Linear(self.split[0], d, bias=bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm, self.k_norm = make_norm(cfg, cfg.head_dim), make_norm(cfg, cfg.head_dim)
@@ -189,10 +204,10 @@ class MLP(nn.Module):
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gated, self.act = cfg.mlp != "gelu", cfg.mlp
         if self.gated:  # gate and up projections in one matrix, as Q/K/V above
-            self.gate_up_proj = nn.Linear(d, 2 * f, bias=bias)
+            self.gate_up_proj = Linear(d, 2 * f, bias=bias)
         else:
-            self.up_proj = nn.Linear(d, f, bias=bias)
-        self.down_proj = nn.Linear(f, d, bias=bias)
+            self.up_proj = Linear(d, f, bias=bias)
+        self.down_proj = Linear(f, d, bias=bias)
 
     def forward(self, x):
         if self.gated:

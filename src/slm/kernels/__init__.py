@@ -113,6 +113,13 @@ def q8_linear_op():
         return op
 
 
+def matvec_f32_op():
+    """torch.ops.slm_q8.matvec_f32, the fp32 one-row product used when decoding, or None."""
+    if "f32" not in _state:
+        _state["f32"] = torch.ops.slm_q8.matvec_f32.default if q8_linear_op() is not None else None
+    return _state["f32"]
+
+
 def kernel_error() -> str | None:
     """Why the int8 kernel is unavailable (None: it is loaded, or nobody asked for it yet)."""
     return _state.get("error")  # type: ignore[return-value]
