@@ -120,6 +120,13 @@ def matvec_f32_op():
     return _state["f32"]
 
 
+def rms_norm_op():
+    """torch.ops.slm_q8.rms_norm, one fused RMSNorm for fp32 rows on the CPU, or None."""
+    if "norm" not in _state:
+        _state["norm"] = torch.ops.slm_q8.rms_norm.default if q8_linear_op() is not None else None
+    return _state["norm"]
+
+
 def kernel_error() -> str | None:
     """Why the int8 kernel is unavailable (None: it is loaded, or nobody asked for it yet)."""
     return _state.get("error")  # type: ignore[return-value]

@@ -30,6 +30,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -280,9 +281,35 @@ at::Tensor matvec_f32(const at::Tensor& x, const at::Tensor& w, const std::optio
   return y;
 }
 
+// RMSNorm of each row of x [..., D] (fp32, contiguous): x * rsqrt(mean(x^2) + eps) * (w or 1 + w).
+// One call instead of the six small kernels ATen runs, which matters at batch 1 (Gemma 3 runs six
+// norms a layer). Sums in fp32 as the reference does.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool plus_one) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "slm_q8.rms_norm: x must be contiguous fp32");
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == D, "slm_q8.rms_norm: bad weight");
+  auto y = at::empty(x.sizes(), x.options());
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const float add = plus_one ? 1.0f : 0.0f;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * D;
+      float* yr = yp + r * D;
+      float ss = 0.0f;
+      for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+      for (int64_t i = 0; i < D; ++i) yr[i] = (xr[i] * inv) * (wp[i] + add);
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(slm_q8, m) {
+  m.def("rms_norm(Tensor x, Tensor w, float eps, bool plus_one) -> Tensor");
   m.def("matvec_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int max_direct) -> Tensor");
   m.def("dequantize(Tensor qweight, Tensor scales) -> Tensor");
@@ -292,4 +319,5 @@ TORCH_LIBRARY_IMPL(slm_q8, CPU, m) {
   m.impl("linear", &linear);
   m.impl("dequantize", &dequantize);
   m.impl("matvec_f32", &matvec_f32);
+  m.impl("rms_norm", &rms_norm);
 }
