@@ -1,8 +1,9 @@
 """Hand-written CPU kernels, compiled on first use.
 
-`q8_linear_op()` is the int8 weight-only linear kernel of `q8.cpp` (AVX2 + FMA, threads from
-ATen's pool), registered as `torch.ops.slm_q8.linear` / `torch.ops.slm_q8.dequantize`, or None
-where it cannot be built: no C++ compiler, no AVX2, not x86-64, or `SLM_NO_KERNELS=1`. Callers
+`q8.cpp` (AVX2 + FMA, threads from ATen's pool) registers `torch.ops.slm_q8.linear` and
+`dequantize` (int8 weight-only linear layers), `matvec_f32` (one-row fp32 products when decoding)
+and `rms_norm`. `q8_linear_op()`, `matvec_f32_op()` and `rms_norm_op()` return them, or None
+where they cannot be built: no C++ compiler, no AVX2, not x86-64, or `SLM_NO_KERNELS=1`. Callers
 then use a pure-PyTorch path with the same results, and a warning says so once.
 
 The library is built by calling the C++ compiler directly ($CXX, else c++) against the headers and
@@ -72,7 +73,7 @@ def _build(cxx: str) -> str:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = cpp_extension.library_paths()
     links = [f"-L{p}" for p in libdirs] + [f"-Wl,-rpath,{p}" for p in libdirs] + ["-lc10", "-ltorch_cpu"]
-    print("slm: compiling the int8 CPU kernel (once, ~20 s)", file=sys.stderr, flush=True)
+    print("slm: compiling the CPU kernels (once, ~20 s)", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
