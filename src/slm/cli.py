@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -104,6 +105,32 @@ def cmd_info(a) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def cmd_tokenizer_train(a) -> None:
+    from .data.prepare import read_documents, input_files
+    from .tokenizer import train_tokenizer
+    train, val = input_files(a.data)
+    docs = (d for f in train for d in read_documents(f, a.field))
+    tok = train_tokenizer(docs, a.vocab_size)
+    tok.save(a.out)
+    print(f"wrote {a.out}: byte-level BPE, {tok.vocab_size} tokens")
+
+
+def cmd_data_prepare(a) -> None:
+    from .data.prepare import prepare
+    from .tokenizer import Tokenizer
+    meta = prepare(a.data, Tokenizer.from_dir(a.tokenizer), a.out, field=a.field, val_every=a.val_every)
+    print(f"wrote {a.out}: {meta['train_tokens']:,} train tokens ({meta['train_docs']:,} documents), "
+          f"{meta['val_tokens']:,} val tokens ({meta['val_docs']:,} documents)")
+    if meta["skipped"]:
+        print(f"skipped records: {meta['skipped']}", file=sys.stderr)
+
+
+def cmd_data_synth(a) -> None:
+    from .data.synth import write_corpus
+    stats = write_corpus(a.out, a.n_docs, seed=a.seed)
+    print(json.dumps(stats, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slm", description="Small language models on one ordinary machine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -120,6 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     p.set_defaults(func=cmd_chat, max_new_tokens=256)
 
+    p = sub.add_parser("tokenizer", help="tokenizers: train")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer that transformers loads")
+    t.add_argument("--data", required=True, help=".txt/.jsonl/.parquet file or folder")
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--field", default="text", help="text field of .jsonl/.parquet records")
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("data", help="training data: synth, prepare")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("synth", help="built-in synthetic stories and textbook exercises")
+    d.add_argument("--out", required=True)
+    d.add_argument("--n-docs", type=int, default=100_000)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_data_synth)
+    d = dsub.add_parser("prepare", help="tokenize text into token shards for training")
+    d.add_argument("--data", required=True, help=".txt/.jsonl/.parquet file or folder")
+    d.add_argument("--tokenizer", required=True, help="folder with tokenizer.json")
+    d.add_argument("--out", required=True)
+    d.add_argument("--field", default="text")
+    d.add_argument("--val-every", type=int, default=50, help="every N-th document goes to validation")
+    d.set_defaults(func=cmd_data_prepare)
+
     p = sub.add_parser("info", help="parameters, shape and memory of a model or preset")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model")
@@ -132,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:  # DataError is a ValueError
         print(f"slm {args.command}: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

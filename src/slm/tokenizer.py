@@ -141,6 +141,32 @@ class Tokenizer:
         return self._prepend_bos or (self.bos_id is not None and self.tk.encode("a").ids[:1] == [self.bos_id])
 
 
+# Special tokens of tokenizers trained by slm: one document separator that also serves as BOS/EOS
+# (as GPT-2's), padding, and ChatML turn markers for chat fine-tuning.
+EOT, PAD = "<|endoftext|>", "<|pad|>"
+SPECIALS = [EOT, PAD, "<|im_start|>", "<|im_end|>"]
+
+
+def train_tokenizer(texts, vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style: any byte sequence is encodable, nothing is ever unknown) trained
+    with the `tokenizers` library on an iterator of strings. Encoding prepends EOT as BOS, so a
+    prompt starts the way every training document does."""
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    if vocab_size < 256 + len(SPECIALS):
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIALS)} (bytes + special tokens)")
+    tk = _Tk(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    tk.post_processor = processors.TemplateProcessing(single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B",
+                                                      special_tokens=[(EOT, tk.token_to_id(EOT))])
+    return Tokenizer(tk, {"bos_token": EOT, "eos_token": EOT, "pad_token": PAD, "model_max_length": 1 << 30},
+                     chat_template=CHATML)
+
+
 _TEMPLATES: dict[str, jinja2.Template] = {}
 
 

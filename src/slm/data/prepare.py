@@ -1,0 +1,174 @@
+"""Text files -> token shards: the uint16/uint32 memmaps the training loop reads.
+
+Input: a .txt file (documents separated by blank lines), a .jsonl file (one JSON object per line,
+text in `field`), a .parquet file (column `field`, needs pyarrow), or a folder of such files. A
+folder holding train.* and val.* files (as `slm data synth` writes) keeps that split; otherwise
+every `val_every`-th document goes to validation, so the two never share a document.
+Output in DIR: train.bin, val.bin (token ids, each document followed by the end-of-text token)
+and meta.json. Bad records are never dropped silently: they are counted, reported and written to
+meta.json.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from ..tokenizer import EOT, Tokenizer
+
+EXTENSIONS = (".txt", ".jsonl", ".parquet")
+
+
+class DataError(ValueError):
+    """Input that cannot be turned into training data, with the file named."""
+
+
+def _txt_docs(path: str, skipped: Counter) -> Iterator[str]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    for block in raw.split(b"\n\n"):
+        try:
+            text = block.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            skipped["undecodable UTF-8"] += 1
+            continue
+        if text:
+            yield text
+
+
+def _jsonl_docs(path: str, field: str, skipped: Counter) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                skipped["undecodable UTF-8"] += 1
+                continue
+            except json.JSONDecodeError:
+                skipped["malformed JSON"] += 1
+                continue
+            if not isinstance(obj, dict) or field not in obj:
+                raise DataError(f"{path}:{n}: no field {field!r} (use --field to name the text field)")
+            text = obj[field]
+            if not isinstance(text, str):
+                skipped[f"non-string {field!r}"] += 1
+            elif text.strip():
+                yield text.strip()
+            else:
+                skipped["empty text"] += 1
+
+
+def _parquet_docs(path: str, field: str, skipped: Counter) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    table = pq.read_table(path)
+    if field not in table.column_names:
+        raise DataError(f"{path}: no column {field!r}; columns: {', '.join(table.column_names)}")
+    for text in table.column(field).to_pylist():
+        if isinstance(text, str) and text.strip():
+            yield text.strip()
+        else:
+            skipped["empty or non-string text"] += 1
+
+
+def read_documents(path: str, field: str = "text", skipped: Counter | None = None) -> Iterator[str]:
+    skipped = skipped if skipped is not None else Counter()
+    if path.endswith(".txt"):
+        return _txt_docs(path, skipped)
+    if path.endswith(".jsonl"):
+        return _jsonl_docs(path, field, skipped)
+    if path.endswith(".parquet"):
+        return _parquet_docs(path, field, skipped)
+    raise DataError(f"{path}: unsupported file type (use {', '.join(EXTENSIONS)})")
+
+
+def input_files(path: str) -> tuple[list[str], list[str]]:
+    """(train files, val files); val files empty when the split is to be made here."""
+    if os.path.isfile(path):
+        return [path], []
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: no such file or folder")
+    files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.endswith(EXTENSIONS))
+    if not files:
+        raise DataError(f"{path}: no {', '.join(EXTENSIONS)} files")
+    val = [f for f in files if os.path.basename(f).startswith("val.")]
+    train = [f for f in files if f not in val]
+    return train, val
+
+
+def prepare(data: str, tokenizer: Tokenizer, out: str, field: str = "text", val_every: int = 50,
+            batch_docs: int = 2048, progress: bool = True) -> dict:
+    train_files, val_files = input_files(data)
+    eot = tokenizer.token_id(EOT) if tokenizer.token_id(EOT) is not None else tokenizer.eos_id
+    if eot is None:
+        raise DataError("the tokenizer has no end-of-text / EOS token to separate documents")
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    os.makedirs(out, exist_ok=True)
+    skipped: Counter = Counter()
+    counts = {"train": [0, 0], "val": [0, 0]}  # documents, tokens
+    tmp = {split: open(os.path.join(out, f".{split}.bin.tmp"), "wb") for split in counts}
+    bar = tqdm(desc="tokenizing", unit=" docs", disable=not progress)
+
+    def flush(split: str, docs: list[str]) -> None:
+        # encode_batch runs on every core (the tokenizers library's own thread pool)
+        for enc in tokenizer.tk.encode_batch(docs, add_special_tokens=False):
+            ids = np.array(enc.ids + [eot], dtype=dtype)
+            ids.tofile(tmp[split])
+            counts[split][0] += 1
+            counts[split][1] += len(ids)
+        bar.update(len(docs))
+
+    def run(files: list[str], split_of) -> None:
+        batch = {"train": [], "val": []}
+        i = 0
+        for path in files:
+            for doc in read_documents(path, field, skipped):
+                split = split_of(i)
+                i += 1
+                batch[split].append(doc)
+                if len(batch[split]) >= batch_docs:
+                    flush(split, batch[split])
+                    batch[split] = []
+        for split, docs in batch.items():
+            if docs:
+                flush(split, docs)
+
+    try:
+        if val_files:  # the input's own split
+            run(train_files, lambda i: "train")
+            run(val_files, lambda i: "val")
+        else:  # every val_every-th document
+            run(train_files, lambda i: "val" if i % val_every == val_every - 1 else "train")
+    finally:
+        bar.close()
+        for f in tmp.values():
+            f.close()
+    if counts["train"][0] == 0:
+        for split in counts:
+            os.remove(os.path.join(out, f".{split}.bin.tmp"))
+        raise DataError(f"{data}: no usable documents" + (f" (skipped: {dict(skipped)})" if skipped else ""))
+    for split in counts:
+        os.replace(os.path.join(out, f".{split}.bin.tmp"), os.path.join(out, f"{split}.bin"))
+    meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size, "eot_id": eot,
+            "train_docs": counts["train"][0], "train_tokens": counts["train"][1],
+            "val_docs": counts["val"][0], "val_tokens": counts["val"][1], "skipped": dict(skipped)}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def load_tokens(out: str, split: str) -> np.ndarray:
+    """The token ids of one split as a read-only memmap."""
+    with open(os.path.join(out, "meta.json")) as f:
+        meta = json.load(f)
+    return np.memmap(os.path.join(out, f"{split}.bin"), dtype=meta["dtype"], mode="r")
