@@ -131,6 +131,39 @@ def cmd_data_synth(a) -> None:
     print(json.dumps(stats, indent=2))
 
 
+def cmd_train(a) -> None:
+    from .config import get_config
+    from .train.loop import TrainConfig, Trainer
+    cfg = get_config(a.preset)
+    if a.dim or a.layers or a.heads:
+        dim, heads = a.dim or cfg.hidden_size, a.heads or cfg.num_heads
+        cfg = cfg.replace(name="custom", hidden_size=dim, num_layers=a.layers or cfg.num_layers, num_heads=heads,
+                          num_kv_heads=heads, head_dim=dim // heads, intermediate_size=a.mlp or 256 * round(8 * dim / 3 / 256 + 0.5))
+    data, tokenizer = a.data, a.tokenizer
+    if data is None:  # nothing given: synthesize a corpus and train a tokenizer on it
+        from .data.prepare import prepare
+        from .data.synth import write_corpus
+        from .tokenizer import Tokenizer, train_tokenizer
+        root = os.path.join(a.out, "data")
+        if not os.path.exists(os.path.join(root, "tokens", "meta.json")):
+            print(f"synthesizing {a.n_docs:,} documents into {root}", file=sys.stderr)
+            write_corpus(os.path.join(root, "text"), a.n_docs, seed=a.seed)
+            with open(os.path.join(root, "text", "train.txt"), encoding="utf-8") as f:
+                tok = train_tokenizer((d for d in f.read().split("\n\n") if d.strip()), a.vocab_size)
+            tok.save(os.path.join(root, "tokenizer"))
+            prepare(os.path.join(root, "text"), Tokenizer.from_dir(os.path.join(root, "tokenizer")), os.path.join(root, "tokens"))
+        data, tokenizer = os.path.join(root, "tokens"), tokenizer or os.path.join(root, "tokenizer")
+    if tokenizer is None:
+        raise ValueError("--tokenizer is required with --data (the folder the data was prepared with)")
+    c = TrainConfig(out=a.out, data=data, tokenizer=tokenizer, seq_len=a.seq_len, batch_size=a.batch_size,
+                    grad_accum=a.grad_accum, max_steps=a.max_steps, max_minutes=a.max_minutes, lr=a.lr,
+                    warmup=a.warmup, schedule=a.schedule, eval_every=a.eval_every, save_every=a.save_every,
+                    log_every=a.log_every, seed=a.seed, device=a.device, compile=a.compile)
+    result = Trainer(c, cfg).train(resume=a.resume)
+    print(f"trained {result['steps']} steps in {result['minutes']:.1f} min; validation loss {result['val_loss']:.4f}; "
+          f"model in {a.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slm", description="Small language models on one ordinary machine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -146,6 +179,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     _sampling_args(p)
     p.set_defaults(func=cmd_chat, max_new_tokens=256)
+
+    p = sub.add_parser("train", help="train a model from scratch (synthesizes data when none is given)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="slm-1m")
+    p.add_argument("--dim", type=int), p.add_argument("--layers", type=int), p.add_argument("--heads", type=int)
+    p.add_argument("--mlp", type=int, help="MLP width (default: 8/3 x dim, rounded up to 256)")
+    p.add_argument("--data", help="folder from `slm data prepare` (default: synthesize)")
+    p.add_argument("--tokenizer", help="tokenizer folder the data was prepared with")
+    p.add_argument("--n-docs", type=int, default=100_000, help="documents to synthesize when no --data")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer size when no --data")
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tokenizer", help="tokenizers: train")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)

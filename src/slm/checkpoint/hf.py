@@ -230,8 +230,9 @@ def _atomic_dir(path: str):
 
 def _commit(tmp: str, path: str) -> None:
     for name in os.listdir(tmp):  # flush file contents before the rename makes them visible
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
+        if os.path.isfile(os.path.join(tmp, name)):  # (sub-folders were committed by their own save)
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
     if os.path.isdir(path):
         old = tmp + ".old"
         os.replace(path, old)

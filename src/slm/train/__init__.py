@@ -1,0 +1,1 @@
+"""Training from scratch: the loop, checkpoints and resume (loop.py)."""
