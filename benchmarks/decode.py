@@ -91,7 +91,7 @@ def bench_gemma(new_tokens: int, repeats: int, quantize: str | None) -> None:
             return ref.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     run_hf()
     results["transformers (fp32)"] = best_rate(run_hf, new_tokens, repeats)
-    del ref
+    ref = None  # free its memory before llama.cpp runs
 
     try:
         from llama_cpp import Llama

@@ -1,78 +1,65 @@
-"""`make demo`: a tour of what slm does today, on this machine, with nothing downloaded.
+"""`make demo`: slm's main job on this machine, with nothing downloaded.
 
-1. the registry of known models and what they need in memory;
-2. a stories15M-shaped model written as a Hugging Face folder, read back by slm and by
-   transformers with the same logits;
-3. streamed generation and decode speed.
-The weights are random until `slm train` exists (next milestone), so the text is noise.
+1. synthesize a corpus of simple stories and lessons, train a tokenizer, and train a small
+   Llama-style model from scratch on 2 CPU cores, then sample from it;
+2. load the result with transformers, unchanged;
+3. the real pretrained gemma-3-270m completing a prompt.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
 from . import load
-from .checkpoint.hf import save_model
 from .checkpoint.safetensors_io import CheckpointError
-from .config import REGISTRY, get_config, memory_table
-from .generate import generate_ids
-from .model import Transformer
+from .config import get_config
 from .tokenizer import Tokenizer
 
-TEXT = ["Once upon a time, there was a little girl named Lily who loved to play in the park.",
-        "Tom had three red apples. He gave one to his friend, so he had two apples left."] * 50
 
+def main(out: str = "runs/demo", minutes: float = 7.0) -> None:
+    print("== 1. Train a small model from scratch on this machine ==")
+    print("(slm train: synthesize stories and lessons, train a tokenizer, train a ~2M-parameter Llama; "
+          f"{minutes:g} minutes of training)")
+    from .data.prepare import prepare
+    from .data.synth import write_corpus
+    from .tokenizer import train_tokenizer
+    from .train.loop import TrainConfig, Trainer
+    data = os.path.join(out, "data")
+    if not os.path.exists(os.path.join(data, "tokens", "meta.json")):
+        stats = write_corpus(os.path.join(data, "text"), 30_000, seed=0)
+        print(f"synthesized {stats['n_docs']:,} documents, {stats['n_words']:,} words")
+        with open(os.path.join(data, "text", "train.txt"), encoding="utf-8") as f:
+            train_tokenizer((d for d in f.read().split("\n\n") if d.strip()), 2048).save(os.path.join(data, "tok"))
+        meta = prepare(os.path.join(data, "text"), Tokenizer.from_dir(os.path.join(data, "tok")),
+                       os.path.join(data, "tokens"))
+        print(f"{meta['train_tokens']:,} training tokens")
+    cfg = get_config("slm-1m").replace(name="demo", hidden_size=192, num_heads=4, num_kv_heads=4, head_dim=48,
+                                       num_layers=4, intermediate_size=512, max_seq_len=128)
+    c = TrainConfig(out=os.path.join(out, "model"), data=os.path.join(data, "tokens"), tokenizer=os.path.join(data, "tok"),
+                    seq_len=128, batch_size=16, max_steps=100_000, max_minutes=minutes, lr=3e-3, warmup=100,
+                    schedule="wsd", eval_every=200, save_every=500, log_every=20)
+    result = Trainer(c, cfg).train()
+    print(f"validation loss {result['val_loss']:.3f} after {result['steps']} steps "
+          f"({result['minutes']:.1f} min); loss curve: {c.out}/loss.png")
+    lm = load(c.out)
+    for seed, prompt in enumerate(["Once upon a time", "One day, a little girl named", "Lesson: Adding numbers"]):
+        print(f"\n--- sample {seed + 1} ---")
+        print(prompt + lm.generate(prompt, max_new_tokens=120, temperature=0.7, top_k=50, seed=seed, stop=["<|endoftext|>"]))
 
-def _tokenizer() -> Tokenizer:
-    from tokenizers import Tokenizer as Tk, decoders, models, pre_tokenizers, trainers
-    tk = Tk(models.BPE())
-    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tk.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                     show_progress=False))
-    return Tokenizer(tk, {"bos_token": "<s>", "eos_token": "</s>"})
-
-
-def main(out: str = "runs/demo") -> None:
-    print("== Known models (slm info --preset NAME) ==")
-    print(f"{'name':<16} {'family':<8} {'params':>9} {'fp32':>9} {'int4':>9}")
-    for name, cfg in REGISTRY.items():
-        mem = memory_table(cfg)
-        print(f"{name:<16} {cfg.family:<8} {cfg.num_params() / 1e6:>8.1f}M {mem['fp32'] / 2**30:>7.2f}GB "
-              f"{mem['int4'] / 2**30:>7.2f}GB")
-
-    print("\n== A stories15M-shaped model, saved as a Hugging Face folder ==")
-    tok = _tokenizer()
-    cfg = get_config("stories15m").replace(vocab_size=tok.vocab_size, bos_token_id=0, eos_token_id=1)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    model.init_weights()
-    save_model(model, out, tokenizer=tok)
-    print(f"wrote {out}: {sorted(os.listdir(out))}")
-    lm = load(out)
-    ids = torch.tensor([lm.tokenizer.encode(TEXT[0])])
+    print("\n== 2. Load it back as Hugging Face does ==")
     try:
         from transformers import AutoModelForCausalLM
-        ref = AutoModelForCausalLM.from_pretrained(out).eval()
+        ref = AutoModelForCausalLM.from_pretrained(c.out).eval()
+        ids = torch.tensor([lm.tokenizer.encode("Once upon a time")])
         with torch.no_grad():
             diff = (lm.model(ids) - ref(ids).logits).abs().max().item()
-        print(f"transformers loads it unchanged: max |logit difference| = {diff:.2e}")
+        print(f"transformers loads {c.out} unchanged: max |logit difference| = {diff:.2e}")
     except ImportError:
         print("(install transformers to compare logits)")
 
-    print("\n== Streamed generation (random weights: expect noise) ==")
-    for chunk in lm.stream("Once upon a time", max_new_tokens=60, temperature=0.8, seed=0):
-        print(chunk, end="", flush=True)
-    t = time.perf_counter()
-    n = sum(1 for _ in generate_ids(lm.model, [lm.tokenizer.encode("Once upon a time")], 200))
-    dt = time.perf_counter() - t
-    print(f"\n\ngreedy decode: {n} tokens in {dt:.2f}s = {n / dt:.0f} tokens/s on {torch.get_num_threads()} threads")
-    print("Benchmark against transformers: python benchmarks/decode.py")
-
-    print("\n== A real pretrained model: gemma-3-270m (slm generate --prompt ... with no --model) ==")
+    print("\n== 3. A real pretrained model: gemma-3-270m (slm generate --prompt ... with no --model) ==")
     try:
         real = load()  # the default model; a line on stderr says which
     except CheckpointError as e:

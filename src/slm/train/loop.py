@@ -60,10 +60,13 @@ class TrainConfig:
     compile: bool = False
 
 
-def lr_at(step: int, c: TrainConfig) -> float:
+def lr_at(step: int, c: TrainConfig, progress: float | None = None) -> float:
+    """Learning rate: linear warmup over `warmup` steps, then cosine or WSD decay over the run's
+    progress (by steps; with --max-minutes, by whichever of steps and time is further along)."""
     if step < c.warmup:
         return c.lr * (step + 1) / c.warmup
-    progress = (step - c.warmup) / max(1, c.max_steps - c.warmup)
+    if progress is None:
+        progress = (step - c.warmup) / max(1, c.max_steps - c.warmup)
     floor = c.lr * c.min_lr_ratio
     if c.schedule == "wsd":
         return c.lr if progress < 0.8 else floor + (c.lr - floor) * (1 - progress) / 0.2
@@ -202,7 +205,11 @@ class Trainer:
         last_t, last_step, val = time.perf_counter(), self.step, None
         self.model.train()
         while self.step < c.max_steps and not (deadline and time.time() > deadline):
-            lr = lr_at(self.step, c)
+            progress = None
+            if deadline:  # a time budget: decay by elapsed time when that is further along (not replayable)
+                progress = max((self.step - c.warmup) / max(1, c.max_steps - c.warmup),
+                               (time.time() - start) / (deadline - start))
+            lr = lr_at(self.step, c, progress)
             for g in self.opt.param_groups:
                 g["lr"] = lr
             total = 0.0
