@@ -88,3 +88,21 @@ def test_resume_after_kill_9_replays_the_same_trajectory(tmp_path, prepared, ref
     assert losses(out) == losses(reference_run)
     a, b = slm.load(out).model.state_dict(), slm.load(reference_run).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_follow_one_process(tmp_path, prepared, reference_run):
+    """torchrun with 2 processes (gloo, CPU) at the same global batch reaches the same losses as 1."""
+    data, tok = prepared
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", "29517", "-m", "slm", "train", "--out", out, "--data", data, "--tokenizer", tok, *ARGS]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(os.path.join(out, "checkpoint", "trainer_state.json")))["world_size"] == 2
+    ours, ref = losses(out), losses(reference_run)
+    assert [s for s, _, _ in ours] == [s for s, _, _ in ref]
+    worst = max(abs(a - b) for (_, a, _), (_, b, _) in zip(ours, ref))
+    worst_val = max(abs(a - b) for (_, _, a), (_, _, b) in zip(ours, ref) if a is not None)
+    print(f"2 processes vs 1: max |train loss difference| {worst:.2e}, validation {worst_val:.2e}")
+    assert worst < 1e-3 and worst_val < 1e-3

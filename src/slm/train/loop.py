@@ -11,6 +11,8 @@ crash mid-save leaves the previous one intact.
     out/metrics.jsonl    one line per logged step: loss, val_loss, lr, tokens/s, MFU
     out/loss.png         the loss curves
     out/checkpoint/      the latest checkpoint: model/ + trainer_state.{json,safetensors}
+
+Several processes: `torchrun --nproc_per_node N -m slm train ...` (DDP; rank 0 writes).
 """
 
 from __future__ import annotations
@@ -107,7 +109,19 @@ def peak_flops(device: torch.device) -> float:
 class Trainer:
     def __init__(self, c: TrainConfig, model_cfg: ModelConfig):
         self.c = c
+        # Under torchrun (WORLD_SIZE > 1): DDP, gloo on the CPU, NCCL on GPUs. Each rank takes every
+        # world-th row of the same global batch, so N processes follow the 1-process trajectory.
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
         self.device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.world > 1:
+            import torch.distributed as dist
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if c.batch_size % self.world:
+                raise ValueError(f"--batch-size {c.batch_size} must be divisible by the {self.world} processes")
         self.tokenizer = Tokenizer.from_dir(c.tokenizer)
         self.train_tokens, self.val_tokens = load_tokens(c.data, "train"), load_tokens(c.data, "val")
         if len(self.train_tokens) <= c.seq_len + 1:
@@ -123,7 +137,11 @@ class Trainer:
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=c.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
         self.step = 0
-        self.forward = torch.compile(self.model) if c.compile else self.model
+        self.forward = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.forward = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(self.forward) if c.compile else self.forward
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -147,7 +165,7 @@ class Trainer:
                         counts[names[id(p)]] = float(st["step"])
             save_file(tensors, os.path.join(tmp, "trainer_state.safetensors"))
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump({"step": self.step, "optimizer_steps": counts, "train_config": asdict(self.c),
+                json.dump({"step": self.step, "world_size": self.world, "optimizer_steps": counts, "train_config": asdict(self.c),
                            "model_config": self.model_cfg.to_dict()}, f, indent=2)
             hf._commit(tmp, self.ckpt_dir)
         except BaseException:
@@ -195,13 +213,15 @@ class Trainer:
         os.makedirs(c.out, exist_ok=True)
         metrics_path = os.path.join(c.out, "metrics.jsonl")
         if resume and self.load_checkpoint():
-            _truncate_metrics(metrics_path, self.step)
-        elif os.path.exists(metrics_path):
+            if self.rank == 0:
+                _truncate_metrics(metrics_path, self.step)
+        elif os.path.exists(metrics_path) and self.rank == 0:
             os.remove(metrics_path)
         tokens_per_step = c.batch_size * c.seq_len * c.grad_accum
         fpt, peak = flops_per_token(self.model_cfg, c.seq_len), peak_flops(self.device)
         start, deadline = time.time(), (time.time() + 60 * c.max_minutes) if c.max_minutes else None
-        bar = tqdm(total=c.max_steps, initial=self.step, desc="training", disable=not progress, unit="step")
+        bar = tqdm(total=c.max_steps, initial=self.step, desc="training", disable=not progress or self.rank != 0,
+                   unit="step")
         last_t, last_step, val = time.perf_counter(), self.step, None
         self.model.train()
         while self.step < c.max_steps and not (deadline and time.time() > deadline):
@@ -215,9 +235,14 @@ class Trainer:
             total = 0.0
             for micro in range(c.grad_accum):
                 x, y = batch(self.train_tokens, c.seed, self.step, micro, c, self.device)
+                x, y = x[self.rank::self.world], y[self.rank::self.world]
                 loss = self.loss(x, y) / c.grad_accum
-                loss.backward()
+                loss.backward()  # DDP averages the gradients over ranks
                 total += loss.item()
+            if self.world > 1:  # report the loss of the whole global batch
+                t = torch.tensor([total], device=self.device)
+                torch.distributed.all_reduce(t)
+                total = t.item() / self.world
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -233,15 +258,18 @@ class Trainer:
                 if val is not None:
                     row["val_loss"] = round(val, 5)
                     val = None
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                if self.rank == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
                 bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{row['mfu']:.0%}")
             bar.update(1)
-            if self.step % c.save_every == 0:
+            if self.step % c.save_every == 0 and self.rank == 0:
                 self.save_checkpoint()
         bar.close()
-        self.save_checkpoint()
         final_val = self.evaluate()
+        if self.rank != 0:
+            return {"steps": self.step, "val_loss": final_val, "minutes": (time.time() - start) / 60}
+        self.save_checkpoint()
         final = os.path.join(c.out, ".final")  # written whole, then moved in file by file
         hf.save_model(self.model, final, tokenizer=self.tokenizer)
         for name in os.listdir(final):
