@@ -247,9 +247,10 @@ class Trainer:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
-            if self.step % c.eval_every == 0 or self.step == c.max_steps:
+            last = self.step == c.max_steps or bool(deadline and time.time() > deadline)
+            if self.step % c.eval_every == 0 or last:
                 val = self.evaluate()
-            if self.step % c.log_every == 0 or self.step == c.max_steps:
+            if self.step % c.log_every == 0 or last:  # the last step is always logged
                 now = time.perf_counter()
                 tps = (self.step - last_step) * tokens_per_step / (now - last_t)
                 last_t, last_step = now, self.step
