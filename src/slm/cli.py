@@ -141,18 +141,11 @@ def cmd_train(a) -> None:
                           num_kv_heads=heads, head_dim=dim // heads, intermediate_size=a.mlp or 256 * round(8 * dim / 3 / 256 + 0.5))
     data, tokenizer = a.data, a.tokenizer
     if data is None:  # nothing given: synthesize a corpus and train a tokenizer on it
-        from .data.prepare import prepare
-        from .data.synth import write_corpus
-        from .tokenizer import Tokenizer, train_tokenizer
+        from .data.prepare import build_synthetic
         root = os.path.join(a.out, "data")
-        if not os.path.exists(os.path.join(root, "tokens", "meta.json")):
-            print(f"synthesizing {a.n_docs:,} documents into {root}", file=sys.stderr)
-            write_corpus(os.path.join(root, "text"), a.n_docs, seed=a.seed)
-            with open(os.path.join(root, "text", "train.txt"), encoding="utf-8") as f:
-                tok = train_tokenizer((d for d in f.read().split("\n\n") if d.strip()), a.vocab_size)
-            tok.save(os.path.join(root, "tokenizer"))
-            prepare(os.path.join(root, "text"), Tokenizer.from_dir(os.path.join(root, "tokenizer")), os.path.join(root, "tokens"))
-        data, tokenizer = os.path.join(root, "tokens"), tokenizer or os.path.join(root, "tokenizer")
+        print(f"synthetic corpus of {a.n_docs:,} documents in {root}", file=sys.stderr)
+        data, synth_tok = build_synthetic(root, a.n_docs, a.vocab_size, seed=a.seed)
+        tokenizer = tokenizer or synth_tok
     if tokenizer is None:
         raise ValueError("--tokenizer is required with --data (the folder the data was prepared with)")
     c = TrainConfig(out=a.out, data=data, tokenizer=tokenizer, seq_len=a.seq_len, batch_size=a.batch_size,

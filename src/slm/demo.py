@@ -15,29 +15,19 @@ import torch
 from . import load
 from .checkpoint.safetensors_io import CheckpointError
 from .config import get_config
-from .tokenizer import Tokenizer
 
 
 def main(out: str = "runs/demo", minutes: float = 7.0) -> None:
     print("== 1. Train a small model from scratch on this machine ==")
     print("(slm train: synthesize stories and lessons, train a tokenizer, train a ~2M-parameter Llama; "
           f"{minutes:g} minutes of training)")
-    from .data.prepare import prepare
-    from .data.synth import write_corpus
-    from .tokenizer import train_tokenizer
+    from .data.prepare import build_synthetic, load_tokens
     from .train.loop import TrainConfig, Trainer
-    data = os.path.join(out, "data")
-    if not os.path.exists(os.path.join(data, "tokens", "meta.json")):
-        stats = write_corpus(os.path.join(data, "text"), 30_000, seed=0)
-        print(f"synthesized {stats['n_docs']:,} documents, {stats['n_words']:,} words")
-        with open(os.path.join(data, "text", "train.txt"), encoding="utf-8") as f:
-            train_tokenizer((d for d in f.read().split("\n\n") if d.strip()), 2048).save(os.path.join(data, "tok"))
-        meta = prepare(os.path.join(data, "text"), Tokenizer.from_dir(os.path.join(data, "tok")),
-                       os.path.join(data, "tokens"))
-        print(f"{meta['train_tokens']:,} training tokens")
+    tokens, tok = build_synthetic(os.path.join(out, "data"), 30_000, 2048, seed=0)
+    print(f"synthesized 30,000 documents: {len(load_tokens(tokens, 'train')):,} training tokens")
     cfg = get_config("slm-1m").replace(name="demo", hidden_size=192, num_heads=4, num_kv_heads=4, head_dim=48,
                                        num_layers=4, intermediate_size=512, max_seq_len=128)
-    c = TrainConfig(out=os.path.join(out, "model"), data=os.path.join(data, "tokens"), tokenizer=os.path.join(data, "tok"),
+    c = TrainConfig(out=os.path.join(out, "model"), data=tokens, tokenizer=tok,
                     seq_len=128, batch_size=16, max_steps=100_000, max_minutes=minutes, lr=3e-3, warmup=100,
                     schedule="wsd", eval_every=200, save_every=500, log_every=20)
     result = Trainer(c, cfg).train()

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from ..tokenizer import EOT, Tokenizer
+from ..tokenizer import EOT, Tokenizer, train_tokenizer
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
@@ -172,3 +172,16 @@ def load_tokens(out: str, split: str) -> np.ndarray:
     with open(os.path.join(out, "meta.json")) as f:
         meta = json.load(f)
     return np.memmap(os.path.join(out, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+
+
+def build_synthetic(root: str, n_docs: int, vocab_size: int, seed: int = 0, progress: bool = True) -> tuple[str, str]:
+    """The built-in corpus, end to end: synthesize text into root/text, train a tokenizer on its
+    training split (root/tokenizer), and write token shards (root/tokens). Reused when present.
+    Returns (tokens folder, tokenizer folder)."""
+    from .synth import write_corpus
+    text, tok_dir, tokens = (os.path.join(root, d) for d in ("text", "tokenizer", "tokens"))
+    if not os.path.exists(os.path.join(tokens, "meta.json")):
+        write_corpus(text, n_docs, seed=seed)
+        train_tokenizer(read_documents(os.path.join(text, "train.txt")), vocab_size).save(tok_dir)
+        prepare(text, Tokenizer.from_dir(tok_dir), tokens, progress=progress)
+    return tokens, tok_dir
