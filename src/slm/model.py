@@ -82,7 +82,7 @@ class _Plan:
     """How one forward step reads and writes the cache for layers of one window size."""
     mask: torch.Tensor | None = None  # bool [B, 1, T, S]; None with causal=False: attend to all keys
     causal: bool = False
-    write: slice | torch.Tensor | None = None  # cache slots receiving the new keys
+    write: slice | torch.Tensor | tuple | None = None  # cache slots receiving the new keys (RowKVCache: rows, slots)
     read: int = 0  # leading slots to attend over
     concat: bool = False  # rolling prefill: attend over old slots + all new keys, keep the newest
 
@@ -154,6 +154,44 @@ class KVCache:
             return keys, vals
         K[:, :, plan.write], V[:, :, plan.write] = k, v
         return K[:, :, :plan.read], V[:, :, :plan.read]
+
+
+class RowKVCache(KVCache):
+    """A cache whose rows advance independently, for serving many requests in one batch
+    (continuous batching, `slm.serve.engine`). Row b keeps position p in slot p % size, so a
+    decode step writes one slot per row at that row's own position, and masks come from `pos`.
+
+    A request's prompt is prefilled in an ordinary batch-1 KVCache and copied in with `load_row`.
+    Steps take one token per row (position -1 marks an idle row) and may cover only the first
+    rows: idle rows at the end cost nothing."""
+
+    # No length shared by all rows: positions are passed to every forward and kept per row in `pos`.
+    seen = property(lambda self: 0, lambda self, value: None)
+
+    def load_row(self, row: int, src: KVCache) -> None:
+        """Copy a batch-1 cache, filled from position 0 without padding, into `row`. Both keep
+        position p in slot p % size (src.size <= self.size, or both the same window)."""
+        for w in self.pos:
+            self.pos[w][row] = -1
+        for i, (w, w_src) in enumerate(zip(self.windows, src.windows)):
+            n = src.size[w_src]
+            self.k[i][row, :, :n], self.v[i][row, :, :n] = src.k[i][0], src.v[i][0]
+            self.pos[w][row, :n] = src.pos[w_src][0]
+
+    def plan(self, window: int | None, qpos: torch.Tensor) -> _Plan:
+        if qpos.shape[1] != 1:
+            raise ValueError("a RowKVCache steps one token per row; prefill in a KVCache and load_row it")
+        B, S = qpos.shape[0], self.size[window]
+        rows, slots = torch.arange(B, device=qpos.device), qpos[:, 0] % S  # an idle row (-1) -> last slot
+        pos = self.pos[window][:B]
+        pos[rows, slots] = qpos[:, 0]
+        read = min(int(qpos.max()) + 1, S)  # slots past the furthest row hold nothing yet
+        return _Plan(_mask(qpos, pos[:, :read], window), False, (rows, slots), read)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: _Plan):
+        K, V, B = self.k[layer], self.v[layer], k.shape[0]
+        K[plan.write[0], :, plan.write[1]], V[plan.write[0], :, plan.write[1]] = k[:, :, 0], v[:, :, 0]
+        return K[:B, :, :plan.read], V[:B, :, :plan.read]
 
 
 # -- attention and MLP -------------------------------------------------------------------------
