@@ -150,11 +150,21 @@ def cmd_train(a) -> None:
         raise ValueError("--tokenizer is required with --data (the folder the data was prepared with)")
     c = TrainConfig(out=a.out, data=data, tokenizer=tokenizer, seq_len=a.seq_len, batch_size=a.batch_size,
                     grad_accum=a.grad_accum, max_steps=a.max_steps, max_minutes=a.max_minutes, lr=a.lr,
-                    warmup=a.warmup, schedule=a.schedule, eval_every=a.eval_every, save_every=a.save_every,
+                    optimizer=a.optimizer, muon_lr=a.muon_lr, warmup=a.warmup, schedule=a.schedule, cooldown=a.cooldown, eval_every=a.eval_every, save_every=a.save_every,
                     log_every=a.log_every, seed=a.seed, device=a.device, compile=a.compile)
     result = Trainer(c, cfg).train(resume=a.resume)
     print(f"trained {result['steps']} steps in {result['minutes']:.1f} min; validation loss {result['val_loss']:.4f}; "
           f"model in {a.out}")
+
+
+def cmd_serve(a) -> None:
+    try:
+        from .serve import run
+    except ImportError as e:
+        raise ValueError(f"serving needs FastAPI and uvicorn ({e}): pip install 'slm[serve]'") from None
+    run(model=a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("SLM_API_KEY"),
+        name=a.served_model_name, max_batch=a.max_batch, context=a.context, log_prompts=a.log_prompts,
+        dtype=a.dtype, device=a.device, quantize=a.quantize)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,9 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: Muon on the blocks' matrices, AdamW (--lr) on embeddings and norms")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    p.add_argument("--muon-lr", type=float, default=0.02)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
+    p.add_argument("--cooldown", type=float, default=0.2, help="wsd: the fraction of the run spent decaying")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
@@ -222,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--field", default="text")
     d.add_argument("--val-every", type=int, default=50, help="every N-th document goes to validation")
     d.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API and a chat page on this machine (127.0.0.1)")
+    p.add_argument("--model", default=None, help="Hugging Face model folder or .gguf file (default: gemma-3-270m)")
+    p.add_argument("--host", default="127.0.0.1", help="a non-loopback address needs --api-key")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SLM_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache rows)")
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence (capped by the model's)")
+    p.add_argument("--log-prompts", action="store_true", help="log prompts and outputs (off by default)")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only linear layers")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="parameters, shape and memory of a model or preset")
     g = p.add_mutually_exclusive_group(required=True)

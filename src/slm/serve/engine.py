@@ -159,7 +159,7 @@ class Engine:
         self.cond = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
-        self.generated = 0  # tokens sampled since start (for /health and tests)
+        self.generated, self.peak = 0, 0  # tokens sampled and most rows busy at once, since start (/health)
         self._token_text: dict[int, str] = {}
 
     # -- called from the event loop ------------------------------------------------------------
@@ -184,7 +184,8 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running": sum(s is not None for s in self.rows), "waiting": len(self.waiting),
-                "max_batch": self.max_batch, "context": self.max_len, "generated_tokens": self.generated}
+                "max_batch": self.max_batch, "context": self.max_len, "generated_tokens": self.generated,
+                "peak_running": self.peak}
 
     def start(self) -> None:
         self.running = True
@@ -252,6 +253,7 @@ class Engine:
 
     def _step(self) -> None:
         busy = [s for s in self.rows if s is not None]
+        self.peak = max(self.peak, len(busy))
         B = max(s.row for s in busy) + 1  # rows past the last busy one are not computed
         ids = torch.zeros(B, 1, dtype=torch.long)
         pos = torch.full((B, 1), -1, dtype=torch.long)

@@ -1,0 +1,459 @@
+"""`slm serve`: an OpenAI-compatible API and a chat page, for one model, on this machine.
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (server-sent events with
+"stream": true), GET /health, and GET / (the chat page). Requests share the model through the
+continuous-batching loop in engine.py.
+
+Privacy and safety: the server binds to 127.0.0.1 unless told otherwise, refuses a non-loopback
+address without an API key, checks the Host header on loopback (so a web page cannot reach it by
+DNS rebinding), and logs token counts, never prompts or outputs, unless --log-prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from .engine import Engine, Params, QueueFull, deltas
+from .engine import Request as EngineRequest
+
+log = logging.getLogger("slm.serve")
+
+MAX_BODY = 2 << 20  # bytes of request JSON
+MAX_N = 8  # choices per prompt
+MAX_STOP = 8  # stop strings per request
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+            "img-src data:; base-uri 'none'; form-action 'none'")
+
+
+# -- errors in OpenAI's shape ------------------------------------------------------------------
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+# -- request bodies ----------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # fields we do not use (user, metadata, ...) are accepted
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[int, float] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+# -- the app -----------------------------------------------------------------------------------
+def create_app(lm, model_name: str, api_key: str | None = None, local_only: bool = True, max_batch: int = 16,
+               context: int | None = None, log_prompts: bool = False, max_body: int = MAX_BODY) -> FastAPI:
+    engine = Engine(lm, max_batch=max_batch, max_len=context)
+    tok = lm.tokenizer
+    created = int(time.time())
+
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="slm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
+        if err.get("type") == "json_invalid":
+            return APIError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}").response()
+        return APIError(400, f"{param or 'body'}: {err.get('msg')}", param=param).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, e: HTTPException):
+        return APIError(e.status_code, str(e.detail), type="not_found_error" if e.status_code == 404 else
+                        "invalid_request_error").response()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        with open(os.path.join(os.path.dirname(__file__), "chat.html"), encoding="utf-8") as f:
+            html = f.read()
+        return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, **engine.stats()}
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "slm",
+                "context_length": engine.max_len}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        check_model(model_id)
+        return model_card()
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+
+    def params(body: _Common, prompt_len: int, default_max: int | None, logprobs: int | None) -> Params:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > MAX_STOP or any(not s for s in stop):
+            raise APIError(400, f"stop: give up to {MAX_STOP} non-empty strings", param="stop")
+        for t in body.logit_bias or {}:
+            if not 0 <= t < engine.vocab or not -100 <= body.logit_bias[t] <= 100:
+                raise APIError(400, f"logit_bias: token ids in [0, {engine.vocab}), biases in [-100, 100]",
+                               param="logit_bias")
+        room = engine.max_len - prompt_len
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max or room
+        if max_tokens > room or room < 1:
+            raise APIError(400, f"this model's maximum context length is {engine.max_len} tokens; the request "
+                                f"needs {prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to "
+                                f"generate): shorten the prompt or lower max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        if (body.n or 1) > engine.max_batch:
+            raise APIError(400, f"n: at most {engine.max_batch} on this server", param="n")
+        return Params(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                      top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
+                      logprobs=logprobs, presence_penalty=body.presence_penalty or 0.0,
+                      frequency_penalty=body.frequency_penalty or 0.0, logit_bias=body.logit_bias)
+
+    def submit(prompts: list[list[int]], ps: list[Params], n: int) -> list[EngineRequest]:
+        queue = asyncio.Queue()
+        reqs = [EngineRequest(ids, p, n, queue, i * n) for i, (ids, p) in enumerate(zip(prompts, ps))]
+        try:
+            for r in reqs:
+                engine.submit(r)
+        except (QueueFull, ValueError) as e:
+            for r in reqs:
+                r.cancel()
+            if isinstance(e, ValueError):
+                raise APIError(400, str(e)) from None
+            raise APIError(429, f"the server is busy ({e}); retry shortly", code="queue_full",
+                           type="rate_limit_error") from None
+        return reqs
+
+    async def checked(reqs):
+        async for d in deltas(reqs):
+            if d.finish_reason == "error":
+                raise APIError(500, "generation failed (see the server's log)", type="server_error")
+            yield d
+
+    # -- /v1/completions -----------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        if body.echo or body.suffix is not None:
+            raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
+        if body.best_of is not None and body.best_of != (body.n or 1):
+            raise APIError(400, "best_of must equal n (every sample is returned)", param="best_of")
+        p = body.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            p = [p]
+        if not p:
+            raise APIError(400, "prompt: empty", param="prompt")
+        prompts = []
+        for x in p:
+            ids = tok.encode(x) if isinstance(x, str) else list(x)
+            if not ids or any(not 0 <= t < engine.vocab for t in ids):
+                raise APIError(400, f"prompt: token ids must be in [0, {engine.vocab}) and not empty", param="prompt")
+            prompts.append(ids)
+        ps = [params(body, len(ids), 16, body.logprobs) for ids in prompts]  # OpenAI's default max_tokens: 16
+        reqs = submit(prompts, ps, body.n or 1)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        if log_prompts:
+            log.info("%s prompt: %r", rid, body.prompt)
+        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
+
+        def choice(d, text, lps):
+            return {"index": d.index, "text": text, "logprobs": legacy_logprobs(lps) if body.logprobs is not None
+                    else None, "finish_reason": d.finish_reason}
+
+        if body.stream:
+            async def events():
+                async for d in checked(reqs):
+                    if d.text or d.logprobs or d.finish_reason:
+                        yield sse({**base, "choices": [choice(d, d.text, d.logprobs)]})
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({**base, "choices": [], "usage": usage(reqs)})
+            return stream(events(), reqs, rid)
+        out = await collect(request, reqs, rid)
+        return {**base, "choices": [choice(d, text, lps) for d, text, lps in out], "usage": usage(reqs)}
+
+    # -- /v1/chat/completions ------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        check_model(body.model)
+        messages = []
+        for i, m in enumerate(body.messages):
+            content = m.content
+            if isinstance(content, list):  # content parts: text only
+                if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
+                    raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
+                content = "".join(part["text"] for part in content)
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        try:
+            ids = tok.encode_chat(messages)
+        except Exception as e:  # the checkpoint's template may refuse an order of roles
+            raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        reqs = submit([ids], [params(body, len(ids), None, k)], body.n or 1)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if log_prompts:
+            log.info("%s messages: %r", rid, messages)
+        base = {"id": rid, "object": "chat.completion.chunk" if body.stream else "chat.completion",
+                "created": int(time.time()), "model": model_name}
+
+        def lp_content(lps):
+            return {"content": [chat_logprob(x) for x in lps]} if body.logprobs else None
+
+        if body.stream:
+            async def events():
+                for i in range(body.n or 1):
+                    yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}]})
+                async for d in checked(reqs):
+                    if d.text or d.logprobs or d.finish_reason:
+                        delta = {"content": d.text} if d.text or not d.finish_reason else {}
+                        yield sse({**base, "choices": [{"index": d.index, "delta": delta,
+                                                        "logprobs": lp_content(d.logprobs),
+                                                        "finish_reason": d.finish_reason}]})
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({**base, "choices": [], "usage": usage(reqs)})
+            return stream(events(), reqs, rid)
+        out = await collect(request, reqs, rid)
+        return {**base, "choices": [{"index": d.index, "message": {"role": "assistant", "content": text},
+                                     "logprobs": lp_content(lps), "finish_reason": d.finish_reason}
+                                    for d, text, lps in out], "usage": usage(reqs)}
+
+    # -- shared by both routes -----------------------------------------------------------------
+    def stream(events, reqs, rid) -> StreamingResponse:
+        async def body():
+            t0 = time.perf_counter()
+            try:
+                async for chunk in events:
+                    yield chunk
+                done(rid, reqs, t0)
+            except APIError as e:  # the status line has gone out: report the error as an event
+                yield sse(e.body())
+            finally:  # the client went away (or we are done): stop spending compute on it
+                for r in reqs:
+                    r.cancel()
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def collect(request: Request, reqs, rid):
+        """Gather every choice; give up (and free the rows) if the client disconnects first."""
+        t0 = time.perf_counter()
+        n = sum(r.n for r in reqs)
+        texts, lps, last = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+
+        async def gather():
+            async for d in checked(reqs):
+                texts[d.index].append(d.text)
+                lps[d.index] += d.logprobs
+                if d.finish_reason:
+                    last[d.index] = d
+
+        async def disconnected():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work, watch = asyncio.ensure_future(gather()), asyncio.ensure_future(disconnected())
+        try:
+            finished, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+                for r in reqs:
+                    r.cancel()
+        if work not in finished:
+            raise APIError(499, "client disconnected")
+        work.result()  # raises if generation failed
+        done(rid, reqs, t0, texts)
+        return [(last[i], "".join(texts[i]), lps[i]) for i in range(n)]
+
+    def done(rid, reqs, t0, texts=None) -> None:
+        log.info("%s: %d prompt + %d completion tokens in %.2f s", rid, sum(len(r.prompt_ids) for r in reqs),
+                 sum(sum(r.completion_tokens) for r in reqs), time.perf_counter() - t0)
+        if log_prompts and texts is not None:
+            log.info("%s output: %r", rid, ["".join(t) for t in texts])
+
+    def usage(reqs) -> dict:
+        p, c = sum(len(r.prompt_ids) for r in reqs), sum(sum(r.completion_tokens) for r in reqs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    app.add_middleware(_Guard, api_key=api_key, local_only=local_only, max_body=max_body)
+    return app
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def legacy_logprobs(lps) -> dict:
+    """/v1/completions' logprobs: parallel lists, top alternatives as {token: logprob}."""
+    return {"tokens": [x.token for x in lps], "token_logprobs": [x.logprob for x in lps],
+            "top_logprobs": [dict(x.top) for x in lps], "text_offset": [x.offset for x in lps]}
+
+
+def chat_logprob(x) -> dict:
+    entry = lambda t, lp: {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}  # noqa: E731
+    return {**entry(x.token, x.logprob), "top_logprobs": [entry(t, lp) for t, lp in x.top]}
+
+
+# -- host check, API key, body size: before any route runs -------------------------------------
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
+
+
+class _Guard:
+    def __init__(self, app, api_key: str | None, local_only: bool, max_body: int):
+        self.app, self.max_body, self.local_only = app, max_body, local_only
+        self.auth = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if self.local_only and host not in LOCAL_HOSTS:
+            return await _reply(send, APIError(400, f"invalid Host header '{host}': this server answers only "
+                                                    "to localhost", code="invalid_host"))
+        if self.auth and scope["path"].startswith("/v1/") and \
+                not hmac.compare_digest(headers.get(b"authorization", b""), self.auth):
+            return await _reply(send, APIError(401, "missing or incorrect API key (Authorization: Bearer KEY)",
+                                               code="invalid_api_key", type="authentication_error"))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # Read the whole body here, bounded, then hand it on.
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            size += len(msg.get("body", b""))
+            if size <= self.max_body:
+                chunks.append(msg.get("body", b""))
+            elif size > 16 * self.max_body:
+                break  # stop reading an endless body; the connection will be closed
+            more = msg.get("more_body", False)
+        if size > self.max_body:
+            return await _reply(send, APIError(413, f"the request body is larger than {self.max_body} bytes",
+                                               code="body_too_large"))
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _reply(send, e: APIError) -> None:
+    data = json.dumps(e.body()).encode()
+    await send({"type": "http.response.start", "status": e.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+# -- slm serve ---------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+        name: str | None = None, max_batch: int = 16, context: int | None = None, log_prompts: bool = False,
+        dtype=None, device=None, quantize=None) -> None:
+    local = is_loopback(host)
+    if not local and not api_key:
+        raise ValueError(f"refusing to listen on {host}, which is not a loopback address, without an API key: "
+                         "pass --api-key KEY (or set SLM_API_KEY), or keep the default --host 127.0.0.1")
+    import uvicorn
+
+    from ..lm import DEFAULT_MODEL, load
+    lm = load(model, dtype=dtype, device=device, quantize=quantize)
+    if name is None:
+        name = DEFAULT_MODEL if model is None else os.path.basename(os.path.normpath(model))
+        name = name[:-5] if name.endswith(".gguf") else name
+    app = create_app(lm, name, api_key=api_key, local_only=local, max_batch=max_batch, context=context,
+                     log_prompts=log_prompts)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("slm serve: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    shown = f"[{host}]" if ":" in host else host
+    print(f"slm serve: {name} at http://{shown}:{port}/ (API: http://{shown}:{port}/v1, "
+          f"{max_batch} sequences at once, context {app.state.engine.max_len}"
+          f"{', prompts logged' if log_prompts else ''})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
