@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,gemma]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,gemma,serve]'
 	touch $(STAMP)
 
 setup: $(STAMP)
