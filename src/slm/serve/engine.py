@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..generate import Sampling, sample
 from ..model import RowKVCache
 
 log = logging.getLogger("slm.serve")
@@ -86,10 +85,23 @@ class Request:
 
 
 async def deltas(reqs: list[Request]):
-    """The Deltas of requests sharing one queue, as they come, until every choice has finished."""
-    remaining = sum(r.n for r in reqs)
+    """The Deltas of requests sharing one queue, as they come, until every choice has finished.
+    What piled up while the consumer was busy comes merged, one Delta per choice: a slow client
+    (or a busy event loop) gets fewer, larger events instead of falling further behind."""
+    remaining, queue = sum(r.n for r in reqs), reqs[0].queue
     while remaining:
-        for d in await reqs[0].queue.get():
+        batch = await queue.get()
+        while not queue.empty():
+            batch += queue.get_nowait()
+        merged: dict[int, Delta] = {}
+        for d in batch:
+            if d.index in merged:
+                m = merged[d.index]
+                m.text, m.finish_reason = m.text + d.text, d.finish_reason
+                m.logprobs = m.logprobs + d.logprobs
+            else:
+                merged[d.index] = d
+        for d in merged.values():
             remaining -= d.finish_reason is not None
             yield d
 
@@ -132,7 +144,6 @@ class _Seq:
         self.pos = len(req.prompt_ids)  # position of the next token fed to the model
         self.tokens: list[int] = []
         self.text = _Text(tokenizer, p.stop)
-        self.sampling = Sampling(temperature=p.temperature, top_p=p.top_p)
         # One generator per choice: a seeded request samples the same tokens alone or in a batch.
         self.gen = torch.Generator(device=device)
         if p.seed is not None:
@@ -265,24 +276,27 @@ class Engine:
 
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
         """Sample one token for each sequence from its row of logits and send what it produced."""
-        greedy = logits.argmax(-1).tolist() if any(s.plain for s in seqs) else None
+        toks = logits.argmax(-1)[rows].tolist() if any(s.plain for s in seqs) else [0] * len(seqs)
+        lps: list[TokenLogprob | None] = [None] * len(seqs)
+        rest = [i for i, s in enumerate(seqs) if not s.plain]
+        if rest:  # the rows that sample, or adjust logits, or want logprobs: all together
+            raw = logits[[rows[i] for i in rest]].float()
+            x = raw.clone()
+            for j, i in enumerate(rest):
+                p, counts = seqs[i].req.params, seqs[i].counts
+                for t, b in (p.logit_bias or {}).items():
+                    x[j, t] += b
+                if counts is not None:  # OpenAI's penalties, over the tokens generated so far
+                    x[j] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+            picked = self._sample(x, [seqs[i] for i in rest])
+            # logprobs are the model's own distribution (raw logits), as vLLM reports by default
+            logp = F.log_softmax(raw, -1) if any(seqs[i].req.params.logprobs is not None for i in rest) else None
+            for j, i in enumerate(rest):
+                toks[i] = picked[j]
+                if seqs[i].req.params.logprobs is not None:
+                    lps[i] = self._logprob(logp[j], picked[j], seqs[i].req.params.logprobs, seqs[i])
         out: dict[Request, list[Delta]] = {}
-        for s, r in zip(seqs, rows):
-            p = s.req.params
-            if s.plain:
-                tok, lp = greedy[r], None
-            else:
-                raw = logits[r:r + 1].float()
-                x = raw
-                if p.logit_bias:
-                    x = x.clone()
-                    for t, b in p.logit_bias.items():
-                        x[0, t] += b
-                if s.counts is not None:  # OpenAI's penalties, over the tokens generated so far
-                    x = x - p.frequency_penalty * s.counts - p.presence_penalty * (s.counts > 0).float()
-                tok = int(sample(x, s.sampling, s.gen)[0])
-                # logprobs are the model's own distribution (raw logits), as vLLM reports by default
-                lp = self._logprob(F.log_softmax(raw[0], -1), tok, p.logprobs, s) if p.logprobs is not None else None
+        for s, tok, lp in zip(seqs, toks, lps):
             self.generated += 1
             s.tokens.append(tok)
             s.req.completion_tokens[s.index] += 1
@@ -291,6 +305,25 @@ class Engine:
             out.setdefault(s.req, []).append(self._delta(s, tok, lp))
         for req, deltas in out.items():
             req._push(deltas)
+
+    def _sample(self, x: torch.Tensor, seqs: list[_Seq]) -> list[int]:
+        """Temperature and top-p for many rows at once (as generate.sample does for one), each row
+        drawing its uniform number from its own generator. Rows at temperature 0 take the argmax."""
+        tok = x.argmax(-1)
+        temps = torch.tensor([s.req.params.temperature for s in seqs], device=x.device)
+        hot = (temps > 0).nonzero()[:, 0].tolist()
+        if hot:
+            top_p = torch.tensor([seqs[i].req.params.top_p for i in hot], device=x.device)
+            probs = (x[hot] / temps[hot, None]).softmax(-1)
+            idx = None
+            if (top_p < 1).any():  # keep the smallest set of tokens whose probability reaches top_p
+                probs, idx = probs.sort(-1, descending=True)
+                probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0)
+            cdf = probs.cumsum(-1)
+            u = torch.cat([torch.rand(1, generator=seqs[i].gen, device=x.device) for i in hot]) * cdf[:, -1]
+            pick = torch.searchsorted(cdf, u[:, None]).clamp(max=cdf.shape[1] - 1)
+            tok[hot] = (idx.gather(1, pick) if idx is not None else pick)[:, 0]
+        return tok.tolist()
 
     def _delta(self, s: _Seq, tok: int, lp: TokenLogprob | None) -> Delta:
         d = Delta(s.req.first_index + s.index, logprobs=[lp] if lp else [])
