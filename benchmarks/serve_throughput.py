@@ -5,7 +5,7 @@ clients streaming chat completions at once, as ratios to 1 client (same server, 
                                           [--requests 3] [--max-tokens 64] [--no-stream]
 
 Without --model: a Llama of the stories15m shape (6 layers, 288 wide, 6 heads) with random fp32
-weights and a 4096-token byte-level BPE trained on slm's synthetic corpus. `--model default` serves
+weights and a byte-level BPE trained on 3,000 documents of slm's synthetic corpus (2,861 tokens). `--model default` serves
 the real gemma-3-270m. The server is a real `slm serve` process (--max-batch 16); each client sends
 --requests requests one after another through the official `openai` client, each with its own
 prompt and seed, and the count of generated tokens comes from the server's `usage`.
