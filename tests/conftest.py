@@ -114,3 +114,17 @@ def checkpoint(request, tmp_path_factory, tokenizer_dir) -> str:
 def hf_model(path: str):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A small tokenized corpus for training runs: (data folder, tokenizer folder)."""
+    from slm.data.prepare import prepare
+    from slm.tokenizer import train_tokenizer
+    d = tmp_path_factory.mktemp("train")
+    docs = [f"Story {i}. " + CORPUS[i % 5] for i in range(400)]
+    tok = train_tokenizer(docs, 300)
+    tok.save(str(d / "tok"))
+    (d / "c.txt").write_text("\n\n".join(docs))
+    prepare(str(d / "c.txt"), tok, str(d / "data"), progress=False)
+    return str(d / "data"), str(d / "tok")

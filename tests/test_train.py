@@ -12,23 +12,9 @@ import pytest
 import torch
 
 import slm
-from conftest import CORPUS
-from slm.data.prepare import prepare
-from slm.tokenizer import train_tokenizer
 
 ARGS = ["--dim", "64", "--layers", "2", "--heads", "4", "--mlp", "128", "--seq-len", "64", "--batch-size", "8",
         "--max-steps", "40", "--warmup", "5", "--eval-every", "10", "--save-every", "5", "--log-every", "5"]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    docs = [f"Story {i}. " + CORPUS[i % 5] for i in range(400)]
-    tok = train_tokenizer(docs, 300)
-    tok.save(str(d / "tok"))
-    (d / "c.txt").write_text("\n\n".join(docs))
-    prepare(str(d / "c.txt"), tok, str(d / "data"), progress=False)
-    return str(d / "data"), str(d / "tok")
 
 
 def train(out, prepared, *extra, wait=True):
@@ -106,3 +92,87 @@ def test_ddp_two_processes_follow_one_process(tmp_path, prepared, reference_run)
     worst_val = max(abs(a - b) for (_, _, a), (_, _, b) in zip(ours, ref) if a is not None)
     print(f"2 processes vs 1: max |train loss difference| {worst:.2e}, validation {worst_val:.2e}")
     assert worst < 1e-3 and worst_val < 1e-3
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_follow_one_process_and_resume(tmp_path, prepared, reference_run):
+    """torchrun --fsdp (each process holds half of every weight): the 1-process losses, and a
+    kill -9 mid-run resumes onto the same trajectory from the gathered checkpoint."""
+    data, tok = prepared
+    out = str(tmp_path / "fsdp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", "29518", "-m", "slm", "train", "--out", out, "--data", data, "--tokenizer", tok, *ARGS, "--fsdp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    state = os.path.join(out, "checkpoint", "trainer_state.json")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.load(open(state))["step"] >= 15:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    proc.wait()
+    assert 15 <= json.load(open(state))["step"] < 40
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours, ref = losses(out), losses(reference_run)
+    assert [s for s, _, _ in ours] == [s for s, _, _ in ref]
+    worst = max(abs(a - b) for (_, a, _), (_, b, _) in zip(ours, ref))
+    print(f"FSDP 2 processes (killed and resumed) vs 1: max |train loss difference| {worst:.2e}")
+    assert worst < 1e-3
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out)  # the gathered final model is a whole one
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-steps", "0"], "--max-steps must be a positive integer"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--seq-len", "100000"], "fewer than one sequence of --seq-len 100000"),
+    (["--max-minutes", "0"], "--max-minutes must be positive"),
+])
+def test_bad_training_arguments_get_clear_errors(tmp_path, prepared, extra, message):
+    data, tok = prepared
+    r = subprocess.run([sys.executable, "-m", "slm", "train", "--out", str(tmp_path / "o"), "--data", data,
+                        "--tokenizer", tok, *ARGS, *extra], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_training_data_gets_clear_errors(tmp_path, prepared):
+    from slm.train.loop import TrainConfig, Trainer
+    from slm.tokenizer import train_tokenizer
+    data, tok = prepared
+    cfg = slm.get_config("slm-1m")
+
+    def error(**kw):
+        with pytest.raises(ValueError) as e:
+            Trainer(TrainConfig(**{"out": str(tmp_path / "o"), "data": data, "tokenizer": tok, "seq_len": 32, **kw}), cfg)
+        return str(e.value)
+
+    assert "no such data folder" in error(data=str(tmp_path / "missing"))
+    os.makedirs(tmp_path / "notprepared")
+    assert "no meta.json" in error(data=str(tmp_path / "notprepared"))
+    other = str(tmp_path / "tok500")
+    train_tokenizer(["some other text " * 50], 400).save(other)
+    assert "prepared with a 300-token tokenizer" in error(tokenizer=other)
+    import shutil
+    cut = str(tmp_path / "cut")
+    shutil.copytree(data, cut)
+    with open(os.path.join(cut, "train.bin"), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(cut, "train.bin")) - 1)
+    assert "not a whole number" in error(data=cut)
+    assert "unknown optimizer" in error(optimizer="sgd")
+
+
+def test_resume_refuses_a_different_optimizer(tmp_path, prepared, reference_run):
+    import shutil
+    out = str(tmp_path / "r")
+    shutil.copytree(reference_run, out)
+    data, tok = prepared
+    r = subprocess.run([sys.executable, "-m", "slm", "train", "--out", out, "--data", data, "--tokenizer", tok, *ARGS,
+                        "--max-steps", "60", "--optimizer", "muon", "--resume"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "trained with --optimizer adamw" in r.stderr, r.stderr

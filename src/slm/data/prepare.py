@@ -167,11 +167,34 @@ def prepare(data: str, tokenizer: Tokenizer, out: str, field: str = "text", val_
     return meta
 
 
+def load_meta(out: str) -> dict:
+    """meta.json of a folder written by `slm data prepare` (dtype, vocab_size, token counts)."""
+    path = os.path.join(out, "meta.json")
+    if not os.path.isdir(out):
+        raise DataError(f"{out}: no such data folder (make one with `slm data prepare`)")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{out}: no meta.json, so not a folder written by `slm data prepare`") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if "dtype" not in meta:
+        raise DataError(f"{path}: no 'dtype' field")
+    return meta
+
+
 def load_tokens(out: str, split: str) -> np.ndarray:
     """The token ids of one split as a read-only memmap."""
-    with open(os.path.join(out, "meta.json")) as f:
-        meta = json.load(f)
-    return np.memmap(os.path.join(out, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+    meta = load_meta(out)
+    path = os.path.join(out, f"{split}.bin")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: missing (the {split} split of `slm data prepare`)")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty, no {split} tokens")
+    if os.path.getsize(path) % np.dtype(meta["dtype"]).itemsize:
+        raise DataError(f"{path}: {os.path.getsize(path)} bytes is not a whole number of {meta['dtype']} tokens (truncated?)")
+    return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 
 def build_synthetic(root: str, n_docs: int, vocab_size: int, seed: int = 0, progress: bool = True) -> tuple[str, str]:

@@ -12,11 +12,13 @@ crash mid-save leaves the previous one intact.
     out/loss.png         the loss curves
     out/checkpoint/      the latest checkpoint: model/ + trainer_state.{json,safetensors}
 
-Several processes: `torchrun --nproc_per_node N -m slm train ...` (DDP; rank 0 writes).
+Several processes: `torchrun --nproc_per_node N -m slm train ... [--fsdp]` (DDP or FSDP; rank 0 writes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -32,9 +34,12 @@ from tqdm import tqdm
 
 from ..checkpoint import hf
 from ..config import ModelConfig
-from ..data.prepare import load_tokens
+from ..data.prepare import load_meta, load_tokens
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from .loss import fused_linear_cross_entropy
+from . import distributed
+from .optim import build_optimizers, load_state_tensors, set_lr, state_tensors
 
 
 @dataclass
@@ -47,10 +52,13 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 1000
     max_minutes: float | None = None
-    lr: float = 2e-3
+    lr: float = 2e-3  # AdamW's (with --optimizer muon: for embeddings, head and norms)
+    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, see optim.py)
+    muon_lr: float = 0.02
     min_lr_ratio: float = 0.1
     warmup: int = 50
-    schedule: str = "cosine"  # cosine | wsd (warmup, stable, linear decay over the last 20%)
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable, linear decay over the last `cooldown`)
+    cooldown: float = 0.2
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 100
@@ -60,19 +68,41 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     compile: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (else DDP)
+
+
+    def __post_init__(self):
+        positive = {"seq_len": self.seq_len, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "max_steps": self.max_steps, "eval_every": self.eval_every, "eval_batches": self.eval_batches,
+                    "save_every": self.save_every, "log_every": self.log_every, "warmup": self.warmup + 1}
+        for name, v in positive.items():
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+        for name, v in {"lr": self.lr, "muon_lr": self.muon_lr, "grad_clip": self.grad_clip}.items():
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if not 0 < self.cooldown <= 1 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
+            raise ValueError("--cooldown must be in (0, 1], min_lr_ratio in [0, 1], weight_decay >= 0")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"unknown schedule {self.schedule!r}: use cosine or wsd")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: use adamw or muon")
 
 
 def lr_at(step: int, c: TrainConfig, progress: float | None = None) -> float:
-    """Learning rate: linear warmup over `warmup` steps, then cosine or WSD decay over the run's
-    progress (by steps; with --max-minutes, by whichever of steps and time is further along)."""
+    """The learning-rate multiplier: linear warmup over `warmup` steps, then cosine or WSD decay
+    over the run's progress (by steps; with --max-minutes, by whichever of steps and time is
+    further along). WSD holds the peak, then decays linearly over the last `cooldown` fraction."""
     if step < c.warmup:
-        return c.lr * (step + 1) / c.warmup
+        return (step + 1) / c.warmup
     if progress is None:
         progress = (step - c.warmup) / max(1, c.max_steps - c.warmup)
-    floor = c.lr * c.min_lr_ratio
+    progress, floor = min(progress, 1.0), c.min_lr_ratio
     if c.schedule == "wsd":
-        return c.lr if progress < 0.8 else floor + (c.lr - floor) * (1 - progress) / 0.2
-    return floor + (c.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0 if progress < 1 - c.cooldown else floor + (1 - floor) * (1 - progress) / c.cooldown
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def batch(tokens: np.ndarray, seed: int, step: int, micro: int, c: TrainConfig, device) -> tuple:
@@ -85,62 +115,81 @@ def batch(tokens: np.ndarray, seed: int, step: int, micro: int, c: TrainConfig, 
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus 12 L T d for attention (as in PaLM's MFU)."""
-    return 6 * cfg.num_params(include_embeddings=False) + 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
+    """Training FLOPs per token (PaLM's MFU count): 6 per weight that takes part in a matmul, plus
+    12 L T d for attention scores and values. The input embedding is a lookup (no FLOPs), but the
+    LM head is a matmul even when its weight is tied to the embedding, so it counts (as in nanoGPT)."""
+    matmul_params = cfg.num_params(include_embeddings=False)
+    if cfg.tie_embeddings:
+        matmul_params += cfg.vocab_size * cfg.hidden_size
+    return 6 * matmul_params + 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
 
 
+@functools.lru_cache(maxsize=None)
 def peak_flops(device: torch.device) -> float:
-    """The device's dense peak: bf16 for known GPUs, a measured fp32 matmul rate on the CPU."""
+    """The device's dense peak: bf16 for known GPUs; on the CPU a measured fp32 matmul rate (the
+    best of three 0.4 s windows of 2048x2048 matmuls, large enough for the BLAS to reach its peak)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
             if key in name:
                 return peak
         return 100e12
-    a = torch.randn(1024, 1024)
-    a @ a
-    t, n = time.perf_counter(), 0
-    while time.perf_counter() - t < 0.3:
-        a @ a
-        n += 1
-    return 2 * 1024**3 * n / (time.perf_counter() - t)
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(3):
+        t, k = time.perf_counter(), 0
+        while time.perf_counter() - t < 0.4:
+            a @ b
+            k += 1
+        best = max(best, 2 * n**3 * k / (time.perf_counter() - t))
+    return best
+
+
+def lm_loss(model: Transformer, x, y, forward=None, autocast=None, fuse_head: bool = True) -> torch.Tensor:
+    """Next-token cross-entropy. The LM head is applied inside the loss, chunk by chunk, so the
+    [tokens, vocab] logits never exist (loss.py); `forward` may be the DDP- or compile-wrapped model."""
+    head, forward = model.lm_head, forward or model
+    fused = fuse_head and head.bias is None
+    with autocast or contextlib.nullcontext():
+        out = forward(x, return_hidden=fused)
+    if fused:
+        w = head.weight.to(torch.bfloat16) if autocast is not None else head.weight
+        return fused_linear_cross_entropy(out.to(w.dtype), w, y)
+    return F.cross_entropy(out.float().view(-1, out.shape[-1]), y.reshape(-1))
 
 
 class Trainer:
     def __init__(self, c: TrainConfig, model_cfg: ModelConfig):
         self.c = c
-        # Under torchrun (WORLD_SIZE > 1): DDP, gloo on the CPU, NCCL on GPUs. Each rank takes every
-        # world-th row of the same global batch, so N processes follow the 1-process trajectory.
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        self.device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.world > 1:
-            import torch.distributed as dist
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            if c.batch_size % self.world:
-                raise ValueError(f"--batch-size {c.batch_size} must be divisible by the {self.world} processes")
+        # Under torchrun (WORLD_SIZE > 1): DDP, or FSDP with --fsdp (distributed.py)
+        device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.world, self.rank, self.device = distributed.setup(device)
+        self.fsdp = c.fsdp and self.world > 1
+        if c.batch_size % self.world:
+            raise ValueError(f"--batch-size {c.batch_size} must be divisible by the {self.world} processes")
+        if self.fsdp and c.optimizer == "muon":
+            raise ValueError("--fsdp shards each matrix over the processes, but Muon needs whole matrices: "
+                             "use --optimizer adamw with --fsdp")
         self.tokenizer = Tokenizer.from_dir(c.tokenizer)
         self.train_tokens, self.val_tokens = load_tokens(c.data, "train"), load_tokens(c.data, "val")
-        if len(self.train_tokens) <= c.seq_len + 1:
-            raise ValueError(f"{c.data}: {len(self.train_tokens)} training tokens, fewer than one sequence")
+        data_vocab = load_meta(c.data).get("vocab_size")
+        if data_vocab is not None and data_vocab != self.tokenizer.vocab_size:
+            raise ValueError(f"{c.data} was prepared with a {data_vocab}-token tokenizer, but {c.tokenizer} has "
+                             f"{self.tokenizer.vocab_size}: pass the tokenizer the data was prepared with")
+        for split, toks in (("training", self.train_tokens), ("validation", self.val_tokens)):
+            if len(toks) <= c.seq_len + 1:
+                raise ValueError(f"{c.data}: {len(toks)} {split} tokens, fewer than one sequence of --seq-len "
+                                 f"{c.seq_len}; use more data or a shorter --seq-len")
         self.model_cfg = model_cfg.replace(vocab_size=self.tokenizer.vocab_size, max_seq_len=max(c.seq_len, model_cfg.max_seq_len),
                                            bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id)
         torch.manual_seed(c.seed)
         self.model = Transformer(self.model_cfg).to(self.device)
         self.model.init_weights()
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=c.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        self.forward = distributed.wrap(self.model, self.world, self.fsdp, self.device)
+        self.optimizers = build_optimizers(self.model, c.optimizer, c.lr, c.weight_decay, c.muon_lr)
         self.step = 0
-        self.forward = self.model
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-            self.forward = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(self.forward) if c.compile else self.forward
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
 
@@ -149,28 +198,31 @@ class Trainer:
     def ckpt_dir(self) -> str:
         return os.path.join(self.c.out, "checkpoint")
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> Transformer | None:
+        """Write out/checkpoint atomically (on rank 0; under FSDP every rank must call it, to gather
+        the shards). Returns the whole model on rank 0, None elsewhere."""
+        model, optim = self.model, None
+        if self.fsdp:
+            msd, optim = distributed.full_state(self.model, self.optimizers[0])
+            if self.rank == 0:
+                model = Transformer(self.model_cfg)
+                model.load_state_dict(msd)
+                optim = {f"0.{k}": v for k, v in optim.items()}
+        if self.rank != 0:
+            return None
         tmp = hf._atomic_dir(self.ckpt_dir)
         try:
-            hf.save_model(self.model, os.path.join(tmp, "model"), tokenizer=self.tokenizer)
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            tensors, counts = {}, {}
-            for group in self.opt.param_groups:
-                for p in group["params"]:
-                    st = self.opt.state.get(p, {})
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        if key in st:
-                            tensors[f"{names[id(p)]}.{key}"] = st[key].detach().cpu().contiguous()
-                    if "step" in st:
-                        counts[names[id(p)]] = float(st["step"])
-            save_file(tensors, os.path.join(tmp, "trainer_state.safetensors"))
+            hf.save_model(model, os.path.join(tmp, "model"), tokenizer=self.tokenizer)
+            optim = optim if optim is not None else state_tensors(self.optimizers, self._param_names())
+            save_file(optim, os.path.join(tmp, "trainer_state.safetensors"))
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump({"step": self.step, "world_size": self.world, "optimizer_steps": counts, "train_config": asdict(self.c),
+                json.dump({"step": self.step, "world_size": self.world, "train_config": asdict(self.c),
                            "model_config": self.model_cfg.to_dict()}, f, indent=2)
             hf._commit(tmp, self.ckpt_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return model
 
     def load_checkpoint(self) -> bool:
         state_path = os.path.join(self.ckpt_dir, "trainer_state.json")
@@ -178,27 +230,30 @@ class Trainer:
             return False
         with open(state_path) as f:
             state = json.load(f)
+        saved = state["train_config"].get("optimizer", "adamw")
+        if saved != self.c.optimizer:
+            raise ValueError(f"{self.ckpt_dir} was trained with --optimizer {saved}; resume with the same optimizer")
         loaded = hf.load_model(os.path.join(self.ckpt_dir, "model"), dtype=torch.float32, device=self.device)
-        with torch.no_grad():
-            for (n, p), (_, q) in zip(self.model.named_parameters(), loaded.named_parameters()):
-                p.copy_(q)
-        tensors = load_file(os.path.join(self.ckpt_dir, "trainer_state.safetensors"), device=str(self.device))
-        params = dict(self.model.named_parameters())
-        for name, p in params.items():
-            if f"{name}.exp_avg" in tensors:
-                self.opt.state[p] = {"step": torch.tensor(state["optimizer_steps"][name]),
-                                     "exp_avg": tensors[f"{name}.exp_avg"], "exp_avg_sq": tensors[f"{name}.exp_avg_sq"]}
+        tensors = load_file(os.path.join(self.ckpt_dir, "trainer_state.safetensors"))
+        if self.fsdp:
+            prefix = "0."
+            distributed.load_full_state(self.model, self.optimizers[0], loaded.state_dict(),
+                                        {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        else:
+            with torch.no_grad():
+                for (n, p), (_, q) in zip(self.model.named_parameters(), loaded.named_parameters()):
+                    p.copy_(q)
+            load_state_tensors(self.optimizers, self._param_names(), tensors)
         self.step = state["step"]
         return True
 
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.model.named_parameters()}
+
     # -- the loop ------------------------------------------------------------------------------
     def loss(self, x, y) -> torch.Tensor:
-        if self.autocast is not None:
-            with self.autocast:
-                logits = self.forward(x)
-        else:
-            logits = self.forward(x)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+        # FSDP re-shards the LM head after forward, so there the head stays inside the model
+        return lm_loss(self.model, x, y, self.forward, self.autocast, fuse_head=not self.fsdp)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -222,7 +277,7 @@ class Trainer:
         start, deadline = time.time(), (time.time() + 60 * c.max_minutes) if c.max_minutes else None
         bar = tqdm(total=c.max_steps, initial=self.step, desc="training", disable=not progress or self.rank != 0,
                    unit="step")
-        last_t, last_step, val = time.perf_counter(), self.step, None
+        last_t, last_step, val, final_val = time.perf_counter(), self.step, None, None
         self.model.train()
         while self.step < c.max_steps and not (deadline and time.time() > deadline):
             progress = None
@@ -230,8 +285,7 @@ class Trainer:
                 progress = max((self.step - c.warmup) / max(1, c.max_steps - c.warmup),
                                (time.time() - start) / (deadline - start))
             lr = lr_at(self.step, c, progress)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
+            set_lr(self.optimizers, lr)
             total = 0.0
             for micro in range(c.grad_accum):
                 x, y = batch(self.train_tokens, c.seed, self.step, micro, c, self.device)
@@ -244,17 +298,19 @@ class Trainer:
                 torch.distributed.all_reduce(t)
                 total = t.item() / self.world
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            for opt in self.optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             self.step += 1
             last = self.step == c.max_steps or bool(deadline and time.time() > deadline)
             if self.step % c.eval_every == 0 or last:
                 val = self.evaluate()
+                final_val = val if last else None
             if self.step % c.log_every == 0 or last:  # the last step is always logged
                 now = time.perf_counter()
                 tps = (self.step - last_step) * tokens_per_step / (now - last_t)
                 last_t, last_step = now, self.step
-                row = {"step": self.step, "loss": round(total, 5), "lr": lr, "tokens_per_s": round(tps),
+                row = {"step": self.step, "loss": round(total, 5), "lr": c.lr * lr, "tokens_per_s": round(tps),
                        "mfu": round(tps * fpt / peak, 4)}
                 if val is not None:
                     row["val_loss"] = round(val, 5)
@@ -264,15 +320,15 @@ class Trainer:
                         f.write(json.dumps(row) + "\n")
                 bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{row['mfu']:.0%}")
             bar.update(1)
-            if self.step % c.save_every == 0 and self.rank == 0:
+            if self.step % c.save_every == 0 and (self.rank == 0 or self.fsdp):
                 self.save_checkpoint()
         bar.close()
-        final_val = self.evaluate()
+        final_val = self.evaluate() if final_val is None else final_val
+        model = self.save_checkpoint() if self.rank == 0 or self.fsdp else None
         if self.rank != 0:
             return {"steps": self.step, "val_loss": final_val, "minutes": (time.time() - start) / 60}
-        self.save_checkpoint()
         final = os.path.join(c.out, ".final")  # written whole, then moved in file by file
-        hf.save_model(self.model, final, tokenizer=self.tokenizer)
+        hf.save_model(model, final, tokenizer=self.tokenizer)
         for name in os.listdir(final):
             os.replace(os.path.join(final, name), os.path.join(c.out, name))
         os.rmdir(final)
