@@ -1,16 +1,27 @@
-"""Training throughput: slm's loop against a transformers LlamaForCausalLM with AdamW at the same
-shape, data, batch and sequence length, in the same process; and the machine's fp32 matmul peak.
+"""Training speed against transformers, measured in the same run. Two figures:
 
-    python benchmarks/train_speed.py [--preset stories15m] [--steps 20] [--batch-size 8] [--seq-len 256]
+    python benchmarks/train_speed.py throughput [--preset stories15m] [--steps 10] [--batch-size 8] [--seq-len 256]
+    python benchmarks/train_speed.py quality [--minutes 10] [--ours-minutes 6.67]
 
-Both run fp32 on the CPU (bf16 is emulated here), fused AdamW, the same random token batches.
-Prints tokens/s, the ratio, and each as a fraction of the measured matmul peak (MFU, counting
-6N + 12 L T d FLOPs per token).
+throughput: tokens/s of one training step (forward, backward, fused AdamW) of slm's loop against a
+transformers LlamaForCausalLM at the same shape, on the same random token batches, both fp32 on
+the CPU (bf16 is emulated here); each also as a fraction of the machine's measured fp32 matmul peak
+(MFU: 6 FLOPs per matmul weight, the tied LM head included, plus 12 L T d for attention).
+
+quality (time to quality): the baseline, a transformers LlamaForCausalLM with AdamW (warmup,
+cosine decay over its time budget), trains for --minutes on the built-in synthetic corpus. Then
+`slm train`'s recipe (Muon on the hidden matrices, warmup-stable-decay over its own, shorter time
+budget) trains the same shape and parameter count on the same data, batch and sequence length,
+and we report the wall time at which its validation loss (the same held-out batches) first
+reaches the baseline's final one. Both evaluate every --eval-every steps; that time counts in both.
 """
 
 import argparse
+import json
+import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -18,9 +29,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import slm  # noqa: E402
-from slm.train.loop import flops_per_token, peak_flops  # noqa: E402
+from slm.train.loop import TrainConfig, Trainer, batch, flops_per_token, lm_loss, peak_flops  # noqa: E402
+from slm.tokenizer import Tokenizer  # noqa: E402
+from slm.train.optim import build_optimizers  # noqa: E402
 
 
+def hf_llama(cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings))
+
+
+# -- throughput --------------------------------------------------------------------------------
 def tokens_per_s(step, steps: int, tokens: int) -> float:
     step(0)  # warm-up
     best = float("inf")
@@ -32,36 +54,27 @@ def tokens_per_s(step, steps: int, tokens: int) -> float:
     return steps * tokens / best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="stories15m")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
-    a = ap.parse_args()
+def throughput(a) -> None:
     cfg = slm.get_config(a.preset)
     B, T = a.batch_size, a.seq_len
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g) for _ in range(a.steps + 1)]
 
+    # slm: the Trainer's model, optimizer and loss (the LM head fused into the cross-entropy)
     torch.manual_seed(0)
     ours = slm.Transformer(cfg)
     ours.init_weights()
     ours.train()
-    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3, fused=True)
+    opts = build_optimizers(ours, "adamw", 1e-3, 0.1)
 
     def slm_step(i):
         x, y = data[i][:, :-1], data[i][:, 1:]
-        loss = F.cross_entropy(ours(x).view(-1, cfg.vocab_size), y.reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        lm_loss(ours, x, y).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-    ref = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings))
+    ref = hf_llama(cfg)
     ref.train()
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, fused=True)
 
@@ -74,11 +87,139 @@ def main() -> None:
 
     peak = peak_flops(torch.device("cpu"))
     fpt = flops_per_token(cfg, T)
-    t_ours, t_ref = tokens_per_s(slm_step, a.steps, B * T), tokens_per_s(hf_step, a.steps, B * T)
+    t_ref, t_ours = [], []
+    for _ in range(a.rounds):  # interleaved: the machine's speed drifts between minutes
+        t_ref.append(tokens_per_s(hf_step, a.steps, B * T))
+        t_ours.append(tokens_per_s(slm_step, a.steps, B * T))
+    t_ref, t_ours = max(t_ref), max(t_ours)
     print(f"{a.preset} ({cfg.num_params() / 1e6:.1f}M), batch {B} x {T}, fp32, {torch.get_num_threads()} threads; "
-          f"measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+          f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; {fpt / 1e6:.1f} MFLOP per token")
     print(f"  transformers  {t_ref:8.0f} tok/s   MFU {t_ref * fpt / peak:5.1%}")
     print(f"  slm           {t_ours:8.0f} tok/s   MFU {t_ours * fpt / peak:5.1%}   ratio {t_ours / t_ref:.2f}x")
+
+
+# -- time to quality ---------------------------------------------------------------------------
+def baseline_run(cfg, c: TrainConfig, tokens, val_tokens, minutes: float, lr: float, log) -> float:
+    """transformers Llama + fused AdamW (betas 0.9/0.95, decay 0.1 on matrices), warmup then cosine
+    to 10% over the time budget, clipping at 1.0. Returns the final validation loss."""
+    torch.manual_seed(c.seed)
+    model = hf_llama(cfg)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), fused=True)
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        losses = [F.cross_entropy(model(x).logits.view(-1, cfg.vocab_size), y.reshape(-1)).item()
+                  for x, y in (batch(val_tokens, 10_000 + c.seed, i, 0, c, "cpu") for i in range(c.eval_batches))]
+        model.train()
+        return sum(losses) / len(losses)
+
+    start, step, val = time.time(), 0, None
+    budget = 60 * minutes
+    while time.time() - start < budget:
+        progress = (time.time() - start) / budget
+        mult = (step + 1) / c.warmup if step < c.warmup else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        for g in opt.param_groups:
+            g["lr"] = lr * mult
+        x, y = batch(tokens, c.seed, step, 0, c, "cpu")
+        loss = F.cross_entropy(model(x).logits.view(-1, cfg.vocab_size), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % c.eval_every == 0:
+            val = evaluate()
+            log({"run": "baseline", "step": step, "minutes": (time.time() - start) / 60, "val_loss": val})
+    val = evaluate()
+    log({"run": "baseline", "step": step, "minutes": (time.time() - start) / 60, "val_loss": val, "final": True})
+    return val
+
+
+def quality(a) -> None:
+    from slm.data.prepare import build_synthetic, load_tokens
+    root = a.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "slm", "bench-train")
+    data, tok_dir = build_synthetic(root, a.n_docs, a.vocab_size, seed=0)
+    tokens, val_tokens = load_tokens(data, "train"), load_tokens(data, "val")
+    tok = Tokenizer.from_dir(tok_dir)
+    cfg = slm.get_config(a.preset).replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    log_path = a.log or os.path.join(root, "quality.jsonl")
+    log_f = open(log_path, "w")
+
+    def log(row):
+        log_f.write(json.dumps(row) + "\n")
+        log_f.flush()
+        print(json.dumps(row), flush=True)
+
+    c = TrainConfig(out="", data=data, tokenizer=tok_dir, seq_len=a.seq_len, batch_size=a.batch_size,
+                    eval_every=a.eval_every, eval_batches=a.eval_batches, warmup=a.warmup)
+    print(f"{a.preset} shape, {cfg.num_params() / 1e6:.1f}M parameters (vocab {tok.vocab_size}), batch "
+          f"{a.batch_size} x {a.seq_len}, {len(tokens):,} training tokens; {torch.get_num_threads()} threads")
+    if a.baseline_loss is None:
+        base = baseline_run(cfg, c, tokens, val_tokens, a.minutes, a.baseline_lr, log)
+    else:
+        base = a.baseline_loss
+
+    out = tempfile.mkdtemp()
+    ours_minutes = a.ours_minutes or a.minutes * 2 / 3
+    oc = TrainConfig(out=out, data=data, tokenizer=tok_dir, seq_len=a.seq_len, batch_size=a.batch_size,
+                     eval_every=a.eval_every, eval_batches=a.eval_batches, warmup=a.warmup, max_steps=10**9,
+                     max_minutes=ours_minutes, optimizer=a.optimizer, lr=a.lr, muon_lr=a.muon_lr,
+                     schedule=a.schedule, cooldown=a.cooldown, save_every=10**9, log_every=a.eval_every)
+    Trainer(oc, cfg).train(progress=False)
+    reached = None
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    elapsed, prev = 0.0, 0
+    for r in rows:  # wall minutes (evaluations included) from the tokens/s of each logged interval
+        elapsed += (r["step"] - prev) * a.batch_size * a.seq_len / r["tokens_per_s"] / 60
+        prev = r["step"]
+        log({"run": "slm", "step": r["step"], "minutes": elapsed, "val_loss": r.get("val_loss")})
+        if reached is None and r.get("val_loss") is not None and r["val_loss"] <= base:
+            reached = elapsed
+    print(f"baseline (transformers + AdamW): validation loss {base:.4f} after {a.minutes:g} min")
+    print(f"slm ({a.optimizer}, {a.schedule}): validation loss {rows[-1]['val_loss']:.4f} after {ours_minutes:.2f} min")
+    if reached is None:
+        print("slm did not reach the baseline's validation loss")
+    else:
+        print(f"slm reached the baseline's loss after {reached:.2f} min: {a.minutes / reached:.2f}x faster")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("throughput")
+    p.add_argument("--preset", default="stories15m")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p = sub.add_parser("quality")
+    p.add_argument("--preset", default="stories15m")
+    p.add_argument("--minutes", type=float, default=10.0, help="the baseline's budget")
+    p.add_argument("--ours-minutes", type=float, default=None, help="slm's budget (default: 2/3 of --minutes)")
+    p.add_argument("--baseline-loss", type=float, default=None, help="skip the baseline run, use this loss")
+    p.add_argument("--baseline-lr", type=float, default=2e-3)
+    p.add_argument("--optimizer", default="muon")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--muon-lr", type=float, default=0.02)
+    p.add_argument("--schedule", default="wsd")
+    p.add_argument("--cooldown", type=float, default=0.4)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--n-docs", type=int, default=30_000)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--log", default=None)
+    a = ap.parse_args()
+    throughput(a) if a.mode == "throughput" else quality(a)
 
 
 if __name__ == "__main__":

@@ -150,11 +150,13 @@ def cmd_train(a) -> None:
         raise ValueError("--tokenizer is required with --data (the folder the data was prepared with)")
     c = TrainConfig(out=a.out, data=data, tokenizer=tokenizer, seq_len=a.seq_len, batch_size=a.batch_size,
                     grad_accum=a.grad_accum, max_steps=a.max_steps, max_minutes=a.max_minutes, lr=a.lr,
-                    warmup=a.warmup, schedule=a.schedule, eval_every=a.eval_every, save_every=a.save_every,
-                    log_every=a.log_every, seed=a.seed, device=a.device, compile=a.compile)
+                    optimizer=a.optimizer, muon_lr=a.muon_lr, warmup=a.warmup, schedule=a.schedule, cooldown=a.cooldown,
+                    eval_every=a.eval_every, save_every=a.save_every,
+                    log_every=a.log_every, seed=a.seed, device=a.device, compile=a.compile, fsdp=a.fsdp)
     result = Trainer(c, cfg).train(resume=a.resume)
-    print(f"trained {result['steps']} steps in {result['minutes']:.1f} min; validation loss {result['val_loss']:.4f}; "
-          f"model in {a.out}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"trained {result['steps']} steps in {result['minutes']:.1f} min; "
+              f"validation loss {result['val_loss']:.4f}; model in {a.out}")
 
 
 def cmd_serve(a) -> None:
@@ -197,15 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: Muon on the blocks' matrices, AdamW (--lr) on embeddings and norms")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    p.add_argument("--muon-lr", type=float, default=0.02)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
+    p.add_argument("--cooldown", type=float, default=0.2, help="wsd: the fraction of the run spent decaying")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state over the processes (else DDP)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     p.set_defaults(func=cmd_train)
 

@@ -324,8 +324,12 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch, max_len or self.config.max_seq_len, p.device, p.dtype)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, last_only: bool = False,
+                return_hidden: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
+
+        return_hidden gives the final normalised hidden states [B, T, d] instead, for a loss that
+        applies the LM head itself in chunks (train/loss.py) without materialising all logits.
 
         pos gives each token's absolute position, -1 for padding; by default tokens follow what
         the cache holds. attention_mask (1 = token, 0 = padding) is the Hugging Face way to say
@@ -351,7 +355,8 @@ class Transformer(nn.Module):
             cache.seen += T
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
 
     def _window(self, layer: int, T: int) -> int | None:
         w = self.config.layer_window(layer)

@@ -1,0 +1,114 @@
+"""Optimizers for training from scratch: AdamW, or Muon for the hidden matrices.
+
+Muon (Keller Jordan's, as in modded-nanogpt) orthogonalises the momentum of each 2-D weight
+inside the blocks with a few Newton-Schulz iterations, so every direction of the update moves at
+the same rate. At small scale it reaches a given loss in markedly fewer steps than AdamW.
+Embeddings, the LM head, norms and biases are not hidden matrices: they stay on AdamW.
+
+We carry our own Muon rather than `torch.optim.Muon` because that one always iterates in bf16,
+which CPUs without native bf16 (like AVX2 machines) emulate: 15 s per step at the stories15M
+shape against 0.1 s here. Ours iterates in fp32 on the CPU and bf16 on GPUs, and runs the
+matrices of one shape (one per layer) as a single batched matmul.
+
+Each parameter group keeps its base learning rate in "base_lr"; the schedule scales all of them
+by one multiplier per step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+
+ADAM_BETAS = (0.9, 0.95)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller's quintic: steepest slope at zero, 5 steps
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T, batched over leading dims, by the Newton-Schulz
+    quintic (singular values land in about [0.7, 1.2], which trains as well as exact U V^T)."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose update is orthogonalised, scaled by sqrt(max(1, rows/cols))
+    so tall matrices move as much per entry as wide ones (Keller Jordan's Muon)."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, ns_steps: int = 5, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            mu, by_shape = group["momentum"], defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - mu)
+                by_shape[p.shape].append((p, p.grad.lerp(buf, mu)))  # Nesterov
+            for shape, items in by_shape.items():
+                updates = orthogonalize(torch.stack([u for _, u in items]), group["ns_steps"])
+                scale = group["lr"] * max(1.0, shape[0] / shape[1]) ** 0.5
+                for (p, _), u in zip(items, updates):
+                    if group["weight_decay"]:
+                        p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(u, alpha=-scale)
+
+
+def build_optimizers(model: nn.Module, name: str, lr: float, weight_decay: float,
+                     muon_lr: float = 0.02, fused: bool = True) -> list[torch.optim.Optimizer]:
+    """"adamw": AdamW on everything (decay on matrices only). "muon": Muon on the blocks' 2-D
+    weights, AdamW at `lr` on the rest."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # a tied head appears once
+    hidden = [p for n, p in params.items() if p.dim() == 2 and n.startswith("blocks.")]
+    matrices = [p for n, p in params.items() if p.dim() >= 2 and not (name == "muon" and n.startswith("blocks."))]
+    vectors = [p for p in params.values() if p.dim() < 2]
+    adamw = torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay, "base_lr": lr},
+                               {"params": vectors, "weight_decay": 0.0, "base_lr": lr}],
+                              lr=lr, betas=ADAM_BETAS, eps=1e-8, fused=fused)
+    if name == "adamw":
+        return [adamw]
+    if name == "muon":
+        muon = Muon([{"params": hidden, "base_lr": muon_lr}], lr=muon_lr)
+        return [muon, adamw]
+    raise ValueError(f"unknown optimizer {name!r}: use adamw or muon")
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * multiplier
+
+
+def state_tensors(optimizers: list[torch.optim.Optimizer], names: dict[int, str]) -> dict[str, torch.Tensor]:
+    """Every tensor of the optimizers' state, keyed "<optimizer>.<parameter>.<key>" (for safetensors)."""
+    out = {}
+    for i, opt in enumerate(optimizers):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for key, v in opt.state.get(p, {}).items():
+                    v = v if torch.is_tensor(v) else torch.tensor(v)
+                    out[f"{i}.{names[id(p)]}.{key}"] = v.detach().cpu().contiguous()
+    return out
+
+
+def load_state_tensors(optimizers: list[torch.optim.Optimizer], names: dict[int, str],
+                       tensors: dict[str, torch.Tensor]) -> None:
+    for i, opt in enumerate(optimizers):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                prefix = f"{i}.{names[id(p)]}."
+                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if state:
+                    opt.state[p] = {k: v.to(p.device) for k, v in state.items()}
