@@ -424,7 +424,7 @@ def _share(r: random.Random, h: Char, f: Char, p: Char, place: str) -> list[str]
         say(f.name, f"Wow! May I {use} {the} too?", "asked"),
     ]))
     out.append(r.choice([
-        say(h.name, f"No! It is mine.", "said"),
+        say(h.name, "No! It is mine.", "said"),
         f"But {h.name} held it tight and said, \"No, I want it all for me.\"",
     ]))
     out.append(r.choice([
@@ -524,13 +524,13 @@ def _mistake(r: random.Random, h: Char, f: Char, p: Char, place: str) -> list[st
         f"But {h.his} tummy felt funny, because {h.he} knew that hiding was wrong.",
         f"Then {h.he} thought, \"If I tell the truth, I will feel better.\"",
     ]))
-    out.append(f"So {h.name} went to {p.name}. " + say(h.name, f"I am sorry. It was me. I made a mistake."))
+    out.append(f"So {h.name} went to {p.name}. " + say(h.name, "I am sorry. It was me. I made a mistake."))
     out.append(r.choice([
         f"{p.name} gave {h.name} a hug. " + say(p.name, "Thank you for telling me the truth. Let's fix it together."),
         say(p.name, "Everyone makes mistakes. I am proud of you for being honest.", "said gently"),
     ]))
     out.append(r.choice([
-        f"So they cleaned up together, and soon everything was fine again.",
+        "So they cleaned up together, and soon everything was fine again.",
         f"Together they fixed what {h.he} could, and {h.name} felt light as a feather.",
     ]))
     out.append(_moral(r, h, "mistake"))
@@ -550,13 +550,13 @@ def _trip(r: random.Random, h: Char, f: Char, p: Char, place: str) -> list[str]:
         say(f.name, f"Look! There is {sights[2]}!", "shouted"),
         f"{h.name} pointed and laughed when {h.he} spotted {sights[2]}.",
     ]))
-    out.append(f"Then something surprising happened: " + r.choice(SURPRISES).format(newgirl=newgirl) + ".")
+    out.append("Then something surprising happened: " + r.choice(SURPRISES).format(newgirl=newgirl) + ".")
     out.append(r.choice([
         f"When they got home, {h.name} told {p.name} all about it.",
         f"That night, {h.name} was tired but {r.choice(FEEL_GOOD)}.",
     ]))
     out.append(r.choice([_happy(r, h, f), _moral(r, h, "trip"),
-                         say(h.name, "That was the best day ever!", "said") + f" And it really was."]))
+                         say(h.name, "That was the best day ever!", "said") + " And it really was."]))
     return out
 
 
