@@ -1,7 +1,7 @@
 """Hand-written CPU kernels, compiled on first use.
 
-`q8.cpp` (AVX2 + FMA, threads from ATen's pool) registers `torch.ops.slm_q8.linear` and
-`dequantize` (int8 weight-only linear layers), `matvec_f32` (one-row fp32 products when decoding)
+`q8.cpp` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_q8.linear` and
+`dequantize` (int8 weight-only linear layers), `linear_q4` and `dequantize_q4` (int4), `matvec_f32` (one-row fp32 products when decoding)
 and `rms_norm`. `q8_linear_op()`, `matvec_f32_op()` and `rms_norm_op()` return them, or None
 where they cannot be built: no C++ compiler, no AVX2, not x86-64, or `SLM_NO_KERNELS=1`. Callers
 then use a pure-PyTorch path with the same results, and a warning says so once.
@@ -28,7 +28,7 @@ import warnings
 import torch
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "q8.cpp")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "q8" -> the op, or None after a failure; "error" -> why
 
