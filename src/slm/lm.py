@@ -90,18 +90,20 @@ def default_model_path() -> str:
 
 
 def load(path: str | None = None, dtype: torch.dtype | str | None = None,
-         device: str | torch.device | None = None, quantize: str | None = None) -> LM:
+         device: str | torch.device | None = None, quantize: str | None = None,
+         group_size: int | None = None) -> LM:
     """Load a Hugging Face model folder (config.json + safetensors + tokenizer.json) or a GGUF file.
     With no path, the default model (gemma-3-270m) is used, and a line on stderr says so.
-    quantize="int8" replaces the linear layers by int8 ones (block-wise scales) after loading."""
-    lm = _load(path, dtype, device)
+    quantize="int8" (one scale per output channel) or "int4" (group_size weights per scale, default
+    32) quantizes the linear layers while they load, one at a time. A folder saved by
+    `slm quantize` loads quantized as it was saved."""
     if quantize:
-        from .quantize import quantize_model
-        quantize_model(lm.model, quantize)
-    return lm
+        from .quantize import check_mode
+        check_mode(quantize, group_size)
+    return _load(path, dtype, device, quantize, group_size)
 
 
-def _load(path, dtype, device) -> LM:
+def _load(path, dtype, device, quantize=None, group_size=None) -> LM:
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
@@ -111,23 +113,27 @@ def _load(path, dtype, device) -> LM:
               f"from {path}", file=sys.stderr)
     path = os.fspath(path)
     if os.path.isfile(path):
-        return _load_gguf(path, dtype, device)
-    model = hf.load_model(path, dtype=dtype, device=device)
+        return _load_gguf(path, dtype, device, quantize, group_size)
+    model = hf.load_model(path, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
     tokenizer = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     gen_path = os.path.join(path, "generation_config.json")
     gen = hf.read_json(gen_path) if os.path.exists(gen_path) else {}
     return LM(model, tokenizer, gen)
 
 
-def _load_gguf(path: str, dtype, device) -> LM:
+def _load_gguf(path: str, dtype, device, quantize=None, group_size=None) -> LM:
     from .checkpoint.gguf import read_gguf
     ckpt = read_gguf(path)
     try:
         cfg = ModelConfig.from_hf(ckpt.hf_config, name=os.path.splitext(os.path.basename(path))[0])
     except ConfigError as e:
         raise hf.CheckpointError(f"{path}: {e}") from None
-    model = hf.new_empty_model(cfg, dtype, device)
+    model = hf.new_empty_model(cfg, dtype, device, lazy_linears=bool(quantize))
+    quantizer = None
+    if quantize:
+        from .quantize import StreamingQuantizer
+        quantizer = StreamingQuantizer(model, quantize, group_size)
     tensors = ((path, name, t.shape, lambda dst, t=t: dst.copy_(t)) for name, t in ckpt.tensors())
     with torch.no_grad():
-        hf.fill_model(model, tensors, path, config_name="the GGUF metadata")
+        hf.fill_model(model, tensors, path, config_name="the GGUF metadata", quantizer=quantizer)
     return LM(model, ckpt.tokenizer(), ckpt.generation_config)

@@ -1,15 +1,26 @@
-"""Weight-only int8 quantization for CPU decoding.
+"""Weight-only int8 and int4 quantization for CPU decoding.
 
 At batch 1 a decode step reads every weight once, so its speed is set by the bytes of weights:
-int8 weights with one fp32 scale per 32 (1.125 bytes a weight, GGUF's Q8_0) read 3.6 times fewer
-bytes than fp32. Activations stay in floating point.
+
+    int8  one int8 per weight, one fp32 scale per output channel (or per group of G)   ~1.0 byte
+    int4  two weights a byte, an fp16 scale and an fp16 minimum per group of G = 32/64/128
+          (asymmetric, as GGUF's Q4_1/Q4_K: w = scale * q + min, q in 0..15)         0.625 bytes at G = 32
+
+against 4 bytes in fp32. Activations stay in fp32.
 
     from slm.quantize import quantize_model
-    quantize_model(lm.model)          # every nn.Linear with in_features % 32 == 0, LM head included
+    quantize_model(lm.model, "int4", group_size=32)   # every nn.Linear with in_features % 32 == 0
 
-`Int8Linear` runs the AVX2 kernel of `slm/kernels/q8.cpp` (compiled on first use) on the CPU, and
-a dequantize-then-matmul PyTorch path elsewhere: on other devices, when the kernel cannot be
-built, or when the input requires grad.
+The layers run slm's own AVX2 kernels (`slm/kernels/q8.cpp`, compiled on first use) on the CPU.
+They beat PyTorch's packed kernels here: on this machine's 2 AVX2 cores `_weight_int8pack_mm` and
+`_weight_int4pack_mm_for_cpu` with fp32 activations ran 3-10x slower than slm's kernels (the
+int4 one needs bf16 activations to be competitive, which this CPU emulates); see
+benchmarks/int8_matvec.py. Elsewhere (other devices, no compiler, gradients wanted) a
+dequantize-then-matmul PyTorch path gives the same numbers.
+
+Models are quantized while they load (`slm.load(path, quantize="int4")`): `StreamingQuantizer`
+gives each linear layer fp32 storage only while its tensors arrive and quantizes it as soon as it
+is complete, so peak memory stays near the quantized size.
 """
 
 from __future__ import annotations
@@ -23,77 +34,156 @@ import torch.nn.functional as F
 
 from . import kernels
 
-QK = 32  # input weights per scale
-# Rows of x up to which the kernel streams the int8 weights; above: dequantize + ATen GEMM. The
+QK = 32  # the kernels' block: group sizes and in_features are multiples of it
+# Rows of x up to which the kernels stream the quantized weights; above: dequantize + ATen GEMM. The
 # streaming kernel runs at ~80 GFLOP/s on 2 cores, as fast as this CPU's fp32 GEMM up to ~64 rows.
 MAX_DIRECT = 64
 _CHUNK = 8192  # weight rows quantized / dequantized at a time, to bound temporary memory
+MODES = ("int8", "int4")
+DEFAULT_GROUP = {"int8": None, "int4": 32}  # None: one scale per output channel
 
 
+def _group(K: int, group_size: int | None) -> int:
+    G = K if group_size is None else group_size
+    if G % QK or K % G:
+        raise ValueError(f"group size {G} must be a multiple of {QK} that divides in_features {K}")
+    return G
+
+
+# -- int8 --------------------------------------------------------------------------------------
 @torch.no_grad()
-def quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] (any float dtype, any strides; K % 32 == 0) -> (q int8 [N, K], scales fp32
-    [N, K/32]) with scale = absmax(block) / 127 and q = round(w / scale)."""
+def quantize_q8(weight: torch.Tensor, group_size: int | None = QK) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] (any float dtype, any strides) -> (q int8 [N, K], scales fp32 [N, K/G]) with
+    scale = absmax(group) / 127 and q = round(w / scale). group_size None: per output channel."""
     N, K = weight.shape
     if K % QK:
         raise ValueError(f"in_features must be a multiple of {QK}, got {K}")
+    G = _group(K, group_size)
     q = torch.empty(N, K, dtype=torch.int8, device=weight.device)
-    scales = torch.empty(N, K // QK, dtype=torch.float32, device=weight.device)
+    scales = torch.empty(N, K // G, dtype=torch.float32, device=weight.device)
     for r0 in range(0, N, _CHUNK):
-        w = weight[r0:r0 + _CHUNK].to(torch.float32).reshape(-1, K // QK, QK)
+        w = weight[r0:r0 + _CHUNK].to(torch.float32).reshape(-1, K // G, G)
         s = w.abs().amax(-1) / 127.0
-        inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))  # an all-zero block: scale 0, q 0
+        inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))  # an all-zero group: scale 0, q 0
         q[r0:r0 + _CHUNK] = (w * inv[..., None]).round_().clamp_(-127, 127).to(torch.int8).view(-1, K)
         scales[r0:r0 + _CHUNK] = s
     return q, scales
 
 
 def dequantize_q8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """fp32 [N, K] weights from int8 [N, K] and scales [N, K/32]."""
+    """fp32 [N, K] weights from int8 [N, K] and scales [N, K/G]."""
     N, K = q.shape
-    return (q.view(N, K // QK, QK).to(torch.float32) * scales.to(torch.float32)[..., None]).view(N, K)
+    ng = scales.shape[1]
+    return (q.view(N, ng, K // ng).to(torch.float32) * scales.to(torch.float32)[..., None]).view(N, K)
+
+
+# -- int4 --------------------------------------------------------------------------------------
+@torch.no_grad()
+def quantize_q4(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (packed uint8 [N, K/2], scales fp16 [N, K/G], mins fp16 [N, K/G]) with
+    w ~= scale * q + min, q = round((w - min) / scale) in 0..15, scale = (max - min) / 15 per group.
+    Packing, per block of 32 weights: byte j = q[j] | q[j + 16] << 4 (GGUF's Q4_0/Q4_1 order)."""
+    N, K = weight.shape
+    G = _group(K, group_size)
+    packed = torch.empty(N, K // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(N, K // G, dtype=torch.float16, device=weight.device)
+    mins = torch.empty(N, K // G, dtype=torch.float16, device=weight.device)
+    for r0 in range(0, N, _CHUNK):
+        w = weight[r0:r0 + _CHUNK].to(torch.float32).reshape(-1, K // G, G)
+        lo, hi = w.amin(-1), w.amax(-1)
+        s, m = ((hi - lo) / 15).half(), lo.half()  # rounded first, so q is chosen for the stored values
+        sf, mf = s.float(), m.float()
+        inv = torch.where(sf > 0, 1.0 / sf, torch.zeros_like(sf))
+        q = ((w - mf[..., None]) * inv[..., None]).round_().clamp_(0, 15).to(torch.uint8).view(-1, K // QK, 2, 16)
+        packed[r0:r0 + _CHUNK] = (q[:, :, 0] | (q[:, :, 1] << 4)).view(-1, K // 2)
+        scales[r0:r0 + _CHUNK], mins[r0:r0 + _CHUNK] = s, m
+    return packed, scales, mins
+
+
+def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> the 4-bit values q uint8 [N, K] in input order."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    b = packed.view(N, K // QK, 16)
+    return torch.stack([b & 15, b >> 4], 2).view(N, K)
+
+
+def dequantize_q4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, K] weights from the int4 format above."""
+    N, ng = scales.shape
+    q = unpack_q4(packed).to(torch.float32).view(N, ng, -1)
+    return (q * scales.float()[..., None] + mins.float()[..., None]).view(N, -1)
+
+
+# -- layers ------------------------------------------------------------------------------------
+def _reference(x, weight_fn, N: int, bias) -> torch.Tensor:
+    """The PyTorch path: x [..., K] -> [..., N] in fp32, dequantizing a few MB of rows at a time."""
+    x = x.to(torch.float32)
+    b = bias.to(torch.float32) if bias is not None else None
+    if N <= _CHUNK:
+        return F.linear(x, weight_fn(0, N), b)
+    return torch.cat([F.linear(x, weight_fn(r, min(r + _CHUNK, N)), None if b is None else b[r:r + _CHUNK])
+                      for r in range(0, N, _CHUNK)], -1)
 
 
 def q8_linear_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The PyTorch path: x [..., K] -> [..., N] in fp32, dequantizing a few MB of rows at a time."""
-    x = x.to(torch.float32)
-    b = bias.to(torch.float32) if bias is not None else None
-    N = q.shape[0]
-    if N <= _CHUNK:
-        return F.linear(x, dequantize_q8(q, scales), b)
-    return torch.cat([F.linear(x, dequantize_q8(q[r:r + _CHUNK], scales[r:r + _CHUNK]),
-                               None if b is None else b[r:r + _CHUNK]) for r in range(0, N, _CHUNK)], -1)
+    return _reference(x, lambda a, b: dequantize_q8(q[a:b], scales[a:b]), q.shape[0], bias)
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W held as int8 `qweight` [out, in] and fp32 `scales` [out, in/32].
+def q4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _reference(x, lambda a, b: dequantize_q4(packed[a:b], scales[a:b], mins[a:b]), packed.shape[0], bias)
 
-    Inference only: gradients flow to x (through the PyTorch path), never to the weights."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 bias_dtype: torch.dtype = torch.float32):
+class QuantLinear(nn.Module):
+    """Common to the quantized layers: y = x W^T + b with W held in buffers, inference only
+    (gradients flow to x through the PyTorch path, never to the weights)."""
+
+    bits: int
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int | None, device,
+                 bias_dtype: torch.dtype):
         super().__init__()
         if in_features % QK:
             raise ValueError(f"in_features must be a multiple of {QK}, got {in_features}")
         self.in_features, self.out_features = in_features, out_features
-        # uninitialised, as nn.Linear's weight before reset_parameters: filled by from_linear or load_state_dict
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, in_features // QK, dtype=torch.float32, device=device))
+        self.group_size = _group(in_features, group_size)
         self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device),
                                                      requires_grad=False) if bias else None)
-        kernels.q8_linear_op()  # builds the kernel now, not in the middle of the first forward
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int | None = None):
         w = linear.weight
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device,
-                bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32)
-        m.qweight, m.scales = quantize_q8(w)
-        if linear.bias is not None:
-            m.bias.copy_(linear.bias)
+                bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32, group_size=group_size)
+        m.set_weight(w)
+        if linear.bias is not None:  # the same storage: a loader may still be writing it
+            m.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return m
+
+    def extra_repr(self) -> str:
+        g = "channel" if self.group_size == self.in_features else f"{self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, int{self.bits}, one scale per {g}")
+
+
+class Int8Linear(QuantLinear):
+    """int8 `qweight` [out, in] and fp32 `scales` [out, in/G]; group_size None: per output channel."""
+
+    bits = 8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 bias_dtype: torch.dtype = torch.float32, group_size: int | None = None):
+        super().__init__(in_features, out_features, bias, group_size, device, bias_dtype)
+        ng = in_features // self.group_size
+        # uninitialised, as nn.Linear's weight before reset_parameters: filled by set_weight or load_state_dict
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, ng, dtype=torch.float32, device=device))
+        kernels.q8_linear_op()  # builds the kernel now, not in the middle of the first forward
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        self.qweight, self.scales = quantize_q8(w, self.group_size)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight [out, in] that this layer multiplies by."""
@@ -109,38 +199,160 @@ class Int8Linear(nn.Module):
             return op(x, qweight, scales, bias, MAX_DIRECT)  # any leading dims, out in x.dtype
         return q8_linear_reference(x, qweight, scales, bias).to(x.dtype)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, int8 + fp32 scale per {QK}")
+
+class Int4Linear(QuantLinear):
+    """uint8 `qweight` [out, in/2] (two 4-bit weights a byte), fp16 `scales` and `mins` [out, in/G]."""
+
+    bits = 4
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 bias_dtype: torch.dtype = torch.float32, group_size: int = 32):
+        super().__init__(in_features, out_features, bias, QK if group_size is None else group_size, device, bias_dtype)
+        ng = in_features // self.group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, ng, dtype=torch.float16, device=device))
+        self.register_buffer("mins", torch.empty(out_features, ng, dtype=torch.float16, device=device))
+        kernels.q8_linear_op()
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        self.qweight, self.scales, self.mins = quantize_q4(w, self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_q4(self.qweight, self.scales, self.mins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buffers, bias = self._buffers, self._parameters["bias"]
+        packed, scales, mins = buffers["qweight"], buffers["scales"], buffers["mins"]
+        if scales.dtype != torch.float16:  # after model.to(some dtype)
+            scales, mins = scales.half(), mins.half()
+        if kernels.q8_linear_op() is not None and x.is_cpu and not x.requires_grad:
+            return torch.ops.slm_q8.linear_q4(x, packed, scales, mins, bias, MAX_DIRECT)
+        return q4_linear_reference(x, packed, scales, mins, bias).to(x.dtype)
+
+
+LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def check_mode(mode: str, group_size: int | None = None) -> tuple[str, int | None]:
+    """(mode, group size) with the mode's default group size filled in; ValueError if unknown."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; supported: {', '.join(MODES)}")
+    if group_size is None:
+        group_size = DEFAULT_GROUP[mode]
+    if group_size is not None and (group_size <= 0 or group_size % QK):
+        raise ValueError(f"group size must be a positive multiple of {QK}, got {group_size}")
+    return mode, group_size
+
+
+def layer_group(mode: str, in_features: int, group_size: int | None) -> int | None | bool:
+    """The group size a layer of in_features gets (None: per channel), or False if it stays in
+    floating point (in_features not a multiple of 32). A group that does not divide in_features
+    falls back to 32."""
+    if in_features % QK:
+        return False
+    if group_size is None:
+        return None if mode == "int8" else QK
+    return group_size if in_features % group_size == 0 else QK
+
+
+def quantize_linear(linear: nn.Linear, mode: str = "int8", group_size: int | None = None) -> nn.Module:
+    """The quantized replacement of one nn.Linear, or the layer itself where it cannot be quantized."""
+    mode, group_size = check_mode(mode, group_size)
+    g = layer_group(mode, linear.in_features, group_size)
+    if g is False:
+        return linear
+    return LAYERS[mode].from_linear(linear, g)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
 
 
-@torch.no_grad()
-def quantize_model(model: nn.Module, mode: str = "int8", skip: Iterable[str] = ()) -> nn.Module:
-    """Replace, in place, every nn.Linear whose in_features is a multiple of 32 by an Int8Linear,
-    one layer at a time so the fp32 weights are freed as it goes. A tied LM head is quantized too:
-    only the `lm_head` module is replaced, `embed` keeps the fp32 table for the lookup.
+def _linear_names(model: nn.Module, skip: Iterable[str]) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _matches(n, skip)]
 
-    skip: module names (`lm_head`), prefixes (`blocks.0`) or fnmatch patterns (`*.down_proj`)
-    to leave in floating point. Returns the model."""
-    if mode != "int8":
-        raise ValueError(f"unknown quantization mode {mode!r}; supported: 'int8'")
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str = "int8", skip: Iterable[str] = (),
+                   group_size: int | None = None) -> nn.Module:
+    """Replace, in place, every nn.Linear whose in_features is a multiple of 32 by an Int8Linear
+    or Int4Linear, one layer at a time so the fp32 weights are freed as it goes. A tied LM head is
+    quantized too: only the `lm_head` module is replaced, `embed` keeps its table for the lookup.
+
+    group_size: int8 default per output channel, int4 default 32. skip: module names
+    (`lm_head`), prefixes (`blocks.0`) or fnmatch patterns (`*.down_proj`) to leave in floating
+    point. Returns the model."""
+    mode, group_size = check_mode(mode, group_size)
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # names only: no references kept
-    for name in names:
-        if _matches(name, skip):
+    for name in _linear_names(model, skip):  # names only: no references kept
+        linear = model.get_submodule(name)
+        if linear.weight.is_meta:
             continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, attr)
-        if linear.in_features % QK:
-            continue
-        setattr(parent, attr, Int8Linear.from_linear(linear))
+        _set_module(model, name, quantize_linear(linear, mode, group_size))
         del linear  # the last reference to an untied weight: freed here
+    model.quantization = quant_config(mode, group_size)
     return model
+
+
+def quant_config(mode: str, group_size: int | None) -> dict:
+    """The `quantization_config` entry of a quantized checkpoint's config.json."""
+    return {"quant_method": "slm", "bits": int(mode[3:]), "group_size": group_size}
+
+
+def mode_of(quantization_config: dict) -> tuple[str, int | None]:
+    if quantization_config.get("quant_method") != "slm" or quantization_config.get("bits") not in (4, 8):
+        raise ValueError(f"unsupported quantization_config {quantization_config!r} (slm reads its own: "
+                         "quant_method 'slm', bits 8 or 4)")
+    return check_mode(f"int{quantization_config['bits']}", quantization_config.get("group_size"))
+
+
+class StreamingQuantizer:
+    """Quantizes a model's linear layers while they are filled from a checkpoint.
+
+    The model is built with its linear weights on the meta device (hf.new_empty_model(...,
+    lazy_linears=True)). `storage(name)` gives such a weight real fp32 storage when its first
+    tensor arrives; `written(name, rows)` counts the rows written, and once the weight is complete
+    the layer is quantized and its fp32 storage dropped. `finish()` quantizes what is left (a tied
+    LM head, whose table is the embedding's)."""
+
+    def __init__(self, model: nn.Module, mode: str, group_size: int | None = None, skip: Iterable[str] = ()):
+        self.model, self.skip = model, tuple(skip)
+        self.mode, self.group_size = check_mode(mode, group_size)
+        self._left: dict[str, int] = {}
+
+    def wants(self, param: str) -> bool:
+        """Whether `param` (ours, e.g. blocks.0.attn.qkv_proj.weight) is a weight this quantizes."""
+        mod_name, _, attr = param.rpartition(".")
+        if attr != "weight" or _matches(mod_name, self.skip):
+            return False
+        mod = self.model.get_submodule(mod_name)
+        return isinstance(mod, nn.Linear) and layer_group(self.mode, mod.in_features, self.group_size) is not False
+
+    def storage(self, param: str) -> torch.Tensor:
+        mod = self.model.get_submodule(param.rpartition(".")[0])
+        if mod.weight.is_meta:
+            mod.weight = nn.Parameter(torch.empty(mod.weight.shape, dtype=torch.float32), requires_grad=False)
+            self._left[param] = mod.weight.shape[0]
+        return mod.weight
+
+    def written(self, param: str, rows: int) -> None:
+        if param not in self._left:
+            return
+        self._left[param] -= rows
+        if self._left[param] == 0:
+            del self._left[param]
+            name = param.rpartition(".")[0]
+            with torch.no_grad():
+                _set_module(self.model, name, quantize_linear(self.model.get_submodule(name), self.mode,
+                                                              self.group_size))
+
+    def finish(self) -> nn.Module:
+        return quantize_model(self.model, self.mode, self.skip, self.group_size)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -64,18 +64,20 @@ def hf_name(family: str, ours: str) -> str:
     raise KeyError(ours)
 
 
-_FUSED = re.compile(r"^(blocks\.\d+\.(?:attn|mlp))\.(qkv_proj|gate_up_proj)\.(weight|bias)$")
+_FUSED = re.compile(r"^(blocks\.\d+\.(?:attn|mlp))\.(qkv_proj|gate_up_proj)\.(weight|bias|qweight|scales|mins)$")
 
 
 def hf_layout(model: Transformer) -> dict[str, tuple[str, slice | None]]:
     """Each Hugging Face tensor name -> (our parameter, the rows of it that tensor fills).
-    Our fused QKV and gate/up matrices are the checkpoints' separate matrices stacked by rows."""
+    Our fused QKV and gate/up matrices are the checkpoints' separate matrices stacked by rows; so
+    are the buffers of a quantized layer (`qweight`, `scales`, `mins`: one row per output)."""
     cfg, out = model.config, {}
     q, kv, _ = model.blocks[0].attn.split
     f = cfg.intermediate_size
     parts = {"qkv_proj": [("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))],
              "gate_up_proj": [("gate_proj", slice(0, f)), ("up_proj", slice(f, 2 * f))]}
-    for name, _ in model.named_parameters():  # a tied LM head is listed once, as the embedding
+    # a tied LM head is listed once, as the embedding (a quantized one by its buffers)
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
         m = _FUSED.match(name)
         if m:
             for part, rows in parts[m[2]]:
@@ -153,13 +155,16 @@ def _meta_device():
         nn.Embedding.reset_parameters = saved
 
 
-def _materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+def _materialize(model: nn.Module, dtype: torch.dtype, device: torch.device, lazy_linears: bool = False) -> None:
     """Give each meta parameter real, uninitialised storage (tied parameters stay tied). Unlike
-    Module.to_empty this calls torch.empty directly: empty_like on meta imports torch.fx (50 MB)."""
+    Module.to_empty this calls torch.empty directly: empty_like on meta imports torch.fx (50 MB).
+    lazy_linears: leave the weights of linear layers on meta, for a quantizer to fill layer by layer."""
     made: dict[int, nn.Parameter] = {}
     for mod in model.modules():
         for name, p in mod._parameters.items():
             if p is not None:
+                if lazy_linears and id(p) not in made and isinstance(mod, nn.Linear) and name == "weight":
+                    continue
                 if id(p) not in made:
                     made[id(p)] = nn.Parameter(_empty(p.shape, dtype, device), p.requires_grad)
                 mod._parameters[name] = made[id(p)]
@@ -175,20 +180,49 @@ def _empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def new_empty_model(cfg: ModelConfig, dtype: torch.dtype | None = None, device=None) -> Transformer:
+def new_empty_model(cfg: ModelConfig, dtype: torch.dtype | None = None, device=None,
+                    lazy_linears: bool = False) -> Transformer:
     """A model whose parameters are allocated but not initialised, ready to be filled."""
     device = torch.device(device or "cpu")
     with _meta_device():
         model = Transformer(cfg)
-    _materialize(model, dtype or default_dtype(device), device)
+    _materialize(model, dtype or default_dtype(device), device, lazy_linears)
     return model
 
 
-def fill_model(model: Transformer, tensors, source: str, config_name: str = "config.json") -> Transformer:
+def _quantized_layers(model: Transformer, qcfg: dict, headers: dict, path: str) -> None:
+    """Replace the linear layers that a quantized checkpoint stores quantized (those with a
+    `qweight`) by empty quantized layers of the stored group size, ready to be filled."""
+    from ..quantize import LAYERS, mode_of
+    mode, _ = mode_of(qcfg)
+    layout = {ours: hf for hf, (ours, _) in hf_layout(model).items()}  # ours -> one of its HF names
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear):
+            continue
+        hf = layout.get(f"{name}.weight") or hf_name(model.config.family, f"{name}.weight")  # a tied head: not listed
+        scales = headers.get(hf.rsplit(".", 1)[0] + ".scales")
+        if scales is None:  # kept in floating point
+            if mod.weight.is_meta:
+                mod.weight = nn.Parameter(_empty(mod.weight.shape, model.embed.weight.dtype, mod.weight.device))
+            continue
+        ng = scales.shape[1]
+        if ng < 1 or mod.in_features % ng:
+            raise CheckpointError(f"{path}: {hf} has scales of shape {list(scales.shape)}")
+        q = LAYERS[mode](mod.in_features, mod.out_features, bias=mod.bias is not None,
+                         device=model.embed.weight.device, group_size=mod.in_features // ng)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, q)
+    model.quantization = dict(qcfg)
+
+
+def fill_model(model: Transformer, tensors, source: str, config_name: str = "config.json",
+               quantizer=None) -> Transformer:
     """Fill every parameter from `tensors`: (file, Hugging Face name, shape, write(dst)) items.
-    Each tensor is written into its place as it comes, so nothing larger than one tensor is held."""
+    Each tensor is written into its place as it comes, so nothing larger than one tensor is held.
+    quantizer (quantize.StreamingQuantizer): linear weights left on meta get fp32 storage from it,
+    and each layer is quantized as soon as all its rows are written."""
     cfg = model.config
-    params, layout = dict(model.named_parameters()), hf_layout(model)
+    params, layout = {**dict(model.named_parameters()), **dict(model.named_buffers())}, hf_layout(model)
     seen: set[str] = set()
     for file, name, shape, write in tensors:
         if _IGNORED.search(name) or (cfg.tie_embeddings and name == "lm_head.weight"):
@@ -196,29 +230,55 @@ def fill_model(model: Transformer, tensors, source: str, config_name: str = "con
         if name not in layout:
             raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {cfg.family} model")
         ours, rows = layout[name]
-        dst = params[ours] if rows is None else params[ours][rows]
+        dst = params[ours]
+        if quantizer is not None and dst.is_meta and quantizer.wants(ours):
+            dst = quantizer.storage(ours)
+        dst = dst if rows is None else dst[rows]
         if tuple(dst.shape) != tuple(shape):
             raise CheckpointError(f"{file}: tensor {name!r} has shape {list(shape)} but {config_name} "
                                   f"implies {list(dst.shape)}")
         write(dst.data)
         seen.add(name)
+        if quantizer is not None:
+            quantizer.written(ours, dst.shape[0])
     missing = sorted(set(layout) - seen)
     if missing:
         raise CheckpointError(f"{source}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    if quantizer is not None:
+        quantizer.finish()
     return model.eval()
 
 
-def load_model(path: str, dtype: torch.dtype | None = None, device=None) -> Transformer:
+def load_model(path: str, dtype: torch.dtype | None = None, device=None, quantize: str | None = None,
+               group_size: int | None = None) -> Transformer:
+    """A model from a folder. A folder written by `slm quantize` (config.json carries
+    quantization_config) loads quantized as saved; quantize="int8"|"int4" quantizes a floating-point
+    one while it loads, layer by layer."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such model folder")
     files = weight_files(path)  # first: a pickle-only folder is refused before anything else
-    model = new_empty_model(read_config(path), dtype, device)
+    headers = {file: read_header(file) for file in files}
+    qcfg = read_json(os.path.join(path, "config.json")).get("quantization_config")
+    quantizer = None
+    if qcfg:
+        if quantize and f"int{qcfg.get('bits')}" != quantize:
+            raise CheckpointError(f"{path}: holds an int{qcfg.get('bits')} model; it cannot be loaded as {quantize}")
+        model = new_empty_model(read_config(path), dtype, device, lazy_linears=True)
+        try:
+            _quantized_layers(model, qcfg, {n: i for h in headers.values() for n, i in h.items()}, path)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    else:
+        model = new_empty_model(read_config(path), dtype, device, lazy_linears=bool(quantize))
+        if quantize:
+            from ..quantize import StreamingQuantizer
+            quantizer = StreamingQuantizer(model, quantize, group_size)
 
     def tensors():
         for file in files:
-            for name, info in read_header(file).items():
+            for name, info in headers[file].items():
                 yield file, name, info.shape, lambda dst, f=file, i=info: read_into(f, i, dst)
-    return fill_model(model, tensors(), path)
+    return fill_model(model, tensors(), path, quantizer=quantizer)
 
 
 def _atomic_dir(path: str):
@@ -245,17 +305,39 @@ def _commit(tmp: str, path: str) -> None:
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+def _dequantized_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Hugging Face name -> tensor, with each quantized layer's weight dequantized to fp32."""
+    from ..quantize import QuantLinear
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    weights = {f"{n}.weight": m.dequantize() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    out = {}
+    for hf, (ours, rows) in hf_layout(model).items():
+        if ours.endswith((".qweight", ".scales", ".mins")):  # a tied head's weight is the embedding's
+            if ours.endswith(".qweight") and not (ours == "lm_head.qweight" and model.config.tie_embeddings):
+                w = weights[ours[:-8] + ".weight"]
+                out[hf[:-8] + ".weight"] = (w if rows is None else w[rows]).contiguous()
+            continue
+        out[hf] = (params[ours] if rows is None else params[ours][rows]).detach().to("cpu").contiguous()
+    return out
+
+
 def save_model(model: Transformer, path: str, tokenizer=None, generation_config: dict | None = None,
-               max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write a Hugging Face folder. Shards when the weights exceed max_shard_bytes."""
+               max_shard_bytes: int = 2 * 1024**3, dequantize: bool = False) -> None:
+    """Write a Hugging Face folder. Shards when the weights exceed max_shard_bytes.
+
+    A quantized model is saved quantized (`qweight`, `scales`, `mins` next to each weight's
+    Hugging Face name, and `quantization_config` in config.json), which `load_model` reads back;
+    with dequantize=True its weights are written in fp32 instead, for `transformers`."""
     cfg = model.config
-    if any(hasattr(m, "qweight") for m in model.modules()):
-        raise ValueError("an int8-quantized model cannot be saved as a Hugging Face folder yet; save it before quantizing")
+    quantized = getattr(model, "quantization", None) and any(hasattr(m, "qweight") for m in model.modules())
     tmp = _atomic_dir(path)
     try:
-        params = dict(model.named_parameters())
-        tensors = {hf: (params[ours] if rows is None else params[ours][rows]).detach().to("cpu").contiguous()
-                   for hf, (ours, rows) in hf_layout(model).items()}
+        if quantized and dequantize:
+            tensors = _dequantized_tensors(model)
+        else:
+            params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+            tensors = {hf: (params[ours] if rows is None else params[ours][rows]).detach().to("cpu").contiguous()
+                       for hf, (ours, rows) in hf_layout(model).items()}
         shards, cur, size = [], {}, 0
         for name, t in tensors.items():
             nb = t.numel() * t.element_size()
@@ -277,6 +359,8 @@ def save_model(model: Transformer, path: str, tokenizer=None, generation_config:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         hf = cfg.to_hf()
         hf["dtype"] = _DTYPE_NAMES.get(model.embed.weight.dtype, "float32")
+        if quantized and not dequantize:
+            hf["quantization_config"] = dict(model.quantization)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
