@@ -29,8 +29,15 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None)
-    p.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8: weight-only int8 linear layers (block scales, AVX2 kernel): ~3.5x fewer bytes per token")
+    _quantize_args(p)
+
+
+def _quantize_args(p: argparse.ArgumentParser, group: bool = True) -> None:
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="quantize the linear layers while loading: int8 (one scale per output channel, ~4x fewer "
+                        "bytes per token than fp32) or int4 (groups of --group-size, ~6.4x fewer)")
+    if group:
+        p.add_argument("--group-size", type=int, default=None, help="weights per scale (int4: 32, 64 or 128; default 32)")
 
 
 def _sampling(a) -> dict:
@@ -40,7 +47,7 @@ def _sampling(a) -> dict:
 
 def cmd_generate(a) -> None:
     from . import load
-    lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize)
+    lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
     for chunk in lm.stream(a.prompt, a.max_new_tokens, **_sampling(a)):
         sys.stdout.write(chunk)
         sys.stdout.flush()
@@ -49,7 +56,7 @@ def cmd_generate(a) -> None:
 
 def cmd_chat(a) -> None:
     from . import load
-    lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize)
+    lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
     messages = [{"role": "system", "content": a.system}] if a.system else []
     print(f"Chatting with {a.model or 'the default model'}. Empty line or /exit to quit, /reset to start over.",
           file=sys.stderr)
@@ -169,6 +176,30 @@ def cmd_serve(a) -> None:
         dtype=a.dtype, device=a.device, quantize=a.quantize)
 
 
+def cmd_quantize(a) -> None:
+    from . import load
+    lm = load(a.model, quantize=f"int{a.bits}", group_size=a.group_size)
+    lm.save(a.out)
+    print(f"wrote {a.out}: int{a.bits}, {lm.model.quantization}")
+
+
+def cmd_export(a) -> None:
+    from . import load
+    lm = load(a.model)
+    if a.format == "gguf":
+        from .checkpoint.gguf_write import write_gguf
+        write_gguf(lm, a.out, a.dtype)
+    else:
+        lm.save(a.out, dequantize=True)
+    print(f"wrote {a.out}")
+
+
+def cmd_bench(a) -> None:
+    from .bench import run
+    r = run(a.preset, a.quantize, a.group_size, a.new_tokens, a.threads)
+    print(json.dumps(r, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slm", description="Small language models on one ordinary machine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -252,8 +283,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-prompts", action="store_true", help="log prompts and outputs (off by default)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None)
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only linear layers")
+    _quantize_args(p, group=False)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("quantize", help="save a weight-only int8/int4 copy of a model folder (slm.load reads it)")
+    p.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file")
+    p.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    p.add_argument("--group-size", type=int, default=None, help="weights per scale (default: int8 per channel, int4 32)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="write a model as GGUF (llama.cpp, Ollama) or as a Hugging Face folder")
+    p.add_argument("--model", required=True, help="model folder (quantized or not) or .gguf file")
+    p.add_argument("--format", choices=["gguf", "hf"], required=True)
+    p.add_argument("--out", required=True, help="FILE.gguf, or a folder for --format hf")
+    p.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32", help="GGUF tensor type of the matrices")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="resident memory and decode tokens/s of a registry architecture")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--random-weights", action="store_true", required=True,
+                   help="random weights, created (and quantized) one layer at a time")
+    _quantize_args(p)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="parameters, shape and memory of a model or preset")
     g = p.add_mutually_exclusive_group(required=True)

@@ -1,0 +1,158 @@
+"""Write a model as a GGUF file that llama.cpp (and Ollama) run: the inverse of `gguf.py`.
+
+    write_gguf(lm, "model.gguf", dtype="q8_0")     # f32 | f16 | q8_0
+
+Architectures: Llama 2 / Orca 2 and Mistral as llama.cpp's `llama`, Phi-2 as `phi2`. Tensors get
+llama.cpp's names and conventions (Q/K rows permuted for its interleaved rotary pairs), the
+tokenizer (byte-level BPE as `gpt2`, SentencePiece-style BPE as `llama`) and the chat template go
+into the metadata. Norms and biases stay f32, as llama.cpp's own converter keeps them. A quantized
+model is dequantized layer by layer first. Written with the `gguf` package to a temporary file
+that replaces `path` when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import gguf
+import numpy as np
+import torch
+
+from .safetensors_io import CheckpointError
+
+DTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+          "q8_0": gguf.GGMLQuantizationType.Q8_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+ARCH = {"llama": "llama", "mistral": "llama", "phi": "phi2"}
+
+_TOP = {"model.embed_tokens": "token_embd", "lm_head": "output", "model.norm": "output_norm",
+        "model.final_layernorm": "output_norm"}
+_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+          "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "self_attn.dense": "attn_output",
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+          "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+
+
+def gguf_name(hf: str) -> str:
+    """Hugging Face tensor name -> llama.cpp's (model.layers.3.mlp.fc1.bias -> blk.3.ffn_up.bias)."""
+    base, _, kind = hf.rpartition(".")
+    if base in _TOP:
+        return f"{_TOP[base]}.{kind}"
+    parts = base.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER:
+        return f"blk.{parts[2]}.{_LAYER[parts[3]]}.{kind}"
+    raise CheckpointError(f"no GGUF name for tensor {hf!r}")
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's LlamaModel.permute: pair rotary dims (2i, 2i+1) instead of (i, i + d/2)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _tokenizer(w: gguf.GGUFWriter, tok) -> None:
+    """The tokenizer as llama.cpp metadata: vocabulary, merges or scores, token types, special ids."""
+    data = json.loads(tok.tk.to_str())
+    model = data["model"]
+    if model.get("type") != "BPE":
+        raise CheckpointError(f"cannot export a {model.get('type')} tokenizer to GGUF (slm writes BPE vocabularies)")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["id"]: t for t in data.get("added_tokens", [])}
+    for i, t in added.items():
+        vocab.setdefault(t["content"], i)
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    for t, i in vocab.items():
+        tokens[i] = t
+    types = [gguf.TokenType.NORMAL] * n
+    for i, t in added.items():
+        types[i] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
+    spm = bool(model.get("byte_fallback"))  # SentencePiece-style: ▁ for spaces, <0xNN> byte tokens
+    if spm:
+        w.add_tokenizer_model("llama")
+        w.add_token_scores([-float(i) for i in range(n)])  # merge rank follows the vocabulary order
+        for i, t in enumerate(tokens):
+            if len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                types[i] = gguf.TokenType.BYTE
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")  # GPT-2's split, what ByteLevel(use_regex=True) does
+        merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
+        w.add_token_merges(merges)
+    w.add_token_list(tokens)
+    w.add_token_types([int(t) for t in types])
+    for name, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
+                      ("pad", w.add_pad_token_id)):
+        t = getattr(tok, f"{name}_token", None) if name != "unk" else tok.config.get("unk_token")
+        t = t.get("content") if isinstance(t, dict) else t
+        if t is not None and tok.token_id(t) is not None:
+            add(tok.token_id(t))
+    w.add_add_bos_token(bool(tok.bos_id is not None and tok.encode("a")[:1] == [tok.bos_id]))
+    w.add_add_eos_token(False)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+
+def write_gguf(lm, path: str, dtype: str = "f32") -> None:
+    """Write `lm` (an slm.LM: model, tokenizer) as a GGUF file at path."""
+    from .hf import _dequantized_tensors
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown GGUF dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+    cfg = lm.model.config
+    if cfg.family not in ARCH:
+        raise ValueError(f"GGUF export supports the Llama, Mistral and Phi families, not {cfg.family!r}")
+    arch = ARCH[cfg.family]
+    tmp_dir = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(tmp_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=tmp_dir)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_name(cfg.name)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_block_count(cfg.num_layers)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_heads)
+        w.add_head_count_kv(cfg.num_kv_heads)
+        w.add_rope_freq_base(float(cfg.rope_theta))
+        w.add_rope_dimension_count(cfg.rotary_dim)
+        if cfg.norm == "layernorm":
+            w.add_layer_norm_eps(cfg.norm_eps)
+        else:
+            w.add_layer_norm_rms_eps(cfg.norm_eps)
+        if cfg.sliding_window:
+            w.add_sliding_window(cfg.sliding_window)
+        w.add_file_type(FILE_TYPES[dtype])
+        if lm.tokenizer is not None:
+            _tokenizer(w, lm.tokenizer)
+        with torch.no_grad():
+            tensors = _dequantized_tensors(lm.model)
+            for hf, t in tensors.items():
+                if cfg.tie_embeddings and hf == "lm_head.weight":
+                    continue
+                name = gguf_name(hf)
+                t = t.float()
+                if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+                    t = _permute(t, cfg.num_heads)
+                elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+                    t = _permute(t, cfg.num_kv_heads)
+                a = t.contiguous().numpy()
+                if t.dim() < 2 or dtype == "f32" or (dtype == "q8_0" and a.shape[-1] % 32):
+                    w.add_tensor(name, a)
+                elif dtype == "f16":
+                    w.add_tensor(name, a.astype(np.float16))
+                else:
+                    w.add_tensor(name, gguf.quants.quantize(a, DTYPES[dtype]), raw_dtype=DTYPES[dtype])
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
