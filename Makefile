@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench llamacpp clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# llama.cpp for the GGUF export tests and benchmarks/decode_vs_llamacpp.py. pip builds it from
+# source (~18 min on 2 cores the first time; later installs reuse pip's wheel cache).
+llamacpp: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check 'llama-cpp-python>=0.3'
 
 demo: $(STAMP)
 	$(BIN)/python -m slm.demo
