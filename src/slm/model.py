@@ -336,6 +336,7 @@ class Transformer(nn.Module):
         the same for a left-padded batch."""
         B, T = input_ids.shape
         start = cache.seen if cache is not None else 0
+        padded = None if pos is not None or attention_mask is not None else False  # None: look at pos
         if pos is None and attention_mask is not None:
             pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1) + start
         if pos is None:
@@ -347,7 +348,7 @@ class Transformer(nn.Module):
         if self.config.embed_scale:  # Gemma: sqrt(hidden), rounded to the model dtype first
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
         ropes = {r: self.rope(pos, x.dtype, *r) for r in set(self._layer_rope)}
-        plans = self._plans(pos, cache)
+        plans = self._plans(pos, cache, padded)
         for i, block in enumerate(self.blocks):
             w = cache.windows[i] if cache is not None else self._window(i, T)
             x = block(x, *ropes[self._layer_rope[i]], plans[w], cache)
@@ -362,10 +363,11 @@ class Transformer(nn.Module):
         w = self.config.layer_window(layer)
         return w if w and w < T else None
 
-    def _plans(self, pos: torch.Tensor, cache: KVCache | None) -> dict:
+    def _plans(self, pos: torch.Tensor, cache: KVCache | None, padded: bool | None = None) -> dict:
         T = pos.shape[1]
         if cache is None:
-            padded = bool((pos < 0).any()) if T > 1 else False
+            if padded is None:  # a device sync (and a graph break under torch.compile): only when needed
+                padded = bool((pos < 0).any()) if T > 1 else False
             windows = {self._window(i, T) for i in range(self.config.num_layers)}
             return {w: _Plan(causal=True) if w is None and not padded else _Plan(mask=_mask(pos, pos, w))
                     for w in windows}

@@ -150,7 +150,7 @@ def peak_flops(device: torch.device) -> float:
 def lm_loss(model: Transformer, x, y, forward=None, autocast=None, fuse_head: bool = True) -> torch.Tensor:
     """Next-token cross-entropy. The LM head is applied inside the loss, chunk by chunk, so the
     [tokens, vocab] logits never exist (loss.py); `forward` may be the DDP- or compile-wrapped model."""
-    head, forward = model.lm_head, forward or model
+    head, forward = model.lm_head, (forward if forward is not None else model)
     fused = fuse_head and head.bias is None
     with autocast or contextlib.nullcontext():
         out = forward(x, return_hidden=fused)
