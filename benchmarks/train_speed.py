@@ -146,7 +146,10 @@ def quality(a) -> None:
     data, tok_dir = build_synthetic(root, a.n_docs, a.vocab_size, seed=0)
     tokens, val_tokens = load_tokens(data, "train"), load_tokens(data, "val")
     tok = Tokenizer.from_dir(tok_dir)
-    cfg = slm.get_config(a.preset).replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    cfg = slm.get_config("slm-1m").replace(
+        name="bench", hidden_size=a.dim, num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.heads,
+        head_dim=a.dim // a.heads, intermediate_size=a.mlp, max_seq_len=a.seq_len, vocab_size=tok.vocab_size,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     log_path = a.log or os.path.join(root, "quality.jsonl")
     log_f = open(log_path, "w")
 
@@ -157,7 +160,7 @@ def quality(a) -> None:
 
     c = TrainConfig(out="", data=data, tokenizer=tok_dir, seq_len=a.seq_len, batch_size=a.batch_size,
                     eval_every=a.eval_every, eval_batches=a.eval_batches, warmup=a.warmup)
-    print(f"{a.preset} shape, {cfg.num_params() / 1e6:.1f}M parameters (vocab {tok.vocab_size}), batch "
+    print(f"{a.layers} layers x {a.dim} wide, {cfg.num_params() / 1e6:.2f}M parameters (vocab {tok.vocab_size}), batch "
           f"{a.batch_size} x {a.seq_len}, {len(tokens):,} training tokens; {torch.get_num_threads()} threads")
     if a.baseline_loss is None:
         base = baseline_run(cfg, c, tokens, val_tokens, a.minutes, a.baseline_lr, log)
@@ -198,21 +201,24 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
-    p = sub.add_parser("quality")
-    p.add_argument("--preset", default="stories15m")
+    p = sub.add_parser("quality")  # default shape: make demo's model
+    p.add_argument("--dim", type=int, default=192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--mlp", type=int, default=512)
     p.add_argument("--minutes", type=float, default=10.0, help="the baseline's budget")
     p.add_argument("--ours-minutes", type=float, default=None, help="slm's budget (default: 2/3 of --minutes)")
     p.add_argument("--baseline-loss", type=float, default=None, help="skip the baseline run, use this loss")
-    p.add_argument("--baseline-lr", type=float, default=2e-3)
+    p.add_argument("--baseline-lr", type=float, default=3e-3)
     p.add_argument("--optimizer", default="muon")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--muon-lr", type=float, default=0.02)
+    p.add_argument("--lr", type=float, default=6e-3)
+    p.add_argument("--muon-lr", type=float, default=0.03)
     p.add_argument("--schedule", default="wsd")
-    p.add_argument("--cooldown", type=float, default=0.4)
+    p.add_argument("--cooldown", type=float, default=0.5)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--n-docs", type=int, default=30_000)
     p.add_argument("--vocab-size", type=int, default=4096)

@@ -27,9 +27,22 @@ def test_fused_cross_entropy_equals_plain_with_gradients(chunk):
     assert torch.allclose(oh, gh, atol=1e-6) and torch.allclose(ow, gw, atol=1e-6)
 
 
+def test_gram_path_equals_newton_schulz():
+    from slm.train.optim import NS_COEFFICIENTS, _polynomial_via_gram
+    torch.manual_seed(0)
+    x = torch.randn(3, 24, 80) * torch.logspace(-2, 0, 80)
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    a, b, c = NS_COEFFICIENTS
+    y = x.double()
+    for _ in range(5):
+        gram = y @ y.mT
+        y = a * y + (b * gram + c * gram @ gram) @ y
+    assert torch.allclose(_polynomial_via_gram(x, 5).double(), y, atol=2e-4 * y.abs().max())
+
+
 def test_orthogonalize_flattens_singular_values():
     torch.manual_seed(0)
-    for shape in [(4, 32, 96), (2, 96, 32), (48, 48)]:
+    for shape in [(4, 32, 96), (2, 96, 32), (48, 48), (2, 40, 60)]:
         g = torch.randn(*shape) * torch.logspace(-1, 0, shape[-1])  # singular values over a decade
         s = torch.linalg.svdvals(orthogonalize(g))
         assert s.min() > 0.5 and s.max() < 1.3, shape

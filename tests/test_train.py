@@ -14,7 +14,8 @@ import torch
 import slm
 
 ARGS = ["--dim", "64", "--layers", "2", "--heads", "4", "--mlp", "128", "--seq-len", "64", "--batch-size", "8",
-        "--max-steps", "40", "--warmup", "5", "--eval-every", "10", "--save-every", "5", "--log-every", "5"]
+        "--max-steps", "40", "--warmup", "5", "--eval-every", "10", "--save-every", "5", "--log-every", "5",
+        "--optimizer", "adamw", "--schedule", "cosine"]  # pinned: FSDP (sharded matrices) needs AdamW
 
 
 def train(out, prepared, *extra, wait=True):

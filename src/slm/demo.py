@@ -28,8 +28,8 @@ def main(out: str = "runs/demo", minutes: float = 7.0) -> None:
     cfg = get_config("slm-1m").replace(name="demo", hidden_size=192, num_heads=4, num_kv_heads=4, head_dim=48,
                                        num_layers=4, intermediate_size=512, max_seq_len=128)
     c = TrainConfig(out=os.path.join(out, "model"), data=tokens, tokenizer=tok,
-                    seq_len=128, batch_size=16, max_steps=100_000, max_minutes=minutes, lr=3e-3, warmup=100,
-                    schedule="wsd", eval_every=200, save_every=500, log_every=20)
+                    seq_len=128, batch_size=16, max_steps=100_000, max_minutes=minutes, warmup=20,
+                    eval_every=200, save_every=500, log_every=20)  # the default recipe: Muon, WSD
     result = Trainer(c, cfg).train()
     print(f"validation loss {result['val_loss']:.3f} after {result['steps']} steps "
           f"({result['minutes']:.1f} min); loss curve: {c.out}/loss.png")
