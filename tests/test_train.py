@@ -22,7 +22,7 @@ def train(out, prepared, *extra, wait=True):
     data, tok = prepared
     cmd = [sys.executable, "-m", "slm", "train", "--out", out, "--data", data, "--tokenizer", tok, *ARGS, *extra]
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     return r
@@ -55,21 +55,27 @@ def test_training_writes_a_transformers_model(reference_run):
         assert (lm.model(ids) - ref(ids).logits).abs().max() < 1e-4
 
 
-def test_resume_after_kill_9_replays_the_same_trajectory(tmp_path, prepared, reference_run):
-    out = str(tmp_path / "run")
-    proc = train(out, prepared, wait=False)
+def kill_after_checkpoint(proc, out: str, step: int) -> int:
+    """kill -9 a training run (its whole process group) once it has checkpointed `step` or later;
+    returns the step of the checkpoint it leaves."""
     state = os.path.join(out, "checkpoint", "trainer_state.json")
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill it once a mid-run checkpoint exists
+    while time.time() < deadline and proc.poll() is None:
         try:
-            if json.load(open(state))["step"] >= 15:
+            if json.load(open(state))["step"] >= step:
                 break
         except (OSError, ValueError):
             pass
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # under torchrun: the launcher and its workers
     proc.wait()
-    killed_at = json.load(open(state))["step"]
+    return json.load(open(state))["step"]
+
+
+def test_resume_after_kill_9_replays_the_same_trajectory(tmp_path, prepared, reference_run):
+    out = str(tmp_path / "run")
+    proc = train(out, prepared, wait=False)
+    killed_at = kill_after_checkpoint(proc, out, 15)
     assert 15 <= killed_at < 40, "the run should have been killed mid-way"
     train(out, prepared, "--resume")
     assert losses(out) == losses(reference_run)
@@ -105,18 +111,7 @@ def test_fsdp_two_processes_follow_one_process_and_resume(tmp_path, prepared, re
            "--master_port", "29518", "-m", "slm", "train", "--out", out, "--data", data, "--tokenizer", tok, *ARGS, "--fsdp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    state = os.path.join(out, "checkpoint", "trainer_state.json")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.load(open(state))["step"] >= 15:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-    proc.wait()
-    assert 15 <= json.load(open(state))["step"] < 40
+    assert 15 <= kill_after_checkpoint(proc, out, 15) < 40
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     ours, ref = losses(out), losses(reference_run)
