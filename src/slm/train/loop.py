@@ -280,8 +280,9 @@ class Trainer:
         tokens_per_step = c.batch_size * c.seq_len * c.grad_accum
         fpt, peak = flops_per_token(self.model_cfg, c.seq_len), peak_flops(self.device)
         start, deadline = time.time(), (time.time() + 60 * c.max_minutes) if c.max_minutes else None
-        bar = tqdm(total=c.max_steps, initial=self.step, desc="training", disable=not progress or self.rank != 0,
-                   unit="step")
+        # Under a time budget the step count is not known: no total, so no made-up ETA
+        bar = tqdm(total=None if deadline else c.max_steps, initial=self.step, desc="training",
+                   disable=not progress or self.rank != 0, unit="step")
         last_t, last_step, val, final_val = time.perf_counter(), self.step, None, None
         self.model.train()
         while self.step < c.max_steps and not (deadline and time.time() > deadline):
