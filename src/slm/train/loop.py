@@ -79,10 +79,12 @@ class TrainConfig:
             self.lr = 6e-3 if self.optimizer == "muon" else 2e-3
         positive = {"seq_len": self.seq_len, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "max_steps": self.max_steps, "eval_every": self.eval_every, "eval_batches": self.eval_batches,
-                    "save_every": self.save_every, "log_every": self.log_every, "warmup": self.warmup + 1}
+                    "save_every": self.save_every, "log_every": self.log_every}
         for name, v in positive.items():
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"--warmup must be a non-negative integer, got {self.warmup}")
         for name, v in {"lr": self.lr, "muon_lr": self.muon_lr, "grad_clip": self.grad_clip}.items():
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {v}")

@@ -42,7 +42,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             probs.mul_((ok * scale)[:, None].to(probs.dtype))
             g = probs.to(hidden.dtype)
             grad_hidden[s:s + chunk] = g @ weight
-            grad_weight.addmm_(g.t().float(), h.float()) if g.dtype != torch.float32 else grad_weight.addmm_(g.t(), h)
+            grad_weight.addmm_(g.t().float(), h.float())  # fp32 accumulation (.float() is free for fp32)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total * scale
