@@ -172,7 +172,8 @@ def compare_chart(receipts: list[dict], out: str, rates: Rates | None = None) ->
         ax.set_xlim(min(vals) / 3, max(vals) * 30)
     axes[0].set_yticks(y)
     axes[0].set_yticklabels([r["name"] for r in rows])
-    fig.suptitle("Training footprints: published runs (green; energy at 400 W per A100) and your receipts (orange)")
+    fig.suptitle(f"Published training runs (green: energy at 400 W per A100; CO2 as published for Llama 2, else at "
+                 f"PUE {rates.pue:g} x {rates.grid:g} g/kWh) and your receipts (orange)")
     fig.tight_layout()
     tmp = f"{out}.tmp"
     fig.savefig(tmp, dpi=110, format="png")

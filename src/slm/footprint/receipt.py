@@ -193,7 +193,7 @@ class Tracker:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
+        if exc_type is None or issubclass(exc_type, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, SIGTERM
             self.finish()
         else:  # a failed session: stop sampling, write nothing
             self.meter.stop()
