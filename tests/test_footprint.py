@@ -293,3 +293,40 @@ def test_generate_writes_a_receipt_and_compare_draws_it(model_dir, tmp_path, cap
     assert f"{len(PUBLISHED)} published runs and 1 receipts" in capsys.readouterr().out
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_serve_writes_a_receipt_when_stopped(model_dir, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "serve.json"
+    proc = subprocess.Popen([sys.executable, "-m", "slm", "serve", "--model", model_dir, "--port", str(port),
+                             "--receipt", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+                time.sleep(0.2)
+        body = json.dumps({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body.encode(),
+                                     {"Content-Type": "application/json"})
+        usage = json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]
+    finally:
+        proc.terminate()  # SIGTERM: uvicorn shuts down, then the receipt is written
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "receipt (serve)" in out, out
+    with open(path) as f:
+        r = json.load(f)
+    check_receipt(r, "serve")
+    # the prompt once (prefill), then every sampled token but the last fed back, at most
+    assert usage["prompt_tokens"] < r["tokens"]["inferred"] <= usage["prompt_tokens"] + usage["completion_tokens"]

@@ -103,7 +103,7 @@ class Tracker:
     def start(self) -> "Tracker":
         self.t0, self.started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
         gpus = []
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and torch.cuda.is_available():
             first = self.device.index or 0
             gpus = list(range(first, first + self.devices_used))
         self.gpu = devices.detect(self.device, self.dtype) if gpus else None
@@ -179,7 +179,10 @@ class Tracker:
             "device_hours": seconds / 3600 * count, "price_per_device_hour": price,
         }
         if self.merge and self.path and os.path.exists(self.path):
-            r = _merge(_load(self.path), r)
+            try:
+                r = _merge(_load(self.path), r)
+            except (OSError, ValueError, KeyError, TypeError):  # an unreadable earlier receipt: this session alone
+                pass
         _derive(r)
         if self.path is None:
             self.path = default_path(self.verb)
