@@ -60,7 +60,10 @@ class ActivationCache(dict):
         return super().__getitem__(self._key(key))
 
     def __contains__(self, key):
-        return super().__contains__(self._key(key))
+        try:
+            return super().__contains__(self._key(key))
+        except KeyError:  # a layer the model does not have
+            return False
 
     def stack(self, name: str) -> torch.Tensor:
         """One activation of every layer stacked on a new leading axis."""
@@ -109,7 +112,8 @@ def attention_detail(attn, x, cos, sin, plan) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def capture(model: Transformer, names=None, detach: bool = True):
-    """Hooks that fill an ActivationCache during the forward passes made inside the block.
+    """Hooks that fill an ActivationCache during the forward pass made inside the block (a second
+    pass overwrites it; with a KV cache, the attention details are not recomputed).
 
     names: None (everything), a list of names (`"attn.pattern"` for every layer, or a full
     `"blocks.3.attn.pattern"`), or a predicate on full names."""
