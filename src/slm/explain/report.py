@@ -200,9 +200,9 @@ table{border-collapse:collapse}td,th{padding:2px 5px;border:1px solid #eee;text-
 th{background:#fafafa;font-weight:600}table.lens td.tok{min-width:40px}
 td.hit{font-weight:700;color:#08519c}.attr span{padding:2px 1px;margin:0 1px;border-radius:3px;line-height:2}
 .vals{font-family:ui-monospace,monospace;font-size:11px;color:#666;text-align:left}.attr{text-align:left}
-#attention{display:inline-grid;gap:6px 10px;align-items:start;justify-content:start}.hm{font-size:11px;color:#555}
-.hm canvas{display:block;border:1px solid #ccc;image-rendering:pixelated}
-.layerlabel{font-size:12px;font-weight:600;align-self:center;white-space:nowrap}
+#attention{display:flex;flex-wrap:wrap;gap:14px 28px}.heads{display:flex;gap:6px}
+.hm{font-size:11px;color:#555}.hm canvas{display:block;border:1px solid #ccc;image-rendering:pixelated}
+.layerlabel{font-size:12px;font-weight:600;margin-bottom:2px}
 #tip{position:fixed;pointer-events:none;background:#333;color:#fff;padding:3px 6px;border-radius:3px;
 font-size:12px;display:none;white-space:pre}.note{color:#666;font-size:12px}
 """
@@ -210,16 +210,15 @@ font-size:12px;display:none;white-space:pre}.note{color:#666;font-size:12px}
 JS = """
 const P = JSON.parse(document.getElementById('patterns').textContent);
 const T = P.tokens.length, grid = document.getElementById('attention'), tip = document.getElementById('tip');
-const cell = Math.max(2, Math.min(18, Math.floor(180 / T)));
-grid.style.gridTemplateColumns = 'max-content repeat(' + P.heads + ', max-content)';
+const cell = Math.max(2, Math.min(14, Math.floor(140 / T)));
 function color(v) {  // white -> dark blue, as the logit-lens table
   return [255 + (8 - 255) * v, 255 + (81 - 255) * v, 255 + (156 - 255) * v].map(Math.round);
 }
 P.layers.forEach((layer, li) => {
   const bytes = Uint8Array.from(atob(P.data[layer]), c => c.charCodeAt(0));
-  const label = document.createElement('div');
+  const card = document.createElement('div'), label = document.createElement('div'), heads = document.createElement('div');
   label.className = 'layerlabel'; label.textContent = 'layer ' + layer + ' (' + P.kinds[li] + ')';
-  grid.appendChild(label);
+  heads.className = 'heads'; card.appendChild(label); card.appendChild(heads); grid.appendChild(card);
   for (let h = 0; h < P.heads; h++) {
     const box = document.createElement('div'); box.className = 'hm';
     const c = document.createElement('canvas'); c.width = T * cell; c.height = T * cell;
@@ -241,7 +240,7 @@ P.layers.forEach((layer, li) => {
     });
     c.addEventListener('mouseleave', () => { tip.style.display = 'none'; });
     const cap = document.createElement('div'); cap.textContent = 'head ' + h;
-    box.appendChild(cap); box.appendChild(c); grid.appendChild(box);
+    box.appendChild(cap); box.appendChild(c); heads.appendChild(box);
   }
 });
 document.body.dataset.rendered = 'yes';
