@@ -163,6 +163,10 @@ def test_integrated_gradients_completeness(lm, ids):
     assert abs(gap) <= 2e-3, gap
     ig16, _, _ = integrated_gradients(model, ids, t, contrast, steps=16, baseline=5, batch_size=17)
     assert abs(gap) < abs(sum(ig16) - (fx - fb)) / 8
+    mid, fx_mid, fb_mid = integrated_gradients(model, ids, t, contrast, steps=64, baseline=5, rule="midpoint",
+                                               batch_size=64)
+    assert (fx_mid, fb_mid) == pytest.approx((fx, fb), abs=1e-5)
+    assert abs(sum(mid) - (fx - fb)) <= 2e-3
 
 
 def test_integrated_gradients_from_zeros(lm, ids):
