@@ -23,7 +23,7 @@ def lens_logits(model: Transformer, resid: torch.Tensor) -> torch.Tensor:
 @dataclass
 class LogitLens:
     labels: list[str]  # row r: the stream after r blocks ("embed", then "0" .. "L-1": after block i)
-    top_ids: torch.Tensor  # [rows, pos, k]
+    top_ids: torch.Tensor  # [rows, pos, k], on the CPU
     top_probs: torch.Tensor  # [rows, pos, k]
     target: int | None = None
     target_probs: torch.Tensor | None = None  # [rows, pos] probability of `target`
@@ -51,7 +51,7 @@ def logit_lens(model: Transformer, cache: ActivationCache, k: int = 5, target: i
             t_probs.append(p[:, target])
             t_ranks.append((logits > logits[:, target:target + 1]).sum(-1))
     labels = ["embed"] + [str(i) for i in range(cache.num_layers)]
-    lens = LogitLens(labels, torch.stack(ids), torch.stack(probs), target)
+    lens = LogitLens(labels, torch.stack(ids).cpu(), torch.stack(probs).cpu(), target)
     if target is not None:
-        lens.target_probs, lens.target_ranks = torch.stack(t_probs), torch.stack(t_ranks)
+        lens.target_probs, lens.target_ranks = torch.stack(t_probs).cpu(), torch.stack(t_ranks).cpu()
     return lens

@@ -123,7 +123,7 @@ def explain(lm, prompt: str, target=None, contrast=None, layers: str | list[int]
     kinds = [f"sliding {cfg.layer_window(i)}" if cfg.layer_window(i) else "global" for i in layers]
     return Explanation(
         model_name=model_name, prompt=prompt, ids=ids, tokens=[dec(i) for i in ids], layers=layers, layer_kinds=kinds,
-        patterns={i: cache["attn.pattern", i][0].float().numpy() for i in layers},
+        patterns={i: cache["attn.pattern", i][0].float().cpu().numpy() for i in layers},
         lens=lens, lens_tokens=[[[dec(i) for i in pos] for pos in row] for row in lens.top_ids.tolist()],
         prediction=[(dec(i), float(p)) for i, p in zip(top.indices, top.values)],
         attribution=attr, target_token=dec(target_id), contrast_token=None if contrast_id is None else dec(contrast_id),
