@@ -120,7 +120,7 @@ def format_table(result: dict) -> str:
         rows = [("token_perplexity", result["token_perplexity"]), ("word_perplexity", result["word_perplexity"]),
                 ("byte_perplexity", result["byte_perplexity"]), ("bits_per_byte", result["bits_per_byte"])]
         head = (f"{result.get('text', 'text')}: {result['tokens']:,} tokens, {result['words']:,} words, "
-                f"{result['bytes']:,} bytes, {result['windows']} windows of <= {result['max_length']} tokens")
+                f"{result['bytes']:,} bytes, {result['windows']} window{'s' if result['windows'] != 1 else ''} of <= {result['max_length']} tokens")
         return head + "\n" + "\n".join(f"{k:<17} {v:.4f}" for k, v in rows)
     lines = ["| Task | n-shot | Metric | Value |   | Stderr |", "|---|---:|---|---:|---|---:|"]
 
