@@ -175,7 +175,7 @@ def test_lora_raises_held_out_accuracy(pretrained, tmp_path, one_thread, quantiz
                                 lora_alpha=32, quantize=quantize, max_steps=200, lr=1e-2, batch_size=8, seq_len=128,
                                 eval_every=50, log_every=10), progress=False)
     after = accuracy(r["lm"], held_out)
-    print(f"held-out accuracy ({quantize or 'fp32'} base) before: exact {before[0]:.0%}, choice {before[1]:.0%}; "
+    print(f"{r['train_conversations']} training pairs; held-out accuracy ({quantize or 'fp32'} base) before: exact {before[0]:.0%}, choice {before[1]:.0%}; "
           f"after LoRA: exact {after[0]:.0%}, choice {after[1]:.0%}")
     assert before[0] == 0 and before[1] <= 0.3
     assert after[0] >= 0.3 and after[1] >= 0.4  # chance: 0 and 0.1

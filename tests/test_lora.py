@@ -139,3 +139,28 @@ def test_bad_adapters(tmp_path, tokenizer_dir):
                                                                        "target_modules": ["q_proj"]}))
     with pytest.raises(ValueError, match="use_dora"):
         lora.load_adapter(lm.model, str(tmp_path / "dora"))
+
+
+def run_memory_benchmark(*args) -> dict:
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "lora_memory.py"), *args],
+                       capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+@pytest.mark.slow
+def test_qlora_step_memory_small_shape():
+    """benchmarks/lora_memory.py at the stories15M shape: one int4 QLoRA step in well under 1 GiB."""
+    r = run_memory_benchmark("--preset", "stories15m", "--seq-len", "32", "--threads", "1")
+    assert r["peak_rss_GiB"] < 1.0 and r["trainable_params"] > 0 and r["loss"] == r["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SLM_LORA_7B"), reason="about 10 minutes and 6 GiB: set SLM_LORA_7B=1")
+def test_qlora_step_memory_llama_2_7b():
+    """The acceptance figure: one LoRA step over a random int4 Llama 2 7B within 12 GiB."""
+    r = run_memory_benchmark("--preset", "llama-2-7b", "--quantize", "int4", "--seq-len", "64")
+    assert r["peak_rss_GiB"] < 12.0
