@@ -137,6 +137,10 @@ def test_bad_distill_inputs(tmp_path, teacher_dir):
     from slm.cli import main as cli
     with pytest.raises(SystemExit):
         cli(["data", "distill", "--teacher", str(tmp_path / "nope"), "--prompts", "builtin", "--out", str(tmp_path / "o")])
+    from test_serve import free_port
+    with pytest.raises(SystemExit):  # no server there: one line on stderr, exit 1
+        cli(["data", "distill", "--teacher", f"http://127.0.0.1:{free_port()}", "--prompts", "builtin",
+             "--out", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="unknown strategy"):
         distill(None, [], str(tmp_path / "o.jsonl"), "guess")
     bad = tmp_path / "p.jsonl"

@@ -138,7 +138,11 @@ class HTTPTeacher:
 
     def _first_model(self) -> str:
         if self.client is not None:
-            models = [m.id for m in self.client.models.list().data]
+            import openai
+            try:
+                models = [m.id for m in self.client.models.list().data]
+            except openai.APIError as e:
+                raise ValueError(f"{self.base}/v1/models: {e} (is the server running?)") from None
         else:
             models = [m["id"] for m in self._request("GET", "/v1/models")["data"]]
         if not models:
@@ -155,11 +159,17 @@ class HTTPTeacher:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             raise ValueError(f"{self.base}{route}: HTTP {e.code}: {e.read()[:500].decode(errors='replace')}") from None
+        except urllib.error.URLError as e:
+            raise ValueError(f"{self.base}{route}: {e.reason} (is the server running?)") from None
 
     def __call__(self, messages: list[dict], max_tokens: int, temperature: float) -> str:
         if self.client is not None:
-            r = self.client.chat.completions.create(model=self.name, messages=messages, max_tokens=max_tokens,
-                                                    temperature=temperature)
+            import openai
+            try:
+                r = self.client.chat.completions.create(model=self.name, messages=messages, max_tokens=max_tokens,
+                                                        temperature=temperature)
+            except openai.APIError as e:  # connection refused, 4xx/5xx: one line, not a traceback
+                raise ValueError(f"{self.base}/v1/chat/completions: {e}") from None
             return r.choices[0].message.content or ""
         r = self._request("POST", "/v1/chat/completions", {"model": self.name, "messages": messages,
                                                            "max_tokens": max_tokens, "temperature": temperature})
