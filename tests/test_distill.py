@@ -69,6 +69,14 @@ def test_distill_from_slm_serve_resumes_after_kill(teacher_dir, tmp_path):
             f.write(b'{"id": "0123456789abcdef", "messages": [{"role": "sys')
         stdout = run_distill(server.url, str(prompts), out)
         assert f"{killed_at} already there, 2 duplicate prompts skipped" in stdout
+        # without the openai package the teacher speaks plain HTTP (urllib): the same replies
+        from slm.finetune.distill import HTTPTeacher
+        plain, client = HTTPTeacher(server.url + "/v1/"), HTTPTeacher(server.url)
+        plain.client = None
+        plain.name = plain._first_model()
+        ask = [{"role": "system", "content": STRATEGIES["direct"]}, {"role": "user", "content": items[0]["prompt"]}]
+        assert plain.name == client.name == "tiny"
+        assert plain(ask, MAX_TOKENS, 0.0) == client(ask, MAX_TOKENS, 0.0)
     finally:
         server.stop()
 
