@@ -180,3 +180,27 @@ def test_lora_raises_held_out_accuracy(pretrained, tmp_path, one_thread, quantiz
     assert before[0] == 0 and before[1] <= 0.3
     assert after[0] >= 0.3 and after[1] >= 0.4  # chance: 0 and 0.1
     assert os.path.exists(tmp_path / "lora" / "adapter_model.safetensors")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tokenizer_dir):
+    from slm.finetune import lora
+    from slm.finetune.sft import sft_loss
+    lm = slm.load(make_checkpoint(str(tmp_path / "m"), "gemma3", tokenizer_dir), quantize="int8")
+    lora.apply_lora(lm.model, r=4, dropout=0.1)
+    with torch.no_grad():
+        for layer in lora.lora_layers(lm.model).values():
+            for p in layer.lora_B.values():
+                p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    examples = [(ids := torch.randint(3, 400, (n,), generator=g).tolist(), [IGNORE] * 3 + ids[3:]) for n in (20, 12, 30)]
+    batch = pack(examples, 32)
+    lm.model.train()
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(1)  # the same dropout masks
+        loss, n = sft_loss(lm.model, batch, checkpoint=ckpt)
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in lm.model.named_parameters() if p.requires_grad})
+        lm.model.zero_grad()
+    assert n == sum(len(x) - 3 for x, _ in examples)  # every learnt token, and only those
+    assert all((grads[0][k] - grads[1][k]).abs().max() < 1e-5 for k in grads[0])
