@@ -156,3 +156,9 @@ def test_bad_distill_inputs(tmp_path, teacher_dir):
     from slm.finetune.distill import read_prompts
     with pytest.raises(ValueError, match="p.jsonl:1"):
         read_prompts(str(bad))
+
+
+def test_echoing_a_fact_question_is_not_an_answer():
+    item = {"prompt": "Where do fish live?", "answer": "Fish live in water.", "kind": "fact"}
+    assert not is_correct(item, "Where do fish live? Fish live, fish live.")
+    assert is_correct(item, "Fish live in the water of rivers and seas.")

@@ -51,7 +51,7 @@ def builtin_prompts(n: int = 500, seed: int = 0) -> list[dict]:
 def is_correct(item: dict, reply: str) -> bool | None:
     """Whether a reply answers a built-in question (None for a prompt without a known answer).
     Numbers: the last number in the reply. Names: the winner said to have more, or named alone.
-    Facts: most of the reference answer's content words appear in the reply."""
+    Facts: at least half of the reference answer's content words that the question lacks."""
     answer, kind = item.get("answer"), item.get("kind")
     if answer is None:
         return None
@@ -61,6 +61,10 @@ def is_correct(item: dict, reply: str) -> bool | None:
     if kind == "cmp":
         other = next((c for c in item.get("choices", []) if c != answer), None)
         return f"{answer} has more" in reply or (answer in reply and (other is None or other not in reply))
+    # the answer's content words that the question does not already contain: echoing the
+    # question earns nothing ("Where do fish live?" needs "water")
+    asked = set(_WORD.findall(item["prompt"].lower()))
     words = [w for w in _WORD.findall(answer.lower()) if w not in _STOP]
+    words = [w for w in words if w not in asked] or words
     said = set(_WORD.findall(reply.lower()))
-    return bool(words) and sum(w in said for w in words) >= max(1, (len(words) + 1) // 2)
+    return bool(words) and sum(w in said for w in words) >= (len(words) + 1) // 2
