@@ -108,11 +108,15 @@ NETWORK_CALL = re.compile(r"hf_hub_download|snapshot_download|urlopen|create_con
                           r"check_for_update|telemetry", re.I)
 
 
+# Network use that the user asks for by naming the address: nothing else may open a connection.
+ALLOWED = {"src/slm/finetune/distill.py": "`slm data distill --teacher URL`: the OpenAI-compatible server named"}
+
+
 def test_no_network_client_telemetry_or_update_check_in_the_source():
     offenders = []
     for root, _, files in os.walk(os.path.join(ROOT, "src", "slm")):
         for name in files:
-            if name.endswith(".py"):
+            if name.endswith(".py") and os.path.relpath(os.path.join(root, name), ROOT) not in ALLOWED:
                 path = os.path.join(root, name)
                 src = open(path, encoding="utf-8").read()
                 for m in list(NETWORK_IMPORT.finditer(src)) + list(NETWORK_CALL.finditer(src)):
