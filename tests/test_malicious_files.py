@@ -113,6 +113,8 @@ CONFIG_CASES = {
                                  "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10, "head_dim": 128},
                                 "parameters, more than 10,000,000,000,000"),
     "zero heads": ({"num_attention_heads": 0}, "num_heads must be a positive integer, got 0"),
+    "in bounds, but not these weights": ({"hidden_size": 1 << 14, "intermediate_size": 1 << 16,
+                                          "num_hidden_layers": 256}, "but the weight files hold only"),
     "context of true": ({"max_position_embeddings": True}, "max_seq_len must be a positive integer, got True"),
 }
 

@@ -19,6 +19,14 @@ class ConfigError(ValueError):
     """A config.json or preset that `slm` cannot turn into a model."""
 
 
+# Sanity bounds, far above every released model (Llama 3.1 405B: hidden 16,384, MLP 53,248, 126
+# layers; Gemma 3: vocabulary 262,144; Llama 4 Scout: 10M context), so that a config.json claiming
+# absurd sizes is refused with a message instead of an out-of-memory crash or an endless allocation.
+LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "num_layers": 1 << 12,
+          "num_heads": 1 << 12, "num_kv_heads": 1 << 12, "head_dim": 1 << 13, "max_seq_len": 1 << 27}
+MAX_PARAMS = 10 ** 13
+
+
 @dataclass
 class ModelConfig:
     name: str = "custom"
@@ -78,8 +86,13 @@ class ModelConfig:
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                   "head_dim", "max_seq_len"):
             v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{f} must be a positive integer, got {v!r}")
+            if v > LIMITS[f]:  # checked before anything is allocated from these numbers
+                raise ConfigError(f"{f} = {v:,} is beyond any real model (at most {LIMITS[f]:,}): a corrupt or hostile config")
+        if self.num_params() > MAX_PARAMS:
+            raise ConfigError(f"the config describes {self.num_params():,} parameters, more than {MAX_PARAMS:,}: "
+                              "a corrupt or hostile config")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.rotary_dim % 2:

@@ -249,6 +249,15 @@ def fill_model(model: Transformer, tensors, source: str, config_name: str = "con
     return model.eval()
 
 
+def _check_size(path: str, cfg: ModelConfig, headers: dict) -> None:
+    """Refuse a config.json that promises far more weights than the files hold, before the empty
+    model is allocated (an int4 file holds about 0.56 bytes per weight; 0.25 leaves room)."""
+    stored = sum(i.nbytes for h in headers.values() for i in h.values())
+    if cfg.num_params() > 4 * stored:
+        raise CheckpointError(f"{path}: config.json describes {cfg.num_params():,} parameters but the weight files "
+                              f"hold only {stored:,} bytes; the config does not belong to these weights")
+
+
 def load_model(path: str, dtype: torch.dtype | None = None, device=None, quantize: str | None = None,
                group_size: int | None = None) -> Transformer:
     """A model from a folder. A folder written by `slm quantize` (config.json carries
@@ -259,6 +268,7 @@ def load_model(path: str, dtype: torch.dtype | None = None, device=None, quantiz
     files = weight_files(path)  # first: a pickle-only folder is refused before anything else
     headers = {file: read_header(file) for file in files}
     qcfg = read_json(os.path.join(path, "config.json")).get("quantization_config")
+    _check_size(path, read_config(path), headers)
     quantizer = None
     if qcfg:
         if quantize and f"int{qcfg.get('bits')}" != quantize:

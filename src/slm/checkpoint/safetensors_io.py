@@ -54,7 +54,7 @@ def read_header(path: str) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[...": hostile nesting
         raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header")
