@@ -85,7 +85,7 @@ def throughput(a) -> None:
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
 
-    peak = peak_flops(torch.device("cpu"))
+    peak = peak_flops(torch.device("cpu"), refresh=True)
     fpt = flops_per_token(cfg, T)
     t_ref, t_ours = [], []
     for _ in range(a.rounds):  # interleaved: the machine's speed drifts between minutes

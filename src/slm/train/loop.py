@@ -18,11 +18,12 @@ Several processes: `torchrun --nproc_per_node N -m slm train ... [--fsdp]` (DDP 
 from __future__ import annotations
 
 import contextlib
-import functools
+import glob
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -33,8 +34,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..checkpoint import hf
+from ..checkpoint.safetensors_io import CheckpointError
 from ..config import ModelConfig
 from ..data.prepare import load_meta, load_tokens
+from ..footprint import track
+from ..footprint.devices import peak_flops  # noqa: F401 (re-exported: benchmarks import it from here)
+from ..footprint.flops import flops_per_token
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .loss import fused_linear_cross_entropy
@@ -121,39 +126,6 @@ def batch(tokens: np.ndarray, seed: int, step: int, micro: int, c: TrainConfig, 
     return xy[:, :-1], xy[:, 1:]
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (PaLM's MFU count): 6 per weight that takes part in a matmul, plus
-    12 L T d for attention scores and values. The input embedding is a lookup (no FLOPs), but the
-    LM head is a matmul even when its weight is tied to the embedding, so it counts (as in nanoGPT)."""
-    matmul_params = cfg.num_params(include_embeddings=False)
-    if cfg.tie_embeddings:
-        matmul_params += cfg.vocab_size * cfg.hidden_size
-    return 6 * matmul_params + 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
-
-
-@functools.lru_cache(maxsize=None)
-def peak_flops(device: torch.device) -> float:
-    """The device's dense peak: bf16 for known GPUs; on the CPU a measured fp32 matmul rate (the
-    best of three 0.4 s windows of 2048x2048 matmuls, large enough for the BLAS to reach its peak)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
-            if key in name:
-                return peak
-        return 100e12
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = 0.0
-    for _ in range(3):
-        t, k = time.perf_counter(), 0
-        while time.perf_counter() - t < 0.4:
-            a @ b
-            k += 1
-        best = max(best, 2 * n**3 * k / (time.perf_counter() - t))
-    return best
-
-
 def lm_loss(model: Transformer, x, y, forward=None, autocast=None, fuse_head: bool = True) -> torch.Tensor:
     """Next-token cross-entropy. The LM head is applied inside the loss, chunk by chunk, so the
     [tokens, vocab] logits never exist (loss.py); `forward` may be the DDP- or compile-wrapped model."""
@@ -196,7 +168,7 @@ class Trainer:
         self.model.init_weights()
         self.forward = distributed.wrap(self.model, self.world, self.fsdp, self.device)
         self.optimizers = build_optimizers(self.model, c.optimizer, c.lr, c.weight_decay, c.muon_lr)
-        self.step = 0
+        self.step, self.receipt = 0, None
         self.forward = torch.compile(self.forward) if c.compile else self.forward
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
 
@@ -226,12 +198,40 @@ class Trainer:
                 json.dump({"step": self.step, "world_size": self.world, "train_config": asdict(self.c),
                            "model_config": self.model_cfg.to_dict()}, f, indent=2)
             hf._commit(tmp, self.ckpt_dir)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) or "(os error" in str(e):  # out of disk (also as safetensors' own error)
+                raise CheckpointError(f"could not write the checkpoint of step {self.step} ({e}); "
+                                      f"{self._previous_checkpoint()}") from e
             raise
         return model
 
+    def _previous_checkpoint(self) -> str:
+        try:
+            with open(os.path.join(self.ckpt_dir, "trainer_state.json")) as f:
+                step = json.load(f)["step"]
+            return f"the previous checkpoint (step {step}) in {self.ckpt_dir} is intact: free space, then --resume"
+        except (OSError, ValueError, KeyError):
+            return "there is no earlier checkpoint"
+
+    def _recover_checkpoint(self) -> None:
+        """A kill inside hf._commit, between its two renames, leaves no out/checkpoint but the old one
+        at .tmp-checkpoint-*.old beside the new, complete one: put the new one in place. Other
+        .tmp-checkpoint-* folders are saves cut short: remove them."""
+        parent, name = os.path.split(os.path.abspath(self.ckpt_dir))
+        stale = sorted(glob.glob(os.path.join(parent, f".tmp-{name}-*")))
+        if not os.path.isdir(self.ckpt_dir):
+            for old in (p for p in stale if p.endswith(".old") and os.path.isdir(p[:-4])):
+                os.replace(old[:-4], self.ckpt_dir)
+                break
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+
     def load_checkpoint(self) -> bool:
+        if self.rank == 0:
+            self._recover_checkpoint()
+        if self.world > 1:
+            torch.distributed.barrier()
         state_path = os.path.join(self.ckpt_dir, "trainer_state.json")
         if not os.path.exists(state_path):
             return False
@@ -267,6 +267,8 @@ class Trainer:
         self.model.eval()
         losses = [self.loss(*batch(self.val_tokens, 10_000 + self.c.seed, i, 0, self.c, self.device)).item()
                   for i in range(self.c.eval_batches)]
+        if self.receipt is not None:  # forward passes only
+            self.receipt.add_tokens(self.c.eval_batches * self.c.batch_size * self.c.seq_len, "inferred", self.c.seq_len)
         self.model.train()
         return sum(losses) / len(losses)
 
@@ -274,13 +276,21 @@ class Trainer:
         c = self.c
         os.makedirs(c.out, exist_ok=True)
         metrics_path = os.path.join(c.out, "metrics.jsonl")
-        if resume and self.load_checkpoint():
+        resumed = resume and self.load_checkpoint()
+        if resumed:
             if self.rank == 0:
+                print(f"resuming from {self.ckpt_dir} at step {self.step}", file=sys.stderr, flush=True)
                 _truncate_metrics(metrics_path, self.step)
         elif os.path.exists(metrics_path) and self.rank == 0:
             os.remove(metrics_path)
         tokens_per_step = c.batch_size * c.seq_len * c.grad_accum
-        fpt, peak = flops_per_token(self.model_cfg, c.seq_len), peak_flops(self.device)
+        fpt, peak = flops_per_token(self.model_cfg, c.seq_len), peak_flops(self.device, refresh=True)
+        # out/receipt.json: this session's time, FLOPs, energy, CO2 and money (added to the earlier
+        # sessions' on --resume); rank 0 accounts for all processes of this machine
+        self.receipt = track("train", path=os.path.join(c.out, "receipt.json"), model_cfg=self.model_cfg,
+                             device=self.device, dtype=torch.bfloat16 if self.autocast else torch.float32,
+                             devices_used=self.world if self.device.type == "cuda" else 1, processes=self.world,
+                             merge=bool(resumed), stream=sys.stdout).start() if self.rank == 0 else None
         start, deadline = time.time(), (time.time() + 60 * c.max_minutes) if c.max_minutes else None
         # Under a time budget the step count is not known: no total, so no made-up ETA
         bar = tqdm(total=None if deadline else c.max_steps, initial=self.step, desc="training",
@@ -310,6 +320,8 @@ class Trainer:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             self.step += 1
+            if self.receipt is not None:
+                self.receipt.add_tokens(tokens_per_step, "trained", c.seq_len)
             last = self.step == c.max_steps or bool(deadline and time.time() > deadline)
             if self.step % c.eval_every == 0 or last:
                 val = self.evaluate()
@@ -341,6 +353,7 @@ class Trainer:
             os.replace(os.path.join(final, name), os.path.join(c.out, name))
         os.rmdir(final)
         plot_metrics(metrics_path, os.path.join(c.out, "loss.png"))
+        self.receipt.finish()
         return {"steps": self.step, "val_loss": final_val, "minutes": (time.time() - start) / 60}
 
 
