@@ -136,8 +136,9 @@ def q4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Ten
 
 
 class QuantLinear(nn.Module):
-    """Common to the quantized layers: y = x W^T + b with W held in buffers, inference only
-    (gradients flow to x through the PyTorch path, never to the weights)."""
+    """Common to the quantized layers: y = x W^T + b with W held in buffers. The weights are
+    frozen; gradients flow to x (LoRA over a quantized base) through `_InputGrad`, which
+    dequantizes W again in backward instead of keeping an fp32 copy alive until then."""
 
     bits: int
 
@@ -189,13 +190,18 @@ class Int8Linear(QuantLinear):
         """The fp32 weight [out, in] that this layer multiplies by."""
         return dequantize_q8(self.qweight, self.scales)
 
+    def dequantize_rows(self, a: int, b: int) -> torch.Tensor:
+        return dequantize_q8(self.qweight[a:b], self.scales[a:b])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the dicts, not nn.Module.__getattr__: this runs ~100 times a token
         op, buffers, bias = kernels.q8_linear_op(), self._buffers, self._parameters["bias"]
         qweight, scales = buffers["qweight"], buffers["scales"]
+        if x.requires_grad and torch.is_grad_enabled():
+            return _InputGrad.apply(x, self)
         if scales.dtype != torch.float32:  # after model.to(some dtype)
             scales = scales.float()
-        if op is not None and x.is_cpu and not x.requires_grad:
+        if op is not None and x.is_cpu:
             return op(x, qweight, scales, bias, MAX_DIRECT)  # any leading dims, out in x.dtype
         return q8_linear_reference(x, qweight, scales, bias).to(x.dtype)
 
@@ -220,14 +226,42 @@ class Int4Linear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         return dequantize_q4(self.qweight, self.scales, self.mins)
 
+    def dequantize_rows(self, a: int, b: int) -> torch.Tensor:
+        return dequantize_q4(self.qweight[a:b], self.scales[a:b], self.mins[a:b])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         buffers, bias = self._buffers, self._parameters["bias"]
         packed, scales, mins = buffers["qweight"], buffers["scales"], buffers["mins"]
+        if x.requires_grad and torch.is_grad_enabled():
+            return _InputGrad.apply(x, self)
         if scales.dtype != torch.float16:  # after model.to(some dtype)
             scales, mins = scales.half(), mins.half()
-        if kernels.q8_linear_op() is not None and x.is_cpu and not x.requires_grad:
+        if kernels.q8_linear_op() is not None and x.is_cpu:
             return torch.ops.slm_q8.linear_q4(x, packed, scales, mins, bias, MAX_DIRECT)
         return q4_linear_reference(x, packed, scales, mins, bias).to(x.dtype)
+
+
+class _InputGrad(torch.autograd.Function):
+    """A quantized layer whose input needs a gradient (QLoRA: adapters train over a frozen
+    quantized base). Forward is the inference path; backward computes dL/dx = dL/dy W by
+    dequantizing W a chunk of rows at a time. Plain autograd through the dequantize-then-matmul
+    path would keep every layer's fp32 weight alive until backward (6.4x the int4 bytes: a 7B
+    model would not fit in memory). No gradient for the weights or the bias."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer(x.detach())
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        layer = ctx.layer
+        g = grad_y.reshape(-1, layer.out_features).to(torch.float32)
+        gx = torch.zeros(g.shape[0], layer.in_features, dtype=torch.float32, device=g.device)
+        for a in range(0, layer.out_features, _CHUNK):
+            b = min(a + _CHUNK, layer.out_features)
+            gx.addmm_(g[:, a:b], layer.dequantize_rows(a, b))
+        return gx.view(*grad_y.shape[:-1], layer.in_features).to(grad_y.dtype), None
 
 
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
