@@ -107,8 +107,12 @@ def input_files(path: str) -> tuple[list[str], list[str]]:
 
 
 def prepare(data: str, tokenizer: Tokenizer, out: str, field: str = "text", val_every: int = 50,
-            batch_docs: int = 2048, progress: bool = True) -> dict:
+            batch_docs: int = 2048, progress: bool = True, scrub_pii: bool = False) -> dict:
+    """scrub_pii: replace e-mail addresses, phone numbers, card numbers, ... by [EMAIL], [PHONE], ...
+    (data/scrub.py) before tokenizing; meta.json counts them under "pii_redacted"."""
+    from .scrub import scrub_text
     train_files, val_files = input_files(data)
+    pii: Counter = Counter()
     eot = tokenizer.token_id(EOT) if tokenizer.token_id(EOT) is not None else tokenizer.eos_id
     if eot is None:
         raise DataError("the tokenizer has no end-of-text / EOS token to separate documents")
@@ -133,6 +137,7 @@ def prepare(data: str, tokenizer: Tokenizer, out: str, field: str = "text", val_
         i = 0
         for path in files:
             for doc in read_documents(path, field, skipped):
+                doc = scrub_text(doc, pii)[0] if scrub_pii else doc
                 split = split_of(i)
                 i += 1
                 batch[split].append(doc)
@@ -162,6 +167,8 @@ def prepare(data: str, tokenizer: Tokenizer, out: str, field: str = "text", val_
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size, "eot_id": eot,
             "train_docs": counts["train"][0], "train_tokens": counts["train"][1],
             "val_docs": counts["val"][0], "val_tokens": counts["val"][1], "skipped": dict(skipped)}
+    if scrub_pii:
+        meta["pii_redacted"] = dict(sorted(pii.items()))
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta

@@ -24,7 +24,7 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -50,8 +50,11 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self) -> Response:
+        # ASCII-escaped: a message may quote the client's input, which can hold lone surrogates
+        # ("\ud800" in JSON) that UTF-8 cannot encode
+        return Response(json.dumps(self.body(), separators=(",", ":")), status_code=self.status,
+                        media_type="application/json")
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -214,7 +217,10 @@ def create_app(lm, model_name: str, api_key: str | None = None, local_only: bool
             raise APIError(400, "prompt: empty", param="prompt")
         prompts = []
         for x in p:
-            ids = tok.encode(x) if isinstance(x, str) else list(x)
+            try:
+                ids = tok.encode(x) if isinstance(x, str) else list(x)
+            except Exception:  # the tokenizer takes valid Unicode only (no lone surrogates)
+                raise APIError(400, "prompt: not valid Unicode text", param="prompt") from None
             if not ids or any(not 0 <= t < engine.vocab for t in ids):
                 raise APIError(400, f"prompt: token ids must be in [0, {engine.vocab}) and not empty", param="prompt")
             prompts.append(ids)
@@ -433,7 +439,7 @@ def is_loopback(host: str) -> bool:
 
 def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         name: str | None = None, max_batch: int = 16, context: int | None = None, log_prompts: bool = False,
-        dtype=None, device=None, quantize=None) -> None:
+        dtype=None, device=None, quantize=None, group_size=None, on_load=None) -> None:
     local = is_loopback(host)
     if not local and not api_key:
         raise ValueError(f"refusing to listen on {host}, which is not a loopback address, without an API key: "
@@ -441,7 +447,9 @@ def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api
     import uvicorn
 
     from ..lm import DEFAULT_MODEL, load
-    lm = load(model, dtype=dtype, device=device, quantize=quantize)
+    lm = load(model, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
+    if on_load is not None:  # e.g. the footprint receipt's token counter
+        on_load(lm)
     if name is None:
         name = DEFAULT_MODEL if model is None else os.path.basename(os.path.normpath(model))
         name = name[:-5] if name.endswith(".gguf") else name
