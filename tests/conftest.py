@@ -5,12 +5,29 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# receipts of the sessions tests run (generate, serve) stay out of the user's ~/.cache/slm/receipts
+os.environ.setdefault("SLM_RECEIPTS", tempfile.mkdtemp(prefix="slm-test-receipts-"))
+
+# Offline by construction: no test (nor any Python process a test starts) can open a non-loopback
+# connection or look up another host's name (tests/offline_guard.py; tests/test_offline.py proves it).
+os.environ["SLM_TEST_OFFLINE"] = "1"
+_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "offline_site")
+os.environ["PYTHONPATH"] = os.pathsep.join([_SITE] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _SITE])
+import offline_guard  # noqa: E402  (tests/ is on sys.path, as for `from conftest import ...`)
+offline_guard.install()
+
+
+@pytest.fixture(autouse=True)
+def _offline():
+    assert offline_guard.installed, "the offline guard must be active in every test"
+    yield
 
 CORPUS = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun.",

@@ -224,10 +224,15 @@ def test_cli_task_writes_json(model_dir, tmp_path, capsys):
 def test_cli_text(model_dir, tmp_path, capsys):
     f = tmp_path / "t.txt"
     f.write_text(TEXT)
-    main(["eval", "--model", model_dir, "--text", str(f), "--max-length", "32", "--output", str(tmp_path / "p.json")])
+    main(["eval", "--model", model_dir, "--text", str(f), "--max-length", "32", "--output", str(tmp_path / "p.json"),
+          "--receipt", str(tmp_path / "receipt.json")])
     out = capsys.readouterr().out
     assert "word_perplexity" in out and "bits_per_byte" in out
-    assert json.loads((tmp_path / "p.json").read_text())["max_length"] == 32
+    r = json.loads((tmp_path / "p.json").read_text())
+    assert r["max_length"] == 32
+    # the energy receipt counts every token the model read (the windows overlap by nothing: one pass)
+    receipt = json.loads((tmp_path / "receipt.json").read_text())
+    assert receipt["verb"] == "eval" and receipt["tokens"]["inferred"] >= r["tokens"]
 
 
 # -- bad input -------------------------------------------------------------------------------------------

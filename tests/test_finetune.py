@@ -94,6 +94,8 @@ def test_full_finetune_writes_a_transformers_model(tmp_path, tokenizer_dir, one_
     assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
     summary = json.load(open(os.path.join(out, "finetune.json")))
     assert summary["val_loss"] < summary["first_val_loss"]
+    receipt = json.load(open(os.path.join(out, "receipt.json")))  # the run's energy/CO2/cost receipt
+    assert receipt["verb"] == "finetune" and receipt["tokens"]["trained"] == 12 * 2 * 64 and receipt["flops"] > 0
     x = torch.tensor([slm.load(out).tokenizer.encode("Say cat")])
     with torch.no_grad():
         tuned, ref, orig = slm.load(out).model(x), hf_model(out)(x).logits, slm.load(base).model(x)

@@ -47,11 +47,15 @@ def _sampling(a) -> dict:
 
 def cmd_generate(a) -> None:
     from . import load
-    lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
-    for chunk in lm.stream(a.prompt, a.max_new_tokens, **_sampling(a)):
-        sys.stdout.write(chunk)
+    from .footprint import track
+    with track("generate", path=a.receipt, device=a.device, quiet=a.no_receipt_summary) as receipt:
+        lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
+        receipt.watch(lm)
+        for chunk in lm.stream(a.prompt, a.max_new_tokens, **_sampling(a)):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
 
 
 def cmd_chat(a) -> None:
@@ -125,11 +129,14 @@ def cmd_tokenizer_train(a) -> None:
 def cmd_data_prepare(a) -> None:
     from .data.prepare import prepare
     from .tokenizer import Tokenizer
-    meta = prepare(a.data, Tokenizer.from_dir(a.tokenizer), a.out, field=a.field, val_every=a.val_every)
+    meta = prepare(a.data, Tokenizer.from_dir(a.tokenizer), a.out, field=a.field, val_every=a.val_every,
+                   scrub_pii=a.scrub_pii)
     print(f"wrote {a.out}: {meta['train_tokens']:,} train tokens ({meta['train_docs']:,} documents), "
           f"{meta['val_tokens']:,} val tokens ({meta['val_docs']:,} documents)")
     if meta["skipped"]:
         print(f"skipped records: {meta['skipped']}", file=sys.stderr)
+    if a.scrub_pii:
+        print(f"redacted: {json.dumps(meta['pii_redacted'])}")
 
 
 def cmd_data_synth(a) -> None:
@@ -171,9 +178,17 @@ def cmd_serve(a) -> None:
         from .serve import run
     except ImportError as e:
         raise ValueError(f"serving needs FastAPI and uvicorn ({e}): pip install 'slm[serve]'") from None
-    run(model=a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("SLM_API_KEY"),
-        name=a.served_model_name, max_batch=a.max_batch, context=a.context, log_prompts=a.log_prompts,
-        dtype=a.dtype, device=a.device, quantize=a.quantize)
+    import signal
+    from .footprint import track
+
+    def stop(signum, frame):  # uvicorn shuts down gracefully, then re-raises SIGTERM here
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, stop)
+    with track("serve", path=a.receipt, device=a.device) as receipt:  # written when the server stops
+        run(model=a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("SLM_API_KEY"),
+            name=a.served_model_name, max_batch=a.max_batch, context=a.context, log_prompts=a.log_prompts,
+            dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size,
+            on_load=receipt.watch)
 
 
 def cmd_quantize(a) -> None:
@@ -200,6 +215,145 @@ def cmd_bench(a) -> None:
     print(json.dumps(r, indent=2))
 
 
+def cmd_data_scrub(a) -> None:
+    from .data.scrub import scrub_path
+    report = scrub_path(a.input, a.output)
+    kinds = ", ".join(f"{k} {v:,}" for k, v in report["redacted"].items()) or "nothing found"
+    print(f"scrubbed {report['files']} file(s) into {a.output}: {report['total']:,} redacted ({kinds})", file=sys.stderr)
+    print(json.dumps(report))
+    if a.report:
+        with open(a.report, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def _count(text: str) -> float:
+    """A count such as 2.7e9, 2.7B, 124M or 1.4T."""
+    units = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+    t = text.strip().upper().replace(",", "").replace("_", "")
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise ValueError(f"not a count: {text!r} (use e.g. 2.7e9, 2.7B, 124M, 1.4T)") from None
+
+
+def cmd_cost(a) -> None:
+    from .footprint.forecast import CHINCHILLA_TOKENS_PER_PARAM, compare_chart, forecast, validation_markdown
+    from .footprint.receipt import Rates, load_receipts, receipts_dir
+    if a.validate:
+        print(validation_markdown(a.mfu))
+        return
+    if a.compare:
+        folder = a.receipts or receipts_dir()
+        receipts = load_receipts(folder) if a.receipts or os.path.isdir(folder) else []
+        rows = compare_chart(receipts, a.out, Rates.resolve(a.pue, a.grid))
+        print(f"wrote {a.out}: {len(rows) - len(receipts)} published runs and {len(receipts)} receipts from {folder}")
+        return
+    if a.preset:
+        from .config import get_config
+        from .footprint.flops import matmul_params
+        params = matmul_params(get_config(a.preset))
+    elif a.params:
+        params = _count(a.params)
+    else:
+        raise ValueError("give --params N or --preset NAME (or --compare, --validate)")
+    if a.tokens is None:
+        raise ValueError("give --tokens D (a count, or 'chinchilla' for 20 tokens per parameter)")
+    tokens = CHINCHILLA_TOKENS_PER_PARAM * params if a.tokens.lower() == "chinchilla" else _count(a.tokens)
+    r = forecast(params, tokens, a.gpu, a.gpus, a.mfu, a.pue, a.grid, a.price)
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return
+    rows = [("parameters (N)", f"{params:,.0f}" + (f" ({a.preset}: matmul weights incl. LM head)" if a.preset else "")),
+            ("tokens (D)", f"{tokens:,.0f}" + (" (Chinchilla: 20 per parameter)" if a.tokens.lower() == "chinchilla" else "")),
+            ("FLOPs (6ND)", f"{r['flops']:.3g}"),
+            ("hardware", f"{a.gpus} x {r['gpu_name']} at MFU {r['mfu']:.0%} of {r['peak_flops_per_gpu'] / 1e12:g} "
+                         f"TFLOP/s {r['dtype']}"),
+            ("GPU-hours", f"{r['gpu_hours']:,.4g}"), ("wall time", f"{r['wall_days']:,.4g} days"),
+            ("energy", f"{r['energy_kwh']:,.4g} kWh ({r['watts_per_gpu']:g} W per GPU)"),
+            ("CO2", f"{r['tco2']:,.4g} t (PUE {r['pue']:g} x {r['grid_g_per_kwh']:g} g/kWh)"),
+            ("cost", f"${r['cost_usd']:,.2f} (${r['price_per_gpu_hour']:g} per GPU-hour)")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def cmd_eval(a) -> None:
+    from . import load
+    from .eval import evaluate, format_table, load_task, perplexity, read_text, write_json
+    # Read the inputs before the model, so a bad file fails at once.
+    text = read_text(a.text) if a.text else None
+    docs = load_task(a.task, a.task_format) if a.task else None
+    from .footprint import track
+    with track("eval", path=a.receipt, device=a.device) as receipt:
+        lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
+        receipt.watch(lm)
+        if text is not None:
+            r = {"text": a.text, **perplexity(lm, text, max_length=a.max_length, batch_size=a.batch_size)}
+        else:
+            r = evaluate(lm, docs, a.task_format, num_fewshot=a.num_fewshot, limit=a.limit, batch_size=a.batch_size,
+                         seed=a.seed, max_length=a.max_length, add_bos=not a.no_bos)
+            r["task"], r["format"] = a.task, "builtin" if a.task == "builtin" else a.task_format
+    r["model"] = a.model
+    print(format_table(r))
+    if a.output:
+        write_json(a.output, r)
+        print(f"wrote {a.output}", file=sys.stderr)
+
+
+def cmd_explain(a) -> None:
+    from .explain.report import explain_cli
+    paths = explain_cli(a.model, a.prompt, a.out, target=a.target, contrast=a.contrast, layers=a.layers,
+                        top_k=a.top_k, steps=a.steps, baseline=a.baseline, figures=not a.no_figures)
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def cmd_finetune(a) -> None:
+    from .finetune.sft import FinetuneConfig, finetune
+    targets = [t for arg in a.target_modules or [] for t in arg.split(",") if t]
+    c = FinetuneConfig(model=a.model, data=a.data, out=a.out, lora=a.lora, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+                       lora_dropout=a.lora_dropout, target_modules=targets, quantize=a.quantize,
+                       group_size=a.group_size, max_steps=a.max_steps, epochs=a.epochs, lr=a.lr,
+                       batch_size=a.batch_size, seq_len=a.seq_len, val_fraction=a.val_fraction,
+                       eval_every=a.eval_every, log_every=a.log_every, warmup=a.warmup,
+                       gradient_checkpointing=a.gradient_checkpointing, seed=a.seed)
+    from .footprint import track
+    from .footprint.flops import flops_per_token
+    with track("finetune", path=os.path.join(a.out, "receipt.json")) as receipt:
+        r = finetune(c)
+        # every packed row is a forward and a backward pass; LoRA computes no gradients for the
+        # frozen weights, so its step costs 4N per token (forward 2N + input gradients 2N), not 6N
+        cfg, n = r["lm"].config, r["steps"] * a.batch_size * a.seq_len
+        per_token = 2 * flops_per_token(cfg, a.seq_len, training=False) if a.lora else \
+            flops_per_token(cfg, a.seq_len, training=True)
+        receipt.model_cfg = cfg
+        receipt.add_tokens(n, "trained", flops=n * per_token)
+    val = f"; validation loss {r['first_val_loss']:.4f} -> {r['val_loss']:.4f}" if r["val_loss"] is not None else ""
+    what = "adapter (adapter_model.safetensors, adapter_config.json)" if a.lora else "model"
+    print(f"fine-tuned {r['steps']} steps on {r['train_conversations']} conversations "
+          f"({r['trainable_params']:,} of {r['total_params']:,} parameters trained){val}; {what} in {a.out}")
+
+
+def cmd_lora_merge(a) -> None:
+    from . import load
+    from .finetune.lora import load_adapter, merge_lora
+    lm = load(a.model, dtype="fp32")
+    load_adapter(lm.model, a.adapter)
+    merge_lora(lm.model)
+    lm.save(a.out, dequantize=bool(getattr(lm.model, "quantization", None)))
+    print(f"wrote {a.out}: {a.model} with {a.adapter} merged in")
+
+
+def cmd_data_distill(a) -> None:
+    from .finetune.distill import distill, make_teacher, read_prompts
+    items = read_prompts(a.prompts, a.n_prompts, a.seed)
+    teacher = make_teacher(a.teacher, a.model, a.api_key, a.quantize)
+    s = distill(teacher, items, a.out, a.strategy, a.max_tokens, a.temperature, a.limit)
+    checked = f"; teacher correct on {s['correct']}/{s['checked']} checkable" if s["checked"] else ""
+    print(f"wrote {s['written']} records to {a.out} ({s['already_done']} already there, "
+          f"{s['duplicates']} duplicate prompts skipped, {s['empty']} empty replies){checked}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slm", description="Small language models on one ordinary machine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -208,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Hugging Face model folder or .gguf file (default: gemma-3-270m)")
     p.add_argument("--prompt", required=True)
     _sampling_args(p)
+    p.add_argument("--receipt", default=None, help="where to write the receipt JSON (default: ~/.cache/slm/receipts/)")
+    p.add_argument("--no-receipt-summary", action="store_true", help="write the receipt without printing it")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat through the model's chat template")
@@ -257,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_tokenizer_train)
 
-    p = sub.add_parser("data", help="training data: synth, prepare")
+    p = sub.add_parser("data", help="training data: synth, prepare, scrub")
     dsub = p.add_subparsers(dest="data_command", required=True)
     d = dsub.add_parser("synth", help="built-in synthetic stories and textbook exercises")
     d.add_argument("--out", required=True)
@@ -270,7 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--field", default="text")
     d.add_argument("--val-every", type=int, default=50, help="every N-th document goes to validation")
+    d.add_argument("--scrub-pii", action="store_true",
+                   help="replace e-mails, phone and card numbers, IBANs, IPs, national IDs and secrets by [TYPE] first")
     d.set_defaults(func=cmd_data_prepare)
+    d = dsub.add_parser("scrub", help="redact PII and secrets in .txt/.jsonl files: [EMAIL], [PHONE], [CARD], ...")
+    d.add_argument("--input", required=True, help=".txt/.jsonl file or folder")
+    d.add_argument("--output", required=True, help="file or folder to write (the input is left unchanged)")
+    d.add_argument("--report", default=None, help="also write the counts by type to this JSON file")
+    d.set_defaults(func=cmd_data_scrub)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API and a chat page on this machine (127.0.0.1)")
     p.add_argument("--model", default=None, help="Hugging Face model folder or .gguf file (default: gemma-3-270m)")
@@ -283,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-prompts", action="store_true", help="log prompts and outputs (off by default)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None)
-    _quantize_args(p, group=False)
+    _quantize_args(p)
+    p.add_argument("--receipt", default=None, help="where to write the receipt JSON when the server stops "
+                                                   "(default: ~/.cache/slm/receipts/)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quantize", help="save a weight-only int8/int4 copy of a model folder (slm.load reads it)")
@@ -309,6 +474,105 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("cost", help="forecast a training run's GPU-hours, energy, CO2 and money; compare receipts")
+    p.add_argument("--params", help="parameters N (2.7e9, 2.7B, 124M)")
+    p.add_argument("--preset", help="take N from a registry model (its matmul weights, LM head included)")
+    p.add_argument("--tokens", help="training tokens D (1.4T, 2e12), or 'chinchilla' for 20 per parameter")
+    p.add_argument("--gpu", default="a100-80gb-sxm", help="a100-40gb-sxm, a100-80gb-sxm, a100-40gb-pcie, "
+                   "a100-80gb-pcie, h100-sxm, h100-pcie, h200, l4, t4, rtx-4090 (looser names work: 'H100 PCIe')")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation (default 0.40)")
+    p.add_argument("--pue", type=float, default=None, help="data-centre overhead (default 1.0 or $SLM_PUE)")
+    p.add_argument("--grid", type=float, default=None, help="g CO2 per kWh (default 475, world average, or $SLM_GRID_G_PER_KWH)")
+    p.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: the device table's)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--compare", action="store_true", help="chart published runs and your receipts (--out PNG)")
+    p.add_argument("--receipts", default=None, help="folder of receipts for --compare (default: ~/.cache/slm/receipts)")
+    p.add_argument("--out", default="cost_compare.png", help="--compare: the PNG to write")
+    p.add_argument("--validate", action="store_true", help="print the forecaster's validation table")
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("eval", help="perplexity of a text, or multiple-choice accuracy scored as lm-evaluation-harness does")
+    p.add_argument("--model", default=None, help="Hugging Face model folder or .gguf file (default: gemma-3-270m)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text", help="a UTF-8 text file: rolling-window perplexity (token, word, byte; bits per byte)")
+    g.add_argument("--task", help="FILE.jsonl in the layout of --task-format, or 'builtin' (common-sense probes)")
+    p.add_argument("--task-format", default=None, help="hellaswag | piqa | arc | winogrande (for a --task file)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="examples drawn from the same file (seeded)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--max-length", type=int, default=None, help="context in tokens (default: the model's)")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default 1234)")
+    p.add_argument("--no-bos", action="store_true",
+                   help="encode tasks without the tokenizer's BOS (lm-eval's default for non-Gemma HF models)")
+    p.add_argument("--output", default=None, help="write the results (per-item log-likelihoods) as JSON")
+    p.add_argument("--receipt", default=None, help="where to write the receipt JSON (default: ~/.cache/slm/receipts/)")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--device", default=None)
+    _quantize_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("explain", help="HTML report: attention heatmaps, logit lens, attribution of the next token")
+    p.add_argument("--model", default=None, help="Hugging Face model folder or .gguf file (default: gemma-3-270m)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="report.html; PNG figures are written beside it")
+    p.add_argument("--target", default=None, help="the next token to explain, as text (default: the top prediction)")
+    p.add_argument("--contrast", default=None, help="explain logit(target) - logit(contrast) instead")
+    p.add_argument("--layers", default=None, help="layers whose attention is shown, e.g. 0,5,10-17 (default: all)")
+    p.add_argument("--top-k", type=int, default=5, help="tokens listed per layer and position by the logit lens")
+    p.add_argument("--steps", type=int, default=64, help="integrated-gradients steps")
+    p.add_argument("--baseline", default="pad", help="integrated-gradients baseline: pad (default), zeros, or a token")
+    p.add_argument("--no-figures", action="store_true", help="only the HTML report, no PNG figures")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning on chat data: full, LoRA, or LoRA over int8/int4")
+    p.add_argument("--model", required=True, help="model folder or .gguf file")
+    p.add_argument("--data", required=True, help=".jsonl: {'messages': [...]} or {'prompt', 'completion'} per line")
+    p.add_argument("--out", required=True)
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT format) instead of all weights")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--target-modules", nargs="+", default=None,
+                   help="Hugging Face module names (default: all attention and MLP projections)")
+    _quantize_args(p)
+    p.add_argument("--max-steps", type=int, default=None, help="default: --epochs over the data")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=None, help="default 2e-4 with --lora, 2e-5 otherwise")
+    p.add_argument("--batch-size", type=int, default=8, help="packed rows per step")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("lora", help="LoRA adapters: merge")
+    lsub = p.add_subparsers(dest="lora_command", required=True)
+    m = lsub.add_parser("merge", help="write base + adapter as one Hugging Face model folder")
+    m.add_argument("--model", required=True, help="the base model folder or .gguf file")
+    m.add_argument("--adapter", required=True, help="folder with adapter_model.safetensors + adapter_config.json")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_lora_merge)
+
+    d = dsub.add_parser("distill", help="training data from a teacher model or OpenAI-compatible server (Orca 2 style)")
+    d.add_argument("--teacher", required=True, help="model folder/.gguf file, or a server URL (http://host:port)")
+    d.add_argument("--prompts", required=True, help="'builtin', a .jsonl (prompt/question per line) or a .txt file")
+    d.add_argument("--out", required=True, help=".jsonl; an existing one is resumed")
+    d.add_argument("--strategy", default="step-by-step",
+                   choices=["step-by-step", "direct", "explain", "recall-then-answer"])
+    d.add_argument("--max-tokens", type=int, default=256)
+    d.add_argument("--temperature", type=float, default=0.0)
+    d.add_argument("--model", default=None, help="model name at the server (default: the first it lists)")
+    d.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY or $SLM_API_KEY")
+    d.add_argument("--n-prompts", type=int, default=500, help="questions in the builtin set")
+    d.add_argument("--limit", type=int, default=None, help="stop after this many new records")
+    d.add_argument("--seed", type=int, default=0)
+    _quantize_args(d, group=False)
+    d.set_defaults(func=cmd_data_distill)
+
     p = sub.add_parser("info", help="parameters, shape and memory of a model or preset")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model")
@@ -317,7 +581,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# slm makes no network calls; these keep the libraries it may import (huggingface_hub, transformers,
+# datasets) from trying any: no downloads, no telemetry, no update checks (tests/test_offline.py).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "DO_NOT_TRACK": "1",
+               "OTEL_SDK_DISABLED": "true"}  # FastAPI's tracing hooks: never export
+
+
 def main(argv: list[str] | None = None) -> None:
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
