@@ -167,24 +167,29 @@ class EnergyMeter:
         seconds = time.perf_counter() - self._t0
         cpu_s = (_cpu_seconds() - self._cpu0) * self.processes
         parts, measured, estimated = [], 0.0, 0.0
+        how = set()  # by the path taken, not by value: a short session may estimate 0 J
         if self.rapl.zones:
+            how.add("measured")
             measured += self.rapl.joules
             parts.append(f"measured: RAPL {', '.join(z.name for z in self.rapl.zones)} "
                          f"(whole CPU package, other processes included)")
         else:
+            how.add("estimated")
             estimated += cpu_s * self.cpu_watts
             parts.append(f"estimated: {cpu_s:.1f} CPU core-seconds of this process x {self.cpu_watts:g} W per "
                          f"busy core (SLM_CPU_WATTS_PER_CORE), because {self.rapl.error}")
         if self.gpus:
             if self.nvml and self.nvml.handles:
+                how.add("measured")
                 measured += self.nvml.joules_now
                 parts.append(f"measured: NVML total energy of GPU {', '.join(map(str, self.gpus))}")
             else:
+                how.add("estimated")
                 estimated += seconds * len(self.gpus) * self.gpu_watts
                 why = self.nvml.error if self.nvml else "no NVML"
                 parts.append(f"estimated: {len(self.gpus)} GPU x {seconds:.1f} s x {self.gpu_watts:g} W board power "
                              f"(TDP, an upper bound), because {why}")
-        method = "measured" if not estimated else "estimated" if not measured else "mixed"
+        method = "mixed" if len(how) == 2 else how.pop()
         return Energy(measured + estimated, method, "; ".join(parts))
 
 
