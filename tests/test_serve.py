@@ -366,9 +366,16 @@ def test_chat_page_streams_a_reply(server, lm, tmp_path):
             page.locator("#model", has_text="tiny").wait_for()
             page.fill("#temperature", "0")
             page.fill("#max-tokens", "30")
-            # record every partial reply the page shows, to see the reply arrive in pieces
+            # record every partial reply the page shows, to see the reply arrive in pieces: each
+            # update replaces the bubble's text node, and the mutation records keep the replaced
+            # ones (read from the records: several updates can land before one observer callback)
             page.evaluate("""() => { window.partials = [];
-                new MutationObserver(() => { const m = document.querySelector('.assistant');
+                new MutationObserver((records) => {
+                    for (const r of records) {
+                        if (r.target.classList && r.target.classList.contains('assistant'))
+                            for (const n of r.removedNodes) window.partials.push(n.textContent);
+                    }
+                    const m = document.querySelector('.assistant');
                     if (m) window.partials.push(m.textContent); })
                 .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true}); }""")
             page.fill("#input", message)
