@@ -147,6 +147,22 @@ def prepared(tmp_path_factory):
     return str(d / "data"), str(d / "tok")
 
 
+
+# -- headless Chromium (the chat page and the explain report) -------------------------------------
+def chromium() -> str:
+    """The browser for playwright: a skip when missing, a failure under CI."""
+    import importlib.util
+    path = os.environ.get("SLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if importlib.util.find_spec("playwright") is None:
+        path = None
+    if path is None:
+        msg = "headless Chromium is needed (apt-get install chromium; pip install playwright)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg + ": under CI a missing browser is a failure")
+        pytest.skip(msg)
+    return path
+
+
 # -- the real gemma-3-270m (tests marked gemma) ---------------------------------------------------
 @pytest.fixture(scope="session")
 def gemma_gguf() -> str:

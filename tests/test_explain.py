@@ -4,7 +4,6 @@ HTML report (self-contained, rendered in headless Chromium)."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import re
@@ -19,6 +18,8 @@ from slm.cli import main
 from slm.explain import attribute, gradient_x_input, integrated_gradients, lens_logits, logit_lens, occlusion, \
     run_with_cache
 from slm.explain.report import explain, parse_layers, write_report
+
+from conftest import chromium
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"  # 28 tokens: past both windows
 
@@ -288,18 +289,6 @@ def test_cli_errors(gemma_dir, tmp_path, capsys):
         assert e.value.code == 1
         err = capsys.readouterr().err.splitlines()[-1].split("\r")[-1]  # after the progress bar
         assert err.startswith("slm explain: error:") and message in err, err
-
-
-def chromium() -> str:
-    path = os.environ.get("SLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if importlib.util.find_spec("playwright") is None:
-        path = None
-    if path is None:
-        msg = "headless Chromium is needed (apt-get install chromium; pip install playwright)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg + ": under CI a missing browser is a failure")
-        pytest.skip(msg)
-    return path
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ the API key and loopback rules hold, and the chat page streams a reply in headle
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
 import os
 import re
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 import slm
-from conftest import make_checkpoint
+from conftest import chromium, make_checkpoint
 
 CONTEXT = 2048
 
@@ -340,18 +339,6 @@ def test_refuses_a_public_address_without_a_key(model_dir):
 
 
 # -- the chat page in headless Chromium --------------------------------------------------------
-def chromium() -> str:
-    path = os.environ.get("SLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if importlib.util.find_spec("playwright") is None:
-        path = None
-    if path is None:
-        msg = "headless Chromium is needed (apt-get install chromium; pip install playwright)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg + ": under CI a missing browser is a failure")
-        pytest.skip(msg)
-    return path
-
-
 def test_chat_page_streams_a_reply(server, lm, tmp_path):
     browser_path = chromium()
     from playwright.sync_api import sync_playwright
