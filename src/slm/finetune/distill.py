@@ -30,6 +30,7 @@ import urllib.request
 from tqdm import tqdm
 
 from .prompts import builtin_prompts, is_correct
+from .sft import jsonl_records
 
 STRATEGIES = {
     "step-by-step": "You are a patient teacher. Solve the problem step by step: write each step of your "
@@ -51,24 +52,18 @@ def read_prompts(spec: str, n_builtin: int = 500, seed: int = 0) -> list[dict]:
         return builtin_prompts(n_builtin, seed)
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"{spec}: no such prompts file (or use --prompts builtin)")
-    items = []
-    with open(spec, encoding="utf-8") as f:
-        if not spec.endswith((".jsonl", ".json")):
+    if not spec.endswith((".jsonl", ".json")):
+        with open(spec, encoding="utf-8") as f:
             return [{"prompt": line.strip()} for line in f if line.strip()]
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{spec}:{i}: not valid JSON ({e})") from None
-            prompt = rec.get("prompt", rec.get("question")) if isinstance(rec, dict) else None
-            if prompt is None and isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-                users = [m.get("content") for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"]
-                prompt = users[0] if users else None
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"{spec}:{i}: needs a non-empty 'prompt', 'question' or user message")
-            items.append({**{k: v for k, v in rec.items() if k not in ("question", "messages")}, "prompt": prompt})
+    items = []
+    for i, rec in jsonl_records(spec):
+        prompt = rec.get("prompt", rec.get("question")) if isinstance(rec, dict) else None
+        if prompt is None and isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+            users = [m.get("content") for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+            prompt = users[0] if users else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{spec}:{i}: needs a non-empty 'prompt', 'question' or user message")
+        items.append({**{k: v for k, v in rec.items() if k not in ("question", "messages")}, "prompt": prompt})
     return items
 
 

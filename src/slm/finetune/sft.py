@@ -67,19 +67,23 @@ def to_messages(record: dict, where: str = "record") -> list[dict]:
     raise ValueError(f"{where}: needs 'messages' or 'prompt' and 'completion'")
 
 
-def read_conversations(path: str) -> list[list[dict]]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    convs = []
+def jsonl_records(path: str):
+    """(line number, record) for each non-blank line of a JSONL file; a bad line is a ValueError
+    naming the file and line."""
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield i, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-            convs.append(to_messages(record, f"{path}:{i}"))
+
+
+def read_conversations(path: str) -> list[list[dict]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    convs = [to_messages(record, f"{path}:{i}") for i, record in jsonl_records(path)]
     if not convs:
         raise ValueError(f"{path}: no conversations")
     return convs
