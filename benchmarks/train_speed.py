@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py throughput [--preset stories15m] [--steps 10] [--batch-size 8] [--seq-len 256]
     python benchmarks/train_speed.py quality [--minutes 10] [--ours-minutes 6.67]
+    python benchmarks/train_speed.py gpu [--preset slm-124m] [--batch-size 32] [--seq-len 1024]
 
 throughput: tokens/s of one training step (forward, backward, fused AdamW) of slm's loop against a
 transformers LlamaForCausalLM at the same shape, on the same random token batches, both fp32 on
@@ -14,6 +15,12 @@ cosine decay over its time budget), trains for --minutes on the built-in synthet
 budget) trains the same shape and parameter count on the same data, batch and sequence length,
 and we report the wall time at which its validation loss (the same held-out batches) first
 reaches the baseline's final one. Both evaluate every --eval-every steps; that time counts in both.
+
+gpu: tokens/s and MFU of one training step on a CUDA device in bf16 autocast, slm's Trainer step
+(loss_function + train_step: compiled loss, fused AdamW or Muon, clipping) against transformers'
+LlamaForCausalLM (SDPA attention, fused AdamW, clipping), each with and without torch.compile.
+MFU is against the datasheet's dense bf16 peak (footprint/devices.py) and, second, against a
+bf16 8192^3 matmul measured in the same run.
 """
 
 import argparse
@@ -29,17 +36,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import slm  # noqa: E402
-from slm.train.loop import TrainConfig, Trainer, batch, flops_per_token, lm_loss, peak_flops  # noqa: E402
+from slm.train.loop import (TrainConfig, Trainer, batch, flops_per_token, lm_loss, loss_function,  # noqa: E402
+                            peak_flops, train_step)
 from slm.tokenizer import Tokenizer  # noqa: E402
 from slm.train.optim import build_optimizers  # noqa: E402
 
 
-def hf_llama(cfg):
+def hf_llama(cfg, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM
     return LlamaForCausalLM(LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings))
+        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings, **kw))
 
 
 # -- throughput --------------------------------------------------------------------------------
@@ -192,6 +200,138 @@ def quality(a) -> None:
         print(f"slm reached the baseline's loss after {reached:.2f} min: {a.minutes / reached:.2f}x faster")
 
 
+# -- GPU ---------------------------------------------------------------------------------------
+def matmul_rate(device, n: int = 8192) -> float:
+    """bf16 n^3 matmul FLOP/s on this device (the mean of 10 after 3 warm-ups)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * n**3 / (time.perf_counter() - t)
+
+
+def profile(step, data, out: str | None, steps: int = 5) -> None:
+    """Where a step's time goes: CUDA kernel time per step (against wall time: the gap is the GPU
+    waiting for the CPU) and the kernels that take it, grouped by kind."""
+    from torch.profiler import ProfilerActivity
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for i in range(steps):
+            step(data[i % 4])
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / steps
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels) / steps / 1e6
+    kinds = {}
+    for e in kernels:
+        n = e.key.lower()
+        kind = ("attention" if any(k in n for k in ("flash", "fmha", "attention", "cudnn", "sdpa")) else
+                "matmul" if any(k in n for k in ("gemm", "sm90", "cutlass", "nvjet", "xmma", "mm_", "matmul")) else
+                "triton (fused elementwise/reductions)" if "triton" in n else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / steps / 1e6
+    lines = [f"profile: {wall * 1e3:.1f} ms wall per step, {total * 1e3:.1f} ms of CUDA kernels "
+             f"({total / wall:.0%} busy)"]
+    lines += [f"  {k:<40} {v * 1e3:7.1f} ms  {v / total:5.1%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    print("\n".join(lines[:len(kinds) + 1]), flush=True)
+    if out:
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def gpu(a) -> None:
+    device = torch.device(a.device or "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cfg = slm.get_config(a.preset)
+    B, T = a.batch_size, a.seq_len
+    fpt, peak = flops_per_token(cfg, T), peak_flops(device)
+    measured = matmul_rate(device) if device.type == "cuda" else peak
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{name}, torch {torch.__version__}; {a.preset} ({cfg.num_params() / 1e6:.1f}M), batch {B} x {T}, "
+          f"bf16 autocast; {fpt / 1e6:.1f} MFLOP per token; peak {peak / 1e12:.1f} TFLOP/s (datasheet), "
+          f"bf16 matmul measured {measured / 1e12:.1f} TFLOP/s", flush=True)
+    g = torch.Generator(device=device).manual_seed(0)
+    data = [torch.randint(0, cfg.vocab_size, (B, T + 1), device=device, generator=g) for _ in range(4)]
+    log = open(a.log, "a") if a.log else None
+
+    def measure(label, step):
+        t0 = time.perf_counter()
+        for i in range(a.warmup):  # compiles on the first
+            step(data[i % 4])
+        sync()
+        warm = time.perf_counter() - t0
+        t = time.perf_counter()
+        for i in range(a.steps):
+            loss = step(data[i % 4])
+        sync()
+        tps = a.steps * B * T / (time.perf_counter() - t)
+        row = {"variant": label, "device": name, "preset": a.preset, "batch": B, "seq_len": T, "tokens_per_s": round(tps),
+               "mfu": round(tps * fpt / peak, 4), "mfu_vs_measured_matmul": round(tps * fpt / measured, 4),
+               "warmup_s": round(warm, 1), "loss": round(float(loss), 4),
+               "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+        print(f"  {label:<22} {tps:10,.0f} tok/s   MFU {row['mfu']:6.1%}  ({row['mfu_vs_measured_matmul']:.1%} of the "
+              f"measured matmul)   warm-up {warm:.0f} s", flush=True)
+        if log:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+
+    for variant in a.variants.split(","):
+        # suffixes: +cudnn (cuDNN attention for SDPA), +autotune (compile mode max-autotune-no-cudagraphs)
+        base, *knobs = variant.split("+")
+        torch.manual_seed(0)
+        compiled = base.endswith("-compile")
+        mode = "max-autotune-no-cudagraphs" if "autotune" in knobs else None
+        if device.type == "cuda":
+            torch.backends.cuda.enable_flash_sdp("cudnn" not in knobs)
+            torch.backends.cuda.enable_mem_efficient_sdp("cudnn" not in knobs)
+            torch.backends.cuda.enable_cudnn_sdp(True)
+        if base.startswith("slm"):  # exactly the Trainer's step
+            model = slm.Transformer(cfg).to(device)
+            model.init_weights()
+            model.train()
+            opts = build_optimizers(model, "muon" if "muon" in base else "adamw", 1e-3, 0.1)
+            loss_fn = loss_function(model, model, device)
+            loss_fn = torch.compile(loss_fn, mode=mode) if compiled else loss_fn
+
+            def step(xy, loss_fn=loss_fn, model=model, opts=opts):
+                return train_step(loss_fn, model, opts, [(xy[:, :-1], xy[:, 1:])], 1, 1.0)
+        else:
+            model = hf_llama(cfg, attn_implementation="sdpa").to(device)
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=device.type == "cuda")
+
+            def hf_loss(x, y, model=model):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    logits = model(x).logits
+                return F.cross_entropy(logits.float().view(-1, cfg.vocab_size), y.reshape(-1))
+            loss_fn = torch.compile(hf_loss, mode=mode) if compiled else hf_loss
+
+            def step(xy, loss_fn=loss_fn, model=model, opt=opt):
+                loss = loss_fn(xy[:, :-1], xy[:, 1:])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss.detach()
+        try:
+            measure(variant, step)
+            if a.profile and variant == a.profile:
+                profile(step, data, a.profile_out)
+        except Exception as e:  # report and go on to the next variant
+            print(f"  {variant}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        del model, step, loss_fn
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -224,8 +364,19 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--log", default=None)
+    p = sub.add_parser("gpu")
+    p.add_argument("--preset", default="slm-124m")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default="slm-compile,hf-compile,slm-muon-compile,hf,slm")
+    p.add_argument("--device", default=None, help="default cuda (cpu: only to try the script)")
+    p.add_argument("--profile", default=None, help="a variant to profile after measuring it")
+    p.add_argument("--profile-out", default=None, help="file for the profile's kernel table")
+    p.add_argument("--log", default=None)
     a = ap.parse_args()
-    throughput(a) if a.mode == "throughput" else quality(a)
+    {"throughput": throughput, "quality": quality, "gpu": gpu}[a.mode](a)
 
 
 if __name__ == "__main__":

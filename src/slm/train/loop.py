@@ -139,12 +139,44 @@ def lm_loss(model: Transformer, x, y, forward=None, autocast=None, fuse_head: bo
     return F.cross_entropy(out.float().view(-1, out.shape[-1]), y.reshape(-1))
 
 
+def loss_function(model: Transformer, forward, device: torch.device, compile: bool = False, fsdp: bool = False):
+    """(x, y) -> the mean next-token loss, as Trainer computes it. On the CPU the LM head is fused
+    into the cross-entropy (loss.py: no logits tensor, less memory traffic). On a GPU: bf16
+    autocast and the plain head + cross-entropy, which torch.compile fuses into one graph with the
+    model (the fused function would break the graph and sync the device). With `compile` the whole
+    loss (forward, head and cross-entropy) is compiled, not the model alone."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    fuse = device.type == "cpu" and not fsdp  # FSDP re-shards the head after forward: keep it inside
+
+    def loss(x, y):
+        return lm_loss(model, x, y, forward, autocast, fuse_head=fuse)
+    return torch.compile(loss) if compile else loss
+
+
+def train_step(loss_fn, model: torch.nn.Module, optimizers, micro_batches, grad_accum: int,
+               grad_clip: float) -> torch.Tensor:
+    """One optimizer step over `grad_accum` micro-batches (x, y). Returns the mean loss as a
+    tensor: reading it (.item()) waits for the device, so the loop does that only when it logs."""
+    total = None
+    for x, y in micro_batches:
+        loss = loss_fn(x, y) / grad_accum
+        loss.backward()  # DDP averages the gradients over ranks
+        total = loss.detach() if total is None else total + loss.detach()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total
+
+
 class Trainer:
     def __init__(self, c: TrainConfig, model_cfg: ModelConfig):
         self.c = c
         # Under torchrun (WORLD_SIZE > 1): DDP, or FSDP with --fsdp (distributed.py)
         device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.world, self.rank, self.device = distributed.setup(device)
+        if self.device.type == "cuda":  # fp32 matmuls outside autocast (Muon's, eval's) on tensor cores
+            torch.set_float32_matmul_precision("high")
         self.fsdp = c.fsdp and self.world > 1
         if c.batch_size % self.world:
             raise ValueError(f"--batch-size {c.batch_size} must be divisible by the {self.world} processes")
@@ -169,8 +201,8 @@ class Trainer:
         self.forward = distributed.wrap(self.model, self.world, self.fsdp, self.device)
         self.optimizers = build_optimizers(self.model, c.optimizer, c.lr, c.weight_decay, c.muon_lr)
         self.step, self.receipt = 0, None
-        self.forward = torch.compile(self.forward) if c.compile else self.forward
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        self.loss = loss_function(self.model, self.forward, self.device, c.compile, self.fsdp)
+        self.bf16 = self.device.type == "cuda"  # autocast (loss_function)
 
     # -- checkpoints ---------------------------------------------------------------------------
     @property
@@ -258,10 +290,6 @@ class Trainer:
         return {id(p): n for n, p in self.model.named_parameters()}
 
     # -- the loop ------------------------------------------------------------------------------
-    def loss(self, x, y) -> torch.Tensor:
-        # FSDP re-shards the LM head after forward, so there the head stays inside the model
-        return lm_loss(self.model, x, y, self.forward, self.autocast, fuse_head=not self.fsdp)
-
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
@@ -288,7 +316,7 @@ class Trainer:
         # out/receipt.json: this session's time, FLOPs, energy, CO2 and money (added to the earlier
         # sessions' on --resume); rank 0 accounts for all processes of this machine
         self.receipt = track("train", path=os.path.join(c.out, "receipt.json"), model_cfg=self.model_cfg,
-                             device=self.device, dtype=torch.bfloat16 if self.autocast else torch.float32,
+                             device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32,
                              devices_used=self.world if self.device.type == "cuda" else 1, processes=self.world,
                              merge=bool(resumed), stream=sys.stdout).start() if self.rank == 0 else None
         start, deadline = time.time(), (time.time() + 60 * c.max_minutes) if c.max_minutes else None
@@ -304,21 +332,9 @@ class Trainer:
                                (time.time() - start) / (deadline - start))
             lr = lr_at(self.step, c, progress)
             set_lr(self.optimizers, lr)
-            total = 0.0
-            for micro in range(c.grad_accum):
-                x, y = batch(self.train_tokens, c.seed, self.step, micro, c, self.device)
-                x, y = x[self.rank::self.world], y[self.rank::self.world]
-                loss = self.loss(x, y) / c.grad_accum
-                loss.backward()  # DDP averages the gradients over ranks
-                total += loss.item()
-            if self.world > 1:  # report the loss of the whole global batch
-                t = torch.tensor([total], device=self.device)
-                torch.distributed.all_reduce(t)
-                total = t.item() / self.world
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            for opt in self.optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            micro_batches = ((x[self.rank::self.world], y[self.rank::self.world]) for x, y in
+                             (batch(self.train_tokens, c.seed, self.step, m, c, self.device) for m in range(c.grad_accum)))
+            total = train_step(self.loss, self.model, self.optimizers, micro_batches, c.grad_accum, c.grad_clip)
             self.step += 1
             if self.receipt is not None:
                 self.receipt.add_tokens(tokens_per_step, "trained", c.seq_len)
@@ -327,6 +343,10 @@ class Trainer:
                 val = self.evaluate()
                 final_val = val if last else None
             if self.step % c.log_every == 0 or last:  # the last step is always logged
+                if self.world > 1:  # report the loss of the whole global batch
+                    torch.distributed.all_reduce(total)
+                    total /= self.world
+                total = total.item()
                 now = time.perf_counter()
                 tps = (self.step - last_step) * tokens_per_step / (now - last_t)
                 last_t, last_step = now, self.step
