@@ -307,7 +307,7 @@ def gpu(a) -> None:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=device.type == "cuda")
 
             def hf_loss(x, y, model=model):
-                with torch.autocast(device.type, dtype=torch.bfloat16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = model(x).logits
                 return F.cross_entropy(logits.float().view(-1, cfg.vocab_size), y.reshape(-1))
             loss_fn = torch.compile(hf_loss, mode=mode) if compiled else hf_loss

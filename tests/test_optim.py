@@ -12,13 +12,15 @@ from slm.train.loss import fused_linear_cross_entropy
 from slm.train.optim import Muon, build_optimizers, orthogonalize
 
 
+@pytest.mark.parametrize("ignored", [True, False])
 @pytest.mark.parametrize("chunk", [None, 7, 64])
-def test_fused_cross_entropy_equals_plain_with_gradients(chunk):
+def test_fused_cross_entropy_equals_plain_with_gradients(chunk, ignored):
     torch.manual_seed(0)
     h = torch.randn(3, 40, 16, requires_grad=True)
     w = (torch.randn(50, 16) * 0.3).requires_grad_()
     y = torch.randint(0, 50, (3, 40))
-    y[0, :5] = -100  # ignored positions count neither in the sum nor in the mean
+    if ignored:
+        y[0, :5] = -100  # ignored positions count neither in the sum nor in the mean
     ref = F.cross_entropy((h @ w.t()).view(-1, 50), y.view(-1))
     gh, gw = torch.autograd.grad(ref * 2.5, (h, w))
     ours = fused_linear_cross_entropy(h, w, y, chunk=chunk)

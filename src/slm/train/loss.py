@@ -5,9 +5,9 @@ plain path writes them, reads them for log-softmax, writes the log-probabilities
 same again backwards: about a fifth of a CPU training step goes to memory traffic, not math.
 
 Since the loss is the last operation, its gradient is known during the forward pass. So for each
-chunk of rows (small enough to stay in the CPU's cache) we compute the logits, turn them in place
-into d loss / d logits = softmax - onehot, and immediately multiply out the gradients for the
-hidden states and the head weight. Backward only scales them by the incoming gradient. The
+chunk of rows we compute the logits, turn them in place into d loss / d logits = softmax - onehot
+(three passes over the chunk), and immediately multiply out the gradients for the hidden states
+and the head weight. Backward only scales them by the incoming gradient. The
 matmul FLOPs are exactly those of the plain path; the big tensor never exists (the idea of
 Liger-Kernel's fused linear cross-entropy).
 """
@@ -25,24 +25,29 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # hidden [N, d], weight [V, d], targets [N]; mean over targets != ignore_index
         n = hidden.shape[0]
         valid = targets != ignore_index
-        count = valid.sum().clamp(min=1)
-        scale = 1.0 / count.item()
+        count = int(valid.sum())
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk):
-            h, t, ok = hidden[s:s + chunk], targets[s:s + chunk], valid[s:s + chunk]
-            logits = (h @ weight.t()).float()
-            t_safe = t.clamp(min=0)
-            lse = torch.logsumexp(logits, -1)
-            total += ((lse - logits.gather(1, t_safe[:, None]).squeeze(1)) * ok).sum()
-            # in place: logits -> softmax -> softmax - onehot, scaled for the mean; ignored rows 0
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(len(t), device=t.device), t_safe] -= 1.0
-            probs.mul_((ok * scale)[:, None].to(probs.dtype))
+            h, t = hidden[s:s + chunk], targets[s:s + chunk]
+            rows, t_safe = torch.arange(len(t), device=t.device), t.clamp(min=0)
+            # few passes over the [chunk, V] block: log-softmax, then in place exp -> softmax - onehot
+            logp = torch.log_softmax((h @ weight.t()).float(), -1)
+            nll = -logp[rows, t_safe]
+            probs = logp.exp_()
+            probs[rows, t_safe] -= 1.0
+            if count < n:  # ignored rows: no loss, no gradient
+                ok = valid[s:s + chunk]
+                nll = nll * ok
+                probs.mul_(ok[:, None].to(probs.dtype))
+            total += nll.sum()
             g = probs.to(hidden.dtype)
-            grad_hidden[s:s + chunk] = g @ weight
+            torch.mm(g, weight, out=grad_hidden[s:s + chunk])
             grad_weight.addmm_(g.t().float(), h.float())  # fp32 accumulation (.float() is free for fp32)
+        scale = 1.0 / max(count, 1)  # the mean, applied once to the small results
+        grad_hidden.mul_(scale)
+        grad_weight.mul_(scale)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total * scale
