@@ -128,7 +128,7 @@ def _load_gguf(path: str, dtype, device, quantize=None, group_size=None) -> LM:
         cfg = ModelConfig.from_hf(ckpt.hf_config, name=os.path.splitext(os.path.basename(path))[0])
     except ConfigError as e:
         raise hf.CheckpointError(f"{path}: {e}") from None
-    model = hf.new_empty_model(cfg, dtype, device, lazy_linears=bool(quantize))
+    model = hf.new_empty_model(cfg, dtype, device, lazy_weights=bool(quantize))
     quantizer = None
     if quantize:
         from .quantize import StreamingQuantizer
