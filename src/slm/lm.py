@@ -133,7 +133,7 @@ def _load_gguf(path: str, dtype, device, quantize=None, group_size=None) -> LM:
     if quantize:
         from .quantize import StreamingQuantizer
         quantizer = StreamingQuantizer(model, quantize, group_size)
-    tensors = ((path, name, t.shape, lambda dst, t=t: dst.copy_(t)) for name, t in ckpt.tensors())
+    tensors = ((path, name, t.shape, t) for name, t in ckpt.tensors())
     with torch.no_grad():
         hf.fill_model(model, tensors, path, config_name="the GGUF metadata", quantizer=quantizer)
     return LM(model, ckpt.tokenizer(), ckpt.generation_config)

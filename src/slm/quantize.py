@@ -465,15 +465,21 @@ class StreamingQuantizer:
             return mod.embedding_dim % QK == 0
         return isinstance(mod, nn.Linear) and layer_group(self.mode, mod.in_features, self.group_size) is not False
 
-    def storage(self, param: str) -> torch.Tensor:
+    def storage(self, param: str, source: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight's storage, made now if it is still on meta. source: the whole weight, already
+        in fp32 memory (a GGUF reader's), becomes the storage itself when this quantizes it."""
         mod = self.model.get_submodule(param.rpartition(".")[0])
         old = mod.weight
         if old.is_meta:
             wanted = self.wants(param)
             ref = getattr(self.model, "norm", None)  # a Transformer's dtype and device, as Transformer.dtype
             dtype = torch.float32 if wanted or ref is None else ref.weight.dtype
-            new = nn.Parameter(torch.empty(old.shape, dtype=dtype, device=None if ref is None else ref.weight.device),
-                               requires_grad=False)
+            device = torch.device("cpu") if ref is None else ref.weight.device
+            if wanted and source is not None and source.shape == old.shape and source.dtype == dtype \
+                    and source.device == device:
+                new = nn.Parameter(source, requires_grad=False)
+            else:
+                new = nn.Parameter(torch.empty(old.shape, dtype=dtype, device=device), requires_grad=False)
             for m in self.model.modules():  # every module sharing it: a tied head and embedding stay tied
                 if m._parameters.get("weight") is old:
                     m.weight = new

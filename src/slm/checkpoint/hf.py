@@ -232,14 +232,16 @@ def _quantized_layers(model: Transformer, qcfg: dict, headers: dict, path: str) 
 
 def fill_model(model: Transformer, tensors, source: str, config_name: str = "config.json",
                quantizer=None) -> Transformer:
-    """Fill every parameter from `tensors`: (file, Hugging Face name, shape, write(dst)) items.
-    Each tensor is written into its place as it comes, so nothing larger than one tensor is held.
-    quantizer (quantize.StreamingQuantizer): weights left on meta get storage from it, and each
-    layer (and the embedding) is quantized as soon as all its rows are written."""
+    """Fill every parameter from `tensors`: (file, Hugging Face name, shape, src) items, where src
+    is write(dst) or a tensor to copy. Each tensor is written into its place as it comes, so
+    nothing larger than one tensor is held.
+    quantizer (quantize.StreamingQuantizer): weights left on meta get storage from it (a whole
+    fp32 src tensor is taken as it is, not copied: it is about to be quantized), and each layer
+    (and the embedding) is quantized as soon as all its rows are written."""
     cfg = model.config
     params, layout = {**dict(model.named_parameters()), **dict(model.named_buffers())}, hf_layout(model)
     seen: set[str] = set()
-    for file, name, shape, write in tensors:
+    for file, name, shape, src in tensors:
         if _IGNORED.search(name) or (cfg.tie_embeddings and name == "lm_head.weight"):
             continue
         if name not in layout:
@@ -247,12 +249,15 @@ def fill_model(model: Transformer, tensors, source: str, config_name: str = "con
         ours, rows = layout[name]
         dst = params[ours]
         if quantizer is not None and dst.is_meta:
-            dst = quantizer.storage(ours)
+            dst = quantizer.storage(ours, src if rows is None and isinstance(src, torch.Tensor) else None)
         dst = dst if rows is None else dst[rows]
         if tuple(dst.shape) != tuple(shape):
             raise CheckpointError(f"{file}: tensor {name!r} has shape {list(shape)} but {config_name} "
                                   f"implies {list(dst.shape)}")
-        write(dst.data)
+        if not isinstance(src, torch.Tensor):
+            src(dst.data)
+        elif dst.data_ptr() != src.data_ptr():
+            dst.data.copy_(src)
         seen.add(name)
         if quantizer is not None:
             quantizer.written(ours, dst.shape[0])
