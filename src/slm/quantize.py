@@ -388,6 +388,17 @@ def _tied_head(model: nn.Module) -> nn.Linear | None:
     return None
 
 
+def _quantizes_embedding(model: nn.Module, mode: str, group_size: int | None, skip: tuple) -> bool:
+    """Whether quantize_embedding replaces `model.embed` (whose weight may still be on meta)."""
+    embed = getattr(model, "embed", None)
+    if not isinstance(embed, nn.Embedding) or _matches("embed", skip):
+        return False
+    head = _tied_head(model)
+    if head is not None:  # quantized as the head is, or not at all: one table serves both
+        return not _matches("lm_head", skip) and layer_group(mode, head.in_features, group_size) is not False
+    return embed.embedding_dim % QK == 0
+
+
 @torch.no_grad()
 def quantize_embedding(model: nn.Module, mode: str = "int8", group_size: int | None = None,
                        skip: Iterable[str] = ()) -> None:
@@ -397,16 +408,13 @@ def quantize_embedding(model: nn.Module, mode: str = "int8", group_size: int | N
     too narrow to quantize (the fp32 table then serves both), a width not a multiple of 32."""
     mode, group_size = check_mode(mode, group_size)
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    embed = getattr(model, "embed", None)
-    if not isinstance(embed, nn.Embedding) or embed.weight.is_meta or _matches("embed", skip):
+    if not _quantizes_embedding(model, mode, group_size, skip) or model.embed.weight.is_meta:
         return
-    head = _tied_head(model)
+    embed, head = model.embed, _tied_head(model)
     if head is not None:
-        if _matches("lm_head", skip) or layer_group(mode, head.in_features, group_size) is False:
-            return
         model.lm_head = quantize_linear(head, mode, group_size)
         model.embed = QuantEmbedding(embed.num_embeddings, embed.embedding_dim, tied_to=model.lm_head)
-    elif embed.embedding_dim % QK == 0:
+    else:
         model.embed = QuantEmbedding.from_embedding(embed)
     # the fp32 table is freed with the caller's last reference to the old module
 
@@ -479,11 +487,7 @@ class StreamingQuantizer:
             return False
         mod = self.model.get_submodule(mod_name)
         if isinstance(mod, nn.Embedding) and mod is getattr(self.model, "embed", None):
-            head = getattr(self.model, "lm_head", None)
-            if isinstance(head, nn.Linear) and head.weight is mod.weight:  # tied: quantized as the head is
-                return not _matches("lm_head", self.skip) and \
-                    layer_group(self.mode, head.in_features, self.group_size) is not False
-            return mod.embedding_dim % QK == 0
+            return _quantizes_embedding(self.model, self.mode, self.group_size, self.skip)
         return isinstance(mod, nn.Linear) and layer_group(self.mode, mod.in_features, self.group_size) is not False
 
     def storage(self, param: str, source: torch.Tensor | None = None) -> torch.Tensor:
