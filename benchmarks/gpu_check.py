@@ -33,7 +33,7 @@ def main() -> None:
                 diff = (ours.model(ids) - ref(ids).logits).abs().max().item()
             bf = slm.load(path, device="cuda")  # default on CUDA: bf16
             out = [s[0] for s in generate_ids(bf.model, [ids[0, :10].tolist()], 16)]
-            print(f"{name:<14} fp32 max|diff| {diff:.2e}  bf16 dtype {bf.model.embed.weight.dtype}  "
+            print(f"{name:<14} fp32 max|diff| {diff:.2e}  bf16 dtype {bf.model.dtype}  "
                   f"bf16 greedy ok: {len(out) == 16}")
             assert diff < 1e-3
         for preset in ("stories110m", "slm-124m"):

@@ -84,9 +84,12 @@ def test_gguf_export_refuses_unsupported(tmp_path, tokenizer_dir):
         write_gguf(lm, str(tmp_path / "g.gguf"), "q4_0")
 
 
-@pytest.mark.parametrize("quantize", [None, "int4"])
-def test_hf_export_loads_in_transformers(tmp_path, tokenizer_dir, quantize):
-    src = make_checkpoint(str(tmp_path / "src"), "phi", tokenizer_dir)
+@pytest.mark.parametrize("family,quantize", [("phi", None), ("phi", "int4"), ("llama-untied", "int8"),
+                                             ("llama-tied", "int8"), ("gemma3", "int4")])
+def test_hf_export_loads_in_transformers(tmp_path, tokenizer_dir, family, quantize):
+    """A quantized model exports dequantized, its embedding too (a tied head's table once, as the
+    embedding): transformers computes the quantized model's logits."""
+    src = make_checkpoint(str(tmp_path / "src"), FAMILIES[family][0], tokenizer_dir, **FAMILIES[family][1])
     lm = slm.load(src, quantize=quantize)
     from slm.cli import main
     if quantize:
@@ -97,6 +100,19 @@ def test_hf_export_loads_in_transformers(tmp_path, tokenizer_dir, quantize):
     ids = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ref(ids).logits, lm.model(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,quantize", [("llama-tied", "int4"), ("phi", "int8")])
+def test_gguf_export_of_quantized_model(tmp_path, tokenizer_dir, family, quantize):
+    """An f32 GGUF of a quantized model holds its dequantized weights, embedding included: slm
+    reads it back to the quantized model's logits."""
+    src = make_checkpoint(str(tmp_path / "src"), FAMILIES[family][0], tokenizer_dir, **FAMILIES[family][1])
+    lm = slm.load(src, quantize=quantize)
+    write_gguf(lm, str(tmp_path / "m.gguf"), "f32")
+    back = slm.load(str(tmp_path / "m.gguf"))
+    ids = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(ids), lm.model(ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.llamacpp

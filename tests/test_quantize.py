@@ -14,8 +14,8 @@ import torch.nn as nn
 import slm
 from slm import kernels
 from slm.generate import generate_ids
-from slm.quantize import (MAX_DIRECT, Int8Linear, dequantize_q8, q8_linear_reference, quantize_model, quantize_q8,
-                          weight_bytes)
+from slm.quantize import (MAX_DIRECT, Int8Linear, QuantEmbedding, dequantize_q8, q8_linear_reference, quantize_model,
+                          quantize_q8, weight_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -147,22 +147,72 @@ def tiny(family: str = "llama", **kw) -> slm.Transformer:
     return model.eval()
 
 
-def test_quantize_model_replaces_linears_and_keeps_tied_embedding(q8):
-    model = tiny()
-    embed_w = model.embed.weight
+def test_quantize_model_replaces_linears_and_embedding(q8):
+    model = tiny(tie_embeddings=False)
     before = weight_bytes(model)
     quantize_model(model)
     linears = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Linear, Int8Linear))}
     assert set(linears.values()) == {"Int8Linear"}
     assert {"lm_head", "blocks.0.attn.qkv_proj", "blocks.0.attn.o_proj", "blocks.1.mlp.gate_up_proj",
             "blocks.1.mlp.down_proj"} <= set(linears)
-    assert isinstance(model.embed, nn.Embedding) and model.embed.weight is embed_w  # the lookup keeps fp32
-    after = weight_bytes(model)
-    assert after < before
-    # the blocks' weights go from 4 bytes to ~1 byte; the fp32 table stays for the embedding
-    layer_params = sum(m.qweight.numel() for n, m in model.named_modules()
-                       if isinstance(m, Int8Linear) and n != "lm_head")
-    assert before - after > 2.5 * layer_params
+    assert isinstance(model.embed, QuantEmbedding) and model.embed.tied_to is None
+    assert model.embed.qweight.dtype == torch.int8 and model.embed.scales.shape == (256, 1)
+    # every matrix, the embedding included, goes from 4 bytes a weight to ~1
+    matrices = sum(m.qweight.numel() for m in model.modules() if isinstance(m, (Int8Linear, QuantEmbedding)))
+    assert before - weight_bytes(model) > 2.9 * matrices
+    assert model.dtype == torch.float32 and model.device.type == "cpu"  # not the embedding's int8
+
+
+# -- the embedding -----------------------------------------------------------------------------
+def test_quant_embedding_lookup_error_per_row():
+    g = torch.Generator().manual_seed(0)
+    emb = nn.Embedding(300, 96)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(300, 96, generator=g) * torch.logspace(-4, 1, 300)[:, None])  # rows of all scales
+        emb.weight[7] = 0.0
+    q = QuantEmbedding.from_embedding(emb)
+    ids = torch.tensor([[0, 7, 299, 7], [150, 3, 3, 42]])
+    out = q(ids)
+    assert out.shape == (2, 4, 96) and out.dtype == torch.float32
+    ref = emb(ids).detach()
+    # round to nearest of 255 levels per row: at most half a step, absmax(row) / 254, off each weight
+    bound = ref.abs().amax(-1, keepdim=True) / 254
+    assert ((out - ref).abs() <= bound * (1 + 1e-5)).all()
+    assert (out[0, 1] == 0).all()
+    torch.testing.assert_close(out, q.dequantize()[ids], rtol=0, atol=0)
+    for bad in (300, -1):  # as nn.Embedding: out-of-range ids raise, negative ones do not wrap around
+        with pytest.raises(IndexError):
+            q(torch.tensor([bad]))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_tied_head_and_embedding_share_one_quantized_table(q8, mode):
+    model = tiny()  # tied
+    V, d = model.config.vocab_size, model.config.hidden_size
+    quantize_model(model, mode)
+    head, embed = model.lm_head, model.embed
+    assert isinstance(embed, QuantEmbedding) and embed.tied_to is head
+    assert list(embed.buffers()) == [] and not any(k.startswith("embed.") for k in model.state_dict())
+    # no fp32 copy of the table is left anywhere: one quantized table, counted once
+    assert not any(t.shape == (V, d) and t.is_floating_point() for t in [*model.parameters(), *model.buffers()])
+    assert weight_bytes(model) == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    ids = torch.tensor([[1, 5, 255]])
+    torch.testing.assert_close(embed(ids)[0], head.dequantize()[ids[0]], rtol=0, atol=0)
+    with torch.no_grad():  # the lookup reads the head's storage itself, not a copy
+        head.qweight[5] = head.qweight[1]
+        head.scales[5] = head.scales[1]
+        if mode == "int4":
+            head.mins[5] = head.mins[1]
+    assert torch.equal(embed(torch.tensor([5])), embed(torch.tensor([1])))
+
+
+def test_quantize_embedding_skips(q8):
+    model = quantize_model(tiny(), skip=("lm_head",))  # a tied head left in fp32: so is its embedding, one table
+    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.embed.weight
+    model = quantize_model(tiny(), skip=("embed",))  # the lookup in fp32, the head quantized
+    assert isinstance(model.embed, nn.Embedding) and isinstance(model.lm_head, Int8Linear)
+    model = quantize_model(tiny(tie_embeddings=False, hidden_size=48, num_heads=3, num_kv_heads=3, intermediate_size=96))
+    assert isinstance(model.embed, nn.Embedding)  # 48 columns: not a multiple of 32, left in fp32
 
 
 def test_quantize_model_skip_and_odd_sizes_and_frees_weights(q8):

@@ -13,8 +13,9 @@ import torch.nn as nn
 import slm
 from slm import kernels
 from slm.checkpoint.hf import read_json
-from slm.quantize import (Int4Linear, Int8Linear, dequantize_q4, q4_linear_reference, quantize_model, quantize_q4,
-                          quantize_q8, weight_bytes)
+from slm.checkpoint.safetensors_io import read_header
+from slm.quantize import (Int4Linear, Int8Linear, QuantEmbedding, dequantize_q4, q4_linear_reference, quantize_model,
+                          quantize_q4, quantize_q8, weight_bytes)
 from conftest import make_checkpoint
 
 
@@ -98,7 +99,7 @@ def llama_dir(tmp_path_factory, tokenizer_dir):
                            hidden_size=128, tie_word_embeddings=True)
 
 
-@pytest.mark.parametrize("mode,bound", [("int8", 0.05), ("int4", 0.35)])
+@pytest.mark.parametrize("mode,bound", [("int8", 0.05), ("int4", 0.42)])
 def test_quantize_while_loading_and_save_load(llama_dir, tmp_path, mode, bound):
     ref = slm.load(llama_dir)
     lm = slm.load(llama_dir, quantize=mode)
@@ -107,7 +108,9 @@ def test_quantize_while_loading_and_save_load(llama_dir, tmp_path, mode, bound):
     ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         r, y = ref.model(ids), lm.model(ids)
-    assert rel_err(y, r) < bound  # random weights, std 0.1: larger errors than trained ones
+    # random weights, std 0.1: larger errors than trained ones; in int4 the tied embedding's rows are
+    # int4 too (observed: int8 3.4%, int4 37%)
+    assert rel_err(y, r) < bound
     # the same layers as quantizing the loaded fp32 model
     with torch.no_grad():
         torch.testing.assert_close(quantize_model(ref.model, mode)(ids), y, rtol=1e-5, atol=1e-5)
@@ -136,3 +139,51 @@ def test_random_weight_bench_small():
     from slm.bench import run
     r = run("slm-1m", "int4", new_tokens=4)
     assert r["tokens_per_s"] > 0 and r["weights_GiB"] > 0
+
+
+@pytest.mark.parametrize("mode,bound", [("int8", 0.05), ("int4", 0.35)])
+def test_every_family_quantized_with_its_embedding(checkpoint, tmp_path, mode, bound):
+    """Each family of conftest.FAMILIES, quantized while loading, embedding included: logits near
+    fp32 (Gemma's sqrt(hidden) scale applied to the quantized rows too), and a saved copy that reads
+    back identical and holds no fp32 table."""
+    ref = slm.load(checkpoint)
+    lm = slm.load(checkpoint, quantize=mode)
+    model, tied = lm.model, lm.config.tie_embeddings
+    assert isinstance(model.embed, QuantEmbedding) and (model.embed.tied_to is model.lm_head) == tied
+    assert model.dtype == torch.float32
+    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(ids)
+        assert rel_err(y, ref.model(ids)) < bound
+    out = str(tmp_path / "q")
+    lm.save(out)
+    stored = {n: i for f in os.listdir(out) if f.endswith(".safetensors") for n, i in read_header(os.path.join(out, f)).items()}
+    assert "model.embed_tokens.weight" not in stored and "lm_head.weight" not in stored
+    assert ("model.embed_tokens.qweight" in stored) == (not tied)  # tied: the head's table is the embedding's
+    back = slm.load(out)
+    assert isinstance(back.model.embed, QuantEmbedding) and (back.model.embed.tied_to is back.model.lm_head) == tied
+    with torch.no_grad():
+        assert torch.equal(back.model(ids), y)
+    assert weight_bytes(back.model) == weight_bytes(model)
+
+
+def test_checkpoint_with_fp32_embedding_loads(llama_dir, tmp_path):
+    """A quantized folder whose embedding stayed in floating point (skip="embed", or one saved before
+    the embedding was quantized) loads as saved: the fp32 lookup and the quantized tied head."""
+    lm = slm.load(llama_dir)
+    quantize_model(lm.model, "int8", skip=("embed",))
+    assert isinstance(lm.model.embed, nn.Embedding) and isinstance(lm.model.lm_head, Int8Linear)
+    lm.save(str(tmp_path / "q"))
+    back = slm.load(str(tmp_path / "q"))
+    assert isinstance(back.model.embed, nn.Embedding) and isinstance(back.model.lm_head, Int8Linear)
+    ids = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back.model(ids), lm.model(ids))
+
+
+def test_random_weight_bench_quantizes_the_embedding():
+    from slm.bench import random_model
+    for mode in ("int8", "int4"):
+        model = random_model("slm-1m", mode)  # tied
+        assert isinstance(model.embed, QuantEmbedding) and model.embed.tied_to is model.lm_head
+        assert not any(p.is_meta for p in [*model.parameters(), *model.buffers()])

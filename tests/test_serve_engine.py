@@ -46,12 +46,14 @@ def lm(tmp_path_factory, tokenizer_dir):
     return slm.load(make_checkpoint(str(tmp_path_factory.mktemp("engine")), "llama", tokenizer_dir))
 
 
-@pytest.mark.parametrize("family", ["llama-untied", "mistral-gqa", "gemma3"])
-def test_batched_greedy_equals_alone(family, tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("family,quantize", [("llama-untied", None), ("mistral-gqa", None), ("gemma3", None),
+                                             ("gemma3", "int4"), ("phi", "int8")])
+def test_batched_greedy_equals_alone(family, quantize, tmp_path, tokenizer_dir):
     """6 requests through 3 rows: later ones join a running batch as rows free up; prompts and
-    generations longer than the sliding windows (16 for Mistral, 8 for Gemma) roll the cache."""
+    generations longer than the sliding windows (16 for Mistral, 8 for Gemma) roll the cache.
+    Quantized models too (embedding included: the engine takes the model's dtype, not the table's)."""
     fam, kw = FAMILIES[family]
-    lm = slm.load(make_checkpoint(str(tmp_path / "m"), fam, tokenizer_dir, **kw))
+    lm = slm.load(make_checkpoint(str(tmp_path / "m"), fam, tokenizer_dir, **kw), quantize=quantize)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (4, 30, 11, 2, 19, 7)]
     lengths = [25, 9, 40, 17, 30, 12]

@@ -3,9 +3,10 @@
     slm bench --preset llama-2-13b --random-weights --quantize int4
 
 No real weights can be downloaded here, so the model is built on the meta device and each linear
-layer is then given random fp32 weights and quantized on its own, one at a time: the full fp32
-model never exists, and resident memory stays near the quantized size. Reports the process's
-resident memory (psutil: what the machine has to hold) and batch-1 greedy decode tokens/s.
+layer, and the embedding, is then given random fp32 weights and quantized on its own, one at a
+time: the full fp32 model never exists, and resident memory stays near the quantized size.
+Reports the process's resident memory (psutil: what the machine has to hold) and batch-1 greedy
+decode tokens/s.
 Random weights decode at the same speed as real ones: every step reads every weight once.
 """
 
@@ -14,10 +15,9 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn as nn
 
 from .config import get_config
-from .quantize import _linear_names, _set_module, check_mode, quant_config, quantize_linear, weight_bytes
+from .quantize import StreamingQuantizer, weight_bytes
 
 
 def _rss() -> int:
@@ -27,15 +27,14 @@ def _rss() -> int:
 
 @torch.no_grad()
 def random_model(preset: str, quantize: str | None = None, group_size: int | None = None, seed: int = 0):
-    """The preset's architecture with N(0, 0.02) weights, quantized layer by layer."""
+    """The preset's architecture with N(0, 0.02) weights, quantized layer by layer (the embedding
+    too) by the quantizer that quantizes checkpoints while they load."""
     from .checkpoint.hf import new_empty_model
     cfg = get_config(preset)
-    if quantize:
-        quantize, group_size = check_mode(quantize, group_size)
-    model = new_empty_model(cfg, torch.float32, "cpu", lazy_linears=bool(quantize))
+    model = new_empty_model(cfg, torch.float32, "cpu", lazy_weights=bool(quantize))
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if not p.is_meta:  # embeddings, norms, biases, and linear weights when not quantizing
+        if not p.is_meta:  # norms, biases, and every weight when not quantizing
             if "norm" in name:
                 p.fill_(0.0 if cfg.norm_plus_one else 1.0)
             elif name.endswith("bias"):
@@ -43,14 +42,13 @@ def random_model(preset: str, quantize: str | None = None, group_size: int | Non
             else:
                 p.normal_(0.0, 0.02, generator=g)
     if quantize:
-        for name in _linear_names(model, ()):
-            lin = model.get_submodule(name)
-            if lin.weight.is_meta:
-                lin.weight = nn.Parameter(torch.empty(lin.weight.shape).normal_(0.0, 0.02, generator=g),
-                                          requires_grad=False)
-            _set_module(model, name, quantize_linear(lin, quantize, group_size))
-            del lin
-        model.quantization = quant_config(quantize, group_size)
+        quantizer = StreamingQuantizer(model, quantize, group_size)
+        for name, p in list(model.named_parameters()):  # a tied head is listed once, as the embedding
+            if p.is_meta:
+                w = quantizer.storage(name)
+                w.normal_(0.0, 0.02, generator=g)
+                quantizer.written(name, w.shape[0])
+        quantizer.finish()
     return model.eval()
 
 

@@ -66,7 +66,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, sampling:
     s = sampling or Sampling()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    device = model.embed.weight.device
+    device = model.device
     B, longest = len(prompts), max(len(p) for p in prompts)
     ctx = model.config.max_seq_len
     if longest >= ctx:

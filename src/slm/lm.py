@@ -128,12 +128,12 @@ def _load_gguf(path: str, dtype, device, quantize=None, group_size=None) -> LM:
         cfg = ModelConfig.from_hf(ckpt.hf_config, name=os.path.splitext(os.path.basename(path))[0])
     except ConfigError as e:
         raise hf.CheckpointError(f"{path}: {e}") from None
-    model = hf.new_empty_model(cfg, dtype, device, lazy_linears=bool(quantize))
+    model = hf.new_empty_model(cfg, dtype, device, lazy_weights=bool(quantize))
     quantizer = None
     if quantize:
         from .quantize import StreamingQuantizer
         quantizer = StreamingQuantizer(model, quantize, group_size)
-    tensors = ((path, name, t.shape, lambda dst, t=t: dst.copy_(t)) for name, t in ckpt.tensors())
+    tensors = ((path, name, t.shape, t) for name, t in ckpt.tensors())
     with torch.no_grad():
         hf.fill_model(model, tensors, path, config_name="the GGUF metadata", quantizer=quantizer)
     return LM(model, ckpt.tokenizer(), ckpt.generation_config)

@@ -319,9 +319,28 @@ class Transformer(nn.Module):
         p = pos.clamp(min=0)
         return cos[p].unsqueeze(1), sin[p].unsqueeze(1)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in: that of its floating-point weights. Read from the final
+        norm, which is never quantized (the embedding and linear layers may hold int8/int4 tables)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        p = self.embed.weight
-        return KVCache(self.config, batch, max_len or self.config.max_seq_len, p.device, p.dtype)
+        return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.device, self.dtype)
+
+    def embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings [B, T, d] in the model's dtype (a quantized table gives fp32 rows),
+        times sqrt(hidden) for Gemma, rounded to the model dtype first as Gemma's reference does."""
+        x = self.embed(input_ids)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        if self.config.embed_scale:
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        return x
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False,
@@ -344,9 +363,7 @@ class Transformer(nn.Module):
         limit = cache.max_len if cache is not None else self.config.max_seq_len
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {limit}")
-        x = self.embed(input_ids)
-        if self.config.embed_scale:  # Gemma: sqrt(hidden), rounded to the model dtype first
-            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        x = self.embeddings(input_ids)
         ropes = {r: self.rope(pos, x.dtype, *r) for r in set(self._layer_rope)}
         plans = self._plans(pos, cache, padded)
         for i, block in enumerate(self.blocks):

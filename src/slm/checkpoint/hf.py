@@ -155,15 +155,16 @@ def _meta_device():
         nn.Embedding.reset_parameters = saved
 
 
-def _materialize(model: nn.Module, dtype: torch.dtype, device: torch.device, lazy_linears: bool = False) -> None:
+def _materialize(model: nn.Module, dtype: torch.dtype, device: torch.device, lazy_weights: bool = False) -> None:
     """Give each meta parameter real, uninitialised storage (tied parameters stay tied). Unlike
     Module.to_empty this calls torch.empty directly: empty_like on meta imports torch.fx (50 MB).
-    lazy_linears: leave the weights of linear layers on meta, for a quantizer to fill layer by layer."""
+    lazy_weights: leave the weights of linear layers and embeddings on meta, for a quantizer to
+    fill layer by layer."""
     made: dict[int, nn.Parameter] = {}
     for mod in model.modules():
         for name, p in mod._parameters.items():
             if p is not None:
-                if lazy_linears and id(p) not in made and isinstance(mod, nn.Linear) and name == "weight":
+                if lazy_weights and isinstance(mod, (nn.Linear, nn.Embedding)) and name == "weight":
                     continue
                 if id(p) not in made:
                     made[id(p)] = nn.Parameter(_empty(p.shape, dtype, device), p.requires_grad)
@@ -181,63 +182,82 @@ def _empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch
 
 
 def new_empty_model(cfg: ModelConfig, dtype: torch.dtype | None = None, device=None,
-                    lazy_linears: bool = False) -> Transformer:
+                    lazy_weights: bool = False) -> Transformer:
     """A model whose parameters are allocated but not initialised, ready to be filled."""
     device = torch.device(device or "cpu")
     with _meta_device():
         model = Transformer(cfg)
-    _materialize(model, dtype or default_dtype(device), device, lazy_linears)
+    _materialize(model, dtype or default_dtype(device), device, lazy_weights)
     return model
 
 
 def _quantized_layers(model: Transformer, qcfg: dict, headers: dict, path: str) -> None:
-    """Replace the linear layers that a quantized checkpoint stores quantized (those with a
-    `qweight`) by empty quantized layers of the stored group size, ready to be filled."""
-    from ..quantize import LAYERS, mode_of
+    """Replace the layers that a quantized checkpoint stores quantized (those with `scales`) by
+    empty quantized layers of the stored group size, ready to be filled, and give the weights it
+    stores in floating point their storage. The embedding is a QuantEmbedding with its own int8
+    rows (`model.embed_tokens.scales`), or reads a tied head's table (no embed_tokens tensor)."""
+    from ..quantize import LAYERS, QuantEmbedding, QuantLinear, mode_of
     mode, _ = mode_of(qcfg)
+    cfg, dtype, device = model.config, model.dtype, model.device
     layout = {ours: hf for hf, (ours, _) in hf_layout(model).items()}  # ours -> one of its HF names
+    embed_hf = hf_name(cfg.family, "embed.weight")[:-len(".weight")]
+    if f"{embed_hf}.scales" in headers:
+        scales = headers[f"{embed_hf}.scales"]
+        if tuple(scales.shape) != (cfg.vocab_size, 1):
+            raise CheckpointError(f"{path}: {embed_hf}.scales has shape {list(scales.shape)}")
+        model.embed = QuantEmbedding(cfg.vocab_size, cfg.hidden_size, device=device)
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear):
             continue
-        hf = layout.get(f"{name}.weight") or hf_name(model.config.family, f"{name}.weight")  # a tied head: not listed
+        hf = layout.get(f"{name}.weight") or hf_name(cfg.family, f"{name}.weight")  # a tied head: not listed
         scales = headers.get(hf.rsplit(".", 1)[0] + ".scales")
         if scales is None:  # kept in floating point
-            if mod.weight.is_meta:
-                mod.weight = nn.Parameter(_empty(mod.weight.shape, model.embed.weight.dtype, mod.weight.device))
             continue
         ng = scales.shape[1]
         if ng < 1 or mod.in_features % ng:
             raise CheckpointError(f"{path}: {hf} has scales of shape {list(scales.shape)}")
         q = LAYERS[mode](mod.in_features, mod.out_features, bias=mod.bias is not None,
-                         device=model.embed.weight.device, group_size=mod.in_features // ng)
+                         device=device, group_size=mod.in_features // ng)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, q)
+    if cfg.tie_embeddings and isinstance(model.lm_head, QuantLinear) and f"{embed_hf}.weight" not in headers:
+        model.embed = QuantEmbedding(cfg.vocab_size, cfg.hidden_size, tied_to=model.lm_head)
+    made: dict[int, nn.Parameter] = {}
+    for mod in model.modules():  # weights kept in floating point; a tied pair gets one storage
+        p = mod._parameters.get("weight")
+        if p is not None and p.is_meta:
+            mod.weight = made.setdefault(id(p), nn.Parameter(_empty(p.shape, dtype, device)))
     model.quantization = dict(qcfg)
 
 
 def fill_model(model: Transformer, tensors, source: str, config_name: str = "config.json",
                quantizer=None) -> Transformer:
-    """Fill every parameter from `tensors`: (file, Hugging Face name, shape, write(dst)) items.
-    Each tensor is written into its place as it comes, so nothing larger than one tensor is held.
-    quantizer (quantize.StreamingQuantizer): linear weights left on meta get fp32 storage from it,
-    and each layer is quantized as soon as all its rows are written."""
+    """Fill every parameter from `tensors`: (file, Hugging Face name, shape, src) items, where src
+    is write(dst) or a tensor to copy. Each tensor is written into its place as it comes, so
+    nothing larger than one tensor is held.
+    quantizer (quantize.StreamingQuantizer): weights left on meta get storage from it (a whole
+    fp32 src tensor is taken as it is, not copied: it is about to be quantized), and each layer
+    (and the embedding) is quantized as soon as all its rows are written."""
     cfg = model.config
     params, layout = {**dict(model.named_parameters()), **dict(model.named_buffers())}, hf_layout(model)
     seen: set[str] = set()
-    for file, name, shape, write in tensors:
+    for file, name, shape, src in tensors:
         if _IGNORED.search(name) or (cfg.tie_embeddings and name == "lm_head.weight"):
             continue
         if name not in layout:
             raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {cfg.family} model")
         ours, rows = layout[name]
         dst = params[ours]
-        if quantizer is not None and dst.is_meta and quantizer.wants(ours):
-            dst = quantizer.storage(ours)
+        if quantizer is not None and dst.is_meta:
+            dst = quantizer.storage(ours, src if rows is None and isinstance(src, torch.Tensor) else None)
         dst = dst if rows is None else dst[rows]
         if tuple(dst.shape) != tuple(shape):
             raise CheckpointError(f"{file}: tensor {name!r} has shape {list(shape)} but {config_name} "
                                   f"implies {list(dst.shape)}")
-        write(dst.data)
+        if not isinstance(src, torch.Tensor):
+            src(dst.data)
+        elif dst.data_ptr() != src.data_ptr():
+            dst.data.copy_(src)
         seen.add(name)
         if quantizer is not None:
             quantizer.written(ours, dst.shape[0])
@@ -273,13 +293,13 @@ def load_model(path: str, dtype: torch.dtype | None = None, device=None, quantiz
     if qcfg:
         if quantize and f"int{qcfg.get('bits')}" != quantize:
             raise CheckpointError(f"{path}: holds an int{qcfg.get('bits')} model; it cannot be loaded as {quantize}")
-        model = new_empty_model(read_config(path), dtype, device, lazy_linears=True)
+        model = new_empty_model(read_config(path), dtype, device, lazy_weights=True)
         try:
             _quantized_layers(model, qcfg, {n: i for h in headers.values() for n, i in h.items()}, path)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
     else:
-        model = new_empty_model(read_config(path), dtype, device, lazy_linears=bool(quantize))
+        model = new_empty_model(read_config(path), dtype, device, lazy_weights=bool(quantize))
         if quantize:
             from ..quantize import StreamingQuantizer
             quantizer = StreamingQuantizer(model, quantize, group_size)
@@ -316,16 +336,22 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 
 
 def _dequantized_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """Hugging Face name -> tensor, with each quantized layer's weight dequantized to fp32."""
-    from ..quantize import QuantLinear
+    """Hugging Face name -> tensor, with each quantized table dequantized to fp32. A quantized head
+    tied to the embedding is written once, as the embedding (transformers ties it back)."""
+    from ..quantize import QuantEmbedding, QuantLinear
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    weights = {f"{n}.weight": m.dequantize() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    tied = model.embed.tied_to if isinstance(model.embed, QuantEmbedding) else None
+    weights = {n: m.dequantize() for n, m in model.named_modules()
+               if isinstance(m, QuantLinear) or (isinstance(m, QuantEmbedding) and m.tied_to is None)}
     out = {}
     for hf, (ours, rows) in hf_layout(model).items():
-        if ours.endswith((".qweight", ".scales", ".mins")):  # a tied head's weight is the embedding's
-            if ours.endswith(".qweight") and not (ours == "lm_head.qweight" and model.config.tie_embeddings):
-                w = weights[ours[:-8] + ".weight"]
-                out[hf[:-8] + ".weight"] = (w if rows is None else w[rows]).contiguous()
+        if ours.endswith((".qweight", ".scales", ".mins")):
+            if ours.endswith(".qweight"):
+                name = ours[:-len(".qweight")]
+                w = weights[name]
+                if tied is not None and model.get_submodule(name) is tied:
+                    hf = hf_name(model.config.family, "embed.qweight")
+                out[hf[:-len(".qweight")] + ".weight"] = (w if rows is None else w[rows]).contiguous()
             continue
         out[hf] = (params[ours] if rows is None else params[ours][rows]).detach().to("cpu").contiguous()
     return out
@@ -368,7 +394,7 @@ def save_model(model: Transformer, path: str, tokenizer=None, generation_config:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         hf = cfg.to_hf()
-        hf["dtype"] = _DTYPE_NAMES.get(model.embed.weight.dtype, "float32")
+        hf["dtype"] = _DTYPE_NAMES.get(model.dtype, "float32")
         if quantized and not dequantize:
             hf["quantization_config"] = dict(model.quantization)
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -74,7 +74,7 @@ def loglikelihoods(lm: LM, requests: list[tuple[list[int], list[int]]], batch_si
         if len(cont) > L:
             raise ValueError(f"a continuation of {len(cont)} tokens does not fit the context of {L} tokens")
     model = lm.model.eval()
-    device = model.embed.weight.device
+    device = model.device
     # lm-eval's order: longest first, ties broken by the tokens themselves (deterministic).
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0] + requests[i][1]),
                                                         tuple(requests[i][0] + requests[i][1])))

@@ -50,8 +50,8 @@ class Attribution:
 
 
 def _check(model: Transformer, ids: torch.Tensor, target: int, contrast: int | None) -> None:
-    if model.embed.weight.dtype != torch.float32:
-        raise ValueError(f"attribution needs an fp32 model, this one is {model.embed.weight.dtype} "
+    if model.dtype != torch.float32:
+        raise ValueError(f"attribution needs an fp32 model, this one is {model.dtype} "
                          "(load it with dtype='fp32')")
     if ids.dim() != 1 or len(ids) == 0:
         raise ValueError(f"attribution takes one sequence of token ids, got shape {tuple(ids.shape)}")
@@ -180,7 +180,7 @@ def attribute(model: Transformer, ids, target: int, contrast: int | None = None,
               baseline: str | int = "zeros", rule: str = "trapezoid", occlusion_token: int | None = None,
               fixed: list[int] | None = None, progress: bool = False) -> Attribution:
     """All three attributions of f for one sequence of token ids."""
-    ids = torch.as_tensor(ids, dtype=torch.long, device=model.embed.weight.device).reshape(-1)
+    ids = torch.as_tensor(ids, dtype=torch.long, device=model.device).reshape(-1)
     fixed = default_fixed(model, ids) if fixed is None else list(fixed)
     ig, fx, fb = integrated_gradients(model, ids, target, contrast, steps, baseline, rule, fixed, progress=progress)
     gxi = gradient_x_input(model, ids, target, contrast, fixed)

@@ -200,7 +200,7 @@ def run_with_cache(lm_or_model, ids, names: Iterable[str] | Callable | None = No
     ids: text (with an LM), a list of ids, or a [pos] / [batch, pos] tensor. forward_kw go to the
     model (attention_mask for a left-padded batch)."""
     model = model_of(lm_or_model)
-    ids = as_ids(lm_or_model, ids).to(model.embed.weight.device)
+    ids = as_ids(lm_or_model, ids).to(model.device)
     with torch.no_grad(), capture(model, names) as cache:
         logits = model(ids, **forward_kw)
     return logits, cache

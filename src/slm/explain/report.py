@@ -79,10 +79,10 @@ def _baseline_id(tok, model) -> int:
     """The baseline token of "pad": the padding token, else <unk>, else end-of-text; the first of
     them whose embedding is not all zeros (a padding_idx row is, and a path from zero embeddings
     through stacked RMSNorms changes on every scale from 1e-8 up: see attribution.py)."""
-    w = model.embed.weight
     for cand in (model.config.pad_token_id, tok.pad_token and tok.token_id(tok.pad_token),
                  tok.token_id("<unk>"), tok.eos_id):
-        if cand is not None and 0 <= cand < w.shape[0] and bool(w[cand].any()):
+        if cand is not None and 0 <= cand < model.config.vocab_size and \
+                bool(model.embed(torch.tensor([cand], device=model.device)).any()):
             return int(cand)
     raise ValueError("no pad, <unk> or end-of-text token with a non-zero embedding for the baseline; "
                      "pass --baseline zeros or a token")

@@ -256,7 +256,7 @@ def merge_lora(model: Transformer) -> Transformer:
     for name, layer in lora_layers(model).items():
         base = layer.base
         merged = Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        merged.weight = nn.Parameter(layer.merged_weight().to(model.embed.weight.dtype))
+        merged.weight = nn.Parameter(layer.merged_weight().to(model.dtype))
         if base.bias is not None:
             merged.bias = nn.Parameter(base.bias.detach().clone())
         _set_module(model, name, merged)

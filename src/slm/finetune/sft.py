@@ -189,9 +189,7 @@ def packed_forward(model: Transformer, ids: torch.Tensor, pos: torch.Tensor, doc
     conversation attending only to itself, at its own positions (Transformer.forward's steps
     with a block-diagonal mask). checkpoint: recompute each block in backward (less memory)."""
     cfg = model.config
-    x = model.embed(ids)
-    if cfg.embed_scale:
-        x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
+    x = model.embeddings(ids)
     ropes = {r: model.rope(pos, x.dtype, *r) for r in set(model._layer_rope)}
     same = (doc[:, :, None] == doc[:, None, :]) & (pos[:, None, :] <= pos[:, :, None])
     plans = {}

@@ -131,8 +131,7 @@ class Tracker:
         (`last_only` prefill: once per sequence). Returns the hook's handle."""
         model = getattr(model, "model", model)
         cfg = self.model_cfg = model.config
-        p = next(model.parameters())
-        self.dtype = self.dtype or p.dtype
+        self.dtype = self.dtype or model.dtype
         sig = inspect.signature(model.forward)
         body, head = 2 * (matmul_params(cfg) - cfg.vocab_size * cfg.hidden_size), 2 * cfg.vocab_size * cfg.hidden_size
 

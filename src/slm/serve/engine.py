@@ -162,9 +162,8 @@ class Engine:
         cfg = self.model.config
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        w = self.model.embed.weight
-        self.device, self.vocab = w.device, self.model.lm_head.weight.shape[0]
-        self.cache = RowKVCache(cfg, max_batch, self.max_len, w.device, w.dtype)
+        self.device, self.vocab = self.model.device, cfg.vocab_size
+        self.cache = RowKVCache(cfg, max_batch, self.max_len, self.model.device, self.model.dtype)
         self.rows: list[_Seq | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()
