@@ -204,7 +204,6 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, c.optimizer, c.lr, c.weight_decay, c.muon_lr)
         self.step, self.receipt = 0, None
         self.loss = loss_function(self.model, self.forward, self.device, c.compile, self.fsdp)
-        self.bf16 = self.device.type == "cuda"  # autocast (loss_function)
 
     # -- checkpoints ---------------------------------------------------------------------------
     @property
@@ -318,7 +317,7 @@ class Trainer:
         # out/receipt.json: this session's time, FLOPs, energy, CO2 and money (added to the earlier
         # sessions' on --resume); rank 0 accounts for all processes of this machine
         self.receipt = track("train", path=os.path.join(c.out, "receipt.json"), model_cfg=self.model_cfg,
-                             device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                             device=self.device, dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                              devices_used=self.world if self.device.type == "cuda" else 1, processes=self.world,
                              merge=bool(resumed), stream=sys.stdout).start() if self.rank == 0 else None
         start, deadline = time.time(), (time.time() + 60 * c.max_minutes) if c.max_minutes else None
