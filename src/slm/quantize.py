@@ -86,6 +86,11 @@ def dequantize_q8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (q.view(N, ng, K // ng).to(torch.float32) * scales.to(torch.float32)[..., None]).view(N, K)
 
 
+def q8_rows(q: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 rows [n, K] of the int8 table for the 1-D ids (gathered first: only those dequantized)."""
+    return dequantize_q8(F.embedding(ids, q), F.embedding(ids, scales))
+
+
 # -- int4 --------------------------------------------------------------------------------------
 @torch.no_grad()
 def quantize_q4(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -204,7 +209,7 @@ class Int8Linear(QuantLinear):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 rows [n, in] of W for the 1-D ids: a tied embedding's lookup."""
-        return dequantize_q8(F.embedding(ids, self.qweight), F.embedding(ids, self.scales))
+        return q8_rows(self.qweight, self.scales, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the dicts, not nn.Module.__getattr__: this runs ~100 times a token
@@ -319,7 +324,7 @@ class QuantEmbedding(nn.Module):
         """fp32 rows [n, d] for the 1-D ids."""
         if self._tied:
             return self._tied[0].rows(ids)
-        return dequantize_q8(F.embedding(ids, self.qweight), F.embedding(ids, self.scales))
+        return q8_rows(self.qweight, self.scales, ids)
 
     def dequantize(self) -> torch.Tensor:
         """The whole fp32 table [V, d]."""
@@ -497,9 +502,7 @@ class StreamingQuantizer:
         old = mod.weight
         if old.is_meta:
             wanted = self.wants(param)
-            ref = getattr(self.model, "norm", None)  # a Transformer's dtype and device, as Transformer.dtype
-            dtype = torch.float32 if wanted or ref is None else ref.weight.dtype
-            device = torch.device("cpu") if ref is None else ref.weight.device
+            dtype, device = torch.float32 if wanted else self.model.dtype, self.model.device
             if wanted and source is not None and source.shape == old.shape and source.dtype == dtype \
                     and source.device == device:
                 new = nn.Parameter(source, requires_grad=False)
