@@ -215,7 +215,7 @@ def matmul_rate(device, n: int = 8192) -> float:
     return 10 * 2 * n**3 / (time.perf_counter() - t)
 
 
-def profile(step, data, out: str | None, steps: int = 5) -> None:
+def profile(step, batches, out: str | None, steps: int = 5) -> None:
     """Where a step's time goes: CUDA kernel time per step (against wall time: the gap is the GPU
     waiting for the CPU) and the kernels that take it, grouped by kind."""
     from torch.profiler import ProfilerActivity
@@ -223,7 +223,7 @@ def profile(step, data, out: str | None, steps: int = 5) -> None:
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
         for i in range(steps):
-            step(data[i % 4])
+            step(batches(i))
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / steps
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -238,7 +238,7 @@ def profile(step, data, out: str | None, steps: int = 5) -> None:
     lines = [f"profile: {wall * 1e3:.1f} ms wall per step, {total * 1e3:.1f} ms of CUDA kernels "
              f"({total / wall:.0%} busy)"]
     lines += [f"  {k:<40} {v * 1e3:7.1f} ms  {v / total:5.1%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
-    lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=70))
     print("\n".join(lines[:len(kinds) + 1]), flush=True)
     if out:
         with open(out, "w") as f:
@@ -246,10 +246,11 @@ def profile(step, data, out: str | None, steps: int = 5) -> None:
 
 
 def gpu(a) -> None:
+    import torch._inductor.config as inductor_config
     device = torch.device(a.device or "cuda")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cfg = slm.get_config(a.preset)
-    B, T = a.batch_size, a.seq_len
+    B, T, A = a.batch_size, a.seq_len, a.grad_accum
     fpt, peak = flops_per_token(cfg, T), peak_flops(device)
     measured = matmul_rate(device) if device.type == "cuda" else peak
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -258,20 +259,24 @@ def gpu(a) -> None:
           f"bf16 matmul measured {measured / 1e12:.1f} TFLOP/s", flush=True)
     g = torch.Generator(device=device).manual_seed(0)
     data = [torch.randint(0, cfg.vocab_size, (B, T + 1), device=device, generator=g) for _ in range(4)]
+
+    def batches(i):  # the micro-batches of step i
+        return [data[(i * A + j) % 4] for j in range(A)]
     log = open(a.log, "a") if a.log else None
 
     def measure(label, step):
         t0 = time.perf_counter()
         for i in range(a.warmup):  # compiles on the first
-            step(data[i % 4])
+            step(batches(i))
         sync()
         warm = time.perf_counter() - t0
         t = time.perf_counter()
         for i in range(a.steps):
-            loss = step(data[i % 4])
+            loss = step(batches(i))
         sync()
-        tps = a.steps * B * T / (time.perf_counter() - t)
-        row = {"variant": label, "device": name, "preset": a.preset, "batch": B, "seq_len": T, "tokens_per_s": round(tps),
+        tps = a.steps * A * B * T / (time.perf_counter() - t)
+        row = {"variant": label, "device": name, "preset": a.preset, "batch": B, "seq_len": T, "grad_accum": A,
+               "tokens_per_s": round(tps),
                "mfu": round(tps * fpt / peak, 4), "mfu_vs_measured_matmul": round(tps * fpt / measured, 4),
                "warmup_s": round(warm, 1), "loss": round(float(loss), 4),
                "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
@@ -282,8 +287,15 @@ def gpu(a) -> None:
             log.flush()
 
     for variant in a.variants.split(","):
-        # suffixes: +cudnn (cuDNN attention for SDPA), +autotune (compile mode max-autotune-no-cudagraphs)
+        # slm variants run the Trainer's step as it is on a GPU: the Triton cross-entropy, a bf16 residual
+        # stream and, compiled, inductor's coordinate-descent tuning. Suffixes: +cudnn (cuDNN attention
+        # for SDPA), +autotune (compile mode max-autotune-no-cudagraphs), +coord (coordinate-descent
+        # tuning for transformers too); for slm, to see what each part gives: +torchce (F.cross_entropy
+        # over an fp32 copy of the logits), +fp32res (fp32 residual stream), +nocoord
         base, *knobs = variant.split("+")
+        os.environ["SLM_NO_TRITON"] = "1" if "torchce" in knobs else "0"
+        inductor_config.coordinate_descent_tuning = "coord" in knobs or (
+            base.startswith("slm") and base.endswith("-compile") and "nocoord" not in knobs)
         torch.manual_seed(0)
         compiled = base.endswith("-compile")
         mode = "max-autotune-no-cudagraphs" if "autotune" in knobs else None
@@ -297,10 +309,11 @@ def gpu(a) -> None:
             model.train()
             opts = build_optimizers(model, "muon" if "muon" in base else "adamw", 1e-3, 0.1)
             loss_fn = loss_function(model, model, device)
+            model.autocast_residual = device.type == "cuda" and "fp32res" not in knobs
             loss_fn = torch.compile(loss_fn, mode=mode) if compiled else loss_fn
 
-            def step(xy, loss_fn=loss_fn, model=model, opts=opts):
-                return train_step(loss_fn, model, opts, [(xy[:, :-1], xy[:, 1:])], 1, 1.0)
+            def step(xys, loss_fn=loss_fn, model=model, opts=opts):
+                return train_step(loss_fn, model, opts, [(xy[:, :-1], xy[:, 1:]) for xy in xys], len(xys), 1.0)
         else:
             model = hf_llama(cfg, attn_implementation="sdpa").to(device)
             model.train()
@@ -312,9 +325,10 @@ def gpu(a) -> None:
                 return F.cross_entropy(logits.float().view(-1, cfg.vocab_size), y.reshape(-1))
             loss_fn = torch.compile(hf_loss, mode=mode) if compiled else hf_loss
 
-            def step(xy, loss_fn=loss_fn, model=model, opt=opt):
-                loss = loss_fn(xy[:, :-1], xy[:, 1:])
-                loss.backward()
+            def step(xys, loss_fn=loss_fn, model=model, opt=opt):
+                for xy in xys:
+                    loss = loss_fn(xy[:, :-1], xy[:, 1:]) / len(xys)
+                    loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -322,7 +336,7 @@ def gpu(a) -> None:
         try:
             measure(variant, step)
             if a.profile and variant == a.profile:
-                profile(step, data, a.profile_out)
+                profile(step, batches, a.profile_out)
         except Exception as e:  # report and go on to the next variant
             print(f"  {variant}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         del model, step, loss_fn
@@ -370,6 +384,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (both models)")
     p.add_argument("--variants", default="slm-compile,hf-compile,slm-muon-compile,hf,slm")
     p.add_argument("--device", default=None, help="default cuda (cpu: only to try the script)")
     p.add_argument("--profile", default=None, help="a variant to profile after measuring it")

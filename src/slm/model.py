@@ -295,6 +295,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self._rope: dict = {}  # (device, dtype, theta, scale) -> (cos, sin), built on first use
         self._layer_rope = [cfg.layer_rope(i) for i in range(cfg.num_layers)]
+        # Under autocast, carry the residual stream in the autocast dtype instead of the weights'
+        # fp32: half the bytes for every norm and residual add (GPU training; see train/loop.py).
+        self.autocast_residual = False
 
     def init_weights(self, std: float = 0.02) -> None:
         """Fresh weights for training from scratch: GPT-2 style, with the residual projections
@@ -364,6 +367,8 @@ class Transformer(nn.Module):
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {limit}")
         x = self.embeddings(input_ids)
+        if self.autocast_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         ropes = {r: self.rope(pos, x.dtype, *r) for r in set(self._layer_rope)}
         plans = self._plans(pos, cache, padded)
         for i, block in enumerate(self.blocks):
