@@ -170,17 +170,22 @@ def quality(a) -> None:
                     eval_every=a.eval_every, eval_batches=a.eval_batches, warmup=a.warmup)
     print(f"{a.layers} layers x {a.dim} wide, {cfg.num_params() / 1e6:.2f}M parameters (vocab {tok.vocab_size}), batch "
           f"{a.batch_size} x {a.seq_len}, {len(tokens):,} training tokens; {torch.get_num_threads()} threads")
+    out = tempfile.mkdtemp()
+    ours_minutes = a.ours_minutes or a.minutes * 2 / 3
+    oc = TrainConfig(out=out, data=data, tokenizer=tok_dir, seq_len=a.seq_len, batch_size=a.batch_size,
+                     eval_every=a.eval_every, eval_batches=a.eval_batches, warmup=a.warmup, max_steps=a.steps or 10**9,
+                     max_minutes=None if a.steps else ours_minutes, optimizer=a.optimizer, lr=a.lr,
+                     muon_lr=a.muon_lr, schedule=a.schedule, cooldown=a.cooldown, weight_decay=a.weight_decay,
+                     save_every=10**9, log_every=a.eval_every)
+    if a.steps:  # a recipe at a fixed step count: the loss does not depend on the machine's load
+        result = Trainer(oc, cfg).train(progress=False)
+        log({"run": "slm", "steps": a.steps, "muon_lr": a.muon_lr, "lr": a.lr, "cooldown": a.cooldown,
+             "weight_decay": a.weight_decay, "val_loss": round(result["val_loss"], 4)})
+        return
     if a.baseline_loss is None:
         base = baseline_run(cfg, c, tokens, val_tokens, a.minutes, a.baseline_lr, log)
     else:
         base = a.baseline_loss
-
-    out = tempfile.mkdtemp()
-    ours_minutes = a.ours_minutes or a.minutes * 2 / 3
-    oc = TrainConfig(out=out, data=data, tokenizer=tok_dir, seq_len=a.seq_len, batch_size=a.batch_size,
-                     eval_every=a.eval_every, eval_batches=a.eval_batches, warmup=a.warmup, max_steps=10**9,
-                     max_minutes=ours_minutes, optimizer=a.optimizer, lr=a.lr, muon_lr=a.muon_lr,
-                     schedule=a.schedule, cooldown=a.cooldown, save_every=10**9, log_every=a.eval_every)
     Trainer(oc, cfg).train(progress=False)
     reached = None
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -367,6 +372,9 @@ def main() -> None:
     p.add_argument("--optimizer", default="muon")
     p.add_argument("--lr", type=float, default=6e-3)
     p.add_argument("--muon-lr", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=None,
+                   help="no baseline, no time budget: train slm for this many steps and print its validation loss")
     p.add_argument("--schedule", default="wsd")
     p.add_argument("--cooldown", type=float, default=0.5)
     p.add_argument("--warmup", type=int, default=20)

@@ -1,4 +1,5 @@
-"""Hand-written CPU kernels, compiled on first use.
+"""Hand-written kernels. `cross_entropy.py`: Triton kernels for the training loss on GPUs. The rest
+of this module: the CPU kernels of `q8.cpp`, compiled on first use.
 
 `q8.cpp` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_q8.linear` and
 `dequantize` (int8 weight-only linear layers), `linear_q4` and `dequantize_q4` (int4), `matvec_f32` (one-row fp32 products when decoding)
