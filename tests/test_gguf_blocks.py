@@ -194,6 +194,12 @@ def test_argmax_rows():
     x = torch.randn(1, 100000)
     x[0, 5000] = x[0, 90000] = 10.0  # ties: the first
     assert op(x).item() == 5000
+    x[0, 95000] = x[0, 99999] = 10.0  # later ties, one in the scalar tail
+    assert op(x).item() == 5000
+    y = torch.full((1, 100003), float("-inf"))
+    assert op(y).item() == y.argmax(-1).item() == 0
+    y[0, 100001] = 0.0
+    assert op(y).item() == 100001
     x[0, 70000] = x[0, 80000] = float("nan")  # NaN wins, as in torch.argmax
     assert op(x).item() == x.argmax(-1).item() == 70000
 
