@@ -221,3 +221,35 @@ def test_save_refuses_blocks_but_dequantizes(tmp_path):
     lm.save(str(tmp_path / "f"), dequantize=True)
     back = slm.load(str(tmp_path / "f"))
     torch.testing.assert_close(back.model.blocks[0].mlp.down_proj.weight, lm.model.blocks[0].mlp.down_proj.dequantize())
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["gemma3", "llama"])  # qk-norm + full rotary; no norm
+def test_attn_step_matches_the_unfused_step(family, monkeypatch):
+    """Decoding with the fused attention step (norms, rope, cache write, attention in one call)
+    gives the logits and cache of the step-by-step path, sliding windows included."""
+    from conftest import hf_config
+
+    from slm.config import ModelConfig
+    from slm.model import Transformer
+
+    kw = dict(sliding_window=4, num_key_value_heads=1) if family == "gemma3" else dict(num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_hf(hf_config(family, 128, **kw).to_dict())).eval()
+    model.init_weights()
+    ids = torch.randint(0, 128, (1, 12))
+
+    def decode():
+        cache, out = model.new_cache(1, 16), []
+        with torch.no_grad():
+            model(ids[:, :3], cache=cache)
+            for t in range(3, 12):
+                out.append(model(ids[:, t:t + 1], cache=cache)[0, -1])
+        return torch.stack(out), cache
+
+    fused, cf = decode()
+    monkeypatch.setitem(kernels._state, "op:attn_step", None)
+    plain, cp = decode()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(cf.k + cf.v, cp.k + cp.v):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

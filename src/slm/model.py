@@ -248,6 +248,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, plan: _Plan, cache: KVCache | None):
         B, T, _ = x.shape
+        if T == 1 and type(cache) is KVCache and plan.mask is None and not plan.causal and not plan.concat \
+                and isinstance(plan.write, slice) and x.is_cpu and x.dtype == torch.float32 \
+                and not torch.is_grad_enabled() and (not self.qk_norm or isinstance(self.q_norm, RMSNorm)):
+            op = kernels.fused_op("attn_step")  # the whole step between the two products, in one call
+            K, V = cache.k[self.layer], cache.v[self.layer]
+            if op is not None and K.is_contiguous() and V.is_contiguous() and cos.dtype == torch.float32:
+                qw, kw = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+                eps, plus_one = (self.q_norm.eps, self.q_norm.plus_one) if self.qk_norm else (0.0, False)
+                y = op(self.qkv_proj(x).contiguous(), qw, kw, eps, plus_one, cos.contiguous(), sin.contiguous(), K, V,
+                       plan.write.start, plan.read, self.scale if self.scale is not None else self.head_dim ** -0.5,
+                       self.n_heads)
+                return self.o_proj(y)
         qkv = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
         H, v = self.n_heads, qkv[:, self.n_heads + self.n_kv:]
         if self.qk_norm:  # Gemma 3: normalise each head, then rotate

@@ -1183,6 +1183,91 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// One decoding step of attention for batch-1-style caches, after the QKV product: from qkv
+// [B, 1, (H + 2 Hkv) D], normalise (qk-norm weights, optional) and rotate Q and K heads, store K
+// and V in cache slot `slot` of K, V [B, Hkv, S, D] (contiguous), attend over slots [0, read) with
+// no mask, -> [B, 1, H D]. The ~15 small ATen ops this replaces (views, slices, two index copies,
+// norms, rope, attention, transposes) cost ~40 us a layer at batch 1.
+at::Tensor attn_step(const at::Tensor& qkv, const std::optional<at::Tensor>& qw, const std::optional<at::Tensor>& kw,
+                     double eps, bool plus_one, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& K, const at::Tensor& V,
+                     int64_t slot, int64_t read, double scale, int64_t H) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.dim() == 3 &&
+                  qkv.size(1) == 1, "slm_q8.attn_step: qkv must be contiguous fp32 [B, 1, (H + 2 Hkv) D]");
+  TORCH_CHECK(K.scalar_type() == at::kFloat && V.scalar_type() == at::kFloat && K.is_contiguous() && V.is_contiguous() &&
+                  K.dim() == 4 && K.sizes() == V.sizes(), "slm_q8.attn_step: K and V caches must be contiguous fp32 [B, Hkv, S, D]");
+  const int64_t B = qkv.size(0), Hkv = K.size(1), S = K.size(2), D = K.size(3), rd = cos.size(-1);
+  TORCH_CHECK(K.size(0) >= B && H % Hkv == 0 && qkv.size(2) == (H + 2 * Hkv) * D && slot >= 0 && slot < S &&
+                  read > 0 && read <= S && rd <= D && rd % 2 == 0, "slm_q8.attn_step: shapes do not match");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.numel() == B * rd && sin.numel() == B * rd, "slm_q8.attn_step: cos and sin must be fp32 [B, 1, 1, rd]");
+  for (const auto* w : {&qw, &kw})
+    TORCH_CHECK(!w->has_value() || ((*w)->scalar_type() == at::kFloat && (*w)->is_contiguous() && (*w)->numel() == D),
+                "slm_q8.attn_step: norm weights must be fp32 [D]");
+  auto y = at::empty({B, 1, H * D}, qkv.options());
+  const float* src = qkv.const_data_ptr<float>();
+  float *kp = K.mutable_data_ptr<float>(), *vp = V.mutable_data_ptr<float>(), *yp = y.mutable_data_ptr<float>();
+  const float *cp = cos.const_data_ptr<float>(), *sp = sin.const_data_ptr<float>();
+  const float* qwp = qw.has_value() ? qw->const_data_ptr<float>() : nullptr;
+  const float* kwp = kw.has_value() ? kw->const_data_ptr<float>() : nullptr;
+  const float add = plus_one ? 1.0f : 0.0f;
+  std::vector<float> n(D), q(H * D), p(read);
+  // norm (if w) and rope of one head: in -> out
+  auto prep = [&](const float* in, const float* w, const float* c, const float* s, float* out) {
+    if (w) {
+      float ss = 0.0f;
+      for (int64_t i = 0; i < D; ++i) ss += in[i] * in[i];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+      for (int64_t i = 0; i < D; ++i) n[i] = (in[i] * inv) * (w[i] + add);
+    } else {
+      for (int64_t i = 0; i < D; ++i) n[i] = in[i];
+    }
+    const int64_t half = rd / 2;
+    for (int64_t i = 0; i < rd; ++i) out[i] = n[i] * c[i] + n[i < half ? i + half : i - half] * s[i];
+    for (int64_t i = rd; i < D; ++i) out[i] = n[i];
+  };
+  const int64_t g = H / Hkv;
+  const float sc = static_cast<float>(scale);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = src + b * (H + 2 * Hkv) * D;
+    const float *c = cp + b * rd, *s = sp + b * rd;
+    for (int64_t j = 0; j < Hkv; ++j) {
+      float* kslot = kp + ((b * Hkv + j) * S + slot) * D;
+      prep(row + (H + j) * D, kwp, c, s, kslot);
+      std::memcpy(vp + ((b * Hkv + j) * S + slot) * D, row + (H + Hkv + j) * D, D * sizeof(float));
+    }
+    for (int64_t h = 0; h < H; ++h) prep(row + h * D, qwp, c, s, q.data() + h * D);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qr = q.data() + h * D;
+      const float* kb = kp + (b * Hkv + h / g) * S * D;
+      const float* vb = vp + (b * Hkv + h / g) * S * D;
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < read; ++t) {
+        const float* kr = kb + t * D;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(kr + i), acc);
+        float d = hsum(acc);
+        for (; i < D; ++i) d += qr[i] * kr[i];
+        p[t] = d * sc;
+        mx = std::max(mx, p[t]);
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < read; ++t) sum += (p[t] = std::exp(p[t] - mx));
+      const float inv = 1.0f / sum;
+      float* o = yp + (b * H + h) * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = 0.0f;
+      for (int64_t t = 0; t < read; ++t) {
+        const float* vr = vb + t * D;
+        const __m256 ps = _mm256_set1_ps(p[t] * inv);
+        int64_t i = 0;
+        for (; i + 8 <= D; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + i)));
+        for (; i < D; ++i) o[i] += p[t] * inv * vr[i];
+      }
+    }
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(slm_q8, m) {
@@ -1192,6 +1277,7 @@ TORCH_LIBRARY(slm_q8, m) {
   m.def("gelu_tanh_mul(Tensor x) -> Tensor");
   m.def("attn_decode(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("attn_step(Tensor qkv, Tensor? qw, Tensor? kw, float eps, bool plus_one, Tensor cos, Tensor sin, Tensor(a!) K, Tensor(b!) V, int slot, int read, float scale, int H) -> Tensor");
   m.def("matvec_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int max_direct) -> Tensor");
   m.def("dequantize(Tensor qweight, Tensor scales) -> Tensor");
@@ -1215,4 +1301,5 @@ TORCH_LIBRARY_IMPL(slm_q8, CPU, m) {
   m.impl("gelu_tanh_mul", &gelu_tanh_mul);
   m.impl("attn_decode", &attn_decode);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("attn_step", &attn_step);
 }
