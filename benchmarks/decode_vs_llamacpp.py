@@ -3,12 +3,17 @@ and perplexity of slm's quantized weights against the file's own weights dequant
 
     python benchmarks/decode_vs_llamacpp.py [--new-tokens 64] [--repeats 3] [--model FILE.gguf]
 
-Rows: the real gemma-3-270m Q4_K_M GGUF (default model) run by slm as int8 and int4 (its own kernels,
-requantized from the file) and by llama.cpp as is; with --export DIR, also a model folder exported
-by `slm export --format gguf --dtype q8_0` and run by both. Decode at batch 1 is bound by memory
-bandwidth here (~11-14 GB/s), so the bytes of weights read per token decide the speed.
+Rows: the real gemma-3-270m Q4_K_M GGUF (default model) run by slm as int8 and int4 and by llama.cpp
+as is; with --export DIR, also a model folder exported by `slm export --format gguf --dtype q8_0`
+and run by both. From a GGUF file both modes keep the file's Q8_0/Q5_0/Q4_K/Q6_K tensors in their
+own blocks (slm.quantize_gguf), so on this file int8 and int4 are the same model; --requantize adds
+rows for the older path that requantizes every tensor to slm's int8/int4 (file_blocks=False).
+Decode at batch 1 is bound by memory bandwidth here (~11-16 GB/s), so the bytes of weights read
+per token decide the speed.
 Perplexity is slm's, on a fixed English passage, for fp32 (the file's weights dequantized) and for
-each quantized mode; the ratio to fp32 is what `within 1%` refers to.
+each quantized mode, twice: over the whole passage at once (prefill: above 64 rows the layers
+multiply fp32 activations) and one token at a time through the KV cache (decode: the kernels'
+int8 activations, as generation runs); the ratio to fp32 is what `within 1%` refers to.
 """
 
 from __future__ import annotations
@@ -34,16 +39,6 @@ TEXT = ("The history of the city begins with a small settlement on the river. Fa
         "old bridges, its museums and the festival that fills its streets every summer with music and dancing.")
 
 
-def best_rate(fn, n: int, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return n / best
-
-
 @torch.no_grad()
 def perplexity(lm) -> float:
     ids = torch.tensor([lm.tokenizer.encode(TEXT)])
@@ -51,26 +46,57 @@ def perplexity(lm) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:]).item())
 
 
-def compare(path: str, modes: list[str], new_tokens: int, repeats: int, threads: int) -> None:
+@torch.no_grad()
+def decode_perplexity(lm) -> float:
+    """The same passage fed one token at a time through the KV cache, as generation runs it."""
+    ids = lm.tokenizer.encode(TEXT)
+    cache = lm.model.new_cache(1, len(ids))
+    nll = 0.0
+    for i in range(len(ids) - 1):
+        logits = lm.model(torch.tensor([[ids[i]]]), cache=cache)[0, -1]
+        nll += torch.nn.functional.cross_entropy(logits[None].float(), torch.tensor([ids[i + 1]])).item()
+    return math.exp(nll / (len(ids) - 1))
+
+
+def compare(path: str, modes: list[str], new_tokens: int, repeats: int, threads: int,
+            requantize: bool = False) -> None:
+    """Every engine is loaded first, then timed in turns (llama.cpp, then each slm row, `repeats`
+    rounds, best of each): on a shared machine the load drifts, and interleaving exposes all rows
+    to the same drift."""
     from llama_cpp import Llama
     llm = Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
 
     def run_llama():
         out = llm(PROMPT, max_tokens=new_tokens, temperature=0)
         assert out["usage"]["completion_tokens"] == new_tokens, "llama.cpp stopped early"
-    peer = best_rate(run_llama, new_tokens, repeats)
-    llm.close()
-    print(f"{os.path.basename(path)}: {new_tokens} new tokens, {threads} threads; llama.cpp {peer:.1f} tok/s")
-    ppl_ref = perplexity(slm.load(path))
-    print(f"  {'fp32 (dequantized file)':<26} perplexity {ppl_ref:8.3f}")
-    for mode in modes:
-        lm = slm.load(path, quantize=mode)
+    ref = slm.load(path)
+    ppl_ref, dppl_ref = perplexity(ref), decode_perplexity(ref)
+    ref = None
+    rows = {}
+    for mode, file_blocks in [(m, True) for m in modes] + ([(m, False) for m in modes] if requantize else []):
+        lm = slm.load(path, quantize=mode, file_blocks=file_blocks)
         ids = lm.tokenizer.encode(PROMPT)
-        rate = best_rate(lambda: [s[0] for s in generate_ids(lm.model, [ids], new_tokens)], new_tokens, repeats)
-        ppl = perplexity(lm)
-        print(f"  slm {mode:<22} {rate:6.1f} tok/s  vs llama.cpp {rate / peer:5.2f}x   weights "
-              f"{weight_bytes(lm.model) / 2**20:6.0f} MiB   perplexity {ppl:8.3f} ({ppl / ppl_ref - 1:+.2%})")
-        lm = None  # free it before the next mode loads
+        rows[mode if file_blocks else mode + " requantized"] = (
+            lm, lambda lm=lm, ids=ids: [s[0] for s in generate_ids(lm.model, [ids], new_tokens)])
+    best = {name: float("inf") for name in ["llama.cpp", *rows]}
+    fns = {"llama.cpp": run_llama, **{name: fn for name, (_, fn) in rows.items()}}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    llm.close()
+    peer = new_tokens / best["llama.cpp"]
+    print(f"{os.path.basename(path)}: {new_tokens} new tokens, {threads} threads; llama.cpp {peer:.1f} tok/s")
+    print(f"  {'fp32 (dequantized file)':<26} perplexity {ppl_ref:8.3f}, one token at a time {dppl_ref:8.3f}")
+    for name, (lm, _) in rows.items():
+        rate = new_tokens / best[name]
+        ppl, dppl = perplexity(lm), decode_perplexity(lm)
+        print(f"  slm {name:<22} {rate:6.1f} tok/s  vs llama.cpp {rate / peer:5.2f}x   weights "
+              f"{weight_bytes(lm.model) / 2**20:6.0f} MiB   perplexity {ppl:8.3f} ({ppl / ppl_ref - 1:+.2%}), "
+              f"one token at a time {dppl:8.3f} ({dppl / dppl_ref - 1:+.2%})")
 
 
 def main() -> None:
@@ -81,10 +107,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--requantize", action="store_true",
+                    help="also run each mode requantized from fp32 (file_blocks=False), the pre-GGUF-block path")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from slm.lm import default_model_path
-    compare(a.model or default_model_path(), a.modes, a.new_tokens, a.repeats, a.threads)
+    compare(a.model or default_model_path(), a.modes, a.new_tokens, a.repeats, a.threads, a.requantize)
     if a.export:
         from slm.checkpoint.gguf_write import write_gguf
         with tempfile.TemporaryDirectory() as d:

@@ -193,7 +193,8 @@ def cmd_serve(a) -> None:
 
 def cmd_quantize(a) -> None:
     from . import load
-    lm = load(a.model, quantize=f"int{a.bits}", group_size=a.group_size)
+    # file_blocks=False: a GGUF file's blocks cannot be stored in slm's int8/int4 folder; requantize
+    lm = load(a.model, quantize=f"int{a.bits}", group_size=a.group_size, file_blocks=False)
     lm.save(a.out)
     print(f"wrote {a.out}: int{a.bits}, {lm.model.quantization}")
 

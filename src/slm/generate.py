@@ -45,6 +45,11 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]. Order as in transformers: temperature, top-k, top-p."""
     if s.temperature == 0:
+        if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2:
+            from . import kernels
+            op = kernels.fused_op("argmax_rows")  # ATen's argmax takes ~0.7 ms over 262,144 logits
+            if op is not None:
+                return op(logits.contiguous())
         return logits.argmax(-1)
     logits = logits.float() / s.temperature
     if s.top_k:

@@ -91,19 +91,25 @@ def default_model_path() -> str:
 
 def load(path: str | None = None, dtype: torch.dtype | str | None = None,
          device: str | torch.device | None = None, quantize: str | None = None,
-         group_size: int | None = None) -> LM:
+         group_size: int | None = None, file_blocks: bool = True) -> LM:
     """Load a Hugging Face model folder (config.json + safetensors + tokenizer.json) or a GGUF file.
     With no path, the default model (gemma-3-270m) is used, and a line on stderr says so.
     quantize="int8" (one scale per output channel) or "int4" (group_size weights per scale, default
     32) quantizes the linear layers while they load, one at a time. A folder saved by
-    `slm quantize` loads quantized as it was saved."""
+    `slm quantize` loads quantized as it was saved.
+
+    From a GGUF file, quantize keeps the tensors that the file stores as Q8_0, Q5_0, Q4_K or Q6_K
+    in those blocks, byte for byte, whichever the mode (int4 does not round the file's 5-, 6- and
+    8-bit tensors down to 4 bits; int8 does not round its 4-bit ones again); only its other tensors
+    (F32, F16, other block types) become int8 or int4. file_blocks=False requantizes every tensor
+    from fp32 to the mode instead (what a folder saved with `slm quantize` holds)."""
     if quantize:
         from .quantize import check_mode
         check_mode(quantize, group_size)
-    return _load(path, dtype, device, quantize, group_size)
+    return _load(path, dtype, device, quantize, group_size, file_blocks)
 
 
-def _load(path, dtype, device, quantize=None, group_size=None) -> LM:
+def _load(path, dtype, device, quantize=None, group_size=None, file_blocks=True) -> LM:
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
@@ -113,7 +119,7 @@ def _load(path, dtype, device, quantize=None, group_size=None) -> LM:
               f"from {path}", file=sys.stderr)
     path = os.fspath(path)
     if os.path.isfile(path):
-        return _load_gguf(path, dtype, device, quantize, group_size)
+        return _load_gguf(path, dtype, device, quantize, group_size, file_blocks)
     model = hf.load_model(path, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
     tokenizer = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     gen_path = os.path.join(path, "generation_config.json")
@@ -121,7 +127,7 @@ def _load(path, dtype, device, quantize=None, group_size=None) -> LM:
     return LM(model, tokenizer, gen)
 
 
-def _load_gguf(path: str, dtype, device, quantize=None, group_size=None) -> LM:
+def _load_gguf(path: str, dtype, device, quantize=None, group_size=None, file_blocks=True) -> LM:
     from .checkpoint.gguf import read_gguf
     ckpt = read_gguf(path)
     try:
@@ -133,7 +139,11 @@ def _load_gguf(path: str, dtype, device, quantize=None, group_size=None) -> LM:
     if quantize:
         from .quantize import StreamingQuantizer
         quantizer = StreamingQuantizer(model, quantize, group_size)
-    tensors = ((path, name, t.shape, t) for name, t in ckpt.tensors())
+    keep = lambda qtype: False  # noqa: E731
+    if quantize and file_blocks:
+        from .quantize_gguf import BLOCKS
+        keep = BLOCKS.__contains__
+    tensors = ((path, name, t.shape, t, blocks) for name, t, blocks in ckpt.tensors_and_blocks(keep))
     with torch.no_grad():
         hf.fill_model(model, tensors, path, config_name="the GGUF metadata", quantizer=quantizer)
     return LM(model, ckpt.tokenizer(), ckpt.generation_config)

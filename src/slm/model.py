@@ -40,6 +40,29 @@ class RMSNorm(nn.Module):
             op = kernels.rms_norm_op()  # one fused call: decoding runs many small norms
             if op is not None:
                 return op(x.contiguous(), self.weight, self.eps, self.plus_one)
+        return self._reference(x)
+
+    def _fused(self, x: torch.Tensor, name: str):
+        """The fused kernel `name` if it applies to x (fp32 on the CPU, no autograd), else None."""
+        if x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            return kernels.fused_op(name)
+        return None
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual + self(x), in one call where the kernels run it."""
+        op = self._fused(x, "rms_norm_add")
+        if op is not None and residual.dtype == torch.float32 and residual.shape == x.shape:
+            return op(x.contiguous(), self.weight, self.eps, self.plus_one, residual.contiguous())
+        return residual + self(x)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """apply_rope(self(x), cos, sin) for x [B, H, T, head_dim], in one call where it can."""
+        op = self._fused(x, "rms_norm_rope")
+        if op is not None and cos.dtype == torch.float32 and cos.shape[1] == 1:
+            return op(x.contiguous(), self.weight, self.eps, self.plus_one, cos.contiguous(), sin.contiguous())
+        return apply_rope(self(x), cos, sin)
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         # Written out: on CPU, F.rms_norm decomposes into twice as many small kernels.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -225,18 +248,40 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, plan: _Plan, cache: KVCache | None):
         B, T, _ = x.shape
+        if T == 1 and type(cache) is KVCache and plan.mask is None and not plan.causal and not plan.concat \
+                and isinstance(plan.write, slice) and x.is_cpu and x.dtype == torch.float32 \
+                and not torch.is_grad_enabled() and (not self.qk_norm or isinstance(self.q_norm, RMSNorm)):
+            op = kernels.fused_op("attn_step")  # the whole step between the two products, in one call
+            K, V = cache.k[self.layer], cache.v[self.layer]
+            if op is not None and K.is_contiguous() and V.is_contiguous() and cos.dtype == torch.float32:
+                qw, kw = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+                eps, plus_one = (self.q_norm.eps, self.q_norm.plus_one) if self.qk_norm else (0.0, False)
+                y = op(self.qkv_proj(x).contiguous(), qw, kw, eps, plus_one, cos.contiguous(), sin.contiguous(), K, V,
+                       plan.write.start, plan.read, self.scale if self.scale is not None else self.head_dim ** -0.5,
+                       self.n_heads)
+                return self.o_proj(y)
         qkv = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
         H, v = self.n_heads, qkv[:, self.n_heads + self.n_kv:]
         if self.qk_norm:  # Gemma 3: normalise each head, then rotate
-            q = apply_rope(self.q_norm(qkv[:, :H]), cos, sin)
-            k = apply_rope(self.k_norm(qkv[:, H:H + self.n_kv]), cos, sin)
+            if isinstance(self.q_norm, RMSNorm):
+                q, k = self.q_norm.rope(qkv[:, :H], cos, sin), self.k_norm.rope(qkv[:, H:H + self.n_kv], cos, sin)
+            else:
+                q = apply_rope(self.q_norm(qkv[:, :H]), cos, sin)
+                k = apply_rope(self.k_norm(qkv[:, H:H + self.n_kv]), cos, sin)
         else:
             qk = apply_rope(qkv[:, :H + self.n_kv], cos, sin)  # Q and K heads rotated together
             q, k = qk[:, :H], qk[:, H:]
         if cache is not None:
             k, v = cache.update(self.layer, k, v, plan)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.causal,
-                                           scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+        op = None
+        if T == 1 and plan.mask is None and not plan.causal and q.is_cpu and q.dtype == torch.float32 \
+                and not torch.is_grad_enabled():
+            op = kernels.fused_op("attn_decode")  # one query a sequence: ~5 us where SDPA takes ~50
+        if op is not None:
+            y = op(q.contiguous(), k, v, self.scale if self.scale is not None else self.head_dim ** -0.5)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.causal,
+                                               scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -253,7 +298,12 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gated:
-            gate, up = self.gate_up_proj(x).chunk(2, -1)
+            h = self.gate_up_proj(x)
+            if self.act != "swiglu" and h.is_cpu and h.dtype == torch.float32 and not torch.is_grad_enabled():
+                op = kernels.fused_op("gelu_tanh_mul")
+                if op is not None:
+                    return self.down_proj(op(h.contiguous()))
+            gate, up = h.chunk(2, -1)
             gate = F.silu(gate) if self.act == "swiglu" else F.gelu(gate, approximate="tanh")  # SwiGLU | GeGLU
             return self.down_proj(gate * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # Phi's gelu_new
@@ -276,6 +326,9 @@ class Block(nn.Module):
             h = self.attn_norm(x)
             return self.attn(h, cos, sin, plan, cache) + self.mlp(h) + x
         if self.sandwich:  # Gemma 3: each branch normalised on the way in and on the way out
+            if isinstance(self.post_attn_norm, RMSNorm):  # x + norm(branch) in one call where it can
+                x = self.post_attn_norm.add_to(x, self.attn(self.attn_norm(x), cos, sin, plan, cache))
+                return self.post_mlp_norm.add_to(x, self.mlp(self.mlp_norm(x)))
             x = x + self.post_attn_norm(self.attn(self.attn_norm(x), cos, sin, plan, cache))
             return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         x = x + self.attn(self.attn_norm(x), cos, sin, plan, cache)

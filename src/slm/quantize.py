@@ -484,6 +484,49 @@ class StreamingQuantizer:
         self.model, self.skip = model, tuple(skip)
         self.mode, self.group_size = check_mode(mode, group_size)
         self._left: dict[str, int] = {}
+        self._blocks: dict[str, list[tuple[int, int, torch.Tensor]]] = {}  # param -> [(first row, type, blocks)]
+
+    def blocks(self, param: str, row0: int, qtype: int, data: torch.Tensor) -> None:
+        """A GGUF tensor's blocks (ggml type, uint8 [rows, bytes]) for rows row0.. of `param`: when
+        they cover the whole weight in formats the kernels run, the layer keeps them as they are
+        (quantize_gguf.GGUFLinear) instead of quantizing the fp32 rows."""
+        from .quantize_gguf import supported
+        mod_name = param.rpartition(".")[0]
+        mod = self.model.get_submodule(mod_name)
+        width = mod.embedding_dim if isinstance(mod, nn.Embedding) else getattr(mod, "in_features", 0)
+        if self.wants(param) and supported(qtype, width):
+            self._blocks.setdefault(param, []).append((row0, qtype, data))
+
+    def _from_blocks(self, param: str) -> bool:
+        """Replace the layer of `param` (a complete weight) by a GGUFLinear over its blocks, if it has
+        them for every row; True if it did."""
+        parts = sorted(self._blocks.pop(param, []), key=lambda p: p[0])
+        name = param.rpartition(".")[0]
+        mod = self.model.get_submodule(name)
+        if not parts or sum(p[2].shape[0] for p in parts) != mod.weight.shape[0]:
+            return False
+        from .quantize_gguf import GGUFLinear
+        merged: list[tuple[int, torch.Tensor]] = []  # neighbouring parts of one type become one
+        for _, t, data in parts:
+            if merged and merged[-1][0] == t:
+                merged[-1] = (t, torch.cat([merged[-1][1], data]))
+            else:
+                merged.append((t, data))
+        if name == "embed":
+            head = _tied_head(self.model)
+            if head is None:  # an untied table: slm's int8 rows (the lookup reads a few rows a step)
+                return False
+            model_head = GGUFLinear(head.in_features, merged, bias=head.bias is not None, device=head.weight.device)
+            if head.bias is not None:
+                model_head.bias = nn.Parameter(head.bias.detach(), requires_grad=False)
+            self.model.lm_head = model_head
+            self.model.embed = QuantEmbedding(mod.num_embeddings, mod.embedding_dim, tied_to=model_head)
+            return True
+        layer = GGUFLinear(mod.in_features, merged, bias=mod.bias is not None, device=mod.weight.device)
+        if mod.bias is not None:
+            layer.bias = nn.Parameter(mod.bias.detach(), requires_grad=False)
+        _set_module(self.model, name, layer)
+        return True
 
     def wants(self, param: str) -> bool:
         """Whether `param` (ours, e.g. blocks.0.attn.qkv_proj.weight) is a weight this quantizes."""
@@ -523,7 +566,9 @@ class StreamingQuantizer:
             del self._left[param]
             name = param.rpartition(".")[0]
             with torch.no_grad():
-                if name == "embed":
+                if self._from_blocks(param):
+                    pass
+                elif name == "embed":
                     quantize_embedding(self.model, self.mode, self.group_size, self.skip)
                 else:
                     _set_module(self.model, name, quantize_linear(self.model.get_submodule(name), self.mode,

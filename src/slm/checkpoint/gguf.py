@@ -238,9 +238,18 @@ class GGUFCheckpoint:
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, float32 CPU tensor in Hugging Face layout), one tensor at a time."""
+        for name, w, _ in self.tensors_and_blocks(lambda t: False):
+            yield name, w
+
+    def tensors_and_blocks(self, keep) -> Iterator[tuple[str, torch.Tensor, tuple[int, torch.Tensor] | None]]:
+        """As tensors(), with a third item: for a quantized tensor where keep(ggml type) is true, its
+        blocks as stored, (ggml type, uint8 tensor [rows, bytes per row]) in Hugging Face row order
+        (rows permuted and split as the fp32 tensor's are), else None."""
         with open(self.path, "rb") as f:
             for t in self._tensors:
-                yield from self._convert(t.name, self._read(f, t))
+                raw = keep(t.type) and len(t.shape) == 2
+                w, blocks = self._read(f, t, raw)
+                yield from self._convert(t.name, w, None if blocks is None else (t.type, blocks))
 
     def tokenizer(self):
         """The tokenizer the metadata describes, as slm.tokenizer.Tokenizer (built once)."""
@@ -248,11 +257,21 @@ class GGUFCheckpoint:
             self._tokenizer = _build_tokenizer(self)
         return self._tokenizer
 
-    def _read(self, f, t: _Tensor) -> torch.Tensor:
+    def _read(self, f, t: _Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the fp32 tensor, and with raw its bytes as uint8 [rows, bytes per row], else None)"""
         shape = t.shape or (1,)
         rows = int(np.prod(shape[:-1]))
         row_bytes = t.nbytes // max(rows, 1)
         out = np.empty((rows, shape[-1]), np.float32)
+        if raw:
+            data = np.empty((rows, row_bytes), np.uint8)
+            f.seek(t.start)
+            if f.readinto(memoryview(data).cast("B")) != data.size:
+                raise CheckpointError(f"{self.path}: truncated while reading tensor {t.name!r}")
+            step = max(1, (4 << 20) // max(row_bytes, 1))
+            for r in range(0, rows, step):
+                out[r:r + step] = dequantize(data[r:r + step], gguf.GGMLQuantizationType(t.type))
+            return torch.from_numpy(out.reshape(t.shape)), torch.from_numpy(data)
         # 4 MB of blocks at a time, so the peak stays near the float32 result itself.
         step = max(1, (4 << 20) // max(row_bytes, 1))
         buf = np.empty(min(rows, step) * row_bytes, np.uint8)
@@ -263,15 +282,18 @@ class GGUFCheckpoint:
             if f.readinto(memoryview(chunk)) != chunk.size:  # the file shrank since read_gguf
                 raise CheckpointError(f"{self.path}: truncated while reading tensor {t.name!r}")
             out[r:r + n] = dequantize(chunk.reshape(n, row_bytes), gguf.GGMLQuantizationType(t.type))
-        return torch.from_numpy(out.reshape(t.shape))
+        return torch.from_numpy(out.reshape(t.shape)), None
 
-    def _convert(self, name: str, w: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    def _convert(self, name: str, w: torch.Tensor, blocks: tuple[int, torch.Tensor] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor, tuple[int, torch.Tensor] | None]]:
         arch, cfg, hf = self.architecture, self.hf_config, _hf_name(self.architecture, name)
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             heads = cfg["num_attention_heads"] if ".attn_q." in name else cfg["num_key_value_heads"]
             if w.shape[0] % (2 * heads):
                 raise CheckpointError(f"{self.path}: tensor {name!r} has {w.shape[0]} rows, not {heads} heads")
             w = _unpermute(w, heads)
+            if blocks is not None:  # a row permutation: whole rows of blocks move with it
+                blocks = (blocks[0], _unpermute(blocks[1], heads).contiguous())
         if arch == "gemma3" and name.endswith("norm.weight"):
             w -= 1.0  # llama.cpp bakes Gemma's RMSNorm scale (1 + w) into the file; Hugging Face stores w
         if ".attn_qkv." in name:  # Phi-2 converted from its original layout: q, k, v stacked by rows
@@ -280,9 +302,10 @@ class GGUFCheckpoint:
             if w.shape[0] != q + 2 * kv:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has {w.shape[0]} rows, not {q} + 2 x {kv}")
             for part, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, None))):
-                yield hf.replace("qkv_proj", part), w[rows].clone()
+                yield (hf.replace("qkv_proj", part), w[rows].clone(),
+                       None if blocks is None else (blocks[0], blocks[1][rows].contiguous()))
         else:
-            yield hf, w
+            yield hf, w, blocks
 
 
 def read_gguf(path: str) -> GGUFCheckpoint:

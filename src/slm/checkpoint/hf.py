@@ -237,11 +237,14 @@ def fill_model(model: Transformer, tensors, source: str, config_name: str = "con
     nothing larger than one tensor is held.
     quantizer (quantize.StreamingQuantizer): weights left on meta get storage from it (a whole
     fp32 src tensor is taken as it is, not copied: it is about to be quantized), and each layer
-    (and the embedding) is quantized as soon as all its rows are written."""
+    (and the embedding) is quantized as soon as all its rows are written. An item may carry a
+    fifth element, a GGUF tensor's blocks (ggml type, uint8 [rows, bytes]), which the quantizer
+    may keep as they are (quantize_gguf.GGUFLinear) instead of quantizing the fp32 rows."""
     cfg = model.config
     params, layout = {**dict(model.named_parameters()), **dict(model.named_buffers())}, hf_layout(model)
     seen: set[str] = set()
-    for file, name, shape, src in tensors:
+    for item in tensors:
+        file, name, shape, src = item[:4]
         if _IGNORED.search(name) or (cfg.tie_embeddings and name == "lm_head.weight"):
             continue
         if name not in layout:
@@ -260,6 +263,8 @@ def fill_model(model: Transformer, tensors, source: str, config_name: str = "con
             dst.data.copy_(src)
         seen.add(name)
         if quantizer is not None:
+            if len(item) > 4 and item[4] is not None:
+                quantizer.blocks(ours, 0 if rows is None else rows.start, *item[4])
             quantizer.written(ours, dst.shape[0])
     missing = sorted(set(layout) - seen)
     if missing:
@@ -366,6 +371,10 @@ def save_model(model: Transformer, path: str, tokenizer=None, generation_config:
     with dequantize=True its weights are written in fp32 instead, for `transformers`."""
     cfg = model.config
     quantized = getattr(model, "quantization", None) and any(hasattr(m, "qweight") for m in model.modules())
+    if quantized and not dequantize and any(type(m).__name__ == "GGUFLinear" for m in model.modules()):
+        raise CheckpointError(f"{path}: this model holds a GGUF file's own blocks (Q8_0/Q5_0/Q4_K/Q6_K), "
+                              "which a quantized slm folder cannot store; save it with dequantize=True, or "
+                              "load the file with file_blocks=False to requantize it to slm's int8/int4")
     tmp = _atomic_dir(path)
     try:
         if quantized and dequantize:

@@ -2,8 +2,10 @@
 of this module: the CPU kernels of `q8.cpp`, compiled on first use.
 
 `q8.cpp` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_q8.linear` and
-`dequantize` (int8 weight-only linear layers), `linear_q4` and `dequantize_q4` (int4), `matvec_f32` (one-row fp32 products when decoding)
-and `rms_norm`. `q8_linear_op()`, `matvec_f32_op()` and `rms_norm_op()` return them, or None
+`dequantize` (int8 weight-only linear layers), `linear_q4` and `dequantize_q4` (int4),
+`linear_gguf` and `dequantize_gguf` (a GGUF file's Q8_0/Q5_0/Q4_K/Q6_K blocks as they are),
+`matvec_f32` (one-row fp32 products when decoding), `rms_norm`, and fused decoding helpers
+(`fused_op(name)`: rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode, argmax_rows). `q8_linear_op()`, `matvec_f32_op()` and `rms_norm_op()` return them, or None
 where they cannot be built: no C++ compiler, no AVX2, not x86-64, or `SLM_NO_KERNELS=1`. Callers
 then use a pure-PyTorch path with the same results, and a warning says so once.
 
@@ -127,6 +129,15 @@ def rms_norm_op():
     if "norm" not in _state:
         _state["norm"] = torch.ops.slm_q8.rms_norm.default if q8_linear_op() is not None else None
     return _state["norm"]
+
+
+def fused_op(name: str):
+    """torch.ops.slm_q8.<name> (rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode,
+    argmax_rows: the fused decoding helpers), or None where the kernels are unavailable."""
+    key = "op:" + name
+    if key not in _state:
+        _state[key] = getattr(torch.ops.slm_q8, name).default if q8_linear_op() is not None else None
+    return _state[key]
 
 
 def kernel_error() -> str | None:

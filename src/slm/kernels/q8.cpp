@@ -41,6 +41,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -506,15 +508,783 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool p
   return y;
 }
 
+// -- GGUF blocks ------------------------------------------------------------------------------
+// Linear layers kept in a GGUF file's own block formats, byte for byte: Q8_0 (34 bytes per 32
+// weights), Q5_0 (22 per 32), Q4_K (144 per 256) and Q6_K (210 per 256), as ggml lays them out
+// (ggml-common.h). One layer may hold several parts of different formats stacked by rows (a fused
+// QKV whose V is Q8_0 and Q, K Q5_0): `blocks` is their bytes end to end, part i rows[i] rows of
+// types[i].
+//
+// Up to max_direct rows of x, x is quantized to int8 in blocks of 32 (scale amax / 127, rounded to
+// nearest even, as llama.cpp's q8_0 activations) and each block of weights is dotted with it in
+// integers (vpmaddubsw + vpmaddwd), then scaled by the two block scales in fp32; Q4_K's minimums
+// use the sums of the quantized x per block. Each thread walks one contiguous range of rows, so
+// the weights arrive as one sequential stream per core: on the 2-core EPYC that reaches the
+// memory bandwidth (~16 GB/s), where reading 2-4 rows side by side (several streams, as the int8
+// tile above) drew half of it. Above max_direct rows: dequantize blocks of rows to fp32 and GEMM.
+// The PyTorch fallback (slm.quantize_gguf) computes the same: the same int8 x, the file's weights
+// dequantized by gguf.quants.
+
+constexpr int64_t T_Q8_0 = 8, T_Q5_0 = 6, T_Q4_K = 12, T_Q6_K = 14;
+// Q5_0 with its blocks regrouped by 4 (slm's order, the same 22 bytes a block): per group of 4
+// blocks the 4 fp16 scales (8 bytes), the 4 x 32 high bits as one 16-byte plane (byte j, bit i: weight
+// j of block i; bit 4 + i: weight j + 16 of block i), then the 4 blocks' 16 bytes of low nibbles.
+// A row's last K/32 % 4 blocks stay in Q5_0's own layout. The plane spreads to the weights' bytes in
+// 2 instructions a block, where Q5_0's 32-bit masks take 5, and the scales convert 4 at a time: the
+// loop does ~11 vector operations a block instead of ~19, enough to keep up with the memory.
+constexpr int64_t T_Q5_0R4 = 1006;
+
+inline int64_t block_weights(int64_t t) { return t == T_Q4_K || t == T_Q6_K ? 256 : 32; }
+inline int64_t block_bytes(int64_t t) {
+  switch (t) {
+    case T_Q8_0: return 34;
+    case T_Q5_0: return 22;
+    case T_Q5_0R4: return 22;
+    case T_Q4_K: return 144;
+    case T_Q6_K: return 210;
+    default: TORCH_CHECK(false, "slm_q8: unsupported GGUF block type ", t);
+  }
+  return 0;
+}
+#define SLM_INLINE inline __attribute__((always_inline))
+SLM_INLINE float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// |x| and sign-adjusted w for vpmaddubsw (unsigned x signed): x . w in 8 int32 lanes. |w|, |x| <= 127.
+SLM_INLINE __m256i dot_i8(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
+}
+// unsigned w (0..127) . signed x in 8 int32 lanes
+SLM_INLINE __m256i dot_u8(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+}
+SLM_INLINE __m256i bytes_from_bits_32(const uint8_t* p) {  // byte j = 0xFF where bit j of p's 32 bits is set
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  const __m256i bytes = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(int(v)), shuf),
+                                        _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+SLM_INLINE __m256i nibbles_32(const uint8_t* p) {  // 16 bytes -> 32 nibbles: low ones, then high ones
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+}
+
+// Scales and minimums of one Q4_K super-block (8 sub-blocks of 32, 6 bits each, packed in 12
+// bytes) as two vectors of 8 int32, unpacked in general registers (ggml's utmp trick): writing
+// them to memory one by one and loading them as a vector stalls on store forwarding.
+SLM_INLINE void q4k_scales(const uint8_t* sc, __m256i& s, __m256i& m) {
+  uint32_t u[3];
+  std::memcpy(u, sc, 12);
+  const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+  const uint32_t s0 = u[0] & k1, s1 = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+  const uint32_t m0 = u[1] & k1, m1 = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+  s = _mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(s1), int(s0)));
+  m = _mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(m1), int(m0)));
+}
+
+// One row of weights (type T, nb32 blocks of 32) against NB rows of quantized x (row stride ldq
+// for xq, ldb for the per-block dx and xs): out[b] = sum_k w[k] * x_b[k]. U independent
+// accumulators per row of x: one would chain every block's FMA on the last (4 cycles each), which
+// bounded this loop below the memory bandwidth.
+template <int64_t T, int NB>
+SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq, int64_t ldq, const float* __restrict dx,
+                    const float* __restrict xs, int64_t ldb, int64_t nb32, float* out) {
+  constexpr int U = NB == 1 ? 4 : 2;
+  __m256 acc[NB][U], macc[NB];
+#pragma GCC unroll 4
+  for (int b = 0; b < NB; ++b) {
+    macc[b] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) acc[b][u] = _mm256_setzero_ps();
+  }
+  if constexpr (T == T_Q8_0 || T == T_Q5_0) {
+    constexpr int64_t BB = T == T_Q8_0 ? 34 : 22;
+    auto weights = [](const uint8_t* p) __attribute__((always_inline)) {
+      if constexpr (T == T_Q8_0) {
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+      } else {
+        const __m256i hi = _mm256_andnot_si256(bytes_from_bits_32(p + 2), _mm256_set1_epi8(char(0xF0)));
+        return _mm256_or_si256(nibbles_32(p + 6), hi);  // q - 16 in -16..15
+      }
+    };
+    int64_t blk = 0;
+    for (; blk + U <= nb32; blk += U, w += U * BB) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const uint8_t* p = w + u * BB;
+        const __m256i q = weights(p);
+        const float d = f16(p);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + (blk + u) * 32));
+          acc[b][u] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk + u]), _mm256_cvtepi32_ps(dot_i8(q, x)), acc[b][u]);
+        }
+      }
+    }
+    for (; blk < nb32; ++blk, w += BB) {
+      const __m256i q = weights(w);
+      const float d = f16(w);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + blk * 32));
+        acc[b][0] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk]), _mm256_cvtepi32_ps(dot_i8(q, x)), acc[b][0]);
+      }
+    }
+  } else if constexpr (T == T_Q5_0R4) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10);
+    __m128 corr[NB];  // sum over blocks of d * dx * sum(xq): the -16 of every weight
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) corr[b] = _mm_setzero_ps();
+    int64_t blk = 0;
+    for (; blk + 4 <= nb32; blk += 4, w += 88) {
+      const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
+      const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8));
+      const __m256i plane = _mm256_set_m128i(_mm_srli_epi16(p, 4), p);
+      __m256i q[4];
+      q[0] = _mm256_or_si256(nibbles_32(w + 24), _mm256_and_si256(_mm256_slli_epi16(plane, 4), b4));
+      q[1] = _mm256_or_si256(nibbles_32(w + 40), _mm256_and_si256(_mm256_slli_epi16(plane, 3), b4));
+      q[2] = _mm256_or_si256(nibbles_32(w + 56), _mm256_and_si256(_mm256_slli_epi16(plane, 2), b4));
+      q[3] = _mm256_or_si256(nibbles_32(w + 72), _mm256_and_si256(_mm256_slli_epi16(plane, 1), b4));
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        alignas(16) float sd[4];
+        _mm_store_ps(sd, _mm_mul_ps(d4, _mm_loadu_ps(dx + b * ldb + blk)));
+        corr[b] = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + b * ldb + blk), corr[b]);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + (blk + i) * 32));
+          acc[b][i % U] = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + i), _mm256_cvtepi32_ps(dot_u8(q[i], x)), acc[b][i % U]);
+        }
+      }
+    }
+    for (; blk < nb32; ++blk, w += 22) {  // the row's last blocks, in Q5_0's layout
+      const __m256i hi = _mm256_andnot_si256(bytes_from_bits_32(w + 2), _mm256_set1_epi8(char(0xF0)));
+      const __m256i q = _mm256_or_si256(nibbles_32(w + 6), hi);
+      const float d = f16(w);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + blk * 32));
+        acc[b][0] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk]), _mm256_cvtepi32_ps(dot_i8(q, x)), acc[b][0]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) {
+      __m128 c = _mm_hadd_ps(corr[b], corr[b]);
+      c = _mm_hadd_ps(c, c);
+      macc[b] = _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, 16.0f * _mm_cvtss_f32(c));
+    }
+  } else if constexpr (T == T_Q4_K) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t sb = 0; sb < nb32 / 8; ++sb, w += 144) {
+      __m256i si, mi;
+      q4k_scales(w + 4, si, mi);
+      const __m256 sf = _mm256_mul_ps(_mm256_set1_ps(f16(w)), _mm256_cvtepi32_ps(si));
+      const __m256 mf = _mm256_mul_ps(_mm256_set1_ps(f16(w + 2)), _mm256_cvtepi32_ps(mi));
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        alignas(32) float sd[8];  // d * sc_j * dx_j, for the 8 sub-blocks
+        _mm256_store_ps(sd, _mm256_mul_ps(sf, _mm256_loadu_ps(dx + b * ldb + sb * 8)));
+        macc[b] = _mm256_fmadd_ps(mf, _mm256_loadu_ps(xs + b * ldb + sb * 8), macc[b]);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 + 32 * j));
+          const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+          const int8_t* x = xq + b * ldq + (sb * 8 + 2 * j) * 32;
+          const __m256i p0 = dot_u8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+          const __m256i p1 = dot_u8(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+          acc[b][(2 * j) % U] = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + 2 * j), _mm256_cvtepi32_ps(p0), acc[b][(2 * j) % U]);
+          acc[b][(2 * j + 1) % U] = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + 2 * j + 1), _mm256_cvtepi32_ps(p1), acc[b][(2 * j + 1) % U]);
+        }
+      }
+    }
+  } else if constexpr (T == T_Q6_K) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), c32 = _mm256_set1_epi8(32);
+    for (int64_t sb = 0; sb < nb32 / 8; ++sb, w += 210) {
+      const float d = f16(w + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* ql = w + 64 * h;
+        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 128 + 32 * h));
+        __m256i q[4];
+        q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4));
+        q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2));
+        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, _mm256_set1_epi8(0x30)));
+        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                               _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(char(0xC0))), 2));
+        const int8_t* s = sc + 8 * h;
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256i qs = _mm256_sub_epi8(q[j], c32);  // -32..31
+          // 16 weights a scale: int16 pair sums 0..7 take s[2j], 8..15 s[2j + 1]
+          const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(s[2 * j + 1]), _mm_set1_epi16(s[2 * j]));
+          const int64_t blk = sb * 8 + 4 * h + j;
+#pragma GCC unroll 4
+          for (int b = 0; b < NB; ++b) {
+            const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + blk * 32));
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(qs, x)), scv);
+            acc[b][j % U] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk]), _mm256_cvtepi32_ps(p), acc[b][j % U]);
+          }
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int b = 0; b < NB; ++b) {
+    __m256 a = acc[b][0];
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[b][u]);
+    out[b] = hsum(_mm256_sub_ps(a, macc[b]));
+  }
+}
+
+// fp32 dequantization of one row (K weights) of type t, as ggml's dequantize_row_*.
+void dequant_row(int64_t t, const uint8_t* w, int64_t K, float* o) {
+  if (t == T_Q8_0) {
+    for (int64_t i = 0; i < K / 32; ++i, w += 34) {
+      const float d = f16(w);
+      for (int j = 0; j < 32; ++j) o[32 * i + j] = d * float(int8_t(w[2 + j]));
+    }
+  } else if (t == T_Q5_0) {
+    for (int64_t i = 0; i < K / 32; ++i, w += 22) {
+      const float d = f16(w);
+      uint32_t qh;
+      std::memcpy(&qh, w + 2, 4);
+      for (int j = 0; j < 16; ++j) {
+        const int lo = (w[6 + j] & 0x0F) | (((qh >> j) << 4) & 0x10);
+        const int hi = (w[6 + j] >> 4) | ((qh >> (j + 12)) & 0x10);
+        o[32 * i + j] = d * float(lo - 16), o[32 * i + j + 16] = d * float(hi - 16);
+      }
+    }
+  } else if (t == T_Q5_0R4) {
+    int64_t i = 0;
+    for (; i + 4 <= K / 32; i += 4, w += 88) {
+      for (int g = 0; g < 4; ++g) {
+        const float d = f16(w + 2 * g);
+        for (int j = 0; j < 16; ++j) {
+          const int lo = (w[24 + 16 * g + j] & 0x0F) | (((w[8 + j] >> g) & 1) << 4);
+          const int hi = (w[24 + 16 * g + j] >> 4) | (((w[8 + j] >> (4 + g)) & 1) << 4);
+          o[32 * (i + g) + j] = d * float(lo - 16), o[32 * (i + g) + j + 16] = d * float(hi - 16);
+        }
+      }
+    }
+    if (i < K / 32) dequant_row(T_Q5_0, w, K - 32 * i, o + 32 * i);
+  } else if (t == T_Q4_K) {
+    for (int64_t i = 0; i < K / 256; ++i, w += 144) {
+      const float d = f16(w), dmin = f16(w + 2);
+      const uint8_t* sc = w + 4;
+      for (int j = 0; j < 8; ++j) {
+        int s, m;
+        if (j < 4) s = sc[j] & 63, m = sc[j + 4] & 63;
+        else s = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+        const uint8_t* q = w + 16 + 32 * (j / 2);
+        for (int l = 0; l < 32; ++l)
+          o[256 * i + 32 * j + l] = d * s * float(j % 2 ? q[l] >> 4 : q[l] & 0x0F) - dmin * m;
+      }
+    }
+  } else if (t == T_Q6_K) {
+    for (int64_t i = 0; i < K / 256; ++i, w += 210) {
+      const float d = f16(w + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t *ql = w + 64 * h, *qh = w + 128 + 32 * h;
+        const int8_t* s = sc + 8 * h;
+        float* y = o + 256 * i + 128 * h;
+        for (int l = 0; l < 32; ++l) {
+          const int is = l / 16;
+          y[l] = d * s[is] * float(((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32);
+          y[l + 32] = d * s[is + 2] * float(((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32);
+          y[l + 64] = d * s[is + 4] * float(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+          y[l + 96] = d * s[is + 6] * float(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+        }
+      }
+    }
+  } else {
+    TORCH_CHECK(false, "slm_q8: unsupported GGUF block type ", t);
+  }
+}
+
+struct Parts {  // where each part's rows start, in rows and in bytes
+  std::vector<int64_t> types, row0, byte0, row_bytes;
+  int64_t N = 0;
+  Parts(const at::Tensor& blocks, at::IntArrayRef types_, at::IntArrayRef rows, int64_t K) {
+    TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 1 && blocks.is_contiguous(),
+                "slm_q8: GGUF blocks must be a contiguous uint8 CPU tensor");
+    TORCH_CHECK(types_.size() == rows.size() && !rows.empty(), "slm_q8: one type per part");
+    int64_t bytes = 0;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const int64_t t = types_[i];
+      TORCH_CHECK(K > 0 && K % block_weights(t) == 0, "slm_q8: in_features ", K, " is not a whole number of blocks of type ", t);
+      types.push_back(t), row0.push_back(N), byte0.push_back(bytes), row_bytes.push_back(K / block_weights(t) * block_bytes(t));
+      N += rows[i], bytes += rows[i] * row_bytes.back();
+    }
+    TORCH_CHECK(blocks.numel() == bytes, "slm_q8: GGUF blocks hold ", blocks.numel(), " bytes, the parts need ", bytes);
+  }
+  int64_t part(int64_t n) const {
+    int64_t p = 0;
+    while (p + 1 < int64_t(types.size()) && n >= row0[p + 1]) ++p;
+    return p;
+  }
+};
+
+// Quantize B rows of x [B, K] to int8 blocks of 32: xq [B, K], dx and xs (dx * sum of the block) [B, K/32].
+void quantize_x(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, float* xs) {
+  for (int64_t i = 0; i < B * K / 32; ++i) {
+    const float* xb = x + 32 * i;
+    __m256 mx = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int j = 0; j < 4; ++j) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * j)));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float d = _mm_cvtss_f32(m) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    // round to nearest even (vcvtps2dq under the default rounding mode), as torch.round
+    const __m256 iv = _mm256_set1_ps(id);
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), iv));
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    // int32 -> int8 in order: packs interleave the 128-bit lanes, the permute puts them back
+    const __m256i p16 = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16, p16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + 32 * i), p8);
+    dx[i] = d, xs[i] = d * float(_mm_cvtsi128_si32(s4));
+  }
+}
+
+// Prefetch distance in bytes for the GGUF-block rows (SLM_PREFETCH overrides it, 0: none).
+int64_t prefetch_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("SLM_PREFETCH");
+    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(4096);
+  }();
+  return v;
+}
+
+template <int64_t T>
+void rows_gguf(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, const int8_t* xq, const float* dx,
+               const float* xs, int64_t B, int64_t K, float* y, int64_t ldy, const float* bias, int64_t bias0) {
+  const int64_t nb32 = K / 32;
+  const int64_t pf = prefetch_bytes();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * row_bytes;
+    // Software prefetch, pf bytes ahead in this thread's stream: the decoding of Q5_0/Q4_K/Q6_K
+    // blocks is slow enough that the hardware prefetchers alone let the loop wait on memory.
+    if (pf)
+      for (int64_t i = 0; i < row_bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(wr + pf + i), _MM_HINT_T0);
+    for (int64_t b = 0; b < B;) {
+      float out[4];
+      const int64_t nb = std::min<int64_t>(B - b, 4);
+      const int8_t* xb = xq + b * K;
+      switch (nb) {
+        case 1: dot_row<T, 1>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+        case 2: dot_row<T, 2>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+        case 3: dot_row<T, 3>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+        default: dot_row<T, 4>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+      }
+      for (int64_t i = 0; i < nb; ++i) y[(b + i) * ldy + bias0 + n] = out[i] + (bias ? bias[bias0 + n] : 0.0f);
+      b += nb;
+    }
+  }
+}
+
+// fp32 rows [n0, n1) of the stacked parts into out (row stride K).
+void dequant_rows(const Parts& P, const uint8_t* bp, int64_t K, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t p = P.part(n);
+    dequant_row(P.types[p], bp + P.byte0[p] + (n - P.row0[p]) * P.row_bytes[p], K, out + (n - n0) * K);
+  }
+}
+
+at::Tensor dequantize_gguf(const at::Tensor& blocks, at::IntArrayRef types, at::IntArrayRef rows, int64_t K,
+                           const at::Tensor& ids) {
+  const Parts P(blocks, types, rows, K);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous(), "slm_q8: ids must be int64 [n]");
+  const int64_t n = ids.size(0);
+  const int64_t* ip = ids.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < P.N, "slm_q8: row ", ip[i], " out of range");
+  auto out = at::empty({n, K}, blocks.options().dtype(at::kFloat));
+  const uint8_t* bp = blocks.const_data_ptr<uint8_t>();
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, n, grain_rows(K), [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) dequant_rows(P, bp, K, ip[i], ip[i] + 1, op + i * K);
+  });
+  return out;
+}
+
+at::Tensor linear_gguf(const at::Tensor& x_in, const at::Tensor& blocks, at::IntArrayRef types, at::IntArrayRef rows,
+                       int64_t K, const std::optional<at::Tensor>& bias_, int64_t max_direct) {
+  const Parts P(blocks, types, rows, K);
+  const int64_t N = P.N;
+  at::Tensor x, bias;
+  prepare(x_in, bias_, N, K, x, bias);
+  const int64_t B = x.size(0);
+  auto y = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return finish(x_in, y, N);
+  const uint8_t* bp = blocks.const_data_ptr<uint8_t>();
+  const float* bias_p = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float* yp = y.mutable_data_ptr<float>();
+  if (B <= max_direct) {
+    std::vector<int8_t> xq(B * K);
+    std::vector<float> dx(B * K / 32), xs(B * K / 32);
+    quantize_x(x.const_data_ptr<float>(), B, K, xq.data(), dx.data(), xs.data());
+    // rows per task: ~64 KB of weights
+    const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, P.row_bytes[0]));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      for (size_t p = 0; p < P.types.size(); ++p) {
+        const int64_t a = std::max(n0, P.row0[p]), b = std::min(n1, P.row0[p] + (p + 1 < P.types.size() ? P.row0[p + 1] - P.row0[p] : N - P.row0[p]));
+        if (a >= b) continue;
+        const uint8_t* w = bp + P.byte0[p];
+        const int64_t r0 = P.row0[p], rb = P.row_bytes[p];
+        switch (P.types[p]) {
+          case T_Q8_0: rows_gguf<T_Q8_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+          case T_Q5_0: rows_gguf<T_Q5_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+          case T_Q5_0R4: rows_gguf<T_Q5_0R4>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+          case T_Q4_K: rows_gguf<T_Q4_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+          default: rows_gguf<T_Q6_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+        }
+      }
+    });
+    return finish(x_in, y, N);
+  }
+  const int64_t chunk = std::max<int64_t>(64, ((int64_t(1) << 20) / K + 63) / 64 * 64);
+  auto wbuf = at::empty({std::min(chunk, N), K}, x.options());
+  for (int64_t c0 = 0; c0 < N; c0 += chunk) {
+    const int64_t c1 = std::min(c0 + chunk, N), n = c1 - c0;
+    float* wp = wbuf.mutable_data_ptr<float>();
+    at::parallel_for(c0, c1, 16, [&](int64_t n0, int64_t n1) { dequant_rows(P, bp, K, n0, n1, wp + (n0 - c0) * K); });
+    auto w = wbuf.narrow(0, 0, n);
+    y.narrow(1, c0, n).copy_(bias.defined() ? at::addmm(bias.narrow(0, c0, n), x, w.t()) : at::mm(x, w.t()));
+  }
+  return finish(x_in, y, N);
+}
+
+// -- decoding helpers ---------------------------------------------------------------------------
+// At batch 1 a Gemma 3 layer runs ~40 small ATen ops around its 4 matrix products, ~5 us each:
+// as long as the products themselves for gemma-3-270m. These fuse the common ones, fp32 on the CPU.
+
+// RMSNorm of each row (head) of x [B, H, T, D], then the rotary embedding of its first rd dims:
+// y = n * cos + roll(n, rd/2) * sin with cos, sin [B, 1, T, rd] (sin carrying the sign), as
+// model.apply_rope(norm(x)).
+at::Tensor rms_norm_rope(const at::Tensor& x, const at::Tensor& w, double eps, bool plus_one, const at::Tensor& cos,
+                         const at::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 4,
+              "slm_q8.rms_norm_rope: x must be contiguous fp32 [B, H, T, D]");
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), rd = cos.size(-1);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == D, "slm_q8.rms_norm_rope: bad weight");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.dim() == 4 && cos.sizes() == sin.sizes() && cos.size(0) == B && cos.size(1) == 1 && cos.size(2) == T &&
+                  rd <= D && rd % 2 == 0,
+              "slm_q8.rms_norm_rope: cos and sin must be contiguous fp32 [B, 1, T, rd]");
+  auto y = at::empty(x.sizes(), x.options());
+  const float *xp = x.const_data_ptr<float>(), *wp = w.const_data_ptr<float>();
+  const float *cp = cos.const_data_ptr<float>(), *sp = sin.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const float add = plus_one ? 1.0f : 0.0f;
+  std::vector<float> n(D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = (b * H + h) * T + t;
+        const float* xr = xp + r * D;
+        float* yr = yp + r * D;
+        float ss = 0.0f;
+        for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+        for (int64_t i = 0; i < D; ++i) n[i] = (xr[i] * inv) * (wp[i] + add);
+        const float *c = cp + (b * T + t) * rd, *s = sp + (b * T + t) * rd;
+        const int64_t half = rd / 2;
+        for (int64_t i = 0; i < rd; ++i) yr[i] = n[i] * c[i] + n[i < half ? i + half : i - half] * s[i];
+        for (int64_t i = rd; i < D; ++i) yr[i] = n[i];
+      }
+  return y;
+}
+
+// residual + RMSNorm(x): Gemma 3's sandwich norms, x = x + post_norm(branch).
+at::Tensor rms_norm_add(const at::Tensor& x, const at::Tensor& w, double eps, bool plus_one, const at::Tensor& residual) {
+  TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous() && residual.sizes() == x.sizes(),
+              "slm_q8.rms_norm_add: residual must be contiguous fp32 shaped as x");
+  auto y = rms_norm(x, w, eps, plus_one);
+  float* yp = y.mutable_data_ptr<float>();
+  const float* rp = residual.const_data_ptr<float>();
+  for (int64_t i = 0; i < y.numel(); ++i) yp[i] += rp[i];
+  return y;
+}
+
+// exp for 8 floats (Cephes' polynomial, ~1 ulp), for the GELU below.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// x [..., 2F] = [gate | up] -> gelu_tanh(gate) * up [..., F], as F.gelu(gate, approximate="tanh") * up.
+at::Tensor gelu_tanh_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(-1) % 2 == 0,
+              "slm_q8.gelu_tanh_mul: x must be contiguous fp32 [..., 2F]");
+  const int64_t F2 = x.size(-1), F = F2 / 2, rows = F2 ? x.numel() / F2 : 0;
+  auto sizes = x.sizes().vec();
+  sizes.back() = F;
+  auto y = at::empty(sizes, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *g = xp + r * F2, *u = g + F;
+    float* o = yp + r * F;
+    int64_t i = 0;
+    for (; i + 8 <= F; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(k0), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(k1), gv), _mm256_mul_ps(gv, gv), gv));
+      // 0.5 * (1 + tanh(z)) = 1 / (1 + exp(-2z))
+      const __m256 half1p = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), inner))));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, half1p), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < F; ++i) {
+      const float v = g[i];
+      o[i] = 0.5f * v * (1.0f + std::tanh(k0 * (v + k1 * v * v * v))) * u[i];
+    }
+  }
+  return y;
+}
+
+// Attention of one new query per sequence over S cached keys, no mask: q [B, H, 1, D], k and v
+// [B, Hkv, S, D] (any strides with the last dimension contiguous), H a multiple of Hkv (grouped
+// queries). Softmax in fp32. -> [B, H, 1, D], as F.scaled_dot_product_attention.
+at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat && q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1 &&
+                  q.is_contiguous() && k.stride(3) == 1 && v.stride(3) == 1,
+              "slm_q8.attn_decode: q contiguous fp32 [B, H, 1, D], k and v fp32 [B, Hkv, S, D] with contiguous rows");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0 && S > 0,
+              "slm_q8.attn_decode: shapes do not match");
+  auto y = at::empty(q.sizes(), q.options());
+  const float* qp = q.const_data_ptr<float>();
+  const float *kp = k.const_data_ptr<float>(), *vp = v.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t g = H / Hkv;
+  const float sc = static_cast<float>(scale);
+  // heads per task: at least ~1M multiply-adds, so a short context does not pay for a thread wake-up
+  at::parallel_for(0, B * H, std::max<int64_t>(1, (int64_t(1) << 20) / (2 * S * D)), [&](int64_t a, int64_t e) {
+    std::vector<float> p(S);
+    for (int64_t bh = a; bh < e; ++bh) {
+      const int64_t b = bh / H, h = bh % H, hk = h / g;
+      const float* qr = qp + bh * D;
+      const float* kb = kp + b * k.stride(0) + hk * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + hk * v.stride(1);
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        const float* kr = kb + s * k.stride(2);
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(kr + i), acc);
+        float d = hsum(acc);
+        for (; i < D; ++i) d += qr[i] * kr[i];
+        p[s] = d * sc;
+        mx = std::max(mx, p[s]);
+      }
+      float sum = 0.0f;
+      for (int64_t s = 0; s < S; ++s) sum += (p[s] = std::exp(p[s] - mx));
+      const float inv = 1.0f / sum;
+      float* o = yp + bh * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = 0.0f;
+      for (int64_t s = 0; s < S; ++s) {
+        const float* vr = vb + s * v.stride(2);
+        const __m256 ps = _mm256_set1_ps(p[s] * inv);
+        int64_t i = 0;
+        for (; i + 8 <= D; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + i)));
+        for (; i < D; ++i) o[i] += p[s] * inv * vr[i];
+      }
+    }
+  });
+  return y;
+}
+
+// Index of the largest value in each row of x [B, V] fp32 (the first one on ties, the first NaN
+// if any, as torch.argmax), split over threads: 262,144 logits take ~0.7 ms in ATen's argmax.
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) > 0,
+              "slm_q8.argmax_rows: x must be contiguous fp32 [B, V]");
+  const int64_t B = x.size(0), V = x.size(1);
+  auto out = at::empty({B}, x.options().dtype(at::kLong));
+  int64_t* op = out.mutable_data_ptr<int64_t>();
+  const float* xp = x.const_data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* r = xp + b * V;
+    constexpr int64_t CH = 1 << 15;
+    const int64_t nch = (V + CH - 1) / CH;
+    std::vector<float> best(nch);
+    std::vector<int64_t> idx(nch);
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t a = c * CH, e = std::min(V, a + CH);
+        // per lane: the largest value so far and where (strict >: the first of equal values)
+        __m256 mv = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+        __m256i mi = _mm256_set1_epi32(-1), iv = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i step = _mm256_set1_epi32(8);
+        int64_t i = a;
+        for (; i + 8 <= e; i += 8, iv = _mm256_add_epi32(iv, step)) {
+          const __m256 v = _mm256_loadu_ps(r + i);
+          const __m256 gt = _mm256_cmp_ps(v, mv, _CMP_GT_OQ);
+          mv = _mm256_blendv_ps(mv, v, gt);
+          mi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(mi), _mm256_castsi256_ps(iv), gt));
+          nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        alignas(32) float t[8];
+        alignas(32) int32_t ti[8];
+        _mm256_store_ps(t, mv);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ti), mi);
+        float m = -INFINITY;
+        int64_t at_ = -1;
+        for (int j = 0; j < 8; ++j)
+          if (ti[j] >= 0 && (t[j] > m || (t[j] == m && a + ti[j] < at_))) m = t[j], at_ = a + ti[j];
+        bool has_nan = !_mm256_testz_ps(nan, nan);
+        for (; i < e; ++i) {
+          has_nan |= std::isnan(r[i]);
+          if (r[i] > m || at_ < 0) m = r[i], at_ = i;
+        }
+        if (has_nan) {
+          at_ = a;
+          while (!std::isnan(r[at_])) ++at_;
+          m = NAN;
+        } else if (at_ < 0) {  // every value -inf
+          at_ = a, m = r[a];
+        }
+        best[c] = m, idx[c] = at_;
+      }
+    });
+    int64_t bi = 0;
+    for (int64_t c = 1; c < nch; ++c) {
+      if (std::isnan(best[bi])) break;
+      if (std::isnan(best[c]) || best[c] > best[bi]) bi = c;
+    }
+    op[b] = idx[bi];
+  }
+  return out;
+}
+
+// One decoding step of attention for batch-1-style caches, after the QKV product: from qkv
+// [B, 1, (H + 2 Hkv) D], normalise (qk-norm weights, optional) and rotate Q and K heads, store K
+// and V in cache slot `slot` of K, V [B, Hkv, S, D] (contiguous), attend over slots [0, read) with
+// no mask, -> [B, 1, H D]. The ~15 small ATen ops this replaces (views, slices, two index copies,
+// norms, rope, attention, transposes) cost ~40 us a layer at batch 1.
+at::Tensor attn_step(const at::Tensor& qkv, const std::optional<at::Tensor>& qw, const std::optional<at::Tensor>& kw,
+                     double eps, bool plus_one, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& K, const at::Tensor& V,
+                     int64_t slot, int64_t read, double scale, int64_t H) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.dim() == 3 &&
+                  qkv.size(1) == 1, "slm_q8.attn_step: qkv must be contiguous fp32 [B, 1, (H + 2 Hkv) D]");
+  TORCH_CHECK(K.scalar_type() == at::kFloat && V.scalar_type() == at::kFloat && K.is_contiguous() && V.is_contiguous() &&
+                  K.dim() == 4 && K.sizes() == V.sizes(), "slm_q8.attn_step: K and V caches must be contiguous fp32 [B, Hkv, S, D]");
+  const int64_t B = qkv.size(0), Hkv = K.size(1), S = K.size(2), D = K.size(3), rd = cos.size(-1);
+  TORCH_CHECK(K.size(0) >= B && H % Hkv == 0 && qkv.size(2) == (H + 2 * Hkv) * D && slot >= 0 && slot < S &&
+                  read > 0 && read <= S && rd <= D && rd % 2 == 0, "slm_q8.attn_step: shapes do not match");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.numel() == B * rd && sin.numel() == B * rd, "slm_q8.attn_step: cos and sin must be fp32 [B, 1, 1, rd]");
+  for (const auto* w : {&qw, &kw})
+    TORCH_CHECK(!w->has_value() || ((*w)->scalar_type() == at::kFloat && (*w)->is_contiguous() && (*w)->numel() == D),
+                "slm_q8.attn_step: norm weights must be fp32 [D]");
+  auto y = at::empty({B, 1, H * D}, qkv.options());
+  const float* src = qkv.const_data_ptr<float>();
+  float *kp = K.mutable_data_ptr<float>(), *vp = V.mutable_data_ptr<float>(), *yp = y.mutable_data_ptr<float>();
+  const float *cp = cos.const_data_ptr<float>(), *sp = sin.const_data_ptr<float>();
+  const float* qwp = qw.has_value() ? qw->const_data_ptr<float>() : nullptr;
+  const float* kwp = kw.has_value() ? kw->const_data_ptr<float>() : nullptr;
+  const float add = plus_one ? 1.0f : 0.0f;
+  std::vector<float> n(D), q(H * D), p(read);
+  // norm (if w) and rope of one head: in -> out
+  auto prep = [&](const float* in, const float* w, const float* c, const float* s, float* out) {
+    if (w) {
+      float ss = 0.0f;
+      for (int64_t i = 0; i < D; ++i) ss += in[i] * in[i];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+      for (int64_t i = 0; i < D; ++i) n[i] = (in[i] * inv) * (w[i] + add);
+    } else {
+      for (int64_t i = 0; i < D; ++i) n[i] = in[i];
+    }
+    const int64_t half = rd / 2;
+    for (int64_t i = 0; i < rd; ++i) out[i] = n[i] * c[i] + n[i < half ? i + half : i - half] * s[i];
+    for (int64_t i = rd; i < D; ++i) out[i] = n[i];
+  };
+  const int64_t g = H / Hkv;
+  const float sc = static_cast<float>(scale);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = src + b * (H + 2 * Hkv) * D;
+    const float *c = cp + b * rd, *s = sp + b * rd;
+    for (int64_t j = 0; j < Hkv; ++j) {
+      float* kslot = kp + ((b * Hkv + j) * S + slot) * D;
+      prep(row + (H + j) * D, kwp, c, s, kslot);
+      std::memcpy(vp + ((b * Hkv + j) * S + slot) * D, row + (H + Hkv + j) * D, D * sizeof(float));
+    }
+    for (int64_t h = 0; h < H; ++h) prep(row + h * D, qwp, c, s, q.data() + h * D);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qr = q.data() + h * D;
+      const float* kb = kp + (b * Hkv + h / g) * S * D;
+      const float* vb = vp + (b * Hkv + h / g) * S * D;
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < read; ++t) {
+        const float* kr = kb + t * D;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(kr + i), acc);
+        float d = hsum(acc);
+        for (; i < D; ++i) d += qr[i] * kr[i];
+        p[t] = d * sc;
+        mx = std::max(mx, p[t]);
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < read; ++t) sum += (p[t] = std::exp(p[t] - mx));
+      const float inv = 1.0f / sum;
+      float* o = yp + (b * H + h) * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = 0.0f;
+      for (int64_t t = 0; t < read; ++t) {
+        const float* vr = vb + t * D;
+        const __m256 ps = _mm256_set1_ps(p[t] * inv);
+        int64_t i = 0;
+        for (; i + 8 <= D; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + i)));
+        for (; i < D; ++i) o[i] += p[t] * inv * vr[i];
+      }
+    }
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(slm_q8, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps, bool plus_one) -> Tensor");
+  m.def("rms_norm_rope(Tensor x, Tensor w, float eps, bool plus_one, Tensor cos, Tensor sin) -> Tensor");
+  m.def("rms_norm_add(Tensor x, Tensor w, float eps, bool plus_one, Tensor residual) -> Tensor");
+  m.def("gelu_tanh_mul(Tensor x) -> Tensor");
+  m.def("attn_decode(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("attn_step(Tensor qkv, Tensor? qw, Tensor? kw, float eps, bool plus_one, Tensor cos, Tensor sin, Tensor(a!) K, Tensor(b!) V, int slot, int read, float scale, int H) -> Tensor");
   m.def("matvec_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int max_direct) -> Tensor");
   m.def("dequantize(Tensor qweight, Tensor scales) -> Tensor");
   m.def("linear_q4(Tensor x, Tensor packed, Tensor scales, Tensor mins, Tensor? bias, int max_direct) -> Tensor");
   m.def("dequantize_q4(Tensor packed, Tensor scales, Tensor mins) -> Tensor");
+  m.def("linear_gguf(Tensor x, Tensor blocks, int[] types, int[] rows, int K, Tensor? bias, int max_direct) -> Tensor");
+  m.def("dequantize_gguf(Tensor blocks, int[] types, int[] rows, int K, Tensor ids) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(slm_q8, CPU, m) {
@@ -522,6 +1292,14 @@ TORCH_LIBRARY_IMPL(slm_q8, CPU, m) {
   m.impl("dequantize", &dequantize);
   m.impl("linear_q4", &linear_q4);
   m.impl("dequantize_q4", &dequantize_q4);
+  m.impl("linear_gguf", &linear_gguf);
+  m.impl("dequantize_gguf", &dequantize_gguf);
   m.impl("matvec_f32", &matvec_f32);
   m.impl("rms_norm", &rms_norm);
+  m.impl("rms_norm_rope", &rms_norm_rope);
+  m.impl("rms_norm_add", &rms_norm_add);
+  m.impl("gelu_tanh_mul", &gelu_tanh_mul);
+  m.impl("attn_decode", &attn_decode);
+  m.impl("argmax_rows", &argmax_rows);
+  m.impl("attn_step", &attn_step);
 }

@@ -1,0 +1,175 @@
+"""Linear layers that keep a GGUF file's quantized tensors in the file's own block formats.
+
+`slm.load("model.gguf", quantize="int8"|"int4")` keeps every tensor stored as Q8_0, Q5_0, Q4_K or
+Q6_K byte for byte (`GGUFLinear`), and runs it with slm's kernels (`torch.ops.slm_q8.linear_gguf`),
+instead of dequantizing it to fp32 and requantizing it to slm's int8/int4: the weights are then
+exactly the file's (no second rounding), and as many bytes as llama.cpp reads. Tensors in other
+formats (F32, F16, BF16, Q4_0, Q4_1, Q5_1, Q5_K ...) are quantized by slm as for any checkpoint.
+
+    block            weights  bytes  bytes/weight   w
+    Q8_0 (type 8)       32      34     1.0625      d * q,                q int8
+    Q5_0 (type 6)       32      22     0.6875      d * (q - 16),         q 5 bits
+    Q4_K (type 12)     256     144     0.5625      d*sc_j * q - dmin*m_j, q 4 bits, 6-bit sc/m per 32
+    Q6_K (type 14)     256     210     0.8203      d*sc_j * (q - 32),    q 6 bits, int8 sc per 16
+
+A layer may hold parts of different formats stacked by rows (our fused QKV from a file whose V is
+Q8_0 and Q, K Q5_0): `qweight` is their bytes end to end, `types` and `part_rows` say how.
+
+The kernel quantizes x to int8 in blocks of 32 (scale amax/127) for up to MAX_DIRECT rows of x and
+takes integer dot products, as llama.cpp does; above that it dequantizes and runs an fp32 GEMM. The
+PyTorch path (no kernels, other devices, gradients) computes the same: the same int8 x, and the
+weights dequantized by `gguf.quants` (llama.cpp's reference in Python).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .quantize import _CHUNK, MAX_DIRECT, QK, QuantLinear, _reference
+
+# ggml type id -> (name, weights per block, bytes per block): the formats the kernel runs
+BLOCKS = {8: ("Q8_0", 32, 34), 6: ("Q5_0", 32, 22), 12: ("Q4_K", 256, 144), 14: ("Q6_K", 256, 210)}
+# Q5_0 with its blocks regrouped by 4, the same bytes (q5_0_regroup): what a layer holds for Q5_0
+Q5_0R4 = 1006
+_LAYOUTS = {**BLOCKS, Q5_0R4: ("Q5_0", 32, 22)}
+
+
+def q5_0_regroup(raw: np.ndarray) -> np.ndarray:
+    """Q5_0 rows uint8 [n, K/32 * 22] -> the same bytes in slm's order, per group of 4 blocks: the 4
+    fp16 scales, a 16-byte plane of the high bits (byte j, bit i: weight j of block i; bit 4 + i:
+    weight j + 16 of block i), the 4 blocks' low nibbles as they were. A row's last K/32 % 4 blocks
+    stay as they are. The kernel spreads the plane to the weights in 2 instructions a block."""
+    n, nb = raw.shape[0], raw.shape[1] // 22
+    b = raw.reshape(n, nb, 22)
+    G = nb // 4
+    g = b[:, :4 * G].reshape(n, G, 4, 22)
+    qh = np.ascontiguousarray(g[..., 2:6]).view("<u4")[..., 0]  # [n, G, 4]
+    j = np.arange(16, dtype=np.uint32)
+    lo = (qh[..., None] >> j) & 1  # [n, G, 4 blocks, 16]
+    hi = (qh[..., None] >> (j + 16)) & 1
+    shift = np.arange(4, dtype=np.uint32)[:, None]
+    plane = ((lo << shift) | (hi << (shift + 4))).sum(2).astype(np.uint8)  # [n, G, 16]
+    groups = np.concatenate([g[..., 0:2].reshape(n, G, 8), plane, g[..., 6:22].reshape(n, G, 64)], -1)
+    return np.concatenate([groups.reshape(n, -1), b[:, 4 * G:].reshape(n, -1)], 1)
+
+
+def q5_0_ungroup(raw: np.ndarray) -> np.ndarray:
+    """The inverse of q5_0_regroup: Q5_0 rows as ggml lays them out."""
+    n, nb = raw.shape[0], raw.shape[1] // 22
+    G = nb // 4
+    g = raw[:, :88 * G].reshape(n, G, 88)
+    plane = g[..., 8:24].astype(np.uint32)  # [n, G, 16]
+    j = np.arange(16, dtype=np.uint32)
+    i = np.arange(4, dtype=np.uint32)[:, None]
+    lo = (plane[:, :, None, :] >> i) & 1  # [n, G, 4, 16]
+    hi = (plane[:, :, None, :] >> (i + 4)) & 1
+    qh = ((lo << j) | (hi << (j + 16))).sum(-1).astype("<u4")  # [n, G, 4]
+    blocks = np.concatenate([g[..., 0:8].reshape(n, G, 4, 2), qh[..., None].view(np.uint8),
+                             g[..., 24:88].reshape(n, G, 4, 16)], -1)
+    return np.concatenate([blocks.reshape(n, -1), raw[:, 88 * G:]], 1)
+
+
+def supported(qtype: int, in_features: int) -> bool:
+    """Whether a [*, in_features] tensor of ggml type qtype can stay in its blocks."""
+    return qtype in BLOCKS and in_features % BLOCKS[qtype][1] == 0
+
+
+def row_bytes(qtype: int, in_features: int) -> int:
+    _, bw, bb = _LAYOUTS[qtype]
+    return in_features // bw * bb
+
+
+def quantize_x_reference(x: torch.Tensor) -> torch.Tensor:
+    """x [B, K] fp32 as the kernel sees it: each block of 32 rounded to int8 steps of amax / 127
+    (round half to even), returned dequantized."""
+    B, K = x.shape
+    xb = x.reshape(B, K // QK, QK)
+    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    return ((xb * inv).round() * d).reshape(B, K)
+
+
+def dequantize_blocks(blocks: torch.Tensor, types: tuple[int, ...], part_rows: tuple[int, ...], K: int,
+                      ids: torch.Tensor) -> torch.Tensor:
+    """fp32 rows [n, K] of the stacked parts for the 1-D row ids."""
+    ids = ids.reshape(-1).to(torch.int64)
+    if kernels.q8_linear_op() is not None and blocks.is_cpu:
+        return torch.ops.slm_q8.dequantize_gguf(blocks, list(types), list(part_rows), K, ids.contiguous())
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    N = sum(part_rows)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= N):
+        raise IndexError(f"row ids out of range for a table of {N} rows")
+    out = torch.empty(ids.numel(), K, dtype=torch.float32)
+    start, byte0 = 0, 0
+    flat = blocks.cpu().numpy()
+    for t, n in zip(types, part_rows):
+        rb = row_bytes(t, K)
+        sel = ((ids >= start) & (ids < start + n)).nonzero().reshape(-1)
+        if sel.numel():
+            part = flat[byte0:byte0 + n * rb].reshape(n, rb)
+            rows = part[(ids[sel] - start).cpu().numpy()]
+            if t == Q5_0R4:
+                rows, t = q5_0_ungroup(rows), 6
+            out[sel] = torch.from_numpy(np.ascontiguousarray(dequantize(rows, GGMLQuantizationType(t))))
+        start, byte0 = start + n, byte0 + n * rb
+    return out.to(blocks.device)
+
+
+class GGUFLinear(QuantLinear):
+    """y = x W^T + b with W in a GGUF file's blocks: `qweight` uint8 [bytes], parts `types` (ggml
+    type ids) of `part_rows` rows each, stacked by rows."""
+
+    bits = 0  # per part: see types
+
+    def __init__(self, in_features: int, parts: list[tuple[int, torch.Tensor]], bias: bool = False, device=None,
+                 bias_dtype: torch.dtype = torch.float32):
+        """parts: (ggml type, uint8 tensor [rows, row_bytes]) in row order, as the file stores them
+        (Q5_0 is regrouped here, see q5_0_regroup)."""
+        out_features = sum(p.shape[0] for _, p in parts)
+        super().__init__(in_features, out_features, bias, QK, device, bias_dtype)
+        for t, p in parts:
+            if not supported(t, in_features) or p.dtype != torch.uint8 or p.dim() != 2 \
+                    or p.shape[1] != row_bytes(t, in_features):
+                raise ValueError(f"not {BLOCKS.get(t, ('type ' + str(t),))[0]} rows of {in_features} weights: "
+                                 f"{p.dtype} {list(p.shape)}")
+        parts = [(Q5_0R4, torch.from_numpy(q5_0_regroup(p.cpu().numpy()))) if t == 6 and in_features >= 128 else (t, p)
+                 for t, p in parts]
+        self.types = tuple(int(t) for t, _ in parts)
+        self.part_rows = tuple(int(p.shape[0]) for _, p in parts)
+        self.register_buffer("qweight", torch.cat([p.reshape(-1) for _, p in parts]).to(device))
+        kernels.q8_linear_op()
+
+    def dequantize_rows(self, a: int, b: int) -> torch.Tensor:
+        return self.rows(torch.arange(a, b))
+
+    def dequantize(self) -> torch.Tensor:
+        return self.dequantize_rows(0, self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_blocks(self.qweight, self.types, self.part_rows, self.in_features, ids)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks, bias = self._buffers["qweight"], self._parameters["bias"]
+        if x.requires_grad and torch.is_grad_enabled():
+            from .quantize import _InputGrad
+            return _InputGrad.apply(x, self)
+        K = self.in_features
+        if kernels.q8_linear_op() is not None and x.is_cpu:
+            return torch.ops.slm_q8.linear_gguf(x, blocks, self.types, self.part_rows, K, bias, MAX_DIRECT)
+        x2 = x.reshape(-1, K).to(torch.float32)
+        if x2.shape[0] <= MAX_DIRECT:
+            x2 = quantize_x_reference(x2)
+        y = _reference(x2, self.dequantize_rows, self.out_features, bias)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        parts = ", ".join(f"{_LAYOUTS[t][0]} x {n}" for t, n in zip(self.types, self.part_rows))
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, the file's blocks: {parts}")
+
+
+__all__ = ["BLOCKS", "GGUFLinear", "dequantize_blocks", "quantize_x_reference", "supported", "row_bytes", "_CHUNK"]
