@@ -101,6 +101,21 @@ def test_q5_0_regrouped(k, monkeypatch):
     torch.testing.assert_close(m.dequantize(), w, rtol=0, atol=0)
 
 
+def test_q8_0_minus_128_becomes_minus_127():
+    """The integer kernel cannot take -128 (ggml never writes it): such a weight is read as -127 by
+    every path, so the kernel and the dequantized weight agree."""
+    raw = blocks(4, 64, Q.Q8_0)
+    raw.reshape(4, 2, 34)[1, 0, 2 + 5] = 0x80  # row 1, block 0, weight 5
+    m = GGUFLinear(64, [(int(Q.Q8_0), torch.from_numpy(raw))])
+    w = torch.from_numpy(dequantize(raw, Q.Q8_0))
+    d = w[1, 5] / -128
+    assert m.dequantize()[1, 5] == d * -127 and torch.equal(m.dequantize()[0], w[0])
+    assert raw.reshape(4, 2, 34)[1, 0, 7] == 0x80  # the caller's bytes are left alone
+    x = torch.randn(1, 64)
+    ref = quantize_x_reference(x).double() @ m.dequantize().double().T
+    torch.testing.assert_close(m(x).double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
 def test_refuses_wrong_sizes():
     with pytest.raises(ValueError):
         GGUFLinear(640, [(int(Q.Q4_K), torch.zeros(4, 360, dtype=torch.uint8))])  # 640 is not whole 256-blocks

@@ -119,6 +119,19 @@ def dequantize_blocks(blocks: torch.Tensor, types: tuple[int, ...], part_rows: t
     return out.to(blocks.device)
 
 
+def _no_minus_128(p: torch.Tensor) -> torch.Tensor:
+    """Q8_0 rows with any weight of -128 set to -127 (a change of one step in that weight). The
+    integer kernel multiplies |q| by x with q's sign (vpsignb), and |-128| does not fit an int8.
+    ggml's quantizer never writes -128 (it rounds to [-127, 127]); a hand-made file might."""
+    q = p.view(p.shape[0], -1, 34)[:, :, 2:]  # after each block's fp16 scale
+    bad = q == 0x80
+    if not bool(bad.any()):
+        return p
+    p = p.clone()
+    p.view(p.shape[0], -1, 34)[:, :, 2:][bad] = 0x81
+    return p
+
+
 class GGUFLinear(QuantLinear):
     """y = x W^T + b with W in a GGUF file's blocks: `qweight` uint8 [bytes], parts `types` (ggml
     type ids) of `part_rows` rows each, stacked by rows."""
@@ -136,8 +149,8 @@ class GGUFLinear(QuantLinear):
                     or p.shape[1] != row_bytes(t, in_features):
                 raise ValueError(f"not {BLOCKS.get(t, ('type ' + str(t),))[0]} rows of {in_features} weights: "
                                  f"{p.dtype} {list(p.shape)}")
-        parts = [(Q5_0R4, torch.from_numpy(q5_0_regroup(p.cpu().numpy()))) if t == 6 and in_features >= 128 else (t, p)
-                 for t, p in parts]
+        parts = [(Q5_0R4, torch.from_numpy(q5_0_regroup(p.cpu().numpy()))) if t == 6 and in_features >= 128
+                 else (t, _no_minus_128(p)) if t == 8 else (t, p) for t, p in parts]
         self.types = tuple(int(t) for t, _ in parts)
         self.part_rows = tuple(int(p.shape[0]) for _, p in parts)
         self.register_buffer("qweight", torch.cat([p.reshape(-1) for _, p in parts]).to(device))
