@@ -39,9 +39,14 @@ TEXT = ("The history of the city begins with a small settlement on the river. Fa
         "old bridges, its museums and the festival that fills its streets every summer with music and dancing.")
 
 
+def passage(lm) -> list[int]:
+    """TEXT's tokens, cut to the model's context (make demo's model sees 128)."""
+    return lm.tokenizer.encode(TEXT)[:lm.model.config.max_seq_len]
+
+
 @torch.no_grad()
 def perplexity(lm) -> float:
-    ids = torch.tensor([lm.tokenizer.encode(TEXT)])
+    ids = torch.tensor([passage(lm)])
     logits = lm.model(ids)[0, :-1]
     return math.exp(torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:]).item())
 
@@ -49,7 +54,7 @@ def perplexity(lm) -> float:
 @torch.no_grad()
 def decode_perplexity(lm) -> float:
     """The same passage fed one token at a time through the KV cache, as generation runs it."""
-    ids = lm.tokenizer.encode(TEXT)
+    ids = passage(lm)
     cache = lm.model.new_cache(1, len(ids))
     nll = 0.0
     for i in range(len(ids) - 1):
