@@ -43,8 +43,10 @@ class RMSNorm(nn.Module):
         return self._reference(x)
 
     def _fused(self, x: torch.Tensor, name: str):
-        """The fused kernel `name` if it applies to x (fp32 on the CPU, no autograd), else None."""
-        if x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled():
+        """The fused kernel `name` if it applies to x (fp32 on the CPU, no autograd), else None.
+        Not while hooks watch this norm (explain's capture): a fused call would skip them."""
+        if x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled() \
+                and not (self._forward_hooks or self._forward_pre_hooks):
             return kernels.fused_op(name)
         return None
 

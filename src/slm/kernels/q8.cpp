@@ -1067,6 +1067,34 @@ at::Tensor gelu_tanh_mul(const at::Tensor& x) {
   return y;
 }
 
+// One query row against S cached keys and values (rows ks and vs floats apart):
+// o = softmax(q K^T * sc) V, softmax in fp32; p holds S floats of scratch.
+inline void attend_row(const float* qr, const float* kb, int64_t ks, const float* vb, int64_t vs, int64_t S,
+                       int64_t D, float sc, float* p, float* o) {
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    const float* kr = kb + s * ks;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(kr + i), acc);
+    float d = hsum(acc);
+    for (; i < D; ++i) d += qr[i] * kr[i];
+    p[s] = d * sc;
+    mx = std::max(mx, p[s]);
+  }
+  float sum = 0.0f;
+  for (int64_t s = 0; s < S; ++s) sum += (p[s] = std::exp(p[s] - mx));
+  const float inv = 1.0f / sum;
+  for (int64_t i = 0; i < D; ++i) o[i] = 0.0f;
+  for (int64_t s = 0; s < S; ++s) {
+    const float* vr = vb + s * vs;
+    const __m256 ps = _mm256_set1_ps(p[s] * inv);
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + i)));
+    for (; i < D; ++i) o[i] += p[s] * inv * vr[i];
+  }
+}
+
 // Attention of one new query per sequence over S cached keys, no mask: q [B, H, 1, D], k and v
 // [B, Hkv, S, D] (any strides with the last dimension contiguous), H a multiple of Hkv (grouped
 // queries). Softmax in fp32. -> [B, H, 1, D], as F.scaled_dot_product_attention.
@@ -1092,29 +1120,7 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       const float* qr = qp + bh * D;
       const float* kb = kp + b * k.stride(0) + hk * k.stride(1);
       const float* vb = vp + b * v.stride(0) + hk * v.stride(1);
-      float mx = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        const float* kr = kb + s * k.stride(2);
-        __m256 acc = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(kr + i), acc);
-        float d = hsum(acc);
-        for (; i < D; ++i) d += qr[i] * kr[i];
-        p[s] = d * sc;
-        mx = std::max(mx, p[s]);
-      }
-      float sum = 0.0f;
-      for (int64_t s = 0; s < S; ++s) sum += (p[s] = std::exp(p[s] - mx));
-      const float inv = 1.0f / sum;
-      float* o = yp + bh * D;
-      for (int64_t i = 0; i < D; ++i) o[i] = 0.0f;
-      for (int64_t s = 0; s < S; ++s) {
-        const float* vr = vb + s * v.stride(2);
-        const __m256 ps = _mm256_set1_ps(p[s] * inv);
-        int64_t i = 0;
-        for (; i + 8 <= D; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + i)));
-        for (; i < D; ++i) o[i] += p[s] * inv * vr[i];
-      }
+      attend_row(qr, kb, k.stride(2), vb, v.stride(2), S, D, sc, p.data(), yp + bh * D);
     }
   });
   return y;
@@ -1240,29 +1246,7 @@ at::Tensor attn_step(const at::Tensor& qkv, const std::optional<at::Tensor>& qw,
       const float* qr = q.data() + h * D;
       const float* kb = kp + (b * Hkv + h / g) * S * D;
       const float* vb = vp + (b * Hkv + h / g) * S * D;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < read; ++t) {
-        const float* kr = kb + t * D;
-        __m256 acc = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(kr + i), acc);
-        float d = hsum(acc);
-        for (; i < D; ++i) d += qr[i] * kr[i];
-        p[t] = d * sc;
-        mx = std::max(mx, p[t]);
-      }
-      float sum = 0.0f;
-      for (int64_t t = 0; t < read; ++t) sum += (p[t] = std::exp(p[t] - mx));
-      const float inv = 1.0f / sum;
-      float* o = yp + (b * H + h) * D;
-      for (int64_t i = 0; i < D; ++i) o[i] = 0.0f;
-      for (int64_t t = 0; t < read; ++t) {
-        const float* vr = vb + t * D;
-        const __m256 ps = _mm256_set1_ps(p[t] * inv);
-        int64_t i = 0;
-        for (; i + 8 <= D; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + i)));
-        for (; i < D; ++i) o[i] += p[t] * inv * vr[i];
-      }
+      attend_row(qr, kb, D, vb, D, read, D, sc, p.data(), yp + (b * H + h) * D);
     }
   }
   return y;
