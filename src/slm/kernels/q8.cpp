@@ -486,6 +486,14 @@ at::Tensor matvec_f32(const at::Tensor& x, const at::Tensor& w, const std::optio
 // RMSNorm of each row of x [..., D] (fp32, contiguous): x * rsqrt(mean(x^2) + eps) * (w or 1 + w).
 // One call instead of the six small kernels ATen runs, which matters at batch 1 (Gemma 3 runs six
 // norms a layer). Sums in fp32 as the reference does.
+// One row of RMSNorm: out = x / rms(x) * (w + add), add = 1 for Gemma's (1 + w).
+inline void rms_row(const float* x, const float* w, int64_t D, double eps, float add, float* out) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+  for (int64_t i = 0; i < D; ++i) out[i] = (x[i] * inv) * (w[i] + add);
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool plus_one) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "slm_q8.rms_norm: x must be contiguous fp32");
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
@@ -499,10 +507,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool p
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = xp + r * D;
       float* yr = yp + r * D;
-      float ss = 0.0f;
-      for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-      for (int64_t i = 0; i < D; ++i) yr[i] = (xr[i] * inv) * (wp[i] + add);
+      rms_row(xr, wp, D, eps, add, yr);
     }
   });
   return y;
@@ -997,10 +1002,7 @@ at::Tensor rms_norm_rope(const at::Tensor& x, const at::Tensor& w, double eps, b
         const int64_t r = (b * H + h) * T + t;
         const float* xr = xp + r * D;
         float* yr = yp + r * D;
-        float ss = 0.0f;
-        for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
-        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-        for (int64_t i = 0; i < D; ++i) n[i] = (xr[i] * inv) * (wp[i] + add);
+        rms_row(xr, wp, D, eps, add, n.data());
         const float *c = cp + (b * T + t) * rd, *s = sp + (b * T + t) * rd;
         const int64_t half = rd / 2;
         for (int64_t i = 0; i < rd; ++i) yr[i] = n[i] * c[i] + n[i < half ? i + half : i - half] * s[i];
@@ -1220,10 +1222,7 @@ at::Tensor attn_step(const at::Tensor& qkv, const std::optional<at::Tensor>& qw,
   // norm (if w) and rope of one head: in -> out
   auto prep = [&](const float* in, const float* w, const float* c, const float* s, float* out) {
     if (w) {
-      float ss = 0.0f;
-      for (int64_t i = 0; i < D; ++i) ss += in[i] * in[i];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-      for (int64_t i = 0; i < D; ++i) n[i] = (in[i] * inv) * (w[i] + add);
+      rms_row(in, w, D, eps, add, n.data());
     } else {
       for (int64_t i = 0; i < D; ++i) n[i] = in[i];
     }
