@@ -505,7 +505,6 @@ class StreamingQuantizer:
         mod = self.model.get_submodule(name)
         if not parts or sum(p[2].shape[0] for p in parts) != mod.weight.shape[0]:
             return False
-        from .quantize_gguf import GGUFLinear
         merged: list[tuple[int, torch.Tensor]] = []  # neighbouring parts of one type become one
         for _, t, data in parts:
             if merged and merged[-1][0] == t:
@@ -516,16 +515,10 @@ class StreamingQuantizer:
             head = _tied_head(self.model)
             if head is None:  # an untied table: slm's int8 rows (the lookup reads a few rows a step)
                 return False
-            model_head = GGUFLinear(head.in_features, merged, bias=head.bias is not None, device=head.weight.device)
-            if head.bias is not None:
-                model_head.bias = nn.Parameter(head.bias.detach(), requires_grad=False)
-            self.model.lm_head = model_head
-            self.model.embed = QuantEmbedding(mod.num_embeddings, mod.embedding_dim, tied_to=model_head)
-            return True
-        layer = GGUFLinear(mod.in_features, merged, bias=mod.bias is not None, device=mod.weight.device)
-        if mod.bias is not None:
-            layer.bias = nn.Parameter(mod.bias.detach(), requires_grad=False)
-        _set_module(self.model, name, layer)
+            self.model.lm_head = _gguf_linear(head, merged)
+            self.model.embed = QuantEmbedding(mod.num_embeddings, mod.embedding_dim, tied_to=self.model.lm_head)
+        else:
+            _set_module(self.model, name, _gguf_linear(mod, merged))
         return True
 
     def wants(self, param: str) -> bool:
@@ -566,9 +559,9 @@ class StreamingQuantizer:
             del self._left[param]
             name = param.rpartition(".")[0]
             with torch.no_grad():
-                if self._from_blocks(param):
-                    pass
-                elif name == "embed":
+                if self._from_blocks(param):  # a GGUF file's blocks, kept as they are
+                    return
+                if name == "embed":
                     quantize_embedding(self.model, self.mode, self.group_size, self.skip)
                 else:
                     _set_module(self.model, name, quantize_linear(self.model.get_submodule(name), self.mode,
@@ -576,6 +569,15 @@ class StreamingQuantizer:
 
     def finish(self) -> nn.Module:
         return quantize_model(self.model, self.mode, self.skip, self.group_size)
+
+
+def _gguf_linear(linear: nn.Linear, parts: list) -> nn.Module:
+    """A GGUFLinear over a file's blocks (parts: (ggml type, uint8 rows)) in place of `linear`."""
+    from .quantize_gguf import GGUFLinear
+    layer = GGUFLinear(linear.in_features, parts, bias=linear.bias is not None, device=linear.weight.device)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return layer
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -263,26 +263,19 @@ class GGUFCheckpoint:
         rows = int(np.prod(shape[:-1]))
         row_bytes = t.nbytes // max(rows, 1)
         out = np.empty((rows, shape[-1]), np.float32)
-        if raw:
-            data = np.empty((rows, row_bytes), np.uint8)
-            f.seek(t.start)
-            if f.readinto(memoryview(data).cast("B")) != data.size:
-                raise CheckpointError(f"{self.path}: truncated while reading tensor {t.name!r}")
-            step = max(1, (4 << 20) // max(row_bytes, 1))
-            for r in range(0, rows, step):
-                out[r:r + step] = dequantize(data[r:r + step], gguf.GGMLQuantizationType(t.type))
-            return torch.from_numpy(out.reshape(t.shape)), torch.from_numpy(data)
-        # 4 MB of blocks at a time, so the peak stays near the float32 result itself.
+        # 4 MB of blocks at a time, so the peak stays near the float32 result itself; with raw the
+        # chunks are read into one buffer of the whole tensor, which is kept.
         step = max(1, (4 << 20) // max(row_bytes, 1))
-        buf = np.empty(min(rows, step) * row_bytes, np.uint8)
+        data = np.empty(rows * row_bytes if raw else min(rows, step) * row_bytes, np.uint8)
         f.seek(t.start)
         for r in range(0, rows, step):
             n = min(step, rows - r)
-            chunk = buf[:n * row_bytes]
+            chunk = data[r * row_bytes:(r + n) * row_bytes] if raw else data[:n * row_bytes]
             if f.readinto(memoryview(chunk)) != chunk.size:  # the file shrank since read_gguf
                 raise CheckpointError(f"{self.path}: truncated while reading tensor {t.name!r}")
             out[r:r + n] = dequantize(chunk.reshape(n, row_bytes), gguf.GGMLQuantizationType(t.type))
-        return torch.from_numpy(out.reshape(t.shape)), None
+        blocks = torch.from_numpy(data.reshape(rows, row_bytes)) if raw else None
+        return torch.from_numpy(out.reshape(t.shape)), blocks
 
     def _convert(self, name: str, w: torch.Tensor, blocks: tuple[int, torch.Tensor] | None = None
                  ) -> Iterator[tuple[str, torch.Tensor, tuple[int, torch.Tensor] | None]]:

@@ -42,7 +42,6 @@ from ..footprint.devices import peak_flops  # noqa: F401 (re-exported: benchmark
 from ..footprint.flops import flops_per_token
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from ..kernels import cross_entropy as triton_ce
 from .loss import fused_linear_cross_entropy
 from . import distributed
 from .optim import build_optimizers, load_state_tensors, set_lr, state_tensors
@@ -129,9 +128,12 @@ def batch(tokens: np.ndarray, seed: int, step: int, micro: int, c: TrainConfig, 
     return xy[:, :-1], xy[:, 1:]
 
 
-def lm_loss(model: Transformer, x, y, forward=None, autocast=None, fuse_head: bool = True) -> torch.Tensor:
+def lm_loss(model: Transformer, x, y, forward=None, autocast=None, fuse_head: bool = True,
+            cross_entropy=None) -> torch.Tensor:
     """Next-token cross-entropy. The LM head is applied inside the loss, chunk by chunk, so the
-    [tokens, vocab] logits never exist (loss.py); `forward` may be the DDP- or compile-wrapped model."""
+    [tokens, vocab] logits never exist (loss.py); `forward` may be the DDP- or compile-wrapped model.
+    Without the fused head, cross_entropy(logits [N, V], targets [N]) computes the loss (default:
+    F.cross_entropy over an fp32 copy of the logits)."""
     head, forward = model.lm_head, (forward if forward is not None else model)
     fused = fuse_head and head.bias is None
     with autocast or contextlib.nullcontext():
@@ -140,8 +142,8 @@ def lm_loss(model: Transformer, x, y, forward=None, autocast=None, fuse_head: bo
         w = head.weight.to(torch.bfloat16) if autocast is not None else head.weight
         return fused_linear_cross_entropy(out.to(w.dtype), w, y)
     logits, y = out.view(-1, out.shape[-1]), y.reshape(-1)
-    if triton_ce.available(logits.device):  # reads the bf16 logits in place of an fp32 copy
-        return triton_ce.cross_entropy(logits, y)
+    if cross_entropy is not None:
+        return cross_entropy(logits, y)
     return F.cross_entropy(logits.float(), y)
 
 
@@ -154,7 +156,11 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
     model alone."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     fuse = device.type == "cpu" and not fsdp  # FSDP re-shards the head after forward: keep it inside
+    cross_entropy = None
     if device.type == "cuda":
+        from ..kernels import cross_entropy as triton_ce  # imports Triton: not on the CPU's start-up path
+        if triton_ce.available(device):  # reads the bf16 logits in place of an fp32 copy
+            cross_entropy = triton_ce.cross_entropy
         # bf16 residual stream (as modded-nanogpt and llm.c train): +1.6% tokens/s on an H200
         model.autocast_residual = True
         if compile:  # tunes the generated kernels' block sizes: +1.7% on an H200, ~1 min more compiling
@@ -162,7 +168,7 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
             inductor_config.coordinate_descent_tuning = True
 
     def loss(x, y):
-        return lm_loss(model, x, y, forward, autocast, fuse_head=fuse)
+        return lm_loss(model, x, y, forward, autocast, fuse_head=fuse, cross_entropy=cross_entropy)
     return torch.compile(loss) if compile else loss
 
 
