@@ -262,6 +262,7 @@ def test_attn_step_matches_the_unfused_step(family, monkeypatch):
                 out.append(model(ids[:, t:t + 1], cache=cache)[0, -1])
         return torch.stack(out), cache
 
+    monkeypatch.setenv("SLM_NO_DECODER", "1")  # the module path, which calls attn_step
     fused, cf = decode()
     monkeypatch.setitem(kernels._state, "op:attn_step", None)
     plain, cp = decode()

@@ -412,6 +412,15 @@ class Transformer(nn.Module):
         the cache holds. attention_mask (1 = token, 0 = padding) is the Hugging Face way to say
         the same for a left-padded batch."""
         B, T = input_ids.shape
+        if B == 1 and T <= kernels.decoder.MAX_TOKENS and type(cache) is KVCache and not cache.padded \
+                and attention_mask is None and not return_hidden and input_ids.is_cpu \
+                and cache.seen + T <= cache.max_len and not torch.is_grad_enabled() \
+                and not torch.is_autocast_enabled("cpu") and kernels.decoder.plain_positions(pos, cache.seen, T):
+            step = kernels.decoder.step_for(self, cache)  # the whole step in one C++ call, where it can
+            if step is not None:
+                logits = step(input_ids[0].tolist(), cache.seen, last_only)
+                cache.seen += T
+                return logits
         start = cache.seen if cache is not None else 0
         padded = None if pos is not None or attention_mask is not None else False  # None: look at pos
         if pos is None and attention_mask is not None:

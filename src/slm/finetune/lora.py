@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import hf
 from ..model import Transformer
+from ..quantize import _set_module
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -145,11 +146,6 @@ def apply_lora(model: Transformer, targets: list[str] | None = None, r: int = 8,
             adapted += names
     model.lora = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets}
     return adapted
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

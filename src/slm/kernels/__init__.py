@@ -140,6 +140,13 @@ def fused_op(name: str):
     return _state[key]
 
 
+def __getattr__(name: str):
+    if name == "decoder":  # imported on first use: it imports the quantized layers, which import this
+        import importlib
+        return importlib.import_module(".decoder", __name__)
+    raise AttributeError(name)
+
+
 def kernel_error() -> str | None:
     """Why the int8 kernel is unavailable (None: it is loaded, or nobody asked for it yet)."""
     return _state.get("error")  # type: ignore[return-value]

@@ -33,8 +33,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
@@ -156,6 +158,16 @@ void dequant_range(const int8_t* q, const float* s, int64_t K, int64_t ng, int64
   }
 }
 
+// rows per parallel task: at least ~32 KB of weights, so small matrices do not pay for threads
+int64_t grain_rows(int64_t K) { return std::max<int64_t>(16, (int64_t(1) << 15) / K); }
+
+// y [B, N] (+ bias) for few rows of x [B, K], straight from the int8 weights.
+void q8_direct(const float* xp, int64_t B, int64_t K, const int8_t* qp, const float* sp, int64_t ng, int64_t N, float* yp,
+               const float* bp) {
+  const int64_t grain = std::max<int64_t>(1, grain_rows(K) / std::max<int64_t>(1, B / 4));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { matvec_range(xp, B, K, qp, sp, ng, n0, n1, yp, N, bp); });
+}
+
 void check(const at::Tensor& q, const at::Tensor& s) {
   TORCH_CHECK(q.device().is_cpu() && s.device().is_cpu(), "slm_q8: CPU tensors only");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(),
@@ -165,9 +177,6 @@ void check(const at::Tensor& q, const at::Tensor& s) {
                   s.size(1) >= 1 && (q.size(1) / QK) % s.size(1) == 0,
               "slm_q8: scales must be contiguous fp32 [N, K/G], G a multiple of 32");
 }
-
-// rows per parallel task: at least ~32 KB of weights, so small matrices do not pay for threads
-int64_t grain_rows(int64_t K) { return std::max<int64_t>(16, (int64_t(1) << 15) / K); }
 
 at::Tensor dequantize(const at::Tensor& q, const at::Tensor& s) {
   check(q, s);
@@ -194,8 +203,7 @@ at::Tensor compute(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   float* yp = y.mutable_data_ptr<float>();
 
   if (B <= max_direct) {
-    const int64_t grain = std::max<int64_t>(1, grain_rows(K) / std::max<int64_t>(1, B / 4));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { matvec_range(xp, B, K, qp, sp, ng, n0, n1, yp, N, bp); });
+    q8_direct(xp, B, K, qp, sp, ng, N, yp, bp);
     return y;
   }
   // Prefill: a few MB of dequantized rows at a time, each multiplied by ATen's GEMM.
@@ -344,6 +352,22 @@ void matvec_range_q4(const float* x, const float* xs, int64_t B, int64_t K, cons
   }
 }
 
+// y [B, N] (+ bias) for few rows of x [B, K], straight from the int4 weights.
+void q4_direct(const float* xp, int64_t B, int64_t K, const uint8_t* pp, const uint16_t* sp, const uint16_t* mp, int64_t ng,
+               int64_t N, float* yp, const float* bp) {
+  const int64_t G = K / ng;
+  std::vector<float> xs(B * ng);  // the group sums of x, for the mins
+  for (int64_t i = 0; i < B * ng; ++i) {
+    float v = 0.0f;
+    for (int64_t k = 0; k < G; ++k) v += xp[i * G + k];
+    xs[i] = v;
+  }
+  const int64_t grain = std::max<int64_t>(1, grain_rows(K / 2) / std::max<int64_t>(1, B / 4));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    matvec_range_q4(xp, xs.data(), B, K, pp, sp, mp, ng, n0, n1, yp, N, bp);
+  });
+}
+
 void dequant_range_q4(const uint8_t* p, const uint16_t* s, const uint16_t* m, int64_t K, int64_t ng, int64_t n_begin,
                       int64_t n_end, float* out) {
   const int64_t nblk = K / QK, gb = nblk / ng;
@@ -385,7 +409,7 @@ at::Tensor dequantize_q4(const at::Tensor& p, const at::Tensor& s, const at::Ten
 
 at::Tensor compute_q4(const at::Tensor& x, const at::Tensor& p, const at::Tensor& s, const at::Tensor& m,
                       const at::Tensor& bias, int64_t max_direct) {
-  const int64_t N = p.size(0), K = 2 * p.size(1), ng = s.size(1), G = K / ng, B = x.size(0);
+  const int64_t N = p.size(0), K = 2 * p.size(1), ng = s.size(1), B = x.size(0);
   auto y = at::empty({B, N}, x.options());
   if (B == 0 || N == 0) return y;
   const uint8_t* pp = p.const_data_ptr<uint8_t>();
@@ -394,16 +418,7 @@ at::Tensor compute_q4(const at::Tensor& x, const at::Tensor& p, const at::Tensor
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* yp = y.mutable_data_ptr<float>();
   if (B <= max_direct) {
-    std::vector<float> xs(B * ng);  // the group sums of x, for the mins
-    for (int64_t i = 0; i < B * ng; ++i) {
-      float v = 0.0f;
-      for (int64_t k = 0; k < G; ++k) v += xp[i * G + k];
-      xs[i] = v;
-    }
-    const int64_t grain = std::max<int64_t>(1, grain_rows(K / 2) / std::max<int64_t>(1, B / 4));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      matvec_range_q4(xp, xs.data(), B, K, pp, sp, mp, ng, n0, n1, yp, N, bp);
-    });
+    q4_direct(xp, B, K, pp, sp, mp, ng, N, yp, bp);
     return y;
   }
   const int64_t chunk = std::max<int64_t>(64, ((int64_t(1) << 20) / K + 63) / 64 * 64);
@@ -458,6 +473,15 @@ inline void tile_f32(const float* __restrict x, const float* __restrict w, int64
   }
 }
 
+// y [N] (+ bias) = w [N, K] x [K].
+void f32_direct(const float* xp, const float* wp, int64_t N, int64_t K, float* yp, const float* bp) {
+  at::parallel_for(0, N, grain_rows(K * 4), [&](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) tile_f32<4>(xp, wp, K, n, yp, bp);
+    for (; n < n1; ++n) tile_f32<1>(xp, wp, K, n, yp, bp);
+  });
+}
+
 // x [1, K] or [K] fp32 -> [1, N] or [N].
 at::Tensor matvec_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias_) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == w.size(1),
@@ -474,12 +498,7 @@ at::Tensor matvec_f32(const at::Tensor& x, const at::Tensor& w, const std::optio
   auto y = at::empty(sizes, x.options());
   const float* xp = x.const_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
-  float* yp = y.mutable_data_ptr<float>();
-  at::parallel_for(0, N, grain_rows(K * 4), [&](int64_t n0, int64_t n1) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) tile_f32<4>(xp, wp, K, n, yp, bp);
-    for (; n < n1; ++n) tile_f32<1>(xp, wp, K, n, yp, bp);
-  });
+  f32_direct(xp, wp, N, K, y.mutable_data_ptr<float>(), bp);
   return y;
 }
 
@@ -926,6 +945,32 @@ at::Tensor dequantize_gguf(const at::Tensor& blocks, at::IntArrayRef types, at::
   return out;
 }
 
+// y [B, N] (+ bias) for B rows of x [B, K]: x quantized to int8 blocks, then each thread streams
+// one contiguous range of weight rows (the direct path, for few rows of x).
+void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int64_t K, float* yp, const float* bias_p) {
+  const int64_t N = P.N;
+  std::vector<int8_t> xq(B * K);
+  std::vector<float> dx(B * K / 32), xs(B * K / 32);
+  quantize_x(x, B, K, xq.data(), dx.data(), xs.data());
+  // rows per task: ~64 KB of weights
+  const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, P.row_bytes[0]));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (size_t p = 0; p < P.types.size(); ++p) {
+      const int64_t a = std::max(n0, P.row0[p]), b = std::min(n1, P.row0[p] + (p + 1 < P.types.size() ? P.row0[p + 1] - P.row0[p] : N - P.row0[p]));
+      if (a >= b) continue;
+      const uint8_t* w = bp + P.byte0[p];
+      const int64_t r0 = P.row0[p], rb = P.row_bytes[p];
+      switch (P.types[p]) {
+        case T_Q8_0: rows_gguf<T_Q8_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+        case T_Q5_0: rows_gguf<T_Q5_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+        case T_Q5_0R4: rows_gguf<T_Q5_0R4>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+        case T_Q4_K: rows_gguf<T_Q4_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+        default: rows_gguf<T_Q6_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+      }
+    }
+  });
+}
+
 at::Tensor linear_gguf(const at::Tensor& x_in, const at::Tensor& blocks, at::IntArrayRef types, at::IntArrayRef rows,
                        int64_t K, const std::optional<at::Tensor>& bias_, int64_t max_direct) {
   const Parts P(blocks, types, rows, K);
@@ -939,26 +984,7 @@ at::Tensor linear_gguf(const at::Tensor& x_in, const at::Tensor& blocks, at::Int
   const float* bias_p = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* yp = y.mutable_data_ptr<float>();
   if (B <= max_direct) {
-    std::vector<int8_t> xq(B * K);
-    std::vector<float> dx(B * K / 32), xs(B * K / 32);
-    quantize_x(x.const_data_ptr<float>(), B, K, xq.data(), dx.data(), xs.data());
-    // rows per task: ~64 KB of weights
-    const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, P.row_bytes[0]));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      for (size_t p = 0; p < P.types.size(); ++p) {
-        const int64_t a = std::max(n0, P.row0[p]), b = std::min(n1, P.row0[p] + (p + 1 < P.types.size() ? P.row0[p + 1] - P.row0[p] : N - P.row0[p]));
-        if (a >= b) continue;
-        const uint8_t* w = bp + P.byte0[p];
-        const int64_t r0 = P.row0[p], rb = P.row_bytes[p];
-        switch (P.types[p]) {
-          case T_Q8_0: rows_gguf<T_Q8_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-          case T_Q5_0: rows_gguf<T_Q5_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-          case T_Q5_0R4: rows_gguf<T_Q5_0R4>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-          case T_Q4_K: rows_gguf<T_Q4_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-          default: rows_gguf<T_Q6_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        }
-      }
-    });
+    gguf_direct(P, bp, x.const_data_ptr<float>(), B, K, yp, bias_p);
     return finish(x_in, y, N);
   }
   const int64_t chunk = std::max<int64_t>(64, ((int64_t(1) << 20) / K + 63) / 64 * 64);
@@ -1039,6 +1065,25 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// o = gelu_tanh(g) * u over F values (u null: gelu_tanh(g) alone).
+inline void gelu_tanh_mul_row(const float* g, const float* u, float* o, int64_t F) {
+  const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+  int64_t i = 0;
+  for (; i + 8 <= F; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(k0), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(k1), gv), _mm256_mul_ps(gv, gv), gv));
+    // 0.5 * (1 + tanh(z)) = 1 / (1 + exp(-2z))
+    const __m256 half1p = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), inner))));
+    const __m256 a = _mm256_mul_ps(gv, half1p);
+    _mm256_storeu_ps(o + i, u ? _mm256_mul_ps(a, _mm256_loadu_ps(u + i)) : a);
+  }
+  for (; i < F; ++i) {
+    const float v = g[i];
+    const float a = 0.5f * v * (1.0f + std::tanh(k0 * (v + k1 * v * v * v)));
+    o[i] = u ? a * u[i] : a;
+  }
+}
+
 // x [..., 2F] = [gate | up] -> gelu_tanh(gate) * up [..., F], as F.gelu(gate, approximate="tanh") * up.
 at::Tensor gelu_tanh_mul(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(-1) % 2 == 0,
@@ -1049,23 +1094,7 @@ at::Tensor gelu_tanh_mul(const at::Tensor& x) {
   auto y = at::empty(sizes, x.options());
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  const float k0 = 0.7978845608028654f, k1 = 0.044715f;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *g = xp + r * F2, *u = g + F;
-    float* o = yp + r * F;
-    int64_t i = 0;
-    for (; i + 8 <= F; i += 8) {
-      const __m256 gv = _mm256_loadu_ps(g + i);
-      const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(k0), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(k1), gv), _mm256_mul_ps(gv, gv), gv));
-      // 0.5 * (1 + tanh(z)) = 1 / (1 + exp(-2z))
-      const __m256 half1p = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), inner))));
-      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, half1p), _mm256_loadu_ps(u + i)));
-    }
-    for (; i < F; ++i) {
-      const float v = g[i];
-      o[i] = 0.5f * v * (1.0f + std::tanh(k0 * (v + k1 * v * v * v))) * u[i];
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r) gelu_tanh_mul_row(xp + r * F2, xp + r * F2 + F, yp + r * F, F);
   return y;
 }
 
@@ -1191,6 +1220,33 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// attn_step for one sequence: row its qkv [(H + 2 Hkv) D], K and V its caches [Hkv, S, D], y [H D].
+void attn_step_row(const float* row, int64_t H, int64_t Hkv, int64_t D, int64_t rd, const float* qwp, const float* kwp,
+                   double eps, bool plus_one, const float* c, const float* s, float* kp, float* vp, int64_t S, int64_t slot,
+                   int64_t read, float sc, float* y) {
+  const float add = plus_one ? 1.0f : 0.0f;
+  std::vector<float> n(D), q(H * D), p(read);
+  // norm (if w) and rope of one head: in -> out
+  auto prep = [&](const float* in, const float* w, float* out) {
+    if (w) {
+      rms_row(in, w, D, eps, add, n.data());
+    } else {
+      for (int64_t i = 0; i < D; ++i) n[i] = in[i];
+    }
+    const int64_t half = rd / 2;
+    for (int64_t i = 0; i < rd; ++i) out[i] = n[i] * c[i] + n[i < half ? i + half : i - half] * s[i];
+    for (int64_t i = rd; i < D; ++i) out[i] = n[i];
+  };
+  for (int64_t j = 0; j < Hkv; ++j) {
+    prep(row + (H + j) * D, kwp, kp + (j * S + slot) * D);
+    std::memcpy(vp + (j * S + slot) * D, row + (H + Hkv + j) * D, D * sizeof(float));
+  }
+  for (int64_t h = 0; h < H; ++h) prep(row + h * D, qwp, q.data() + h * D);
+  const int64_t g = H / Hkv;
+  for (int64_t h = 0; h < H; ++h)
+    attend_row(q.data() + h * D, kp + (h / g) * S * D, D, vp + (h / g) * S * D, D, read, D, sc, p.data(), y + h * D);
+}
+
 // One decoding step of attention for batch-1-style caches, after the QKV product: from qkv
 // [B, 1, (H + 2 Hkv) D], normalise (qk-norm weights, optional) and rotate Q and K heads, store K
 // and V in cache slot `slot` of K, V [B, Hkv, S, D] (contiguous), attend over slots [0, read) with
@@ -1217,40 +1273,258 @@ at::Tensor attn_step(const at::Tensor& qkv, const std::optional<at::Tensor>& qw,
   const float *cp = cos.const_data_ptr<float>(), *sp = sin.const_data_ptr<float>();
   const float* qwp = qw.has_value() ? qw->const_data_ptr<float>() : nullptr;
   const float* kwp = kw.has_value() ? kw->const_data_ptr<float>() : nullptr;
-  const float add = plus_one ? 1.0f : 0.0f;
-  std::vector<float> n(D), q(H * D), p(read);
-  // norm (if w) and rope of one head: in -> out
-  auto prep = [&](const float* in, const float* w, const float* c, const float* s, float* out) {
-    if (w) {
-      rms_row(in, w, D, eps, add, n.data());
-    } else {
-      for (int64_t i = 0; i < D; ++i) n[i] = in[i];
-    }
-    const int64_t half = rd / 2;
-    for (int64_t i = 0; i < rd; ++i) out[i] = n[i] * c[i] + n[i < half ? i + half : i - half] * s[i];
-    for (int64_t i = rd; i < D; ++i) out[i] = n[i];
-  };
-  const int64_t g = H / Hkv;
-  const float sc = static_cast<float>(scale);
-  for (int64_t b = 0; b < B; ++b) {
-    const float* row = src + b * (H + 2 * Hkv) * D;
-    const float *c = cp + b * rd, *s = sp + b * rd;
-    for (int64_t j = 0; j < Hkv; ++j) {
-      float* kslot = kp + ((b * Hkv + j) * S + slot) * D;
-      prep(row + (H + j) * D, kwp, c, s, kslot);
-      std::memcpy(vp + ((b * Hkv + j) * S + slot) * D, row + (H + Hkv + j) * D, D * sizeof(float));
-    }
-    for (int64_t h = 0; h < H; ++h) prep(row + h * D, qwp, c, s, q.data() + h * D);
-    for (int64_t h = 0; h < H; ++h) {
-      const float* qr = q.data() + h * D;
-      const float* kb = kp + (b * Hkv + h / g) * S * D;
-      const float* vb = vp + (b * Hkv + h / g) * S * D;
-      attend_row(qr, kb, D, vb, D, read, D, sc, p.data(), yp + (b * H + h) * D);
-    }
-  }
+  for (int64_t b = 0; b < B; ++b)
+    attn_step_row(src + b * (H + 2 * Hkv) * D, H, Hkv, D, rd, qwp, kwp, eps, plus_one, cp + b * rd, sp + b * rd,
+                  kp + b * Hkv * S * D, vp + b * Hkv * S * D, S, slot, read, static_cast<float>(scale), yp + b * H * D);
   return y;
 }
 
+
+// -- whole decode steps -------------------------------------------------------------------------
+// A batch-1 decode step of the whole model in one call (`Decoder.step`), for models small enough
+// that Python and ATen dispatch dominate a token: make demo's 2M-parameter model spent ~1.7 ms a
+// token in ~150 module calls and ops around ~0.2 ms of arithmetic. The step runs exactly the
+// kernels the module path calls (the same products, norms, rope and attention), in the order of
+// model.Block.forward, and writes the KV cache and its positions as KVCache.plan/update do.
+// slm.kernels.decoder builds it from a Transformer and falls back to the modules otherwise.
+
+// A linear layer as one of the four weight layouts: 0 fp32 [N, K], 1 int8 (q, scales), 2 int4
+// (packed, scales, mins), 3 a GGUF file's blocks.
+struct Lin {
+  int64_t kind = -1, N = 0, K = 0;
+  at::Tensor a, b, c, bias;
+  std::optional<Parts> parts;
+  // y [B, N] = x [B, K] W^T (+ bias), B at most the direct paths' max_direct, as the modules run it
+  void rows(const float* x, int64_t B, float* y) const {
+    const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+    switch (kind) {
+      case 0:
+        if (B == 1) {
+          f32_direct(x, a.const_data_ptr<float>(), N, K, y, bp);
+        } else {  // F.linear's GEMM
+          auto xt = at::from_blob(const_cast<float*>(x), {B, K}, at::kFloat);
+          auto yt = at::from_blob(y, {B, N}, at::kFloat);
+          bias.defined() ? at::addmm_out(yt, bias, xt, a.t()) : at::mm_out(yt, xt, a.t());
+        }
+        break;
+      case 1: q8_direct(x, B, K, a.const_data_ptr<int8_t>(), b.const_data_ptr<float>(), b.size(1), N, y, bp); break;
+      case 2: q4_direct(x, B, K, a.const_data_ptr<uint8_t>(), half_ptr(b), half_ptr(c), b.size(1), N, y, bp); break;
+      default: gguf_direct(*parts, a.const_data_ptr<uint8_t>(), x, B, K, y, bp); break;
+    }
+  }
+  void row(int64_t n, float* out) const {  // fp32 row n of W (a tied embedding's lookup)
+    switch (kind) {
+      case 0: std::memcpy(out, a.const_data_ptr<float>() + n * K, K * sizeof(float)); break;
+      case 1: dequant_range(a.const_data_ptr<int8_t>(), b.const_data_ptr<float>(), K, b.size(1), n, n + 1, out); break;
+      case 2: dequant_range_q4(a.const_data_ptr<uint8_t>(), half_ptr(b), half_ptr(c), K, b.size(1), n, n + 1, out); break;
+      default: dequant_rows(*parts, a.const_data_ptr<uint8_t>(), K, n, n + 1, out); break;
+    }
+  }
+};
+
+// 0 none, 1 RMSNorm (add = 1: Gemma's 1 + w), 2 LayerNorm with bias.
+struct Norm {
+  int64_t kind = 0;
+  at::Tensor w, b;
+  double eps = 0.0;
+  float add = 0.0f;
+  void operator()(const float* x, float* out, int64_t D) const {
+    const float* wp = w.const_data_ptr<float>();
+    if (kind == 1) return rms_row(x, wp, D, eps, add, out);
+    float mean = 0.0f, var = 0.0f;
+    for (int64_t i = 0; i < D; ++i) mean += x[i];
+    mean /= float(D);
+    for (int64_t i = 0; i < D; ++i) var += (x[i] - mean) * (x[i] - mean);
+    const float inv = 1.0f / std::sqrt(var / float(D) + float(eps));
+    const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+    for (int64_t i = 0; i < D; ++i) out[i] = (x[i] - mean) * inv * wp[i] + (bp ? bp[i] : 0.0f);
+  }
+};
+
+struct Layer {
+  Norm norm[6];  // attn_norm, mlp_norm, post_attn_norm, post_mlp_norm, q_norm, k_norm
+  Lin lin[4];    // qkv_proj, o_proj, gate_up_proj (or up_proj), down_proj
+  at::Tensor cos, sin;  // this layer's rope tables [positions, rotary dims]
+};
+
+struct Decoder : torch::CustomClassHolder {
+  // dims: hidden, heads, kv heads, head dim, rotary dims, MLP width, vocab, layers, block (0
+  // sequential, 1 parallel (Phi), 2 sandwich (Gemma 3)), MLP (0 SwiGLU, 1 GeGLU, 2 GELU);
+  // scales: attention scale, embedding scale (0: none)
+  int64_t d, H, Hkv, D, rd, F, V, block, act;
+  double scale, embed_scale;
+  std::vector<Layer> layers;
+  Norm final_norm;
+  Lin head, embed;  // embed: its fp32 or int8 table as a Lin (only rows are read), or the head's
+
+  Decoder(std::vector<int64_t> dims, std::vector<double> scales) {
+    TORCH_CHECK(dims.size() == 10 && scales.size() == 2, "slm_q8.Decoder: 10 dims and 2 scales");
+    d = dims[0], H = dims[1], Hkv = dims[2], D = dims[3], rd = dims[4], F = dims[5], V = dims[6], block = dims[8], act = dims[9];
+    TORCH_CHECK(d > 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0 && rd <= D && rd % 2 == 0 && F > 0 && V > 0,
+                "slm_q8.Decoder: bad dims");
+    scale = scales[0], embed_scale = scales[1];
+    layers.resize(dims[7]);
+  }
+
+  Layer& layer(int64_t i) {
+    TORCH_CHECK(i >= 0 && i < int64_t(layers.size()), "slm_q8.Decoder: no layer ", i);
+    return layers[i];
+  }
+
+  static void fp32(const at::Tensor& t, int64_t n, const char* what) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n,
+                "slm_q8.Decoder: ", what, " must be contiguous fp32 with ", n, " values");
+  }
+
+  // layer -1: the LM head (role 0) or the embedding table (role 1); else role 0..3 of the layer.
+  void set_linear(int64_t i, int64_t role, int64_t kind, std::vector<at::Tensor> t, std::optional<at::Tensor> bias,
+                  std::vector<int64_t> types, std::vector<int64_t> rows, int64_t K) {
+    TORCH_CHECK(role >= 0 && role < (i < 0 ? 2 : 4), "slm_q8.Decoder: bad role");
+    Lin& L = i < 0 ? (role == 0 ? head : embed) : layer(i).lin[role];
+    L = Lin();
+    L.kind = kind, L.K = K;
+    if (kind == 0) {
+      TORCH_CHECK(t.size() == 1 && t[0].dim() == 2 && t[0].size(1) == K, "slm_q8.Decoder: fp32 weight [N, K]");
+      L.N = t[0].size(0), L.a = t[0];
+      fp32(t[0], L.N * K, "an fp32 weight");
+    } else if (kind == 1) {
+      TORCH_CHECK(t.size() == 2 && t[0].dim() == 2 && t[0].size(1) == K, "slm_q8.Decoder: int8 weight [N, K]");
+      check(t[0], t[1]);
+      L.N = t[0].size(0), L.a = t[0], L.b = t[1];
+    } else if (kind == 2) {
+      TORCH_CHECK(t.size() == 3 && t[0].dim() == 2 && 2 * t[0].size(1) == K, "slm_q8.Decoder: int4 weight [N, K/2]");
+      check_q4(t[0], t[1], t[2]);
+      L.N = t[0].size(0), L.a = t[0], L.b = t[1], L.c = t[2];
+    } else {
+      TORCH_CHECK(kind == 3 && t.size() == 1, "slm_q8.Decoder: unknown layout ", kind);
+      L.parts.emplace(t[0], types, rows, K);
+      L.N = L.parts->N, L.a = t[0];
+    }
+    if (bias.has_value() && bias->defined()) {
+      fp32(*bias, L.N, "a bias");
+      L.bias = *bias;
+    }
+  }
+
+  // layer -1: the final norm; else role 0..5 of the layer (kind 0: none).
+  void set_norm(int64_t i, int64_t role, int64_t kind, std::optional<at::Tensor> w, std::optional<at::Tensor> b,
+                double eps, bool plus_one) {
+    TORCH_CHECK(role >= 0 && role < 6 && kind >= 0 && kind <= 2, "slm_q8.Decoder: bad norm");
+    Norm& n = i < 0 ? final_norm : layer(i).norm[role];
+    n = Norm();
+    n.kind = kind, n.eps = eps, n.add = plus_one ? 1.0f : 0.0f;
+    if (kind == 0) return;
+    const int64_t dim = role >= 4 ? D : d;
+    fp32(*w, dim, "a norm weight");
+    n.w = *w;
+    if (kind == 2 && b.has_value() && b->defined()) {
+      fp32(*b, dim, "a norm bias");
+      n.b = *b;
+    }
+  }
+
+  void set_rope(int64_t i, at::Tensor cos, at::Tensor sin) {
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                    sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(1) == rd,
+                "slm_q8.Decoder: rope tables must be contiguous fp32 [positions, ", rd, "]");
+    layer(i).cos = cos, layer(i).sin = sin;
+  }
+
+  // T tokens at positions seen .. seen + T - 1 (batch 1, no padding) through every layer, their keys
+  // and values stored in the caches K[i], V[i] [1, Hkv, S, D] (slot p, or p % S where rolling[i]:
+  // a sliding window's ring) and pos[i] [1, S] recording the positions. The rows' products run
+  // together (the weights are read once); attention runs one row after another, each after storing
+  // its key, which is causal attention, sliding windows included. -> logits [1, T, V], or [1, 1, V]
+  // for the last token only.
+  at::Tensor step(std::vector<int64_t> tokens, int64_t seen, std::vector<at::Tensor> K, std::vector<at::Tensor> Vc,
+                  std::vector<at::Tensor> pos, std::vector<int64_t> rolling, bool last_only) {
+    const int64_t n = layers.size(), Q = (H + 2 * Hkv) * D, T = tokens.size();
+    TORCH_CHECK(int64_t(K.size()) == n && int64_t(Vc.size()) == n && int64_t(pos.size()) == n && int64_t(rolling.size()) == n,
+                "slm_q8.Decoder.step: one cache per layer");
+    TORCH_CHECK(T > 0 && embed.kind >= 0 && head.kind >= 0, "slm_q8.Decoder.step: no tokens, or the decoder is incomplete");
+    for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < V, "slm_q8.Decoder.step: token ", t, " out of range");
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(K[i].scalar_type() == at::kFloat && Vc[i].scalar_type() == at::kFloat && K[i].is_contiguous() &&
+                      Vc[i].is_contiguous() && K[i].dim() == 4 && K[i].sizes() == Vc[i].sizes() && K[i].size(0) == 1 &&
+                      K[i].size(1) == Hkv && K[i].size(3) == D,
+                  "slm_q8.Decoder.step: caches must be contiguous fp32 [1, ", Hkv, ", S, ", D, "]");
+      TORCH_CHECK(pos[i].scalar_type() == at::kLong && pos[i].is_contiguous() && pos[i].numel() == K[i].size(2),
+                  "slm_q8.Decoder.step: positions must be int64 [1, S]");
+      TORCH_CHECK(seen >= 0 && (rolling[i] || seen + T <= K[i].size(2)) && seen + T <= layers[i].cos.size(0),
+                  "slm_q8.Decoder.step: positions up to ", seen + T, " are beyond the cache or the rope table");
+    }
+    std::vector<float> x(T * d), h(T * d), a(T * d), m(T * d), qkv(T * Q), y(T * H * D), up(T * (act == 2 ? F : 2 * F)), g(T * F);
+    for (int64_t t = 0; t < T; ++t) {
+      embed.row(tokens[t], x.data() + t * d);
+      if (embed_scale != 0.0)
+        for (int64_t j = 0; j < d; ++j) x[t * d + j] *= static_cast<float>(embed_scale);
+    }
+    auto norm = [&](const Norm& nm, const float* in, float* out) {
+      for (int64_t t = 0; t < T; ++t) nm(in + t * d, out + t * d, d);
+    };
+    auto attention = [&](int64_t i, const float* in, float* out) {
+      Layer& L = layers[i];
+      const int64_t S = K[i].size(2);
+      L.lin[0].rows(in, T, qkv.data());
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t p = seen + t, slot = rolling[i] ? p % S : p;
+        pos[i].mutable_data_ptr<int64_t>()[slot] = p;
+        attn_step_row(qkv.data() + t * Q, H, Hkv, D, rd, L.norm[4].kind ? L.norm[4].w.const_data_ptr<float>() : nullptr,
+                      L.norm[5].kind ? L.norm[5].w.const_data_ptr<float>() : nullptr, L.norm[4].eps, L.norm[4].add != 0.0f,
+                      L.cos.const_data_ptr<float>() + p * rd, L.sin.const_data_ptr<float>() + p * rd,
+                      K[i].mutable_data_ptr<float>(), Vc[i].mutable_data_ptr<float>(), S, slot, std::min(p + 1, S),
+                      float(scale), y.data() + t * H * D);
+      }
+      L.lin[1].rows(y.data(), T, out);
+    };
+    auto mlp = [&](int64_t i, const float* in, float* out) {
+      Layer& L = layers[i];
+      L.lin[2].rows(in, T, up.data());
+      const int64_t W = act == 2 ? F : 2 * F;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* u = up.data() + t * W;
+        float* o = g.data() + t * F;
+        if (act == 0) {  // SwiGLU: silu(gate) * up
+          for (int64_t j = 0; j < F; ++j) o[j] = u[j] / (1.0f + std::exp(-u[j])) * u[F + j];
+        } else {
+          gelu_tanh_mul_row(u, act == 1 ? u + F : nullptr, o, F);
+        }
+      }
+      L.lin[3].rows(g.data(), T, out);
+    };
+    for (int64_t i = 0; i < n; ++i) {
+      Layer& L = layers[i];
+      norm(L.norm[0], x.data(), h.data());
+      if (block == 1) {  // Phi: x = attn(h) + mlp(h) + x
+        attention(i, h.data(), a.data());
+        mlp(i, h.data(), m.data());
+        for (int64_t j = 0; j < T * d; ++j) x[j] = (a[j] + m[j]) + x[j];
+        continue;
+      }
+      attention(i, h.data(), a.data());
+      if (block == 2) {  // Gemma 3: x = post_norm(branch) + x
+        norm(L.norm[2], a.data(), h.data());
+        for (int64_t j = 0; j < T * d; ++j) x[j] = h[j] + x[j];
+      } else {
+        for (int64_t j = 0; j < T * d; ++j) x[j] = x[j] + a[j];
+      }
+      norm(L.norm[1], x.data(), h.data());
+      mlp(i, h.data(), m.data());
+      if (block == 2) {
+        norm(L.norm[3], m.data(), h.data());
+        for (int64_t j = 0; j < T * d; ++j) x[j] = h[j] + x[j];
+      } else {
+        for (int64_t j = 0; j < T * d; ++j) x[j] = x[j] + m[j];
+      }
+    }
+    const int64_t R = last_only ? 1 : T;
+    const float* last = x.data() + (T - R) * d;
+    for (int64_t t = 0; t < R; ++t) final_norm(last + t * d, h.data() + t * d, d);
+    auto logits = at::empty({1, R, head.N}, at::TensorOptions().dtype(at::kFloat));
+    head.rows(h.data(), R, logits.mutable_data_ptr<float>());
+    return logits;
+  }
+};
 }  // namespace
 
 TORCH_LIBRARY(slm_q8, m) {
@@ -1268,6 +1542,12 @@ TORCH_LIBRARY(slm_q8, m) {
   m.def("dequantize_q4(Tensor packed, Tensor scales, Tensor mins) -> Tensor");
   m.def("linear_gguf(Tensor x, Tensor blocks, int[] types, int[] rows, int K, Tensor? bias, int max_direct) -> Tensor");
   m.def("dequantize_gguf(Tensor blocks, int[] types, int[] rows, int K, Tensor ids) -> Tensor");
+  m.class_<Decoder>("Decoder")
+      .def(torch::init<std::vector<int64_t>, std::vector<double>>())
+      .def("set_linear", &Decoder::set_linear)
+      .def("set_norm", &Decoder::set_norm)
+      .def("set_rope", &Decoder::set_rope)
+      .def("step", &Decoder::step);
 }
 
 TORCH_LIBRARY_IMPL(slm_q8, CPU, m) {

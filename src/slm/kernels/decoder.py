@@ -1,0 +1,207 @@
+"""A whole batch-1 decode step in one call to slm's CPU kernels (`torch.classes.slm_q8.Decoder`).
+
+At batch 1 a small model's token is mostly overhead: make demo's 2M-parameter model ran ~150 module
+calls and ATen ops a token, ~1.7 ms, around ~0.2 ms of arithmetic, where llama.cpp takes ~0.5 ms.
+`Transformer.forward` therefore hands a single new token to `step_for(model, cache)`, which runs
+the same kernels as the modules (products, norms, rope, attention: q8.cpp's `Decoder.step`) in one
+call and writes the cache as `KVCache.plan/update` would. It applies when the step is plain: one
+sequence, no padding, fp32 on the CPU, no autograd or autocast, no hooks (explain watches modules),
+and every layer one `slm` knows (nn.Linear or slm's Linear in fp32, Int8Linear, Int4Linear,
+GGUFLinear; RMSNorm or LayerNorm). Anything else keeps the module path, which gives the same
+logits (tests/test_decoder.py holds the two together). `SLM_NO_DECODER=1` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn as nn
+
+from . import q8_linear_op
+
+from ..quantize import MAX_DIRECT as MAX_TOKENS  # noqa: E402
+
+# Up to MAX_TOKENS a step (a prompt, or one new token) runs here, as the quantized layers' direct
+# path runs them in the modules; longer prompts go to the modules' GEMMs.
+_MLP = {"swiglu": 0, "geglu": 1, "gelu": 2}
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, decoder)
+
+
+def _linear(m: nn.Module):
+    """(layout, tensors, bias, types, rows, in_features) for the C++ Lin, or None."""
+    from ..quantize import Int4Linear, Int8Linear
+    from ..quantize_gguf import GGUFLinear
+    bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return None
+    t = type(m)
+    if t is GGUFLinear:
+        return 3, [m.qweight], bias, list(m.types), list(m.part_rows), m.in_features
+    if t is Int8Linear and m.scales.dtype == torch.float32:
+        return 1, [m.qweight, m.scales], bias, [], [], m.in_features
+    if t is Int4Linear and m.scales.dtype == torch.float16 and m.mins.dtype == torch.float16:
+        return 2, [m.qweight, m.scales, m.mins], bias, [], [], m.in_features
+    if isinstance(m, nn.Linear) and type(m).forward in (nn.Linear.forward, _model().Linear.forward) \
+            and m.weight.dtype == torch.float32 and m.weight.is_contiguous():
+        return 0, [m.weight.detach()], bias, [], [], m.in_features
+    return None  # LoRA wrappers, other dtypes, other layer types
+
+
+def _norm(m: nn.Module | None):
+    """(kind, weight, bias, eps, plus_one) for the C++ Norm, or None."""
+    if m is None:
+        return 0, None, None, 0.0, False
+    model = _model()
+    if type(m) is model.RMSNorm and m.weight.dtype == torch.float32:
+        return 1, m.weight.detach(), None, float(m.eps), bool(m.plus_one)
+    if type(m) is nn.LayerNorm and m.weight is not None and m.weight.dtype == torch.float32 and len(m.normalized_shape) == 1:
+        return 2, m.weight.detach(), m.bias.detach() if m.bias is not None else None, float(m.eps), False
+    return None
+
+
+def _model():
+    from .. import model
+    return model
+
+
+def _spec(model) -> list | None:
+    """Everything the C++ decoder needs, as (method, args) calls, or None if a part is not one it runs."""
+    cfg = model.config
+    if cfg.mlp not in _MLP or model.dtype != torch.float32 or \
+            (cfg.qk_norm and type(model.blocks[0].attn.q_norm) is not _model().RMSNorm):
+        return None
+    calls = []
+
+    def lin(i, role, m):
+        s = _linear(m)
+        if s is None:
+            return False
+        calls.append(("set_linear", (i, role, *s)))
+        return True
+
+    def norm(i, role, m):
+        s = _norm(m)
+        if s is None:
+            return False
+        calls.append(("set_norm", (i, role, *s)))
+        return True
+
+    from ..quantize import QuantEmbedding
+    emb = model.embed
+    if type(emb) is nn.Embedding and emb.weight.dtype == torch.float32 and emb.weight.is_contiguous():
+        calls.append(("set_linear", (-1, 1, 0, [emb.weight.detach()], None, [], [], cfg.hidden_size)))
+    elif type(emb) is QuantEmbedding and emb.tied_to is None:
+        calls.append(("set_linear", (-1, 1, 1, [emb.qweight, emb.scales], None, [], [], cfg.hidden_size)))
+    elif type(emb) is QuantEmbedding:
+        s = _linear(emb.tied_to)
+        if s is None:
+            return None
+        calls.append(("set_linear", (-1, 1, s[0], s[1], None, s[3], s[4], s[5])))
+    else:
+        return None
+    if not (lin(-1, 0, model.lm_head) and norm(-1, 0, model.norm)):
+        return None
+    for i, b in enumerate(model.blocks):
+        a, mlp = b.attn, b.mlp
+        ok = norm(i, 0, b.attn_norm) and norm(i, 1, getattr(b, "mlp_norm", None)) \
+            and norm(i, 2, getattr(b, "post_attn_norm", None)) and norm(i, 3, getattr(b, "post_mlp_norm", None)) \
+            and norm(i, 4, a.q_norm if a.qk_norm else None) and norm(i, 5, a.k_norm if a.qk_norm else None) \
+            and lin(i, 0, a.qkv_proj) and lin(i, 1, a.o_proj) \
+            and lin(i, 2, mlp.gate_up_proj if mlp.gated else mlp.up_proj) and lin(i, 3, mlp.down_proj)
+        if not ok:
+            return None
+        cos, sin = _rope_table(model, i)
+        calls.append(("set_rope", (i, cos, sin)))
+    return calls
+
+
+def _rope_table(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This layer's cos and sin for every position [max_seq_len, rotary_dim], as model.rope keeps them."""
+    theta, scale = model._layer_rope[layer]
+    model.rope(torch.zeros(1, 1, dtype=torch.long), torch.float32, theta, scale)  # builds the table once
+    return model._rope[(torch.device("cpu"), torch.float32, theta, scale)]
+
+
+def _key(model) -> tuple | None:
+    """What a decoder was built from: every module and the storage of its weights (a replaced
+    layer or model.to() changes it; the decoder keeps its tensors alive, so their addresses are not
+    reused meanwhile). None while a hook watches a module: those calls must happen."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return None
+    key = []
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+        key.append(id(m))
+        key.extend(t.data_ptr() for t in m._parameters.values() if t is not None)
+        key.extend(t.data_ptr() for t in m._buffers.values() if t is not None)
+    return tuple(key)
+
+
+def build(model):
+    """A C++ decoder for `model` (reused while its modules and weights are the same), or None.
+    Kept on the model: rebuilding from the modules takes ~1 ms, a small model's few tokens."""
+    if os.environ.get("SLM_NO_DECODER", "") not in ("", "0") or q8_linear_op() is None or model.device.type != "cpu":
+        return None
+    key = _key(model)
+    if key is None:
+        return None
+    cached = _DECODERS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    forget(model)  # the old one's weights go now, not after building
+    calls = _spec(model)
+    if calls is None:
+        return None
+    cfg = model.config
+    a = model.blocks[0].attn
+    block = 1 if cfg.parallel_block else 2 if cfg.sandwich_norm else 0
+    dims = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim, cfg.intermediate_size,
+            cfg.vocab_size, cfg.num_layers, block, _MLP[cfg.mlp]]
+    scale = a.scale if a.scale is not None else cfg.head_dim ** -0.5
+    dec = torch.classes.slm_q8.Decoder(dims, [float(scale), float(cfg.hidden_size ** 0.5) if cfg.embed_scale else 0.0])
+    for name, args in calls:
+        getattr(dec, name)(*args)
+    _DECODERS[model] = (key, dec)
+    return dec
+
+
+def forget(model) -> None:
+    """Drop the decoder kept for model, and with it its references to the weights (called when
+    layers are replaced, so that the old weights are freed at once)."""
+    _DECODERS.pop(model, None)
+
+
+def plain_positions(pos: torch.Tensor | None, seen: int, T: int) -> bool:
+    """Whether pos (None: the default) gives T tokens the positions after the `seen` cached ones."""
+    if pos is None:
+        return True
+    if pos.shape != (1, T):
+        return False
+    if T == 1:
+        return int(pos) == seen
+    return torch.equal(pos[0], torch.arange(seen, seen + T, device=pos.device))
+
+
+def step_for(model, cache):
+    """A function (tokens, position of the first, last_only) -> logits [1, T or 1, V] that runs the
+    step for this model and cache, or None where the module path must run it. Decided once per cache."""
+    fn = cache.__dict__.get("_step")
+    if fn is not None:
+        return fn or None
+    fn = False
+    if cache.k and cache.k[0].shape[0] == 1 and cache.k[0].dtype == torch.float32 and cache.k[0].is_cpu \
+            and all(k.is_contiguous() and v.is_contiguous() for k, v in zip(cache.k, cache.v)):
+        dec = build(model)
+        if dec is not None:
+            ks, vs = list(cache.k), list(cache.v)
+            pos = [cache.pos[w] for w in cache.windows]
+            rolling = [int(w is not None) for w in cache.windows]
+
+            def fn(tokens: list[int], seen: int, last_only: bool, dec=dec, ks=ks, vs=vs, pos=pos,
+                   rolling=rolling) -> torch.Tensor:
+                return dec.step(tokens, seen, ks, vs, pos, rolling, last_only)
+    cache._step = fn
+    return fn or None

@@ -1,0 +1,150 @@
+"""The whole decode step in one C++ call (slm.kernels.decoder, q8.cpp's Decoder) against the module
+path it replaces: the same logits and the same cache, for every family and weight layout, and the
+module path wherever the decoder does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slm
+from slm import kernels
+from slm.kernels import decoder
+from slm.generate import generate_ids
+
+pytestmark = pytest.mark.skipif(kernels.q8_linear_op() is None, reason="slm's CPU kernels are unavailable")
+
+
+def decode(model, ids: list[int], steps: int, max_len: int = 64):
+    """Logits of the prompt ids (all rows) and of `steps` single-token steps after it, and the cache."""
+    cache = model.new_cache(1, max_len)
+    with torch.no_grad():
+        prompt = model(torch.tensor([ids]), cache=cache)[0]
+        out = list(prompt)
+        for i in range(steps):  # fixed tokens: an argmax could flip between near-equal logits
+            out.append(model(torch.tensor([[(ids[-1] + 7 * i) % model.config.vocab_size]]), cache=cache)[0, -1])
+    return torch.stack(out), cache
+
+
+def both(model, monkeypatch, ids, steps, max_len=64):
+    fast, cf = decode(model, ids, steps, max_len)
+    assert cf.__dict__.get("_step"), "the decoder did not run"
+    with monkeypatch.context() as m:
+        m.setenv("SLM_NO_DECODER", "1")
+        slow, cs = decode(model, ids, steps, max_len)
+    assert cs.__dict__.get("_step") is False
+    return (fast, cf), (slow, cs)
+
+
+def assert_same(a, b, tol=1e-4):
+    (fast, cf), (slow, cs) = a, b
+    torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
+    for x, y in zip(cf.k + cf.v, cs.k + cs.v):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+    for w in cf.pos:
+        assert torch.equal(cf.pos[w], cs.pos[w])
+    assert cf.seen == cs.seen
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_matches_the_module_path(checkpoint, mode, monkeypatch):
+    """Every family (GQA, sliding windows past their length, Phi's parallel block and partial
+    rotary, Gemma's sandwich norms, qk-norm and two rope tables), fp32 and slm's int8/int4."""
+    lm = slm.load(checkpoint, quantize=mode)
+    ids = lm.tokenizer.encode("Once upon a time")[:5]
+    assert_same(*both(lm.model, monkeypatch, ids, 24))  # windows of 8 and 16: the rings wrap
+    # a prompt longer than the windows, then a second chunk of prompt after it
+    fast, slow = [], []
+    for off in (False, True):
+        with monkeypatch.context() as m:
+            if off:
+                m.setenv("SLM_NO_DECODER", "1")
+            model, cache = lm.model, lm.model.new_cache(1, 64)
+            long = (ids * 8)[:20]
+            with torch.no_grad():
+                out = [model(torch.tensor([long]), cache=cache)[0], model(torch.tensor([long[:7]]), cache=cache)[0],
+                       model(torch.tensor([long[:3]]), cache=cache, last_only=True)[0]]
+            (slow if off else fast).append((torch.cat(out), cache))
+    assert fast[0][1]._step and slow[0][1]._step is False
+    assert_same(fast[0], slow[0])
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "f32"])
+def test_matches_the_module_path_from_gguf(checkpoint, dtype, tmp_path, monkeypatch):
+    """A GGUF file's own blocks (GGUFLinear; a tied embedding reads the head's blocks)."""
+    if not any(f in checkpoint for f in ("llama", "mistral", "phi")):
+        pytest.skip("slm exports the Llama, Mistral and Phi families to GGUF")
+    from slm.checkpoint.gguf_write import write_gguf
+    path = str(tmp_path / "m.gguf")
+    write_gguf(slm.load(checkpoint), path, dtype)
+    lm = slm.load(path, quantize="int8")
+    ids = lm.tokenizer.encode("Once upon a time")[:5]
+    assert_same(*both(lm.model, monkeypatch, ids, 20))
+
+
+def test_generation_is_unchanged(checkpoint, monkeypatch):
+    lm = slm.load(checkpoint, quantize="int8")
+    ids = lm.tokenizer.encode("Once upon a time")
+
+    def greedy():
+        return [s[0] for s in generate_ids(lm.model, [ids], 20)]
+    fast = greedy()
+    monkeypatch.setenv("SLM_NO_DECODER", "1")
+    assert greedy() == fast
+
+
+def test_rebuilt_when_the_weights_change(checkpoint, monkeypatch):
+    """Quantizing after a generation replaces the layers: the next step must see the new ones."""
+    from slm.quantize import quantize_model
+    lm = slm.load(checkpoint)
+    ids = lm.tokenizer.encode("Once upon a time")[:5]
+    decode(lm.model, ids, 3)
+    first = decoder._DECODERS[lm.model][1]
+    quantize_model(lm.model, "int4")
+    a, b = both(lm.model, monkeypatch, ids, 6)
+    assert decoder._DECODERS[lm.model][1] is not first
+    assert_same(a, b)
+
+
+def test_module_path_where_it_does_not_apply(checkpoint):
+    lm = slm.load(checkpoint)
+    model, ids = lm.model, lm.tokenizer.encode("Once upon a time")[:5]
+    # a hook watching a module (explain's capture): the modules must run
+    seen = []
+    h = model.blocks[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    _, cache = decode(model, ids, 2)
+    h.remove()
+    assert cache._step is False and len(seen) == 3
+    # a left-padded batch of two, and a step with autograd on
+    cache = model.new_cache(2, 32)
+    model(torch.tensor([[0, 5, 6], [4, 5, 6]]), cache=cache, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    with torch.no_grad():
+        model(torch.tensor([[7], [7]]), cache=cache, pos=torch.tensor([[2], [3]]))
+    assert "_step" not in cache.__dict__
+    cache = model.new_cache(1, 32)
+    with torch.no_grad():
+        model(torch.tensor([ids]), cache=cache)
+    model(torch.tensor([[7]]), cache=cache).sum().backward()  # grad on: the modules, gradients flow
+    assert model.lm_head.weight.grad is not None
+
+
+def test_lora_keeps_the_module_path(checkpoint):
+    from slm.finetune.lora import apply_lora
+    lm = slm.load(checkpoint)
+    apply_lora(lm.model, r=4)
+    _, cache = decode(lm.model, lm.tokenizer.encode("Once upon a time")[:5], 2)
+    assert cache._step is False
+
+
+def test_refuses_bad_tokens_and_positions(checkpoint):
+    lm = slm.load(checkpoint)
+    model = lm.model
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        model(torch.tensor([[3, 4]]), cache=cache)
+        with pytest.raises((IndexError, RuntimeError)):
+            model(torch.tensor([[model.config.vocab_size]]), cache=cache)
+        for _ in range(6):
+            model(torch.tensor([[5]]), cache=cache)
+        with pytest.raises(ValueError, match="exceeds the context"):
+            model(torch.tensor([[5]]), cache=cache)
