@@ -390,10 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["muon", "adamw"], default="muon",
                    help="muon (default): Muon on the blocks' matrices, AdamW (--lr) on embeddings and norms")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 6e-3 with muon, 2e-3 alone)")
-    p.add_argument("--muon-lr", type=float, default=0.03)
+    p.add_argument("--muon-lr", type=float, default=0.02)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--schedule", choices=["wsd", "cosine"], default="wsd")
-    p.add_argument("--cooldown", type=float, default=0.5, help="wsd: the fraction of the run spent decaying")
+    p.add_argument("--cooldown", type=float, default=0.7, help="wsd: the fraction of the run spent decaying")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
