@@ -102,6 +102,23 @@ def test_ddp_two_processes_follow_one_process(tmp_path, prepared, reference_run)
 
 
 @pytest.mark.slow
+def test_ddp_under_a_time_budget_keeps_the_processes_together(tmp_path, prepared):
+    """--max-minutes under torchrun: the learning rate follows the elapsed time and the run stops
+    when it is spent, both by rank 0's clock, so the processes take the same steps with the same
+    rates (the trainer checks their step and weights at the end) instead of drifting apart."""
+    data, tok = prepared
+    out = str(tmp_path / "ddp-time")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", "29519", "-m", "slm", "train", "--out", out, "--data", data, "--tokenizer", tok, *ARGS,
+           "--max-steps", "100000", "--max-minutes", "0.1"]
+    # 6 s of training: before the shared clock, the processes stopped a step apart and hung there
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = json.load(open(os.path.join(out, "checkpoint", "trainer_state.json")))["step"]
+    assert steps > 5 and losses(out)[-1][0] == steps
+
+
+@pytest.mark.slow
 def test_fsdp_two_processes_follow_one_process_and_resume(tmp_path, prepared, reference_run):
     """torchrun --fsdp (each process holds half of every weight): the 1-process losses, and a
     kill -9 mid-run resumes onto the same trajectory from the gathered checkpoint."""

@@ -318,6 +318,31 @@ class Trainer:
         self.model.train()
         return sum(losses) / len(losses)
 
+    def _clock(self, start: float) -> float:
+        """Seconds since start. Under torchrun, rank 0's: every process must take the same learning
+        rate (it follows the elapsed time) and stop after the same step, or their updates drift
+        apart and the last step's collectives never meet."""
+        t = time.time() - start
+        if self.world > 1:
+            t_ = torch.tensor([t], dtype=torch.float64, device=self.device)
+            torch.distributed.broadcast(t_, 0)
+            t = t_.item()
+        return t
+
+    def _check_ranks_agree(self) -> None:
+        """Every process must end at the same step, and under DDP with the same weights: a cheap
+        check (one gather of two numbers) that turns a silent divergence into an error."""
+        if self.world == 1:
+            return
+        mine = torch.tensor([float(self.step), 0.0 if self.fsdp else
+                             sum(p.detach().double().sum().item() for p in self.model.parameters())],
+                            dtype=torch.float64, device=self.device)
+        every = [torch.zeros_like(mine) for _ in range(self.world)]
+        torch.distributed.all_gather(every, mine)
+        if any(not torch.equal(e, every[0]) for e in every):
+            raise RuntimeError("the training processes disagree at the end (step, weight checksum): "
+                               + ", ".join(f"rank {i}: {e.tolist()}" for i, e in enumerate(every)))
+
     def train(self, resume: bool = False, progress: bool = True) -> dict:
         c = self.c
         os.makedirs(c.out, exist_ok=True)
@@ -337,17 +362,17 @@ class Trainer:
                              device=self.device, dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                              devices_used=self.world if self.device.type == "cuda" else 1, processes=self.world,
                              merge=bool(resumed), stream=sys.stdout).start() if self.rank == 0 else None
-        start, deadline = time.time(), (time.time() + 60 * c.max_minutes) if c.max_minutes else None
+        start, budget = time.time(), 60 * c.max_minutes if c.max_minutes else None
+        elapsed = 0.0  # seconds; under torchrun rank 0's clock (see _clock)
         # Under a time budget the step count is not known: no total, so no made-up ETA
-        bar = tqdm(total=None if deadline else c.max_steps, initial=self.step, desc="training",
+        bar = tqdm(total=None if budget else c.max_steps, initial=self.step, desc="training",
                    disable=not progress or self.rank != 0, unit="step")
         last_t, last_step, val, final_val = time.perf_counter(), self.step, None, None
         self.model.train()
-        while self.step < c.max_steps and not (deadline and time.time() > deadline):
+        while self.step < c.max_steps and not (budget and elapsed > budget):
             progress = None
-            if deadline:  # a time budget: decay by elapsed time when that is further along (not replayable)
-                progress = max((self.step - c.warmup) / max(1, c.max_steps - c.warmup),
-                               (time.time() - start) / (deadline - start))
+            if budget:  # a time budget: decay by elapsed time when that is further along (not replayable)
+                progress = max((self.step - c.warmup) / max(1, c.max_steps - c.warmup), elapsed / budget)
             lr = lr_at(self.step, c, progress)
             set_lr(self.optimizers, lr)
             micro_batches = ((x[self.rank::self.world], y[self.rank::self.world]) for x, y in
@@ -356,7 +381,8 @@ class Trainer:
             self.step += 1
             if self.receipt is not None:
                 self.receipt.add_tokens(tokens_per_step, "trained", c.seq_len)
-            last = self.step == c.max_steps or bool(deadline and time.time() > deadline)
+            elapsed = self._clock(start) if budget else 0.0
+            last = self.step == c.max_steps or bool(budget and elapsed > budget)
             if self.step % c.eval_every == 0 or last:
                 val = self.evaluate()
                 final_val = val if last else None
@@ -381,6 +407,7 @@ class Trainer:
             if self.step % c.save_every == 0 and (self.rank == 0 or self.fsdp):
                 self.save_checkpoint()
         bar.close()
+        self._check_ranks_agree()
         final_val = self.evaluate() if final_val is None else final_val
         model = self.save_checkpoint() if self.rank == 0 or self.fsdp else None
         if self.rank != 0:
