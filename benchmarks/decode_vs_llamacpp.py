@@ -39,11 +39,15 @@ TEXT = ("The history of the city begins with a small settlement on the river. Fa
         "old bridges, its museums and the festival that fills its streets every summer with music and dancing.")
 
 
-# For a model trained on make demo's stories, whose vocabulary of ~1,500 words TEXT mostly leaves.
-STORY = ("Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog. One "
-         "day, she saw a big red ball under a tree. She ran to get it, but the ball was stuck. Lily was sad. Her dog "
-         "barked and pulled the ball out with his mouth. Lily smiled and hugged her dog. They played with the ball "
-         "until the sun went down.")
+# For a model trained on make demo's corpus, whose vocabulary of ~1,500 words TEXT mostly leaves: a
+# story of its validation split (runs/demo/data/text/val.txt, never trained on).
+STORY = ("There once was a polite lion called Felix. He lived on a quiet farm. He liked to run in the grass more "
+         "than anything. One day, Felix brought a big bag of pies to the village.\nArlo came over and looked at "
+         "it. \"Can I have some of the pies, please?\" asked Arlo. But Felix held it tight and said, \"No, I want "
+         "it all for me.\" Arlo felt nervous, so he walked away and sat alone. Felix played alone, but it was not "
+         "fun anymore. Later, Dad said, \"When we share, we have twice the fun.\" So Felix found Arlo and shared "
+         "the pies with him.\nFelix felt so relieved that he gave Arlo a big hug. From that day on, Felix never "
+         "forgot it. Fun is bigger when it is shared.")
 
 
 def passage(lm, text: str) -> list[int]:
