@@ -74,19 +74,17 @@ def _spec(model) -> list | None:
         return None
     calls = []
 
+    def add(method, describe, i, role, m):  # False where the part is not one the decoder runs
+        s = describe(m)
+        if s is not None:
+            calls.append((method, (i, role, *s)))
+        return s is not None
+
     def lin(i, role, m):
-        s = _linear(m)
-        if s is None:
-            return False
-        calls.append(("set_linear", (i, role, *s)))
-        return True
+        return add("set_linear", _linear, i, role, m)
 
     def norm(i, role, m):
-        s = _norm(m)
-        if s is None:
-            return False
-        calls.append(("set_norm", (i, role, *s)))
-        return True
+        return add("set_norm", _norm, i, role, m)
 
     from ..quantize import QuantEmbedding
     emb = model.embed
