@@ -69,6 +69,19 @@ def test_matches_the_module_path(checkpoint, mode, monkeypatch):
     assert_same(fast[0], slow[0])
 
 
+def test_a_column_major_head(checkpoint, monkeypatch):
+    """checkpoint/hf.py stores a tall fp32 LM head column-major (and a tied embedding with it)."""
+    lm = slm.load(checkpoint)
+    model = lm.model
+    w = torch.nn.Parameter(model.lm_head.weight.detach().t().contiguous().t())
+    assert not w.is_contiguous()
+    if model.lm_head.weight is model.embed.weight:
+        model.embed.weight = w
+    model.lm_head.weight = w
+    ids = lm.tokenizer.encode("Once upon a time")[:5]
+    assert_same(*both(model, monkeypatch, ids, 6))
+
+
 @pytest.mark.parametrize("dtype", ["q8_0", "f32"])
 def test_matches_the_module_path_from_gguf(checkpoint, dtype, tmp_path, monkeypatch):
     """A GGUF file's own blocks (GGUFLinear; a tied embedding reads the head's blocks)."""

@@ -44,9 +44,18 @@ def _linear(m: nn.Module):
     if t is Int4Linear and m.scales.dtype == torch.float16 and m.mins.dtype == torch.float16:
         return 2, [m.qweight, m.scales, m.mins], bias, [], [], m.in_features
     if isinstance(m, nn.Linear) and type(m).forward in (nn.Linear.forward, _model().Linear.forward) \
-            and m.weight.dtype == torch.float32 and m.weight.is_contiguous():
-        return 0, [m.weight.detach()], bias, [], [], m.in_features
+            and m.weight.dtype == torch.float32:
+        return _fp32(m.weight, bias)
     return None  # LoRA wrappers, other dtypes, other layer types
+
+
+def _fp32(w: torch.Tensor, bias):
+    """An fp32 [N, K] weight: row-major, or column-major as checkpoint/hf.py stores a tall LM head."""
+    if w.is_contiguous():
+        return 0, [w.detach()], bias, [], [], w.shape[1]
+    if w.t().is_contiguous():
+        return 4, [w.detach().t()], bias, [], [], w.shape[1]
+    return None
 
 
 def _norm(m: nn.Module | None):
@@ -88,8 +97,8 @@ def _spec(model) -> list | None:
 
     from ..quantize import QuantEmbedding
     emb = model.embed
-    if type(emb) is nn.Embedding and emb.weight.dtype == torch.float32 and emb.weight.is_contiguous():
-        calls.append(("set_linear", (-1, 1, 0, [emb.weight.detach()], None, [], [], cfg.hidden_size)))
+    if type(emb) is nn.Embedding and emb.weight.dtype == torch.float32 and _fp32(emb.weight, None) is not None:
+        calls.append(("set_linear", (-1, 1, *_fp32(emb.weight, None))))
     elif type(emb) is QuantEmbedding and emb.tied_to is None:
         calls.append(("set_linear", (-1, 1, 1, [emb.qweight, emb.scales], None, [], [], cfg.hidden_size)))
     elif type(emb) is QuantEmbedding:

@@ -482,6 +482,34 @@ void f32_direct(const float* xp, const float* wp, int64_t N, int64_t K, float* y
   });
 }
 
+// y [N] (+ bias) = x [K] W^T for W stored column-major: wt = W^T [K, N] contiguous (the LM head,
+// see checkpoint/hf.py). Each thread owns a range of outputs and adds x[k] times row k of wt into
+// it, four rows at a time, so every row segment is read once, in order.
+void f32t_direct(const float* xp, const float* wt, int64_t N, int64_t K, float* yp, const float* bp) {
+  at::parallel_for(0, (N + 7) / 8, std::max<int64_t>(64, (int64_t(1) << 15) / std::max<int64_t>(1, K)), [&](int64_t c0, int64_t c1) {
+    const int64_t n0 = 8 * c0, n1 = std::min(N, 8 * c1);
+    for (int64_t n = n0; n < n1; ++n) yp[n] = bp ? bp[n] : 0.0f;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+      const float *w0 = wt + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+      const __m256 x0 = _mm256_set1_ps(xp[k]), x1 = _mm256_set1_ps(xp[k + 1]), x2 = _mm256_set1_ps(xp[k + 2]),
+                   x3 = _mm256_set1_ps(xp[k + 3]);
+      int64_t n = n0;
+      for (; n + 8 <= n1; n += 8) {
+        __m256 acc = _mm256_loadu_ps(yp + n);
+        acc = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + n), acc);
+        acc = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + n), acc);
+        acc = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + n), acc);
+        acc = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + n), acc);
+        _mm256_storeu_ps(yp + n, acc);
+      }
+      for (; n < n1; ++n) yp[n] += xp[k] * w0[n] + xp[k + 1] * w1[n] + xp[k + 2] * w2[n] + xp[k + 3] * w3[n];
+    }
+    for (; k < K; ++k)
+      for (int64_t n = n0; n < n1; ++n) yp[n] += xp[k] * wt[k * N + n];
+  });
+}
+
 // x [1, K] or [K] fp32 -> [1, N] or [N].
 at::Tensor matvec_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias_) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == w.size(1),
@@ -1288,8 +1316,8 @@ at::Tensor attn_step(const at::Tensor& qkv, const std::optional<at::Tensor>& qw,
 // model.Block.forward, and writes the KV cache and its positions as KVCache.plan/update do.
 // slm.kernels.decoder builds it from a Transformer and falls back to the modules otherwise.
 
-// A linear layer as one of the four weight layouts: 0 fp32 [N, K], 1 int8 (q, scales), 2 int4
-// (packed, scales, mins), 3 a GGUF file's blocks.
+// A linear layer as one of the weight layouts: 0 fp32 [N, K], 1 int8 (q, scales), 2 int4 (packed,
+// scales, mins), 3 a GGUF file's blocks, 4 fp32 stored column-major (a = W^T [K, N]).
 struct Lin {
   int64_t kind = -1, N = 0, K = 0;
   at::Tensor a, b, c, bias;
@@ -1307,6 +1335,15 @@ struct Lin {
           bias.defined() ? at::addmm_out(yt, bias, xt, a.t()) : at::mm_out(yt, xt, a.t());
         }
         break;
+      case 4:
+        if (B == 1) {
+          f32t_direct(x, a.const_data_ptr<float>(), N, K, y, bp);
+        } else {
+          auto xt = at::from_blob(const_cast<float*>(x), {B, K}, at::kFloat);
+          auto yt = at::from_blob(y, {B, N}, at::kFloat);
+          bias.defined() ? at::addmm_out(yt, bias, xt, a) : at::mm_out(yt, xt, a);
+        }
+        break;
       case 1: q8_direct(x, B, K, a.const_data_ptr<int8_t>(), b.const_data_ptr<float>(), b.size(1), N, y, bp); break;
       case 2: q4_direct(x, B, K, a.const_data_ptr<uint8_t>(), half_ptr(b), half_ptr(c), b.size(1), N, y, bp); break;
       default: gguf_direct(*parts, a.const_data_ptr<uint8_t>(), x, B, K, y, bp); break;
@@ -1315,6 +1352,9 @@ struct Lin {
   void row(int64_t n, float* out) const {  // fp32 row n of W (a tied embedding's lookup)
     switch (kind) {
       case 0: std::memcpy(out, a.const_data_ptr<float>() + n * K, K * sizeof(float)); break;
+      case 4:
+        for (int64_t k = 0; k < K; ++k) out[k] = a.const_data_ptr<float>()[k * N + n];
+        break;
       case 1: dequant_range(a.const_data_ptr<int8_t>(), b.const_data_ptr<float>(), K, b.size(1), n, n + 1, out); break;
       case 2: dequant_range_q4(a.const_data_ptr<uint8_t>(), half_ptr(b), half_ptr(c), K, b.size(1), n, n + 1, out); break;
       default: dequant_rows(*parts, a.const_data_ptr<uint8_t>(), K, n, n + 1, out); break;
@@ -1383,9 +1423,10 @@ struct Decoder : torch::CustomClassHolder {
     Lin& L = i < 0 ? (role == 0 ? head : embed) : layer(i).lin[role];
     L = Lin();
     L.kind = kind, L.K = K;
-    if (kind == 0) {
-      TORCH_CHECK(t.size() == 1 && t[0].dim() == 2 && t[0].size(1) == K, "slm_q8.Decoder: fp32 weight [N, K]");
-      L.N = t[0].size(0), L.a = t[0];
+    if (kind == 0 || kind == 4) {
+      TORCH_CHECK(t.size() == 1 && t[0].dim() == 2 && t[0].size(kind == 0 ? 1 : 0) == K,
+                  "slm_q8.Decoder: fp32 weight [N, K], or its transpose [K, N]");
+      L.N = t[0].size(kind == 0 ? 0 : 1), L.a = t[0];
       fp32(t[0], L.N * K, "an fp32 weight");
     } else if (kind == 1) {
       TORCH_CHECK(t.size() == 2 && t[0].dim() == 2 && t[0].size(1) == K, "slm_q8.Decoder: int8 weight [N, K]");
