@@ -69,6 +69,36 @@ def test_matches_the_module_path(checkpoint, mode, monkeypatch):
     assert_same(fast[0], slow[0])
 
 
+def test_row_0_of_a_serving_cache(checkpoint, monkeypatch):
+    """The serving engine's RowKVCache when one request runs: its prompt prefilled in a batch-1
+    cache and loaded into row 0 over an earlier request's leftovers, then one token a step."""
+    from slm.model import RowKVCache
+    lm = slm.load(checkpoint, quantize="int8")
+    model, ids = lm.model, lm.tokenizer.encode("Once upon a time")[:5]
+
+    def serve():
+        rows = RowKVCache(model.config, 3, 48, model.device, model.dtype)
+        with torch.no_grad():
+            for prompt in ([9, 8, 7, 6, 5, 4, 3, 2, 1] * 3, ids):  # a longer request first, then ours
+                small = model.new_cache(1, len(prompt))
+                out = [model(torch.tensor([prompt]), cache=small, last_only=True)[0, -1]]
+                rows.load_row(0, small)
+            for i in range(24):
+                p = torch.tensor([[len(ids) + i]])
+                out.append(model(torch.tensor([[(ids[-1] + 7 * i) % 400]]), cache=rows, pos=p)[0, -1])
+        return torch.stack(out), rows
+
+    fast, cf = serve()
+    assert cf._step
+    monkeypatch.setenv("SLM_NO_DECODER", "1")
+    slow, cs = serve()
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    for x, y in zip(cf.k + cf.v, cs.k + cs.v):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    for w in cf.pos:
+        assert torch.equal(cf.pos[w], cs.pos[w])
+
+
 def test_a_column_major_head(checkpoint, monkeypatch):
     """checkpoint/hf.py stores a tall fp32 LM head column-major (and a tied embedding with it)."""
     lm = slm.load(checkpoint)

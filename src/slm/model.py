@@ -412,13 +412,13 @@ class Transformer(nn.Module):
         the cache holds. attention_mask (1 = token, 0 = padding) is the Hugging Face way to say
         the same for a left-padded batch."""
         B, T = input_ids.shape
-        if B == 1 and T <= kernels.decoder.MAX_TOKENS and type(cache) is KVCache and not cache.padded \
-                and attention_mask is None and not return_hidden and input_ids.is_cpu \
-                and cache.seen + T <= cache.max_len and not torch.is_grad_enabled() \
-                and not torch.is_autocast_enabled("cpu") and kernels.decoder.plain_positions(pos, cache.seen, T):
-            step = kernels.decoder.step_for(self, cache)  # the whole step in one C++ call, where it can
-            if step is not None:
-                logits = step(input_ids[0].tolist(), cache.seen, last_only)
+        if B == 1 and cache is not None and T <= kernels.decoder.MAX_TOKENS and attention_mask is None \
+                and not return_hidden and input_ids.is_cpu and not torch.is_grad_enabled() \
+                and not torch.is_autocast_enabled("cpu"):
+            first = kernels.decoder.first_position(cache, pos, T)  # None: not a plain step
+            step = kernels.decoder.step_for(self, cache) if first is not None else None
+            if step is not None:  # the whole step in one C++ call
+                logits = step(input_ids[0].tolist(), first, last_only)
                 cache.seen += T
                 return logits
         start = cache.seen if cache is not None else 0

@@ -181,30 +181,42 @@ def forget(model) -> None:
     _DECODERS.pop(model, None)
 
 
-def plain_positions(pos: torch.Tensor | None, seen: int, T: int) -> bool:
-    """Whether pos (None: the default) gives T tokens the positions after the `seen` cached ones."""
-    if pos is None:
-        return True
-    if pos.shape != (1, T):
-        return False
-    if T == 1:
-        return int(pos) == seen
-    return torch.equal(pos[0], torch.arange(seen, seen + T, device=pos.device))
+def first_position(cache, pos: torch.Tensor | None, T: int) -> int | None:
+    """The position of the first of T new tokens of one sequence if the step is plain, else None.
+    A KVCache without padding whose tokens follow what it holds (pos None, or those positions); or
+    row 0 of a RowKVCache (the serving engine's when one request runs) taking one token."""
+    from ..model import KVCache, RowKVCache
+    if type(cache) is KVCache:
+        seen = cache.seen
+        if cache.padded or seen + T > cache.max_len:
+            return None
+        if pos is None:
+            return seen
+        if pos.shape != (1, T):
+            return None
+        if T == 1:
+            return seen if int(pos) == seen else None
+        return seen if torch.equal(pos[0], torch.arange(seen, seen + T, device=pos.device)) else None
+    if type(cache) is RowKVCache and T == 1 and pos is not None and pos.shape == (1, 1):
+        p = int(pos)
+        return p if 0 <= p < cache.max_len else None
+    return None
 
 
 def step_for(model, cache):
     """A function (tokens, position of the first, last_only) -> logits [1, T or 1, V] that runs the
-    step for this model and cache, or None where the module path must run it. Decided once per cache."""
+    step for this model and row 0 of this cache, or None where the module path must run it.
+    Decided once per cache."""
     fn = cache.__dict__.get("_step")
     if fn is not None:
         return fn or None
     fn = False
-    if cache.k and cache.k[0].shape[0] == 1 and cache.k[0].dtype == torch.float32 and cache.k[0].is_cpu \
+    if cache.k and cache.k[0].dtype == torch.float32 and cache.k[0].is_cpu \
             and all(k.is_contiguous() and v.is_contiguous() for k, v in zip(cache.k, cache.v)):
         dec = build(model)
-        if dec is not None:
-            ks, vs = list(cache.k), list(cache.v)
-            pos = [cache.pos[w] for w in cache.windows]
+        if dec is not None:  # row 0 (a batch-1 cache's only row)
+            ks, vs = [k[:1] for k in cache.k], [v[:1] for v in cache.v]
+            pos = [cache.pos[w][:1] for w in cache.windows]
             rolling = [int(w is not None) for w in cache.windows]
 
             def fn(tokens: list[int], seen: int, last_only: bool, dec=dec, ks=ks, vs=vs, pos=pos,
