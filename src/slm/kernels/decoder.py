@@ -1,14 +1,16 @@
-"""A whole batch-1 decode step in one call to slm's CPU kernels (`torch.classes.slm_q8.Decoder`).
+"""A whole batch-1 step in one call to slm's CPU kernels (`torch.classes.slm_q8.Decoder`).
 
 At batch 1 a small model's token is mostly overhead: make demo's 2M-parameter model ran ~150 module
-calls and ATen ops a token, ~1.7 ms, around ~0.2 ms of arithmetic, where llama.cpp takes ~0.5 ms.
-`Transformer.forward` therefore hands a single new token to `step_for(model, cache)`, which runs
-the same kernels as the modules (products, norms, rope, attention: q8.cpp's `Decoder.step`) in one
-call and writes the cache as `KVCache.plan/update` would. It applies when the step is plain: one
-sequence, no padding, fp32 on the CPU, no autograd or autocast, no hooks (explain watches modules),
-and every layer one `slm` knows (nn.Linear or slm's Linear in fp32, Int8Linear, Int4Linear,
-GGUFLinear; RMSNorm or LayerNorm). Anything else keeps the module path, which gives the same
-logits (tests/test_decoder.py holds the two together). `SLM_NO_DECODER=1` turns it off.
+calls and ATen ops a token, ~1.0-1.7 ms, around ~0.2 ms of arithmetic, where llama.cpp takes ~0.5 ms.
+`Transformer.forward` therefore hands one sequence's step (a new token, or a prompt of up to
+MAX_TOKENS) to `step_for(model, cache)`, which runs the same kernels as the modules (products,
+norms, rope, attention: q8.cpp's `Decoder.step`) in one call and writes the cache as
+`KVCache.plan/update` would. It applies when the step is plain: a batch-1 KVCache without padding
+or row 0 of the serving engine's RowKVCache, fp32 on the CPU, no autograd or autocast, no hooks
+(explain watches modules), and every layer one it knows (nn.Linear or slm's Linear in fp32,
+Int8Linear, Int4Linear, GGUFLinear; RMSNorm or LayerNorm). Anything else keeps the module path,
+which gives the same logits (tests/test_decoder.py holds the two together). Longer prompts go to
+the modules' GEMMs. `SLM_NO_DECODER=1` turns it off.
 """
 
 from __future__ import annotations
@@ -19,12 +21,9 @@ import weakref
 import torch
 import torch.nn as nn
 
+from ..quantize import MAX_DIRECT as MAX_TOKENS  # the quantized layers' direct path, as the modules run it
 from . import q8_linear_op
 
-from ..quantize import MAX_DIRECT as MAX_TOKENS  # noqa: E402
-
-# Up to MAX_TOKENS a step (a prompt, or one new token) runs here, as the quantized layers' direct
-# path runs them in the modules; longer prompts go to the modules' GEMMs.
 _MLP = {"swiglu": 0, "geglu": 1, "gelu": 2}
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, decoder)
 
@@ -149,7 +148,7 @@ def _key(model) -> tuple | None:
 
 def build(model):
     """A C++ decoder for `model` (reused while its modules and weights are the same), or None.
-    Kept on the model: rebuilding from the modules takes ~1 ms, a small model's few tokens."""
+    Kept per model: rebuilding it from the modules takes ~1 ms, a few of a small model's tokens."""
     if os.environ.get("SLM_NO_DECODER", "") not in ("", "0") or q8_linear_op() is None or model.device.type != "cpu":
         return None
     key = _key(model)
