@@ -28,7 +28,9 @@
 // Above it (prefill): blocks of weight rows are dequantized to fp32 and multiplied with ATen's
 // GEMM. Threads: ATen's pool (at::parallel_for), split over output rows.
 //
-// Registered as torch.ops.slm_q8.{linear, dequantize, linear_q4, dequantize_q4}.
+// Registered as torch.ops.slm_q8.{linear, dequantize, linear_q4, dequantize_q4}; the GGUF-block
+// products, the fp32 one-row product and the fused decoding helpers below register themselves too,
+// and torch.classes.slm_q8.Decoder runs a whole batch-1 step (the end of this file).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
