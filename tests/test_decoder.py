@@ -27,13 +27,18 @@ def decode(model, ids: list[int], steps: int, max_len: int = 64):
 
 
 def both(model, monkeypatch, ids, steps, max_len=64):
-    fast, cf = decode(model, ids, steps, max_len)
-    assert cf.__dict__.get("_step"), "the decoder did not run"
+    return with_and_without(lambda: decode(model, ids, steps, max_len), monkeypatch)
+
+
+def with_and_without(run, monkeypatch):
+    """run() -> (logits, cache), once through the decoder and once through the modules."""
+    fast = run()
+    assert fast[1].__dict__.get("_step"), "the decoder did not run"
     with monkeypatch.context() as m:
         m.setenv("SLM_NO_DECODER", "1")
-        slow, cs = decode(model, ids, steps, max_len)
-    assert cs.__dict__.get("_step") is False
-    return (fast, cf), (slow, cs)
+        slow = run()
+    assert slow[1].__dict__.get("_step") is False
+    return fast, slow
 
 
 def assert_same(a, b, tol=1e-4):
@@ -54,19 +59,14 @@ def test_matches_the_module_path(checkpoint, mode, monkeypatch):
     ids = lm.tokenizer.encode("Once upon a time")[:5]
     assert_same(*both(lm.model, monkeypatch, ids, 24))  # windows of 8 and 16: the rings wrap
     # a prompt longer than the windows, then a second chunk of prompt after it
-    fast, slow = [], []
-    for off in (False, True):
-        with monkeypatch.context() as m:
-            if off:
-                m.setenv("SLM_NO_DECODER", "1")
-            model, cache = lm.model, lm.model.new_cache(1, 64)
-            long = (ids * 8)[:20]
-            with torch.no_grad():
-                out = [model(torch.tensor([long]), cache=cache)[0], model(torch.tensor([long[:7]]), cache=cache)[0],
-                       model(torch.tensor([long[:3]]), cache=cache, last_only=True)[0]]
-            (slow if off else fast).append((torch.cat(out), cache))
-    assert fast[0][1]._step and slow[0][1]._step is False
-    assert_same(fast[0], slow[0])
+
+    def chunks():
+        model, cache, long = lm.model, lm.model.new_cache(1, 64), (ids * 8)[:20]
+        with torch.no_grad():
+            out = [model(torch.tensor([long]), cache=cache)[0], model(torch.tensor([long[:7]]), cache=cache)[0],
+                   model(torch.tensor([long[:3]]), cache=cache, last_only=True)[0]]
+        return torch.cat(out), cache
+    assert_same(*with_and_without(chunks, monkeypatch))
 
 
 def test_row_0_of_a_serving_cache(checkpoint, monkeypatch):
@@ -88,15 +88,7 @@ def test_row_0_of_a_serving_cache(checkpoint, monkeypatch):
                 out.append(model(torch.tensor([[(ids[-1] + 7 * i) % 400]]), cache=rows, pos=p)[0, -1])
         return torch.stack(out), rows
 
-    fast, cf = serve()
-    assert cf._step
-    monkeypatch.setenv("SLM_NO_DECODER", "1")
-    slow, cs = serve()
-    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
-    for x, y in zip(cf.k + cf.v, cs.k + cs.v):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
-    for w in cf.pos:
-        assert torch.equal(cf.pos[w], cs.pos[w])
+    assert_same(*with_and_without(serve, monkeypatch))
 
 
 def test_a_column_major_head(checkpoint, monkeypatch):
