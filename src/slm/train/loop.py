@@ -334,9 +334,9 @@ class Trainer:
         check (one gather of two numbers) that turns a silent divergence into an error."""
         if self.world == 1:
             return
-        mine = torch.tensor([float(self.step), 0.0 if self.fsdp else
-                             sum(p.detach().double().sum().item() for p in self.model.parameters())],
-                            dtype=torch.float64, device=self.device)
+        checksum = torch.zeros((), dtype=torch.float64, device=self.device) if self.fsdp else \
+            torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum()  # one sync, not one a tensor
+        mine = torch.stack([torch.tensor(float(self.step), dtype=torch.float64, device=self.device), checksum])
         every = [torch.zeros_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(every, mine)
         if any(not torch.equal(e, every[0]) for e in every):
