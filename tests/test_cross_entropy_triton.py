@@ -1,5 +1,7 @@
-"""The Triton cross-entropy used for GPU training (slm/kernels/cross_entropy.py) against
-F.cross_entropy: loss and gradient, bf16 and fp32, ignored targets, several blocks per row.
+"""The Triton kernels used for GPU training against PyTorch: the cross-entropy
+(slm/kernels/cross_entropy.py) against F.cross_entropy, with and without the head fused in, and
+SwiGLU/GeGLU (slm/kernels/glu.py) against F.silu/F.gelu; loss and gradients, bf16 and fp32,
+ignored targets, several blocks per row; then a whole model's loss and gradients with both.
 Without a GPU the kernels run under Triton's interpreter, in a fresh process (the interpreter must
 be chosen before Triton is imported)."""
 
@@ -55,6 +57,75 @@ if device == "cuda":  # one compiled graph with the loss, as Trainer runs it
 print("ok")
 """
 
+CHECK_FUSED = r"""
+import sys, torch, torch.nn.functional as F
+import slm.kernels.cross_entropy as ce, slm.kernels.glu as glu
+device = sys.argv[1]
+ce.BLOCK, glu.BLOCK = 256, 128  # several blocks and a ragged tail per row
+for dtype in (torch.float32, torch.bfloat16):
+    tol = 1e-4 if dtype == torch.float32 else 3e-2  # bf16: results rounded to bf16
+
+    def close(ours, ref, what):
+        assert ours.dtype == dtype, (what, ours.dtype)
+        err = (ours.float() - ref.float()).abs().max().item()
+        assert err <= tol * ref.float().abs().max().item(), (what, dtype, err)
+
+    g = torch.Generator().manual_seed(0)
+    for gelu in (False, True):  # SwiGLU, GeGLU: [gate | up] of width 2 x 300
+        h = (torch.randn(3, 5, 600, generator=g) * 3).to(device=device, dtype=dtype).requires_grad_()
+        d = torch.randn(3, 5, 300, generator=g).to(device=device, dtype=dtype)
+        y = glu.glu(h, gelu)
+        y.backward(d)
+        grad, h.grad = h.grad, None
+        a, b = h.float().chunk(2, -1)
+        ref = (F.gelu(a, approximate="tanh") if gelu else F.silu(a)) * b
+        ref.backward(d.float())
+        close(y, ref, "glu"), close(grad, h.grad, "glu grad")
+    for ce.SCALAR in (True, False):  # the head fused into the loss
+        h = torch.randn(2, 19, 64, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        w = (torch.randn(1000, 64, generator=g) * 0.3).to(device=device, dtype=dtype).requires_grad_()
+        t = torch.randint(0, 1000, (2, 19), generator=g).to(device)
+        t[0, 3] = t[1, 10] = -100
+        t[1, 5] = 999
+        ours = ce.linear_cross_entropy(h, w, t)
+        (ours * 0.5).backward()
+        gh, gw, h.grad, w.grad = h.grad, w.grad, None, None
+        ref = F.cross_entropy((h.float() @ w.float().t()).view(-1, 1000), t.view(-1))
+        (ref * 0.5).backward()
+        assert abs(ours.item() - ref.item()) <= tol * ref.item(), (dtype, ours.item(), ref.item())
+        close(gh, h.grad, "hidden grad"), close(gw, w.grad, "head grad")
+        assert (gh[0, 3] == 0).all() and (gh[1, 10] == 0).all()  # ignored targets: no gradient
+
+# A whole model: the loss and every gradient, plain against the Triton SwiGLU and fused head
+import slm
+from slm.model import MLP
+from slm.train.loop import lm_loss
+cfg = slm.ModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=150, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_seq_len=64, tie_embeddings=True)
+torch.manual_seed(0)
+model = slm.Transformer(cfg).to(device)
+model.init_weights()
+x, y = torch.randint(0, 1000, (2, 33), device=device).split([32, 1], 1)[0], torch.randint(0, 1000, (2, 32), device=device)
+results = []
+for triton_parts in (False, True):
+    for m in model.modules():
+        if isinstance(m, MLP):
+            m.glu = glu.glu if triton_parts else None
+    loss_fn = lambda x, y: lm_loss(model, x, y, fuse_head=True, head_loss=ce.linear_cross_entropy if triton_parts else None)
+    if device == "cuda" and triton_parts:  # one compiled graph, as Trainer runs it
+        loss_fn = torch.compile(loss_fn, fullgraph=True)
+    loss = loss_fn(x, y)
+    loss.backward()
+    results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    model.zero_grad(set_to_none=True)
+(plain, g0), (fused, g1) = results
+assert abs(plain - fused) <= 1e-4 * plain, (plain, fused)
+for n in g0:
+    err = (g0[n] - g1[n]).abs().max().item()
+    assert err <= 1e-4 * g0[n].abs().max().item() + 1e-7, (n, err)
+print("ok")
+"""
+
 
 def _triton_or_skip():
     try:
@@ -65,16 +136,35 @@ def _triton_or_skip():
         pytest.skip("triton is not installed (pip install triton)")
 
 
-def test_triton_cross_entropy_matches_torch():
+def _run(check: str) -> None:
     _triton_or_skip()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = dict(os.environ)
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    r = subprocess.run([sys.executable, "-c", CHECK, device], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, "-c", check, device], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
-def test_triton_cross_entropy_only_on_gpu():
+def test_triton_cross_entropy_matches_torch():
+    _run(CHECK)
+
+
+def test_triton_glu_and_fused_head_match_torch():
+    _run(CHECK_FUSED)
+
+
+def test_triton_kernels_only_on_gpu(monkeypatch):
+    from slm.kernels import triton_launch
     from slm.kernels import cross_entropy as ce
     assert not ce.available(torch.device("cpu"))  # the CPU fuses the head into its own loss instead
+    if triton_launch.triton is None:
+        return
+    cuda, parts = torch.device("cuda"), ("ce", "linear_ce", "glu")
+    monkeypatch.delenv("SLM_TRITON", raising=False)
+    monkeypatch.delenv("SLM_NO_TRITON", raising=False)
+    assert [triton_launch.available(cuda, p) for p in parts] == [True, False, False]
+    monkeypatch.setenv("SLM_TRITON", "glu")  # a part not yet on by default, to measure what it gives
+    assert [triton_launch.available(cuda, p) for p in parts] == [True, False, True]
+    monkeypatch.setenv("SLM_NO_TRITON", "1")
+    assert not any(triton_launch.available(cuda, p) for p in parts)

@@ -297,10 +297,13 @@ class MLP(nn.Module):
         else:
             self.up_proj = Linear(d, f, bias=bias)
         self.down_proj = Linear(f, d, bias=bias)
+        self.glu = None  # training on a GPU sets kernels.glu.glu here (train/loop.py: loss_function)
 
     def forward(self, x):
         if self.gated:
             h = self.gate_up_proj(x)
+            if self.glu is not None:  # Triton: one read of gate and up each way
+                return self.down_proj(self.glu(h, self.act != "swiglu"))
             if self.act != "swiglu" and h.is_cpu and h.dtype == torch.float32 and not torch.is_grad_enabled():
                 op = kernels.fused_op("gelu_tanh_mul")
                 if op is not None:

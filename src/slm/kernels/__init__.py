@@ -1,5 +1,7 @@
-"""Hand-written kernels. `cross_entropy.py`: Triton kernels for the training loss on GPUs. The rest
-of this module: the CPU kernels of `q8.cpp`, compiled on first use.
+"""Hand-written kernels. Triton kernels for training on GPUs: `cross_entropy.py` (the loss, with or
+without the LM head), `glu.py` (SwiGLU/GeGLU), `triton_launch.py` (which of them run). The rest of
+this module: the CPU kernels of `q8.cpp`, compiled on first use. `decoder.py`: a whole batch-1
+decoding step in one call to them.
 
 `q8.cpp` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_q8.linear` and
 `dequantize` (int8 weight-only linear layers), `linear_q4` and `dequantize_q4` (int4),

@@ -10,6 +10,11 @@ and keeps only the log-sum-exp per row; the backward reads the row again and wri
 d loss / d logits = (softmax - onehot) * grad straight in the logits' dtype. That is three passes
 over the bf16 logits instead of about ten over fp32 ones. The arithmetic is fp32 throughout.
 
+linear_cross_entropy() takes the head too, for training: as the loss is the last operation, one
+kernel writes the loss and the gradient of each row while the row is still in cache, and the
+head's backward products run in the forward pass. Two passes over the logits, which are freed at
+once instead of being kept for the backward.
+
 Registered with `torch.library.triton_op`, so torch.compile keeps the whole loss in one graph.
 On a machine without a GPU the same kernels run under Triton's interpreter (TRITON_INTERPRET=1),
 which is how the tests check them against `F.cross_entropy`.
@@ -17,34 +22,27 @@ which is how the tests check them against `F.cross_entropy`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-except ImportError:  # no Triton (CPU builds of torch): callers use F.cross_entropy
-    triton = None
+from .triton_launch import available as _available, launch, triton
 
 BLOCK, SCALAR = 4096, True  # under the interpreter (tests): logits per inner step, forward variant
 
 
-def available(device: torch.device) -> bool:
-    """Whether cross_entropy() runs the Triton kernels for tensors on `device` (SLM_NO_TRITON=1: no,
-    to compare with F.cross_entropy)."""
-    return triton is not None and device.type == "cuda" and os.environ.get("SLM_NO_TRITON", "") in ("", "0")
+def available(device: torch.device, part: str = "ce") -> bool:
+    """Whether cross_entropy() ("ce") or linear_cross_entropy() ("linear_ce") runs the Triton
+    kernels for tensors on `device` (SLM_NO_TRITON=1: neither, to compare with F.cross_entropy)."""
+    return _available(device, part)
 
 
 if triton is not None:
+    import triton.language as tl
+    from torch.library import triton_op
+
     @triton.jit
-    def _triton_ce_forward(logits, stride, targets, loss, lse, V, ignore_index, BLOCK: tl.constexpr,
-                           SCALAR: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        base = logits + row * stride
-        t = tl.load(targets + row)
-        # online softmax, one pass over the row: a running maximum m and the sum s of exp(x - m)
+    def _row_lse(base, V, BLOCK: tl.constexpr, SCALAR: tl.constexpr):
+        """log-sum-exp of the row at `base`, in one pass (online softmax: a running maximum m and
+        the sum s of exp(x - m))."""
         if SCALAR:  # one m for the row: one exp per logit, two block reductions per step
             m = float("-inf")
             s = 0.0
@@ -67,10 +65,39 @@ if triton is not None:
                 m = m_new
             m_row = tl.max(m, 0)
             row_lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), 0))
+        return row_lse
+
+    @triton.jit
+    def _triton_ce_forward(logits, stride, targets, loss, lse, V, ignore_index, BLOCK: tl.constexpr,
+                           SCALAR: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits + row * stride
+        t = tl.load(targets + row)
+        row_lse = _row_lse(base, V, BLOCK, SCALAR)
         valid = t != ignore_index
         x_t = tl.load(base + tl.where(valid, t, 0)).to(tl.float32)
         tl.store(lse + row, row_lse)
         tl.store(loss + row, tl.where(valid, row_lse - x_t, 0.0))
+
+    @triton.jit
+    def _triton_ce_grad(logits, stride, targets, loss, grad, V, ignore_index, BLOCK: tl.constexpr,
+                        SCALAR: tl.constexpr):
+        """The loss of a row and, in the same program, its gradient softmax - onehot (0 for an
+        ignored row): the second read of the row comes from L2, not from memory."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits + row * stride
+        t = tl.load(targets + row)
+        row_lse = _row_lse(base, V, BLOCK, SCALAR)
+        valid = t != ignore_index
+        x_t = tl.load(base + tl.where(valid, t, 0)).to(tl.float32)
+        tl.store(loss + row, tl.where(valid, row_lse - x_t, 0.0))
+        g = tl.where(valid, 1.0, 0.0)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            d = tl.exp(x - row_lse) - tl.where(cols == t, 1.0, 0.0)
+            tl.store(grad + row * stride + cols, (d * g).to(grad.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _triton_ce_backward(logits, stride, targets, lse, grad_loss, grad, V, ignore_index, BLOCK: tl.constexpr):
@@ -89,25 +116,19 @@ if triton is not None:
     # On a GPU the block size, warps and forward variant are tuned once per vocabulary size (a few
     # seconds at the first step); the interpreter runs the plain kernels.
     _configs = [(b, w) for b in (2048, 4096, 8192) for w in (4, 8, 16)]
-    _forward_tuned = triton.autotune([triton.Config({"BLOCK": b, "SCALAR": sc}, num_warps=w) for b, w in _configs
-                                      for sc in (True, False)], key=["V"])(_triton_ce_forward)
+    _scalar_configs = [triton.Config({"BLOCK": b, "SCALAR": sc}, num_warps=w) for b, w in _configs for sc in (True, False)]
+    _forward_tuned = triton.autotune(_scalar_configs, key=["V"])(_triton_ce_forward)
+    _grad_tuned = triton.autotune(_scalar_configs, key=["V"])(_triton_ce_grad)
     _backward_tuned = triton.autotune([triton.Config({"BLOCK": b}, num_warps=w) for b, w in _configs],
                                       key=["V"])(_triton_ce_backward)
-
-    def _launch(tuned, plain, grid, args, scalar=None):
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-            extra = {} if scalar is None else {"SCALAR": scalar}
-            wrap_triton(plain)[grid](*args, BLOCK=BLOCK, **extra)
-        else:
-            wrap_triton(tuned)[grid](*args)
 
     @triton_op("slm::cross_entropy_rows", mutates_args={})
     def _rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         n, v = logits.shape
         loss = torch.empty(n, dtype=torch.float32, device=logits.device)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-        _launch(_forward_tuned, _triton_ce_forward, (n,),
-                (logits, logits.stride(0), targets, loss, lse, v, ignore_index), scalar=SCALAR)
+        launch(_forward_tuned, _triton_ce_forward, (n,),
+               (logits, logits.stride(0), targets, loss, lse, v, ignore_index), BLOCK=BLOCK, SCALAR=SCALAR)
         return loss, lse
 
     @triton_op("slm::cross_entropy_rows_backward", mutates_args={})
@@ -115,8 +136,8 @@ if triton is not None:
                        ignore_index: int) -> torch.Tensor:
         n, v = logits.shape
         grad = torch.empty_like(logits)
-        _launch(_backward_tuned, _triton_ce_backward, (n,),
-                (logits, logits.stride(0), targets, lse, grad_loss.contiguous(), grad, v, ignore_index))
+        launch(_backward_tuned, _triton_ce_backward, (n,),
+               (logits, logits.stride(0), targets, lse, grad_loss.contiguous(), grad, v, ignore_index), BLOCK=BLOCK)
         return grad
 
     def _setup_context(ctx, inputs, output):
@@ -130,6 +151,36 @@ if triton is not None:
 
     _rows.register_autograd(_backward, setup_context=_setup_context)
 
+    @triton_op("slm::cross_entropy_rows_grad", mutates_args={})
+    def _rows_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, v = logits.shape
+        loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+        grad = torch.empty_like(logits)
+        launch(_grad_tuned, _triton_ce_grad, (n,), (logits, logits.stride(0), targets, loss, grad, v, ignore_index),
+               BLOCK=BLOCK, SCALAR=SCALAR)
+        return loss, grad
+
+    class _LinearCrossEntropy(torch.autograd.Function):
+        """The LM head and the loss together. The gradient of the logits is known in the forward
+        pass, so the Triton kernel writes it while the row is in cache and the head's two backward
+        products run at once (as loss.py does on the CPU); the logits are dropped right after. That
+        is two passes over the [N, V] logits where the split path (cross_entropy after the head)
+        takes three, and the big tensor is not kept for the backward. Backward only scales the two
+        small results by the incoming gradient."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, ignore_index):
+            loss, grad = _rows_grad(hidden @ weight.t(), targets, ignore_index)
+            scale = 1.0 / (targets != ignore_index).sum().clamp(min=1)  # a tensor: no wait for the device
+            ctx.save_for_backward(grad @ weight, grad.t() @ hidden, scale)
+            return loss.sum() * scale
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad_hidden, grad_weight, scale = ctx.saved_tensors
+            s = grad_out * scale
+            return (grad_hidden * s).to(grad_hidden.dtype), (grad_weight * s).to(grad_weight.dtype), None, None
+
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of logits [N, V] (any float dtype, rows contiguous) against targets [N],
@@ -141,3 +192,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         logits = logits.contiguous()
     loss, _ = _rows(logits, targets.contiguous(), ignore_index)
     return loss.sum() / (targets != ignore_index).sum().clamp(min=1)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of hidden @ weight.T ([N, d] @ [d, V]) against targets [N]: the value and
+    gradients of cross_entropy(F.linear(hidden, weight), targets), hidden and weight of one dtype.
+    The logits exist only inside the forward (see _LinearCrossEntropy)."""
+    if triton is None:
+        raise RuntimeError("linear_cross_entropy needs Triton (pip install triton)")
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).contiguous(),
+                                     ignore_index)

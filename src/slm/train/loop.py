@@ -40,7 +40,7 @@ from ..data.prepare import load_meta, load_tokens
 from ..footprint import track
 from ..footprint.devices import peak_flops  # noqa: F401 (re-exported: benchmarks import it from here)
 from ..footprint.flops import flops_per_token
-from ..model import Transformer
+from ..model import MLP, Transformer
 from ..tokenizer import Tokenizer
 from .loss import fused_linear_cross_entropy
 from . import distributed
@@ -129,18 +129,19 @@ def batch(tokens: np.ndarray, seed: int, step: int, micro: int, c: TrainConfig, 
 
 
 def lm_loss(model: Transformer, x, y, forward=None, autocast=None, fuse_head: bool = True,
-            cross_entropy=None) -> torch.Tensor:
-    """Next-token cross-entropy. The LM head is applied inside the loss, chunk by chunk, so the
-    [tokens, vocab] logits never exist (loss.py); `forward` may be the DDP- or compile-wrapped model.
-    Without the fused head, cross_entropy(logits [N, V], targets [N]) computes the loss (default:
-    F.cross_entropy over an fp32 copy of the logits)."""
+            cross_entropy=None, head_loss=None) -> torch.Tensor:
+    """Next-token cross-entropy. The LM head is applied inside the loss: head_loss(hidden, weight,
+    targets), by default chunk by chunk so that the [tokens, vocab] logits never exist (loss.py);
+    `forward` may be the DDP- or compile-wrapped model. Without the fused head,
+    cross_entropy(logits [N, V], targets [N]) computes the loss (default: F.cross_entropy over an
+    fp32 copy of the logits)."""
     head, forward = model.lm_head, (forward if forward is not None else model)
     fused = fuse_head and head.bias is None
     with autocast or contextlib.nullcontext():
         out = forward(x, return_hidden=fused)
     if fused:
         w = head.weight.to(torch.bfloat16) if autocast is not None else head.weight
-        return fused_linear_cross_entropy(out.to(w.dtype), w, y)
+        return (head_loss or fused_linear_cross_entropy)(out.to(w.dtype), w, y)
     logits, y = out.view(-1, out.shape[-1]), y.reshape(-1)
     if cross_entropy is not None:
         return cross_entropy(logits, y)
@@ -152,15 +153,23 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
     into the cross-entropy (loss.py: no logits tensor, less memory traffic). On a GPU: bf16
     autocast, a bf16 residual stream, the plain head and the Triton cross-entropy over the bf16
     logits (kernels/cross_entropy.py), all of which torch.compile keeps in one graph with the
-    model. With `compile` the whole loss (forward, head and cross-entropy) is compiled, not the
-    model alone."""
+    model. SLM_TRITON=linear_ce,glu also fuses the head into that cross-entropy (not under FSDP)
+    and runs SwiGLU in Triton (kernels/glu.py), until a GPU measurement makes them the default.
+    With `compile` the whole loss (forward, head and cross-entropy) is compiled, not the model
+    alone."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     fuse = device.type == "cpu" and not fsdp  # FSDP re-shards the head after forward: keep it inside
-    cross_entropy = None
+    cross_entropy = head_loss = None
     if device.type == "cuda":
-        from ..kernels import cross_entropy as triton_ce  # imports Triton: not on the CPU's start-up path
-        if triton_ce.available(device):  # reads the bf16 logits in place of an fp32 copy
+        from ..kernels import cross_entropy as triton_ce, glu  # import Triton: not on the CPU's start-up path
+        if triton_ce.available(device, "ce"):  # reads the bf16 logits in place of an fp32 copy
             cross_entropy = triton_ce.cross_entropy
+        if triton_ce.available(device, "linear_ce") and not fsdp:
+            fuse, head_loss = True, triton_ce.linear_cross_entropy
+        if triton_ce.available(device, "glu"):
+            for m in model.modules():
+                if isinstance(m, MLP) and m.gated:
+                    m.glu = glu.glu
         # bf16 residual stream (as modded-nanogpt and llm.c train): +1.6% tokens/s on an H200
         model.autocast_residual = True
         if compile:  # tunes the generated kernels' block sizes: +1.7% on an H200, ~1 min more compiling
@@ -168,7 +177,8 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
             inductor_config.coordinate_descent_tuning = True
 
     def loss(x, y):
-        return lm_loss(model, x, y, forward, autocast, fuse_head=fuse, cross_entropy=cross_entropy)
+        return lm_loss(model, x, y, forward, autocast, fuse_head=fuse, cross_entropy=cross_entropy,
+                       head_loss=head_loss)
     return torch.compile(loss) if compile else loss
 
 
