@@ -298,11 +298,11 @@ def gpu(a) -> None:
         # tuning for transformers too); for slm, to see what each part gives: +torchce (F.cross_entropy
         # over an fp32 copy of the logits), +fp32res (fp32 residual stream), +nocoord; and the Triton
         # parts not yet on by default (kernels/triton_launch.py): +linearce (the head fused into the
-        # cross-entropy), +glu (the SwiGLU kernels)
+        # cross-entropy), +glu (the SwiGLU kernels), +rope (rotary embedding and the Q/K/V split)
         base, *knobs = variant.split("+")
         os.environ["SLM_NO_TRITON"] = "1" if "torchce" in knobs else "0"
-        os.environ["SLM_TRITON"] = ",".join(part for knob, part in (("linearce", "linear_ce"), ("glu", "glu"))
-                                            if knob in knobs)
+        os.environ["SLM_TRITON"] = ",".join(
+            {"linearce": "linear_ce", "glu": "glu", "rope": "rope"}[k] for k in knobs if k in ("linearce", "glu", "rope"))
         inductor_config.coordinate_descent_tuning = "coord" in knobs or (
             base.startswith("slm") and base.endswith("-compile") and "nocoord" not in knobs)
         torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """The Triton kernels used for GPU training against PyTorch: the cross-entropy
-(slm/kernels/cross_entropy.py) against F.cross_entropy, with and without the head fused in, and
-SwiGLU/GeGLU (slm/kernels/glu.py) against F.silu/F.gelu; loss and gradients, bf16 and fp32,
+(slm/kernels/cross_entropy.py) against F.cross_entropy, with and without the head fused in,
+SwiGLU/GeGLU (slm/kernels/glu.py) against F.silu/F.gelu, and rotary embedding with the Q/K/V split
+(slm/kernels/rope.py) against model.apply_rope; loss and gradients, bf16 and fp32,
 ignored targets, several blocks per row; then a whole model's loss and gradients with both.
 Without a GPU the kernels run under Triton's interpreter, in a fresh process (the interpreter must
 be chosen before Triton is imported)."""
@@ -59,7 +60,7 @@ print("ok")
 
 CHECK_FUSED = r"""
 import sys, torch, torch.nn.functional as F
-import slm.kernels.cross_entropy as ce, slm.kernels.glu as glu
+import slm.kernels.cross_entropy as ce, slm.kernels.glu as glu, slm.kernels.rope as rope
 device = sys.argv[1]
 ce.BLOCK, glu.BLOCK = 256, 128  # several blocks and a ragged tail per row
 for dtype in (torch.float32, torch.bfloat16):
@@ -81,6 +82,26 @@ for dtype in (torch.float32, torch.bfloat16):
         ref = (F.gelu(a, approximate="tanh") if gelu else F.silu(a)) * b
         ref.backward(d.float())
         close(y, ref, "glu"), close(grad, h.grad, "glu grad")
+    # rotary embedding and the Q/K/V split (4 query heads, 2 key/value heads), through attention so
+    # that the gradients come back transposed, as in the model; positions need not start at 0
+    from slm.model import apply_rope, rope_tables
+    B, T, H, K, D = 2, 7, 4, 2, 16
+    qkv = torch.randn(B, T, (H + 2 * K) * D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    cos, sin = rope_tables(D, 32, 10000.0, device=device)
+    pos = torch.tensor([[3, 4, 5, 6, 7, 8, 9], list(range(7))], device=device)
+    c, s = cos[pos].unsqueeze(1).to(dtype), sin[pos].unsqueeze(1).to(dtype)
+    w = torch.randn(B, H, T, D, generator=g).to(device)
+    outs = rope.rope_qkv(qkv, c, s, H, K)
+    y = F.scaled_dot_product_attention(*[t.transpose(1, 2).float() for t in outs], is_causal=True, enable_gqa=True)
+    (y * w).sum().backward()
+    grad, qkv.grad = qkv.grad, None
+    x = qkv.float().view(B, T, H + 2 * K, D).transpose(1, 2)
+    qk = apply_rope(x[:, :H + K], c.float(), s.float())
+    ref = qk[:, :H], qk[:, H:], x[:, H + K:]
+    for ours, r in zip(outs, ref):
+        close(ours.transpose(1, 2), r, "rope")
+    F.scaled_dot_product_attention(*ref, is_causal=True, enable_gqa=True).mul(w).sum().backward()
+    close(grad, qkv.grad, "rope grad")
     for ce.SCALAR in (True, False):  # the head fused into the loss
         h = torch.randn(2, 19, 64, generator=g).to(device=device, dtype=dtype).requires_grad_()
         w = (torch.randn(1000, 64, generator=g) * 0.3).to(device=device, dtype=dtype).requires_grad_()
@@ -96,9 +117,9 @@ for dtype in (torch.float32, torch.bfloat16):
         close(gh, h.grad, "hidden grad"), close(gw, w.grad, "head grad")
         assert (gh[0, 3] == 0).all() and (gh[1, 10] == 0).all()  # ignored targets: no gradient
 
-# A whole model: the loss and every gradient, plain against the Triton SwiGLU and fused head
+# A whole model: the loss and every gradient, plain against the Triton SwiGLU, rope and fused head
 import slm
-from slm.model import MLP
+from slm.model import MLP, Attention
 from slm.train.loop import lm_loss
 cfg = slm.ModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=150, num_layers=2, num_heads=4,
                       num_kv_heads=2, max_seq_len=64, tie_embeddings=True)
@@ -111,6 +132,8 @@ for triton_parts in (False, True):
     for m in model.modules():
         if isinstance(m, MLP):
             m.glu = glu.glu if triton_parts else None
+        if isinstance(m, Attention):
+            m.rope_qkv = rope.rope_qkv if triton_parts else None
     loss_fn = lambda x, y: lm_loss(model, x, y, fuse_head=True, head_loss=ce.linear_cross_entropy if triton_parts else None)
     if device == "cuda" and triton_parts:  # one compiled graph, as Trainer runs it
         loss_fn = torch.compile(loss_fn, fullgraph=True)
@@ -160,11 +183,11 @@ def test_triton_kernels_only_on_gpu(monkeypatch):
     assert not ce.available(torch.device("cpu"))  # the CPU fuses the head into its own loss instead
     if triton_launch.triton is None:
         return
-    cuda, parts = torch.device("cuda"), ("ce", "linear_ce", "glu")
+    cuda, parts = torch.device("cuda"), ("ce", "linear_ce", "glu", "rope")
     monkeypatch.delenv("SLM_TRITON", raising=False)
     monkeypatch.delenv("SLM_NO_TRITON", raising=False)
-    assert [triton_launch.available(cuda, p) for p in parts] == [True, False, False]
-    monkeypatch.setenv("SLM_TRITON", "glu")  # a part not yet on by default, to measure what it gives
-    assert [triton_launch.available(cuda, p) for p in parts] == [True, False, True]
+    assert [triton_launch.available(cuda, p) for p in parts] == [True, False, False, False]
+    monkeypatch.setenv("SLM_TRITON", "glu,rope")  # parts not yet on by default, to measure what they give
+    assert [triton_launch.available(cuda, p) for p in parts] == [True, False, True, True]
     monkeypatch.setenv("SLM_NO_TRITON", "1")
     assert not any(triton_launch.available(cuda, p) for p in parts)

@@ -247,6 +247,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = make_norm(cfg, cfg.head_dim), make_norm(cfg, cfg.head_dim)
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+        self.rope_qkv = None  # training on a GPU may set kernels.rope.rope_qkv here (train/loop.py)
 
     def forward(self, x, cos, sin, plan: _Plan, cache: KVCache | None):
         B, T, _ = x.shape
@@ -262,17 +263,21 @@ class Attention(nn.Module):
                        plan.write.start, plan.read, self.scale if self.scale is not None else self.head_dim ** -0.5,
                        self.n_heads)
                 return self.o_proj(y)
-        qkv = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
-        H, v = self.n_heads, qkv[:, self.n_heads + self.n_kv:]
-        if self.qk_norm:  # Gemma 3: normalise each head, then rotate
-            if isinstance(self.q_norm, RMSNorm):
-                q, k = self.q_norm.rope(qkv[:, :H], cos, sin), self.k_norm.rope(qkv[:, H:H + self.n_kv], cos, sin)
-            else:
-                q = apply_rope(self.q_norm(qkv[:, :H]), cos, sin)
-                k = apply_rope(self.k_norm(qkv[:, H:H + self.n_kv]), cos, sin)
+        H = self.n_heads
+        if self.rope_qkv is not None and cache is None:  # training on a GPU: Triton, one pass each way
+            q, k, v = [t.transpose(1, 2) for t in self.rope_qkv(self.qkv_proj(x), cos, sin, H, self.n_kv)]
         else:
-            qk = apply_rope(qkv[:, :H + self.n_kv], cos, sin)  # Q and K heads rotated together
-            q, k = qk[:, :H], qk[:, H:]
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+            v = qkv[:, H + self.n_kv:]
+            if self.qk_norm:  # Gemma 3: normalise each head, then rotate
+                if isinstance(self.q_norm, RMSNorm):
+                    q, k = self.q_norm.rope(qkv[:, :H], cos, sin), self.k_norm.rope(qkv[:, H:H + self.n_kv], cos, sin)
+                else:
+                    q = apply_rope(self.q_norm(qkv[:, :H]), cos, sin)
+                    k = apply_rope(self.k_norm(qkv[:, H:H + self.n_kv]), cos, sin)
+            else:
+                qk = apply_rope(qkv[:, :H + self.n_kv], cos, sin)  # Q and K heads rotated together
+                q, k = qk[:, :H], qk[:, H:]
         if cache is not None:
             k, v = cache.update(self.layer, k, v, plan)
         op = None
@@ -297,7 +302,7 @@ class MLP(nn.Module):
         else:
             self.up_proj = Linear(d, f, bias=bias)
         self.down_proj = Linear(f, d, bias=bias)
-        self.glu = None  # training on a GPU sets kernels.glu.glu here (train/loop.py: loss_function)
+        self.glu = None  # training on a GPU may set kernels.glu.glu here (train/loop.py)
 
     def forward(self, x):
         if self.gated:

@@ -1,5 +1,6 @@
 """Hand-written kernels. Triton kernels for training on GPUs: `cross_entropy.py` (the loss, with or
-without the LM head), `glu.py` (SwiGLU/GeGLU), `triton_launch.py` (which of them run). The rest of
+without the LM head), `glu.py` (SwiGLU/GeGLU), `rope.py` (rotary embedding and the Q/K/V split),
+`triton_launch.py` (which of them run). The rest of
 this module: the CPU kernels of `q8.cpp`, compiled on first use. `decoder.py`: a whole batch-1
 decoding step in one call to them.
 

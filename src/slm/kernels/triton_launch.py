@@ -4,9 +4,10 @@ They are for training on a GPU. On a machine without one the same kernels run un
 interpreter (TRITON_INTERPRET=1, chosen before Triton is imported), which is how the tests check
 them against PyTorch.
 
-Parts: `ce` (the cross-entropy over the logits; on by default: measured on an H200), `linear_ce`
-(the head fused into it) and `glu` (SwiGLU/GeGLU), which are off until a GPU session measures them:
-`SLM_TRITON=linear_ce,glu` turns them on. `SLM_NO_TRITON=1` turns every part off.
+Parts: `ce` (the cross-entropy over the logits; on by default: measured on an H200), and off until
+a GPU session measures them: `linear_ce` (the head fused into the cross-entropy), `glu`
+(SwiGLU/GeGLU) and `rope` (rotary embedding with the Q/K/V split). `SLM_TRITON=linear_ce,glu,rope`
+turns those on. `SLM_NO_TRITON=1` turns every part off.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from ..data.prepare import load_meta, load_tokens
 from ..footprint import track
 from ..footprint.devices import peak_flops  # noqa: F401 (re-exported: benchmarks import it from here)
 from ..footprint.flops import flops_per_token
-from ..model import MLP, Transformer
+from ..model import MLP, Attention, Transformer
 from ..tokenizer import Tokenizer
 from .loss import fused_linear_cross_entropy
 from . import distributed
@@ -153,23 +153,25 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
     into the cross-entropy (loss.py: no logits tensor, less memory traffic). On a GPU: bf16
     autocast, a bf16 residual stream, the plain head and the Triton cross-entropy over the bf16
     logits (kernels/cross_entropy.py), all of which torch.compile keeps in one graph with the
-    model. SLM_TRITON=linear_ce,glu also fuses the head into that cross-entropy (not under FSDP)
-    and runs SwiGLU in Triton (kernels/glu.py), until a GPU measurement makes them the default.
+    model. SLM_TRITON=linear_ce,glu,rope also fuses the head into that cross-entropy (not under
+    FSDP), and runs SwiGLU (kernels/glu.py) and rotary embedding with the Q/K/V split
+    (kernels/rope.py) in Triton, until a GPU measurement makes them the default.
     With `compile` the whole loss (forward, head and cross-entropy) is compiled, not the model
     alone."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     fuse = device.type == "cpu" and not fsdp  # FSDP re-shards the head after forward: keep it inside
     cross_entropy = head_loss = None
     if device.type == "cuda":
-        from ..kernels import cross_entropy as triton_ce, glu  # import Triton: not on the CPU's start-up path
+        from ..kernels import cross_entropy as triton_ce, glu, rope  # Triton: not on the CPU's start-up path
         if triton_ce.available(device, "ce"):  # reads the bf16 logits in place of an fp32 copy
             cross_entropy = triton_ce.cross_entropy
         if triton_ce.available(device, "linear_ce") and not fsdp:
             fuse, head_loss = True, triton_ce.linear_cross_entropy
-        if triton_ce.available(device, "glu"):
-            for m in model.modules():
-                if isinstance(m, MLP) and m.gated:
-                    m.glu = glu.glu
+        for m in model.modules():
+            if isinstance(m, MLP) and m.gated and triton_ce.available(device, "glu"):
+                m.glu = glu.glu
+            if isinstance(m, Attention) and rope.supports(model.config) and triton_ce.available(device, "rope"):
+                m.rope_qkv = rope.rope_qkv
         # bf16 residual stream (as modded-nanogpt and llm.c train): +1.6% tokens/s on an H200
         model.autocast_residual = True
         if compile:  # tunes the generated kernels' block sizes: +1.7% on an H200, ~1 min more compiling
