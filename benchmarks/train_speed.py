@@ -236,7 +236,8 @@ def profile(step, batches, out: str | None, steps: int = 5) -> None:
     kinds = {}
     for e in kernels:
         n = e.key.lower()
-        kind = ("attention" if any(k in n for k in ("flash", "fmha", "attention", "cudnn", "sdpa")) else
+        kind = ("slm's Triton kernels (kernels/)" if n.startswith(("_triton_ce", "_glu", "_rope")) else
+                "attention" if any(k in n for k in ("flash", "fmha", "attention", "cudnn", "sdpa")) else
                 "matmul" if any(k in n for k in ("gemm", "sm90", "cutlass", "nvjet", "xmma", "mm_", "matmul")) else
                 "triton (fused elementwise/reductions)" if "triton" in n else "other")
         kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / steps / 1e6
