@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_launch import triton
+from .triton_launch import launch, triton
 
 __all__ = ["rope_qkv", "supports"]
 
@@ -28,7 +28,7 @@ def supports(cfg) -> bool:
 
 if triton is not None:
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
     @triton.jit
     def _rope_qkv_forward(qkv, cos, sin, cos_sb, cos_st, q, k, v, T, H: tl.constexpr, K: tl.constexpr,
@@ -81,8 +81,11 @@ if triton is not None:
             cos, sin = cos.contiguous(), sin.contiguous()
         return cos, sin, cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(2)
 
-    def _warps(heads, d):  # one token a program: heads x D values (4,096 for the 124M preset)
-        return 4 if heads * d <= 4096 else 8
+    # One token a program: a [heads, D] tile (64 x 64 for the 124M preset). On a GPU the warps are
+    # tuned once per shape; the interpreter runs the plain kernels.
+    _configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)]
+    _forward_tuned = triton.autotune(_configs, key=["H", "K", "D"])(_rope_qkv_forward)
+    _backward_tuned = triton.autotune(_configs, key=["H", "K", "D"])(_rope_qkv_backward)
 
     @triton_op("slm::rope_qkv", mutates_args={})
     def _rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
@@ -93,8 +96,7 @@ if triton is not None:
         k, v = qkv.new_empty(B, T, kv_heads, D), qkv.new_empty(B, T, kv_heads, D)
         cos, sin, sb, st = _tables(cos, sin)
         n = triton.next_power_of_2(heads + 2 * kv_heads)
-        wrap_triton(_rope_qkv_forward)[(B * T,)](qkv, cos, sin, sb, st, q, k, v, T, heads, kv_heads, D, n,
-                                                 num_warps=_warps(n, D))
+        launch(_forward_tuned, _rope_qkv_forward, (B * T,), (qkv, cos, sin, sb, st, q, k, v, T, heads, kv_heads, D, n))
         return q, k, v
 
     @triton_op("slm::rope_qkv_backward", mutates_args={})
@@ -105,8 +107,8 @@ if triton is not None:
         dqkv = dq.new_empty(B, T, (H + 2 * K) * D)
         cos, sin, sb, st = _tables(cos, sin)
         n = triton.next_power_of_2(H + 2 * K)
-        wrap_triton(_rope_qkv_backward)[(B * T,)](dq, dk, dv, *dq.stride(), *dk.stride(), *dv.stride(), cos, sin,
-                                                  sb, st, dqkv, T, H, K, D, n, num_warps=_warps(n, D))
+        launch(_backward_tuned, _rope_qkv_backward, (B * T,),
+               (dq, dk, dv, *dq.stride(), *dk.stride(), *dv.stride(), cos, sin, sb, st, dqkv, T, H, K, D, n))
         return dqkv
 
     def _setup_context(ctx, inputs, output):
