@@ -68,16 +68,30 @@ if triton is not None:
         return row_lse
 
     @triton.jit
-    def _triton_ce_forward(logits, stride, targets, loss, lse, V, ignore_index, BLOCK: tl.constexpr,
-                           SCALAR: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        base = logits + row * stride
-        t = tl.load(targets + row)
+    def _row_loss(base, t, V, ignore_index, BLOCK: tl.constexpr, SCALAR: tl.constexpr):
+        """(log-sum-exp, loss) of the row at `base` with target t (loss 0 where t is ignored)."""
         row_lse = _row_lse(base, V, BLOCK, SCALAR)
         valid = t != ignore_index
         x_t = tl.load(base + tl.where(valid, t, 0)).to(tl.float32)
+        return row_lse, tl.where(valid, row_lse - x_t, 0.0)
+
+    @triton.jit
+    def _write_grad(base, out, t, row_lse, g, V, BLOCK: tl.constexpr):
+        """out[:] = (softmax(row) - onehot(t)) * g, in out's dtype."""
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            d = tl.exp(x - row_lse) - tl.where(cols == t, 1.0, 0.0)
+            tl.store(out + cols, (d * g).to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _triton_ce_forward(logits, stride, targets, loss, lse, V, ignore_index, BLOCK: tl.constexpr,
+                           SCALAR: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        row_lse, row_loss = _row_loss(logits + row * stride, tl.load(targets + row), V, ignore_index, BLOCK, SCALAR)
         tl.store(lse + row, row_lse)
-        tl.store(loss + row, tl.where(valid, row_lse - x_t, 0.0))
+        tl.store(loss + row, row_loss)
 
     @triton.jit
     def _triton_ce_grad(logits, stride, targets, loss, grad, V, ignore_index, BLOCK: tl.constexpr,
@@ -85,19 +99,11 @@ if triton is not None:
         """The loss of a row and, in the same program, its gradient softmax - onehot (0 for an
         ignored row): the second read of the row comes from L2, not from memory."""
         row = tl.program_id(0).to(tl.int64)
-        base = logits + row * stride
         t = tl.load(targets + row)
-        row_lse = _row_lse(base, V, BLOCK, SCALAR)
-        valid = t != ignore_index
-        x_t = tl.load(base + tl.where(valid, t, 0)).to(tl.float32)
-        tl.store(loss + row, tl.where(valid, row_lse - x_t, 0.0))
-        g = tl.where(valid, 1.0, 0.0)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < V
-            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            d = tl.exp(x - row_lse) - tl.where(cols == t, 1.0, 0.0)
-            tl.store(grad + row * stride + cols, (d * g).to(grad.dtype.element_ty), mask=mask)
+        row_lse, row_loss = _row_loss(logits + row * stride, t, V, ignore_index, BLOCK, SCALAR)
+        tl.store(loss + row, row_loss)
+        _write_grad(logits + row * stride, grad + row * stride, t, row_lse, tl.where(t != ignore_index, 1.0, 0.0),
+                    V, BLOCK)
 
     @triton.jit
     def _triton_ce_backward(logits, stride, targets, lse, grad_loss, grad, V, ignore_index, BLOCK: tl.constexpr):
@@ -105,13 +111,7 @@ if triton is not None:
         t = tl.load(targets + row)
         g = tl.load(grad_loss + row).to(tl.float32)
         g = tl.where(t != ignore_index, g, 0.0)  # ignored rows get no gradient
-        row_lse = tl.load(lse + row)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < V
-            x = tl.load(logits + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
-            d = tl.exp(x - row_lse) - tl.where(cols == t, 1.0, 0.0)
-            tl.store(grad + row * stride + cols, (d * g).to(grad.dtype.element_ty), mask=mask)
+        _write_grad(logits + row * stride, grad + row * stride, t, tl.load(lse + row), g, V, BLOCK)
 
     # On a GPU the block size, warps and forward variant are tuned once per vocabulary size (a few
     # seconds at the first step); the interpreter runs the plain kernels.
