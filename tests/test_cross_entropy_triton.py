@@ -149,6 +149,55 @@ for n in g0:
 print("ok")
 """
 
+# torch.compile must keep the whole loss in one graph with the kernels in it, both ways. This runs
+# without a GPU: dynamo and AOT autograd trace with fake tensors, and the compilers below only
+# record the graphs they are given (running them needs a GPU).
+CHECK_TRACE = r"""
+import logging, torch, slm
+import torch._functorch.config as functorch_config
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+import slm.kernels.cross_entropy as ce, slm.kernels.glu as glu, slm.kernels.rope as rope
+from slm.model import MLP, Attention
+from slm.train.loop import lm_loss
+functorch_config.force_non_lazy_backward_lowering = True  # trace the backward at once, not at its first run
+logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)  # no GPU to inspect kernels
+cfg = slm.ModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=150, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_seq_len=64, tie_embeddings=True)
+model = slm.Transformer(cfg)
+for m in model.modules():
+    if isinstance(m, MLP):
+        m.glu = glu.glu
+    if isinstance(m, Attention):
+        m.rope_qkv = rope.rope_qkv
+graphs = {}
+
+class Traced(Exception):
+    pass
+
+def backend(gm, inputs):
+    def record(name):
+        def compiler(graph, example_inputs):
+            graphs[name] = [getattr(k, "fn", k).__name__ for k in
+                            (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]) for n in graph.graph.nodes
+                             if "triton_kernel_wrapper" in str(n.target))]
+            def run(*args):
+                raise Traced
+            return run
+        return compiler
+    return aot_module_simplified(gm, inputs, fw_compiler=record("forward"), bw_compiler=record("backward"))
+
+loss = torch.compile(lambda x, y: lm_loss(model, x, y, head_loss=ce.linear_cross_entropy), fullgraph=True,
+                     backend=backend)
+try:
+    loss(torch.randint(0, 1000, (2, 32)), torch.randint(0, 1000, (2, 32)))
+except Traced:
+    pass
+assert graphs["forward"] == ["_rope_qkv_forward", "_glu_forward"] * 2 + ["_triton_ce_grad"], graphs
+assert graphs["backward"] == ["_glu_backward", "_rope_qkv_backward"] * 2, graphs
+print("ok")
+"""
+
 
 def _triton_or_skip():
     try:
@@ -159,11 +208,12 @@ def _triton_or_skip():
         pytest.skip("triton is not installed (pip install triton)")
 
 
-def _run(check: str) -> None:
+def _run(check: str, interpret: bool = True) -> None:
     _triton_or_skip()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = dict(os.environ)
-    if device == "cpu":
+    env.pop("TRITON_INTERPRET", None)
+    if device == "cpu" and interpret:
         env["TRITON_INTERPRET"] = "1"
     r = subprocess.run([sys.executable, "-c", check, device], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
@@ -175,6 +225,10 @@ def test_triton_cross_entropy_matches_torch():
 
 def test_triton_glu_and_fused_head_match_torch():
     _run(CHECK_FUSED)
+
+
+def test_triton_parts_compile_into_one_graph():
+    _run(CHECK_TRACE, interpret=False)  # compiled kernels, not the interpreter's stand-ins
 
 
 def test_triton_kernels_only_on_gpu(monkeypatch):
