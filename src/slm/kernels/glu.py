@@ -1,12 +1,13 @@
 """SwiGLU and GeGLU over the fused gate-up projection, in Triton, for training on a GPU.
 
 The MLP's first product gives h = [gate | up] ([N, 2F], bf16) and the block goes on with
-act(gate) * up. torch.compile fuses the backward into one kernel, but that kernel walks the
-concatenated gradient [N, 2F] element by element: each gate element reads d_out, gate and up,
-each up element reads d_out and gate again, so 5 tensors of [N, F] are read for 2 written. On an
-H200 (124M preset, 32 x 1,024 tokens) it took 287 us a layer, 3.4 ms of a 60 ms step
-(docs/gpu/h200_slm124m_profile.txt). Here one program takes a row's pair (gate_i, up_i), reads
-d_out, gate and up once and writes both gradients: 3 reads for 2 writes.
+act(gate) * up. torch.compile fuses the backward into one kernel over the concatenated gradient
+[N, 2F] (`..._cat_mul_silu_silu_backward_split_...`), which by its shape walks it element by
+element: a gate element needs d_out, gate and up, an up element d_out and gate, so up to 5 reads
+of [N, F] for 2 writes. On an H200 (124M preset, 32 x 1,024 tokens) it took 287 us a layer, 3.4 ms
+of a 60 ms step (docs/gpu/h200_slm124m_profile.txt), about half the bandwidth of the forward's
+kernel. Here one program takes a row's pairs (gate_i, up_i), reads d_out, gate and up once and
+writes both gradients: 3 reads for 2 writes.
 
 The arithmetic is fp32; results are stored in h's dtype. Registered with `torch.library.triton_op`,
 so torch.compile keeps the model in one graph around it.
