@@ -302,8 +302,8 @@ def gpu(a) -> None:
         # cross-entropy), +glu (the SwiGLU kernels), +rope (rotary embedding and the Q/K/V split)
         base, *knobs = variant.split("+")
         os.environ["SLM_NO_TRITON"] = "1" if "torchce" in knobs else "0"
-        os.environ["SLM_TRITON"] = ",".join(
-            {"linearce": "linear_ce", "glu": "glu", "rope": "rope"}[k] for k in knobs if k in ("linearce", "glu", "rope"))
+        parts = {"linearce": "linear_ce", "glu": "glu", "rope": "rope"}
+        os.environ["SLM_TRITON"] = ",".join(parts[k] for k in knobs if k in parts)
         inductor_config.coordinate_descent_tuning = "coord" in knobs or (
             base.startswith("slm") and base.endswith("-compile") and "nocoord" not in knobs)
         torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""What the Triton kernels (cross_entropy.py, glu.py) share: whether they run, and how they launch.
+"""What the Triton kernels (cross_entropy.py, glu.py, rope.py) share: whether they run, and how they launch.
 
 They are for training on a GPU. On a machine without one the same kernels run under Triton's
 interpreter (TRITON_INTERPRET=1, chosen before Triton is imported), which is how the tests check
