@@ -8,8 +8,9 @@ decoding step in one call to them.
 `dequantize` (int8 weight-only linear layers), `linear_q4` and `dequantize_q4` (int4),
 `linear_gguf` and `dequantize_gguf` (a GGUF file's Q8_0/Q5_0/Q4_K/Q6_K blocks as they are),
 `matvec_f32` (one-row fp32 products when decoding), `rms_norm`, and fused decoding helpers
-(`fused_op(name)`: rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode, argmax_rows). `q8_linear_op()`, `matvec_f32_op()` and `rms_norm_op()` return them, or None
-where they cannot be built: no C++ compiler, no AVX2, not x86-64, or `SLM_NO_KERNELS=1`. Callers
+(`fused_op(name)`: rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode, argmax_rows).
+`q8_linear_op()`, `matvec_f32_op()` and `rms_norm_op()` return them, or None where they cannot
+be built: no C++ compiler, no AVX2, not x86-64, or `SLM_NO_KERNELS=1`. Callers
 then use a pure-PyTorch path with the same results, and a warning says so once.
 
 The library is built by calling the C++ compiler directly ($CXX, else c++) against the headers and

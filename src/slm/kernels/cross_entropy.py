@@ -24,15 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from .triton_launch import available as _available, launch, triton
+from .triton_launch import launch, triton
 
 BLOCK, SCALAR = 4096, True  # under the interpreter (tests): logits per inner step, forward variant
-
-
-def available(device: torch.device, part: str = "ce") -> bool:
-    """Whether cross_entropy() ("ce") or linear_cross_entropy() ("linear_ce") runs the Triton
-    kernels for tensors on `device` (SLM_NO_TRITON=1: neither, to compare with F.cross_entropy)."""
-    return _available(device, part)
 
 
 if triton is not None:
@@ -116,7 +110,8 @@ if triton is not None:
     # On a GPU the block size, warps and forward variant are tuned once per vocabulary size (a few
     # seconds at the first step); the interpreter runs the plain kernels.
     _configs = [(b, w) for b in (2048, 4096, 8192) for w in (4, 8, 16)]
-    _scalar_configs = [triton.Config({"BLOCK": b, "SCALAR": sc}, num_warps=w) for b, w in _configs for sc in (True, False)]
+    _scalar_configs = [triton.Config({"BLOCK": b, "SCALAR": sc}, num_warps=w)
+                       for b, w in _configs for sc in (True, False)]
     _forward_tuned = triton.autotune(_scalar_configs, key=["V"])(_triton_ce_forward)
     _grad_tuned = triton.autotune(_scalar_configs, key=["V"])(_triton_ce_grad)
     _backward_tuned = triton.autotune([triton.Config({"BLOCK": b}, num_warps=w) for b, w in _configs],
@@ -179,7 +174,7 @@ if triton is not None:
         def backward(ctx, grad_out):
             grad_hidden, grad_weight, scale = ctx.saved_tensors
             s = grad_out * scale
-            return (grad_hidden * s).to(grad_hidden.dtype), (grad_weight * s).to(grad_weight.dtype), None, None
+            return grad_hidden * s, grad_weight * s, None, None  # a 0-dim fp32 s keeps their dtype
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

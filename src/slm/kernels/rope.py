@@ -26,6 +26,7 @@ def supports(cfg) -> bool:
     D = cfg.head_dim
     return not cfg.qk_norm and cfg.rotary_dim == D and D & (D - 1) == 0
 
+
 if triton is not None:
     import triton.language as tl
     from torch.library import triton_op

@@ -162,15 +162,18 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
     fuse = device.type == "cpu" and not fsdp  # FSDP re-shards the head after forward: keep it inside
     cross_entropy = head_loss = None
     if device.type == "cuda":
-        from ..kernels import cross_entropy as triton_ce, glu, rope  # Triton: not on the CPU's start-up path
-        if triton_ce.available(device, "ce"):  # reads the bf16 logits in place of an fp32 copy
+        # imports Triton: not on the CPU's start-up path
+        from ..kernels import cross_entropy as triton_ce, glu, rope
+        from ..kernels.triton_launch import available
+        if available(device, "ce"):  # reads the bf16 logits in place of an fp32 copy
             cross_entropy = triton_ce.cross_entropy
-        if triton_ce.available(device, "linear_ce") and not fsdp:
+        if available(device, "linear_ce") and not fsdp:
             fuse, head_loss = True, triton_ce.linear_cross_entropy
+        use_glu, use_rope = available(device, "glu"), available(device, "rope") and rope.supports(model.config)
         for m in model.modules():
-            if isinstance(m, MLP) and m.gated and triton_ce.available(device, "glu"):
+            if isinstance(m, MLP) and m.gated and use_glu:
                 m.glu = glu.glu
-            if isinstance(m, Attention) and rope.supports(model.config) and triton_ce.available(device, "rope"):
+            if isinstance(m, Attention) and use_rope:
                 m.rope_qkv = rope.rope_qkv
         # bf16 residual stream (as modded-nanogpt and llm.c train): +1.6% tokens/s on an H200
         model.autocast_residual = True
