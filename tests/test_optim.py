@@ -12,9 +12,17 @@ from slm.train.loss import fused_linear_cross_entropy
 from slm.train.optim import Muon, build_optimizers, orthogonalize
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("ignored", [True, False])
 @pytest.mark.parametrize("chunk", [None, 7, 64])
-def test_fused_cross_entropy_equals_plain_with_gradients(chunk, ignored):
+def test_fused_cross_entropy_equals_plain_with_gradients(chunk, ignored, kernel, monkeypatch):
+    """With the C++ softmax kernel (kernels/q8.cpp) and with its PyTorch fallback; 50 classes
+    leave a tail after the kernel's groups of 8."""
+    from slm.train import loss
+    if kernel:
+        assert loss._softmax_xent_op(torch.zeros(1), torch.zeros(1)) is not None, "the CPU kernels did not build"
+    else:
+        monkeypatch.setattr(loss, "_softmax_xent_op", lambda hidden, weight: None)
     torch.manual_seed(0)
     h = torch.randn(3, 40, 16, requires_grad=True)
     w = (torch.randn(50, 16) * 0.3).requires_grad_()
@@ -27,6 +35,12 @@ def test_fused_cross_entropy_equals_plain_with_gradients(chunk, ignored):
     oh, ow = torch.autograd.grad(ours * 2.5, (h, w))
     assert torch.allclose(ours, ref, atol=1e-6)
     assert torch.allclose(oh, gh, atol=1e-6) and torch.allclose(ow, gw, atol=1e-6)
+
+
+def test_fused_cross_entropy_refuses_a_target_outside_the_vocabulary():
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises((RuntimeError, IndexError)):
+        fused_linear_cross_entropy(h, w, torch.tensor([1, 2, 10, 3]))
 
 
 def test_gram_path_equals_newton_schulz():

@@ -36,10 +36,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled():
-            op = kernels.rms_norm_op()  # one fused call: decoding runs many small norms
-            if op is not None:
-                return op(x.contiguous(), self.weight, self.eps, self.plus_one)
+        if x.is_cpu and x.dtype == torch.float32:
+            if not torch.is_grad_enabled():
+                op = kernels.rms_norm_op()  # one fused call: decoding runs many small norms
+                if op is not None:
+                    return op(x.contiguous(), self.weight, self.eps, self.plus_one)
+            else:  # training: one C++ pass each way, with its own backward
+                y = kernels.cpu_train.rms_norm(x, self.weight, self.eps, self.plus_one)
+                if y is not None:
+                    return y
         return self._reference(x)
 
     def _fused(self, x: torch.Tensor, name: str):
@@ -247,7 +252,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = make_norm(cfg, cfg.head_dim), make_norm(cfg, cfg.head_dim)
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
-        self.rope_qkv = None  # training on a GPU may set kernels.rope.rope_qkv here (train/loop.py)
+        self.rope_qkv = None  # training may set kernels.rope's (GPU) or kernels.cpu_train's here (train/loop.py)
 
     def forward(self, x, cos, sin, plan: _Plan, cache: KVCache | None):
         B, T, _ = x.shape
@@ -264,7 +269,7 @@ class Attention(nn.Module):
                        self.n_heads)
                 return self.o_proj(y)
         H = self.n_heads
-        if self.rope_qkv is not None and cache is None:  # training on a GPU: Triton, one pass each way
+        if self.rope_qkv is not None and cache is None:  # training: Triton or C++, one pass each way
             q, k, v = [t.transpose(1, 2) for t in self.rope_qkv(self.qkv_proj(x), cos, sin, H, self.n_kv)]
         else:
             qkv = self.qkv_proj(x).view(B, T, H + 2 * self.n_kv, self.head_dim).transpose(1, 2)
@@ -302,12 +307,12 @@ class MLP(nn.Module):
         else:
             self.up_proj = Linear(d, f, bias=bias)
         self.down_proj = Linear(f, d, bias=bias)
-        self.glu = None  # training on a GPU may set kernels.glu.glu here (train/loop.py)
+        self.glu = None  # training may set kernels.glu's (GPU) or kernels.cpu_train's here (train/loop.py)
 
     def forward(self, x):
         if self.gated:
             h = self.gate_up_proj(x)
-            if self.glu is not None:  # Triton: one read of gate and up each way
+            if self.glu is not None:  # Triton or C++: one read of gate and up each way
                 return self.down_proj(self.glu(h, self.act != "swiglu"))
             if self.act != "swiglu" and h.is_cpu and h.dtype == torch.float32 and not torch.is_grad_enabled():
                 op = kernels.fused_op("gelu_tanh_mul")

@@ -2,13 +2,17 @@
 without the LM head), `glu.py` (SwiGLU/GeGLU), `rope.py` (rotary embedding and the Q/K/V split),
 `triton_launch.py` (which of them run). The rest of
 this module: the CPU kernels of `q8.cpp`, compiled on first use. `decoder.py`: a whole batch-1
-decoding step in one call to them.
+decoding step in one call to them. `cpu_train.py`: the CPU training step's GLU, rotation and
+RMSNorm, with autograd.
 
 `q8.cpp` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_q8.linear` and
 `dequantize` (int8 weight-only linear layers), `linear_q4` and `dequantize_q4` (int4),
 `linear_gguf` and `dequantize_gguf` (a GGUF file's Q8_0/Q5_0/Q4_K/Q6_K blocks as they are),
 `matvec_f32` (one-row fp32 products when decoding), `rms_norm`, and fused decoding helpers
-(`fused_op(name)`: rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode, argmax_rows).
+(`fused_op(name)`: rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode, argmax_rows), and
+the CPU training step's: `softmax_xent_` (the cross-entropy's softmax and gradient in place,
+train/loss.py), `rms_norm_train`, `glu_train` and `rope_qk_train` with their backwards (autograd
+in `cpu_train.py`).
 `q8_linear_op()`, `matvec_f32_op()` and `rms_norm_op()` return them, or None where they cannot
 be built: no C++ compiler, no AVX2, not x86-64, or `SLM_NO_KERNELS=1`. Callers
 then use a pure-PyTorch path with the same results, and a warning says so once.
@@ -115,8 +119,8 @@ def q8_linear_op():
         if why is None:
             op = torch.ops.slm_q8.linear.default
         elif not why.startswith("disabled"):
-            warnings.warn(f"slm: int8 CPU kernel unavailable ({why}); using the slower PyTorch path "
-                          "(dequantize, then matmul)", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"slm: CPU kernels unavailable ({why}); using the slower PyTorch paths "
+                          "(int8/int4: dequantize, then matmul)", RuntimeWarning, stacklevel=3)
         _state["q8"], _state["error"] = op, why
         return op
 
@@ -137,7 +141,7 @@ def rms_norm_op():
 
 def fused_op(name: str):
     """torch.ops.slm_q8.<name> (rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode,
-    argmax_rows: the fused decoding helpers), or None where the kernels are unavailable."""
+    argmax_rows: the fused decoding helpers; softmax_xent_), or None where the kernels are unavailable."""
     key = "op:" + name
     if key not in _state:
         _state[key] = getattr(torch.ops.slm_q8, name).default if q8_linear_op() is not None else None
@@ -145,9 +149,9 @@ def fused_op(name: str):
 
 
 def __getattr__(name: str):
-    if name == "decoder":  # imported on first use: it imports the quantized layers, which import this
-        import importlib
-        return importlib.import_module(".decoder", __name__)
+    if name in ("decoder", "cpu_train"):  # imported on first use (decoder imports the quantized layers,
+        import importlib                   # which import this)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(name)
 
 

@@ -150,7 +150,8 @@ def lm_loss(model: Transformer, x, y, forward=None, autocast=None, fuse_head: bo
 
 def loss_function(model: Transformer, forward, device: torch.device, compile: bool = False, fsdp: bool = False):
     """(x, y) -> the mean next-token loss, as Trainer computes it. On the CPU the LM head is fused
-    into the cross-entropy (loss.py: no logits tensor, less memory traffic). On a GPU: bf16
+    into the cross-entropy (loss.py: no logits tensor, less memory traffic), and the GLU and the
+    rotary embedding run as C++ kernels (kernels/cpu_train.py). On a GPU: bf16
     autocast, a bf16 residual stream, the plain head and the Triton cross-entropy over the bf16
     logits (kernels/cross_entropy.py), all of which torch.compile keeps in one graph with the
     model. SLM_TRITON=linear_ce,glu,rope also fuses the head into that cross-entropy (not under
@@ -180,6 +181,13 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
         if compile:  # tunes the generated kernels' block sizes: +1.7% on an H200, ~1 min more compiling
             import torch._inductor.config as inductor_config
             inductor_config.coordinate_descent_tuning = True
+    elif device.type == "cpu":  # C++: one pass each way for the GLU and the rotation (kernels/cpu_train.py)
+        from ..kernels import cpu_train
+        for m in model.modules():
+            if isinstance(m, MLP) and m.gated:
+                m.glu = cpu_train.glu
+            if isinstance(m, Attention) and cpu_train.supports(model.config):
+                m.rope_qkv = cpu_train.rope_qkv
 
     def loss(x, y):
         return lm_loss(model, x, y, forward, autocast, fuse_head=fuse, cross_entropy=cross_entropy,

@@ -1,0 +1,122 @@
+"""The CPU training step's elementwise work in C++ (q8.cpp), with autograd: the MLP's GLU and the
+rotary embedding with the Q/K/V split. The GPU has Triton versions of both (glu.py, rope.py); these
+take the same arguments, so train/loop.py sets either on the model the same way (`MLP.glu`,
+`Attention.rope_qkv`).
+
+Why: in PyTorch's autograd each is a string of passes over [tokens, width] tensors. SwiGLU is
+silu, a product, then backward silu's derivative, two products and a concatenation; the rotation
+is two products, a roll (a concatenation) and a sum each way, plus zero-filled gradients for the
+Q/K/V slices. Here each is one pass forward and one backward. At the stories15M shape that is
+about 5% of a CPU training step (benchmarks/train_speed.py throughput).
+
+fp32 on the CPU only; anything else, torch.compile, or no kernels (no compiler, SLM_NO_KERNELS=1)
+takes the PyTorch path, with the same results.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import fused_op
+
+__all__ = ["glu", "rope_qkv", "supports"]
+
+
+def supports(cfg) -> bool:
+    """Whether rope_qkv can stand in for the rotation and split of a model of ModelConfig `cfg`:
+    full rotation (not Phi's partial one) and no q/k norms (not Gemma's)."""
+    return not cfg.qk_norm and cfg.rotary_dim == cfg.head_dim and cfg.head_dim % 2 == 0
+
+
+def _fast(*xs: torch.Tensor) -> bool:
+    """fp32 CPU tensors, outside torch.compile (which traces PyTorch's ops and fuses them itself)."""
+    return not torch.compiler.is_compiling() and all(x.is_cpu and x.dtype == torch.float32 for x in xs)
+
+
+class _GLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, gelu):
+        ctx.save_for_backward(h)
+        ctx.gelu = gelu
+        return fused_op("glu_train")(h, None, gelu)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (h,) = ctx.saved_tensors
+        return fused_op("glu_train")(h, dy.contiguous(), ctx.gelu), None
+
+
+def glu(h: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """act(gate) * up for h = [gate | up] along the last dimension (act: SiLU, or with `gelu` GELU's
+    tanh approximation), with its gradient."""
+    if not _fast(h) or fused_op("glu_train") is None:
+        gate, up = h.chunk(2, -1)
+        return (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
+    lead = h.shape[:-1]
+    return _GLU.apply(h.reshape(-1, h.shape[-1]).contiguous(), gelu).view(*lead, -1)
+
+
+class _RopeQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, heads, kv_heads):
+        q, k = fused_op("rope_qk_train")(qkv, cos, sin, heads, kv_heads)
+        ctx.save_for_backward(cos, sin)
+        B, T, _ = qkv.shape
+        D = q.shape[-1]
+        v = qkv[..., (heads + kv_heads) * D:].view(B, T, kv_heads, D)
+        ctx.shapes = (q.shape, k.shape)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        grads = []
+        for g, shape in zip((dq, dk, dv), (*ctx.shapes, ctx.shapes[1])):
+            if g is None:
+                g = torch.zeros(shape)
+            grads.append(g if g.stride(-1) == 1 else g.contiguous())
+        return fused_op("rope_qkv_backward")(*grads, cos, sin), None, None, None, None
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+             kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [B, T, (heads + 2 kv_heads) * D] -> Q [B, T, heads, D] and K [B, T, kv_heads, D] rotated by
+    cos/sin ([B or 1, 1, T, D], as model.Transformer.rope gives them) and V [B, T, kv_heads, D], with
+    their gradients."""
+    B, T, width = qkv.shape
+    D = width // (heads + 2 * kv_heads)
+    if D * (heads + 2 * kv_heads) != width or cos.shape[-1] != D:
+        raise ValueError(f"rope_qkv needs [B, T, (heads + 2 kv_heads) * D] and full rotation; got "
+                         f"{tuple(qkv.shape)}, {heads}+2x{kv_heads} heads, rotary dim {cos.shape[-1]}")
+    if not _fast(qkv, cos, sin) or fused_op("rope_qk_train") is None:
+        from ..model import apply_rope
+        x = qkv.view(B, T, heads + 2 * kv_heads, D)
+        qk = apply_rope(x[:, :, :heads + kv_heads].transpose(1, 2), cos, sin).transpose(1, 2)
+        return qk[:, :, :heads], qk[:, :, heads:], x[:, :, heads + kv_heads:]
+    cos, sin = (t.reshape(t.shape[0], T, D).contiguous() for t in (cos, sin))
+    return _RopeQKV.apply(qkv.contiguous(), cos, sin, heads, kv_heads)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, plus_one):
+        y, r = fused_op("rms_norm_train")(x, weight, eps, plus_one)
+        ctx.save_for_backward(x, weight, r)
+        ctx.plus_one = plus_one
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, r = ctx.saved_tensors
+        dx, dw = fused_op("rms_norm_train_backward")(x, weight, r, dy.contiguous(), ctx.plus_one)
+        return dx, dw, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool = False) -> torch.Tensor | None:
+    """x / rms(x) * weight (or * (1 + weight) with `plus_one`, Gemma's) over the last dimension, with
+    its gradient; None where the kernel does not apply (the caller then runs its own ops)."""
+    if not _fast(x, weight) or fused_op("rms_norm_train") is None:
+        return None
+    lead = x.shape[:-1]
+    return _RMSNorm.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps, plus_one).view(*lead, -1)

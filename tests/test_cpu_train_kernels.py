@@ -1,0 +1,100 @@
+"""The CPU training step's C++ kernels (kernels/cpu_train.py, q8.cpp) against PyTorch's ops: values and
+gradients of the GLU and of the rotation with the Q/K/V split, then a whole model's loss and every
+parameter gradient through train/loop.py's loss_function, with the kernels and without."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slm
+from slm import kernels
+from slm.kernels import cpu_train
+from slm.model import apply_rope, rope_tables
+
+pytestmark = pytest.mark.skipif(kernels.q8_linear_op() is None, reason=f"no CPU kernels: {kernels.kernel_error()}")
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_glu_matches_torch(gelu):
+    torch.manual_seed(0)
+    h = (torch.randn(2, 5, 2 * 21) * 3).requires_grad_()  # 21: a tail after groups of 8
+    dy = torch.randn(2, 5, 21)
+    ours = cpu_train.glu(h, gelu)
+    (g_ours,) = torch.autograd.grad(ours, h, dy)
+    gate, up = h.chunk(2, -1)
+    ref = (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
+    (g_ref,) = torch.autograd.grad(ref, h, dy)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(g_ours, g_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rope_qkv_matches_apply_rope(per_row):
+    """Grouped-query heads, positions not starting at 0 (per sequence: packed fine-tuning), and
+    gradients arriving transposed, as attention's backward leaves them."""
+    torch.manual_seed(0)
+    B, T, H, KV, D = 3, 7, 4, 2, 12  # D / 2 = 6: the scalar tail of each half
+    cos, sin = rope_tables(D, 16, 10000.0)
+    pos = torch.stack([torch.arange(T) + 2 * i + 1 for i in range(B)]) if per_row else torch.arange(T)[None] + 3
+    c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    qkv = torch.randn(B, T, (H + 2 * KV) * D, requires_grad=True)
+    ours = cpu_train.rope_qkv(qkv, c, s, H, KV)
+    x = qkv.view(B, T, H + 2 * KV, D)
+    ref = (apply_rope(x[:, :, :H].transpose(1, 2), c, s).transpose(1, 2),
+           apply_rope(x[:, :, H:H + KV].transpose(1, 2), c, s).transpose(1, 2), x[:, :, H + KV:])
+    dys = [torch.randn(o.shape).transpose(1, 2).contiguous().transpose(1, 2) for o in ours]
+    (g_ours,) = torch.autograd.grad(ours, qkv, dys)
+    (g_ref,) = torch.autograd.grad(ref, qkv, dys)
+    for o, r in zip(ours, ref):
+        assert o.shape == r.shape and torch.allclose(o, r, atol=1e-6)
+    assert torch.allclose(g_ours, g_ref, atol=1e-6)
+
+
+def _loss_and_grads(model, x, y, on: bool):
+    from slm.train.loop import loss_function
+    loss_fn = loss_function(model, model, torch.device("cpu"))
+    mods = [m for m in model.modules() if hasattr(m, "glu") or hasattr(m, "rope_qkv")]
+    used = sum(getattr(m, "glu", None) is not None or getattr(m, "rope_qkv", None) is not None for m in mods)
+    if not on:
+        for m in mods:
+            for name in ("glu", "rope_qkv"):
+                if hasattr(m, name):
+                    setattr(m, name, None)
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(x, y)
+    loss.backward()
+    return used, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_model_loss_and_gradients_with_and_without_kernels():
+    torch.manual_seed(0)
+    cfg = slm.get_config("slm-1m")
+    model = slm.Transformer(cfg)
+    model.init_weights()
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    y = torch.randint(0, cfg.vocab_size, (2, 24))
+    used, loss_k, grads_k = _loss_and_grads(model, x, y, on=True)
+    assert used == 2 * cfg.num_layers  # every MLP and every attention took a kernel
+    _, loss_t, grads_t = _loss_and_grads(model, x, y, on=False)
+    assert torch.allclose(loss_k, loss_t, atol=1e-6)
+    for n, g in grads_t.items():
+        assert torch.allclose(grads_k[n], g, atol=1e-6, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("plus_one", [False, True])
+def test_rms_norm_matches_torch(plus_one):
+    from slm.model import RMSNorm
+    torch.manual_seed(0)
+    norm = RMSNorm(20, 1e-5, plus_one)  # 20: a tail after groups of 8
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (torch.randn(3, 5, 20) * 2).requires_grad_()
+    dy = torch.randn(3, 5, 20)
+    ours = norm(x)  # grad enabled on the CPU in fp32: the C++ kernel
+    g_ours = torch.autograd.grad(ours, (x, norm.weight), dy)
+    ref = norm._reference(x)
+    g_ref = torch.autograd.grad(ref, (x, norm.weight), dy)
+    assert "_RMSNorm" in type(ours.grad_fn).__name__ or "_RMSNorm" in str(ours.grad_fn.next_functions)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
