@@ -65,6 +65,16 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// sum of a[i] * b[i] over n floats
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float d = hsum(acc);
+  for (; i < n; ++i) d += a[i] * b[i];
+  return d;
+}
+
 // 8 int8 weights -> 8 floats
 inline __m256 widen8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -1137,13 +1147,7 @@ inline void attend_row(const float* qr, const float* kb, int64_t ks, const float
                        int64_t D, float sc, float* p, float* o) {
   float mx = -INFINITY;
   for (int64_t s = 0; s < S; ++s) {
-    const float* kr = kb + s * ks;
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(kr + i), acc);
-    float d = hsum(acc);
-    for (; i < D; ++i) d += qr[i] * kr[i];
-    p[s] = d * sc;
+    p[s] = dot_f32(qr, kb + s * ks, D) * sc;
     mx = std::max(mx, p[s]);
   }
   float sum = 0.0f;
@@ -1430,16 +1434,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_train(const at::Tensor& x, const at:
   at::parallel_for(0, N, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const float* xi = xp + i * d;
-      __m256 acc = _mm256_setzero_ps();
-      int64_t j = 0;
-      for (; j + 8 <= d; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(xi + j), _mm256_loadu_ps(xi + j), acc);
-      float ss = hsum(acc);
-      for (; j < d; ++j) ss += xi[j] * xi[j];
-      const float ri = 1.0f / std::sqrt(ss / d + static_cast<float>(eps));
+      const float ri = 1.0f / std::sqrt(dot_f32(xi, xi, d) / d + static_cast<float>(eps));
       rp[i] = ri;
       float* yi = yp + i * d;
       const __m256 rv = _mm256_set1_ps(ri), ov = _mm256_set1_ps(off);
-      for (j = 0; j + 8 <= d; j += 8)
+      int64_t j = 0;
+      for (; j + 8 <= d; j += 8)
         _mm256_storeu_ps(yi + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xi + j), rv), _mm256_add_ps(_mm256_loadu_ps(wp + j), ov)));
       for (; j < d; ++j) yi[j] = xi[j] * ri * (wp[j] + off);
     }
