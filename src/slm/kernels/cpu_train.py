@@ -1,13 +1,15 @@
-"""The CPU training step's elementwise work in C++ (q8.cpp), with autograd: the MLP's GLU and the
-rotary embedding with the Q/K/V split. The GPU has Triton versions of both (glu.py, rope.py); these
-take the same arguments, so train/loop.py sets either on the model the same way (`MLP.glu`,
-`Attention.rope_qkv`).
+"""The CPU training step's elementwise work in C++ (q8.cpp), with autograd: the MLP's GLU, the
+rotary embedding with the Q/K/V split, and RMSNorm. The GPU has Triton versions of the first two
+(glu.py, rope.py); these take the same arguments, so train/loop.py sets either on the model the
+same way (`MLP.glu`, `Attention.rope_qkv`). model.RMSNorm calls `rms_norm` itself whenever
+autograd is on for fp32 CPU input.
 
 Why: in PyTorch's autograd each is a string of passes over [tokens, width] tensors. SwiGLU is
 silu, a product, then backward silu's derivative, two products and a concatenation; the rotation
 is two products, a roll (a concatenation) and a sum each way, plus zero-filled gradients for the
-Q/K/V slices. Here each is one pass forward and one backward. At the stories15M shape that is
-about 5% of a CPU training step (benchmarks/train_speed.py throughput).
+Q/K/V slices; RMSNorm is some ten small ops. Here each is one pass forward and one backward. At the
+stories15M shape (batch 8 x 256) their forward and backward took ~140 ms of a ~1.7 s step in
+PyTorch's ops and take ~40 ms here (README, Training).
 
 fp32 on the CPU only; anything else, torch.compile, or no kernels (no compiler, SLM_NO_KERNELS=1)
 takes the PyTorch path, with the same results.
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from . import fused_op
 
-__all__ = ["glu", "rope_qkv", "supports"]
+__all__ = ["glu", "rms_norm", "rope_qkv", "supports"]
 
 
 def supports(cfg) -> bool:
