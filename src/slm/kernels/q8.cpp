@@ -548,12 +548,11 @@ at::Tensor matvec_f32(const at::Tensor& x, const at::Tensor& w, const std::optio
 // RMSNorm of each row of x [..., D] (fp32, contiguous): x * rsqrt(mean(x^2) + eps) * (w or 1 + w).
 // One call instead of the six small kernels ATen runs, which matters at batch 1 (Gemma 3 runs six
 // norms a layer). Sums in fp32 as the reference does.
-// One row of RMSNorm: out = x / rms(x) * (w + add), add = 1 for Gemma's (1 + w).
-inline void rms_row(const float* x, const float* w, int64_t D, double eps, float add, float* out) {
-  float ss = 0.0f;
-  for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+// One row of RMSNorm: out = x / rms(x) * (w + add), add = 1 for Gemma's (1 + w). Returns 1 / rms(x).
+inline float rms_row(const float* x, const float* w, int64_t D, double eps, float add, float* out) {
+  const float inv = 1.0f / std::sqrt(dot_f32(x, x, D) / static_cast<float>(D) + static_cast<float>(eps));
   for (int64_t i = 0; i < D; ++i) out[i] = (x[i] * inv) * (w[i] + add);
+  return inv;
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool plus_one) {
@@ -1432,17 +1431,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_train(const at::Tensor& x, const at:
   float *yp = y.mutable_data_ptr<float>(), *rp = r.mutable_data_ptr<float>();
   const float off = plus_one ? 1.0f : 0.0f;
   at::parallel_for(0, N, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      const float* xi = xp + i * d;
-      const float ri = 1.0f / std::sqrt(dot_f32(xi, xi, d) / d + static_cast<float>(eps));
-      rp[i] = ri;
-      float* yi = yp + i * d;
-      const __m256 rv = _mm256_set1_ps(ri), ov = _mm256_set1_ps(off);
-      int64_t j = 0;
-      for (; j + 8 <= d; j += 8)
-        _mm256_storeu_ps(yi + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xi + j), rv), _mm256_add_ps(_mm256_loadu_ps(wp + j), ov)));
-      for (; j < d; ++j) yi[j] = xi[j] * ri * (wp[j] + off);
-    }
+    for (int64_t i = r0; i < r1; ++i) rp[i] = rms_row(xp + i * d, wp, d, eps, off, yp + i * d);
   });
   return {y, r};
 }
@@ -1676,7 +1665,10 @@ struct Norm {
   float add = 0.0f;
   void operator()(const float* x, float* out, int64_t D) const {
     const float* wp = w.const_data_ptr<float>();
-    if (kind == 1) return rms_row(x, wp, D, eps, add, out);
+    if (kind == 1) {
+      rms_row(x, wp, D, eps, add, out);
+      return;
+    }
     float mean = 0.0f, var = 0.0f;
     for (int64_t i = 0; i < D; ++i) mean += x[i];
     mean /= float(D);
