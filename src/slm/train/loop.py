@@ -161,7 +161,7 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
     alone."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     fuse = device.type == "cpu" and not fsdp  # FSDP re-shards the head after forward: keep it inside
-    cross_entropy = head_loss = None
+    cross_entropy = head_loss = glu_fn = rope_fn = None  # the last two go on MLP.glu, Attention.rope_qkv
     if device.type == "cuda":
         # imports Triton: not on the CPU's start-up path
         from ..kernels import cross_entropy as triton_ce, glu, rope
@@ -170,12 +170,10 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
             cross_entropy = triton_ce.cross_entropy
         if available(device, "linear_ce") and not fsdp:
             fuse, head_loss = True, triton_ce.linear_cross_entropy
-        use_glu, use_rope = available(device, "glu"), available(device, "rope") and rope.supports(model.config)
-        for m in model.modules():
-            if isinstance(m, MLP) and m.gated and use_glu:
-                m.glu = glu.glu
-            if isinstance(m, Attention) and use_rope:
-                m.rope_qkv = rope.rope_qkv
+        if available(device, "glu"):
+            glu_fn = glu.glu
+        if available(device, "rope") and rope.supports(model.config):
+            rope_fn = rope.rope_qkv
         # bf16 residual stream (as modded-nanogpt and llm.c train): +1.6% tokens/s on an H200
         model.autocast_residual = True
         if compile:  # tunes the generated kernels' block sizes: +1.7% on an H200, ~1 min more compiling
@@ -183,11 +181,14 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
             inductor_config.coordinate_descent_tuning = True
     elif device.type == "cpu":  # C++: one pass each way for the GLU and the rotation (kernels/cpu_train.py)
         from ..kernels import cpu_train
-        for m in model.modules():
-            if isinstance(m, MLP) and m.gated:
-                m.glu = cpu_train.glu
-            if isinstance(m, Attention) and cpu_train.supports(model.config):
-                m.rope_qkv = cpu_train.rope_qkv
+        glu_fn = cpu_train.glu
+        if cpu_train.supports(model.config):
+            rope_fn = cpu_train.rope_qkv
+    for m in model.modules():
+        if isinstance(m, MLP) and m.gated and glu_fn is not None:
+            m.glu = glu_fn
+        if isinstance(m, Attention) and rope_fn is not None:
+            m.rope_qkv = rope_fn
 
     def loss(x, y):
         return lm_loss(model, x, y, forward, autocast, fuse_head=fuse, cross_entropy=cross_entropy,
