@@ -65,6 +65,13 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
 // sum of a[i] * b[i] over n floats
 inline float dot_f32(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
@@ -907,10 +914,7 @@ void quantize_x(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, flo
     __m256 mx = _mm256_setzero_ps();
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int j = 0; j < 4; ++j) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * j)));
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    const float d = _mm_cvtss_f32(m) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    const float d = hmax(mx) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
     // round to nearest even (vcvtps2dq under the default rounding mode), as torch.round
     const __m256 iv = _mm256_set1_ps(id);
     __m256i q[4];
@@ -1518,10 +1522,7 @@ at::Tensor softmax_xent_(at::Tensor logits, const at::Tensor& targets, int64_t i
       __m256 m8 = _mm256_set1_ps(-INFINITY);
       int64_t j = 0;
       for (; j + 8 <= V; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(x + j));
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, m8);
-      float mx = lanes[0];
-      for (int k = 1; k < 8; ++k) mx = std::max(mx, lanes[k]);
+      float mx = hmax(m8);
       for (; j < V; ++j) mx = std::max(mx, x[j]);
       const float xt = x[t];
       const __m256 mv = _mm256_set1_ps(mx);
