@@ -1,6 +1,7 @@
 """The CPU training step's C++ kernels (kernels/cpu_train.py, q8.cpp) against PyTorch's ops: values and
-gradients of the GLU and of the rotation with the Q/K/V split, then a whole model's loss and every
-parameter gradient through train/loop.py's loss_function, with the kernels and without."""
+gradients of the GLU, of the rotation with the Q/K/V split and of causal attention, then a whole
+model's loss and every parameter gradient through train/loop.py's loss_function, with the kernels
+and without."""
 
 import pytest
 import torch
@@ -50,14 +51,41 @@ def test_rope_qkv_matches_apply_rope(per_row):
     assert torch.allclose(g_ours, g_ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("B, T, H, KV, D", [(2, 130, 4, 2, 20), (1, 5, 2, 1, 8), (3, 64, 3, 3, 48)])
+def test_attention_matches_sdpa(B, T, H, KV, D):
+    """Grouped-query heads; T = 130: two full blocks of 64 query rows and a ragged third, 5: rows
+    shorter than a vector of 8; D = 20: a tail after groups of 8. Q, K and V are strided views of
+    one qkv tensor, as the model passes them. The reference is SDPA in fp64: at these peaked
+    softmaxes fp32 SDPA itself is ~2e-5 off it."""
+    torch.manual_seed(0)
+    qkv = (torch.randn(B, T, (H + 2 * KV) * D) * 2).requires_grad_()
+    dy = torch.randn(B, T, H, D)
+
+    def split(t):
+        x = t.view(B, T, H + 2 * KV, D)
+        return x[:, :, :H], x[:, :, H:H + KV], x[:, :, H + KV:]
+
+    ours = cpu_train.attention(*split(qkv), 0.3)
+    assert "_Attention" in type(ours.grad_fn).__name__  # the kernel, not the fallback
+    (g_ours,) = torch.autograd.grad(ours, qkv, dy)
+    q, k, v = (t.transpose(1, 2) for t in split(qkv.double()))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=H != KV).transpose(1, 2)
+    (g_ref,) = torch.autograd.grad(ref, qkv, dy.double())
+    assert ours.shape == ref.shape and torch.allclose(ours.double(), ref, atol=2e-5, rtol=1e-5)
+    assert torch.allclose(g_ours, g_ref.float(), atol=1e-4, rtol=1e-4)
+
+
+_KERNELS = ("glu", "rope_qkv", "attend")  # what loss_function sets on the modules
+
+
 def _loss_and_grads(model, x, y, on: bool):
     from slm.train.loop import loss_function
     loss_fn = loss_function(model, model, torch.device("cpu"))
-    mods = [m for m in model.modules() if hasattr(m, "glu") or hasattr(m, "rope_qkv")]
-    used = sum(getattr(m, "glu", None) is not None or getattr(m, "rope_qkv", None) is not None for m in mods)
+    mods = [m for m in model.modules() if any(hasattr(m, name) for name in _KERNELS)]
+    used = sum(getattr(m, name, None) is not None for m in mods for name in _KERNELS)
     if not on:
         for m in mods:
-            for name in ("glu", "rope_qkv"):
+            for name in _KERNELS:
                 if hasattr(m, name):
                     setattr(m, name, None)
     model.zero_grad(set_to_none=True)
@@ -74,7 +102,7 @@ def test_model_loss_and_gradients_with_and_without_kernels():
     x = torch.randint(0, cfg.vocab_size, (2, 24))
     y = torch.randint(0, cfg.vocab_size, (2, 24))
     used, loss_k, grads_k = _loss_and_grads(model, x, y, on=True)
-    assert used == 2 * cfg.num_layers  # every MLP and every attention took a kernel
+    assert used == 3 * cfg.num_layers  # every MLP took one kernel and every attention two
     _, loss_t, grads_t = _loss_and_grads(model, x, y, on=False)
     assert torch.allclose(loss_k, loss_t, atol=1e-6)
     for n, g in grads_t.items():

@@ -253,6 +253,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = make_norm(cfg, cfg.head_dim), make_norm(cfg, cfg.head_dim)
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
         self.rope_qkv = None  # training may set kernels.rope's (GPU) or kernels.cpu_train's here (train/loop.py)
+        self.attend = None  # and kernels.cpu_train.attention here on the CPU: causal, [B, T, heads, D] in and out
 
     def forward(self, x, cos, sin, plan: _Plan, cache: KVCache | None):
         B, T, _ = x.shape
@@ -283,6 +284,10 @@ class Attention(nn.Module):
             else:
                 qk = apply_rope(qkv[:, :H + self.n_kv], cos, sin)  # Q and K heads rotated together
                 q, k = qk[:, :H], qk[:, H:]
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        if self.attend is not None and cache is None and plan.causal and plan.mask is None:
+            y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+            return self.o_proj(y.reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(self.layer, k, v, plan)
         op = None
@@ -290,7 +295,7 @@ class Attention(nn.Module):
                 and not torch.is_grad_enabled():
             op = kernels.fused_op("attn_decode")  # one query a sequence: ~5 us where SDPA takes ~50
         if op is not None:
-            y = op(q.contiguous(), k, v, self.scale if self.scale is not None else self.head_dim ** -0.5)
+            y = op(q.contiguous(), k, v, scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.causal,
                                                scale=self.scale, enable_gqa=self.n_kv != self.n_heads)

@@ -11,8 +11,8 @@ RMSNorm, with autograd.
 `matvec_f32` (one-row fp32 products when decoding), `rms_norm`, and fused decoding helpers
 (`fused_op(name)`: rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode, argmax_rows), and
 the CPU training step's: `softmax_xent_` (the cross-entropy's softmax and gradient in place,
-train/loss.py), `rms_norm_train`, `glu_train` and `rope_qk_train` with their backwards (autograd
-in `cpu_train.py`).
+train/loss.py), `rms_norm_train`, `glu_train`, `rope_qk_train` and `attn_train` (causal
+attention) with their backwards (autograd in `cpu_train.py`).
 `q8_linear_op()`, `matvec_f32_op()` and `rms_norm_op()` return them, or None where they cannot
 be built: no C++ compiler, no AVX2, not x86-64, or `SLM_NO_KERNELS=1`. Callers
 then use a pure-PyTorch path with the same results, and a warning says so once.
@@ -141,10 +141,12 @@ def rms_norm_op():
 
 def fused_op(name: str):
     """torch.ops.slm_q8.<name> (rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode,
-    argmax_rows: the fused decoding helpers; softmax_xent_), or None where the kernels are unavailable."""
+    argmax_rows: the fused decoding helpers; softmax_xent_, attn_train and the other training
+    kernels), or None where the kernels are unavailable."""
     key = "op:" + name
-    if key not in _state:
-        _state[key] = getattr(torch.ops.slm_q8, name).default if q8_linear_op() is not None else None
+    if key not in _state:  # attn_train is left out of a torch without sgemm_ (q8.cpp's registration)
+        op = getattr(torch.ops.slm_q8, name, None) if q8_linear_op() is not None else None
+        _state[key] = op.default if op is not None else None
     return _state[key]
 
 

@@ -1,15 +1,16 @@
-"""The CPU training step's elementwise work in C++ (q8.cpp), with autograd: the MLP's GLU, the
-rotary embedding with the Q/K/V split, and RMSNorm. The GPU has Triton versions of the first two
+"""The CPU training step's work outside the big matmuls in C++ (q8.cpp), with autograd: the MLP's
+GLU, the rotary embedding with the Q/K/V split, RMSNorm, and causal attention. The GPU has Triton versions of the first two
 (glu.py, rope.py); these take the same arguments, so train/loop.py sets either on the model the
-same way (`MLP.glu`, `Attention.rope_qkv`). model.RMSNorm calls `rms_norm` itself whenever
-autograd is on for fp32 CPU input.
+same way (`MLP.glu`, `Attention.rope_qkv`); it sets `attention` as `Attention.attend` on the CPU.
+model.RMSNorm calls `rms_norm` itself whenever autograd is on for fp32 CPU input.
 
 Why: in PyTorch's autograd each is a string of passes over [tokens, width] tensors. SwiGLU is
 silu, a product, then backward silu's derivative, two products and a concatenation; the rotation
 is two products, a roll (a concatenation) and a sum each way, plus zero-filled gradients for the
 Q/K/V slices; RMSNorm is some ten small ops. Here each is one pass forward and one backward. At the
 stories15M shape (batch 8 x 256) their forward and backward took ~140 ms of a ~1.7 s step in
-PyTorch's ops and take ~40 ms here (README, Training).
+PyTorch's ops and take ~40 ms here (README, Training). Attention: PyTorch's CPU flash kernel takes
+~29 ms a layer forward and backward at that shape, q8.cpp's `attn_train` ~18 (its comment says how).
 
 fp32 on the CPU only; anything else, torch.compile, or no kernels (no compiler, SLM_NO_KERNELS=1)
 takes the PyTorch path, with the same results.
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from . import fused_op
 
-__all__ = ["glu", "rms_norm", "rope_qkv", "supports"]
+__all__ = ["attention", "glu", "rms_norm", "rope_qkv", "supports"]
 
 
 def supports(cfg) -> bool:
@@ -122,3 +123,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool =
         return None
     lead = x.shape[:-1]
     return _RMSNorm.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps, plus_one).view(*lead, -1)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse = fused_op("attn_train")(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        return (*fused_op("attn_train_backward")(q, k, v, o, lse, do, ctx.scale), None)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention, q [B, T, H, D] and k, v [B, T, Hkv, D] (Hkv dividing H: grouped-query)
+    -> [B, T, H, D], with its gradient; SDPA's where the kernel does not apply."""
+    if not _fast(q, k, v) or fused_op("attn_train") is None:
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           scale=scale, enable_gqa=k.shape[2] != q.shape[2])
+        return y.transpose(1, 2)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _Attention.apply(q, k, v, scale)

@@ -150,8 +150,8 @@ def lm_loss(model: Transformer, x, y, forward=None, autocast=None, fuse_head: bo
 
 def loss_function(model: Transformer, forward, device: torch.device, compile: bool = False, fsdp: bool = False):
     """(x, y) -> the mean next-token loss, as Trainer computes it. On the CPU the LM head is fused
-    into the cross-entropy (loss.py: no logits tensor, less memory traffic), and the GLU and the
-    rotary embedding run as C++ kernels (kernels/cpu_train.py). On a GPU: bf16
+    into the cross-entropy (loss.py: no logits tensor, less memory traffic), and the GLU, the
+    rotary embedding and causal attention run as C++ kernels (kernels/cpu_train.py). On a GPU: bf16
     autocast, a bf16 residual stream, the plain head and the Triton cross-entropy over the bf16
     logits (kernels/cross_entropy.py), all of which torch.compile keeps in one graph with the
     model. SLM_TRITON=linear_ce,glu,rope also fuses the head into that cross-entropy (not under
@@ -161,7 +161,8 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
     alone."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     fuse = device.type == "cpu" and not fsdp  # FSDP re-shards the head after forward: keep it inside
-    cross_entropy = head_loss = glu_fn = rope_fn = None  # the last two go on MLP.glu, Attention.rope_qkv
+    # the last three go on MLP.glu, Attention.rope_qkv and Attention.attend
+    cross_entropy = head_loss = glu_fn = rope_fn = attend_fn = None
     if device.type == "cuda":
         # imports Triton: not on the CPU's start-up path
         from ..kernels import cross_entropy as triton_ce, glu, rope
@@ -179,9 +180,9 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
         if compile:  # tunes the generated kernels' block sizes: +1.7% on an H200, ~1 min more compiling
             import torch._inductor.config as inductor_config
             inductor_config.coordinate_descent_tuning = True
-    elif device.type == "cpu":  # C++: one pass each way for the GLU and the rotation (kernels/cpu_train.py)
-        from ..kernels import cpu_train
-        glu_fn = cpu_train.glu
+    elif device.type == "cpu":  # C++ (kernels/cpu_train.py): one pass each way for the GLU and the
+        from ..kernels import cpu_train  # rotation, and causal attention with fewer passes than SDPA's
+        glu_fn, attend_fn = cpu_train.glu, cpu_train.attention
         if cpu_train.supports(model.config):
             rope_fn = cpu_train.rope_qkv
     for m in model.modules():
@@ -189,6 +190,8 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
             m.glu = glu_fn
         if isinstance(m, Attention) and rope_fn is not None:
             m.rope_qkv = rope_fn
+        if isinstance(m, Attention) and attend_fn is not None:
+            m.attend = attend_fn
 
     def loss(x, y):
         return lm_loss(model, x, y, forward, autocast, fuse_head=fuse, cross_entropy=cross_entropy,
