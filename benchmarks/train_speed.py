@@ -10,7 +10,7 @@ the CPU (bf16 is emulated here); each also as a fraction of the machine's measur
 (MFU: 6 FLOPs per matmul weight, the tied LM head included, plus 12 L T d for attention): the best
 2048^3 rate ever measured on this machine, and the best of this run's rounds. slm's step is the
 Trainer's on the CPU (loss_function): the head fused into the cross-entropy, C++ kernels for the
-softmax, RMSNorm, SwiGLU and the rotation.
+softmax, RMSNorm, SwiGLU, the rotation and causal attention.
 
 quality (time to quality): the baseline, a transformers LlamaForCausalLM with AdamW (warmup,
 cosine decay over its time budget), trains for --minutes on the built-in synthetic corpus. Then

@@ -73,6 +73,8 @@ def test_attention_matches_sdpa(B, T, H, KV, D):
     (g_ref,) = torch.autograd.grad(ref, qkv, dy.double())
     assert ours.shape == ref.shape and torch.allclose(ours.double(), ref, atol=2e-5, rtol=1e-5)
     assert torch.allclose(g_ours, g_ref.float(), atol=1e-4, rtol=1e-4)
+    fallback = cpu_train.attention(*split(qkv.double()), 0.3)  # not fp32: SDPA, in the same layout
+    assert "_Attention" not in type(fallback.grad_fn).__name__ and torch.allclose(fallback, ref)
 
 
 _KERNELS = ("glu", "rope_qkv", "attend")  # what loss_function sets on the modules

@@ -1550,8 +1550,8 @@ at::Tensor softmax_xent_(at::Tensor logits, const at::Tensor& targets, int64_t i
 // (keys after it are masked for every row of the block, so they are not computed), the softmax is
 // one pass in L2, and the output is a second product; the products go to the BLAS that ATen links
 // (sgemm_). PyTorch's CPU flash kernel does the same work with online-softmax rescaling and more
-// passes: at the stories15M shape ([8 x 256] tokens, 6 heads of 48) it takes ~29 ms a layer forward
-// and backward, this ~18.
+// passes: at the stories15M shape ([8 x 256] tokens, 6 heads of 48) it takes ~22 ms a layer forward
+// and backward, this ~15 (benchmarks/cpu_train_kernels.py).
 extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                        const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 
