@@ -1489,6 +1489,31 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_train_backward(const at::Tensor& x, 
   return {dx, dwp.sum(0)};
 }
 
+// One row of scores s [L]: s[j] = exp(s[j] - m) for j < n (the keys a causal row sees; n = L for a
+// full row), 0 after; returns the sum. m is the row's maximum, found here unless `known` (attention's
+// backward passes the logsumexp, which turns the same pass into the probabilities themselves).
+inline float exp_row(float* s, int64_t n, int64_t L, float& m, bool known) {
+  if (!known) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
+    m = hmax(m8);
+    for (; j < n; ++j) m = std::max(m, s[j]);
+  }
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 s8 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    _mm256_storeu_ps(s + j, e);
+    s8 = _mm256_add_ps(s8, e);
+  }
+  float sum = hsum(s8);
+  for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - m));
+  std::fill(s + n, s + L, 0.0f);
+  return sum;
+}
+
 // Cross-entropy's softmax and its gradient, in place, for training's fused LM head (train/loss.py).
 // Each row x of logits [n, V] becomes scale * (softmax(x) - onehot(target)); nll[r] is
 // logsumexp(x) - x[target]. A row whose target is ignore_index becomes 0 with nll 0. One exp per
@@ -1519,23 +1544,12 @@ at::Tensor softmax_xent_(at::Tensor logits, const at::Tensor& targets, int64_t i
         np[r] = 0.0f;
         continue;
       }
-      __m256 m8 = _mm256_set1_ps(-INFINITY);
-      int64_t j = 0;
-      for (; j + 8 <= V; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(x + j));
-      float mx = hmax(m8);
-      for (; j < V; ++j) mx = std::max(mx, x[j]);
       const float xt = x[t];
-      const __m256 mv = _mm256_set1_ps(mx);
-      __m256 s8 = _mm256_setzero_ps();
-      for (j = 0; j + 8 <= V; j += 8) {
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), mv));
-        _mm256_storeu_ps(x + j, e);
-        s8 = _mm256_add_ps(s8, e);
-      }
-      float sum = hsum(s8);
-      for (; j < V; ++j) sum += (x[j] = std::exp(x[j] - mx));
+      float mx;
+      const float sum = exp_row(x, V, V, mx, false);
       const __m256 k8 = _mm256_set1_ps(s / sum);
-      for (j = 0; j + 8 <= V; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), k8));
+      int64_t j = 0;
+      for (; j + 8 <= V; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), k8));
       for (; j < V; ++j) x[j] *= s / sum;
       x[t] -= s;
       np[r] = std::log(sum) + mx - xt;
@@ -1575,31 +1589,6 @@ struct HeadRows {
       : p(const_cast<float*>(x.const_data_ptr<float>())), sb(x.stride(0)), st(x.stride(1)), sh(x.stride(2)) {}
   float* at(int64_t b, int64_t t, int64_t h) const { return p + b * sb + t * st + h * sh; }
 };
-
-// One row of scores s [L]: s[j] = exp(s[j] - m) for the keys j < n a causal row sees, 0 after; returns
-// the sum. m is the row's maximum, found here unless `known` (the backward passes the logsumexp,
-// which turns the same pass into the probabilities themselves).
-inline float exp_row(float* s, int64_t n, int64_t L, float& m, bool known) {
-  if (!known) {
-    __m256 m8 = _mm256_set1_ps(-INFINITY);
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
-    m = hmax(m8);
-    for (; j < n; ++j) m = std::max(m, s[j]);
-  }
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256 s8 = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
-    _mm256_storeu_ps(s + j, e);
-    s8 = _mm256_add_ps(s8, e);
-  }
-  float sum = hsum(s8);
-  for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - m));
-  std::fill(s + n, s + L, 0.0f);
-  return sum;
-}
 
 void check_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (const auto* x : {&q, &k, &v})
