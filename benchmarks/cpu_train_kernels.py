@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from slm import kernels  # noqa: E402
-from slm.kernels import cpu_train  # noqa: E402
+from slm.accel import cpu_train  # noqa: E402
 from slm.model import RMSNorm, apply_rope, rope_tables  # noqa: E402
 
 

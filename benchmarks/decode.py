@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import slm  # noqa: E402
-from slm.generate import generate_ids  # noqa: E402
+from slm.runtime.generate import generate_ids  # noqa: E402
 
 
 def hf_llama(preset: str):
@@ -68,7 +68,7 @@ def bench(preset: str, new_tokens: int, repeats: int) -> tuple[float, float, lis
 
 
 def bench_gemma(new_tokens: int, repeats: int, quantize: str | None) -> None:
-    from slm.lm import default_model_path
+    from slm.runtime.lm import default_model_path
     path = default_model_path()
     prompt = "Once upon a time, there was a little"
     lm = slm.load(path, quantize=quantize) if quantize else slm.load(path)

@@ -6,7 +6,7 @@ and perplexity of slm's quantized weights against the file's own weights dequant
 Rows: the real gemma-3-270m Q4_K_M GGUF (default model) run by slm as int8 and int4 and by llama.cpp
 as is; with --export DIR, also a model folder exported by `slm export --format gguf --dtype q8_0`
 and run by both. From a GGUF file both modes keep the file's Q8_0/Q5_0/Q4_K/Q6_K tensors in their
-own blocks (slm.quantize_gguf), so on this file int8 and int4 are the same model; --requantize adds
+own blocks (slm.quant.gguf_layers), so on this file int8 and int4 are the same model; --requantize adds
 rows for the older path that requantizes every tensor to slm's int8/int4 (file_blocks=False).
 Decode at batch 1 is bound by memory bandwidth here (~11-16 GB/s), so the bytes of weights read
 per token decide the speed.
@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import slm  # noqa: E402
-from slm.generate import generate_ids  # noqa: E402
-from slm.quantize import weight_bytes  # noqa: E402
+from slm.runtime.generate import generate_ids  # noqa: E402
+from slm.quant.layers import weight_bytes  # noqa: E402
 
 PROMPT = "Once upon a time, there was a little"
 TEXT = ("The history of the city begins with a small settlement on the river. Farmers grew wheat and barley in the "
@@ -127,7 +127,7 @@ def main() -> None:
                     help="also run each mode requantized from fp32 (file_blocks=False), the pre-GGUF-block path")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from slm.lm import default_model_path
+    from slm.runtime.lm import default_model_path
     compare(a.model or default_model_path(), a.modes, a.new_tokens, a.repeats, a.threads, a.requantize)
     if a.export:
         from slm.checkpoint.gguf_write import write_gguf

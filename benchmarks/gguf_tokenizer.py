@@ -10,7 +10,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from slm.checkpoint.gguf import read_gguf  # noqa: E402
-from slm.lm import default_model_path  # noqa: E402
+from slm.runtime.lm import default_model_path  # noqa: E402
 
 TEXT = "Once upon a time, there was a little girl.\n\n  She counted 12 apples — and 3 pears! <start_of_turn>user"
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from slm import kernels  # noqa: E402
-from slm.quantize import MAX_DIRECT, quantize_q8  # noqa: E402
+from slm.quant.layers import MAX_DIRECT, quantize_q8  # noqa: E402
 
 SHAPES = [(262144, 640), (2048, 640), (640, 2048), (32000, 288)]
 RING_BYTES = 256 << 20

@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     from slm.bench import random_model
     from slm.finetune.lora import apply_lora, trainable_parameters
     from slm.finetune.sft import IGNORE, Packed, sft_loss
-    from slm.quantize import weight_bytes
+    from slm.quant.layers import weight_bytes
     from slm.train.optim import build_optimizers
 
     t0 = time.perf_counter()

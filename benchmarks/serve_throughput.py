@@ -33,7 +33,7 @@ def build_model(out: str) -> str:
 
     import slm
     from slm.data.synth import iter_documents
-    from slm.tokenizer import train_tokenizer
+    from slm.runtime.tokenizer import train_tokenizer
     tok = train_tokenizer(iter_documents(seed=0, n_docs=3000), vocab_size=4096)
     c = slm.get_config("stories15m")
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,

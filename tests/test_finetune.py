@@ -34,7 +34,7 @@ def write_jsonl(path, records) -> str:
 
 
 def test_labels_are_the_assistant_turns(tokenizer_dir):
-    from slm.tokenizer import Tokenizer
+    from slm.runtime.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(tokenizer_dir)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Count to three"},
@@ -150,7 +150,7 @@ def accuracy(lm, items) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def pretrained(prepared, tmp_path_factory):
     """A tiny Llama pretrained for a few seconds on the `prepared` corpus by slm's Trainer."""
-    from slm.config import get_config
+    from slm.model.config import get_config
     from slm.train.loop import TrainConfig, Trainer
     data, tok = prepared
     out = str(tmp_path_factory.mktemp("pretrained") / "base")

@@ -15,7 +15,7 @@ from conftest import make_checkpoint
 
 import slm
 from slm.cli import main
-from slm.config import ModelConfig, get_config
+from slm.model.config import ModelConfig, get_config
 from slm.footprint import forecast, track, validation
 from slm.footprint.devices import GPUS, find_gpu
 from slm.footprint.energy import EnergyMeter, Rapl

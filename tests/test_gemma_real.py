@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import slm
-from slm.generate import generate_ids
+from slm.runtime.generate import generate_ids
 
 pytestmark = pytest.mark.gemma
 PASSAGE = open(os.path.join(os.path.dirname(__file__), "data", "passage.txt"), encoding="utf-8").read()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import slm
-from slm.generate import Sampling, apply_repetition_penalty, sample, stream_text
+from slm.runtime.generate import Sampling, apply_repetition_penalty, sample, stream_text
 
 
 @pytest.fixture(scope="module")

@@ -456,7 +456,7 @@ def test_gemma_tokenizer_matches_transformers(gemma_tokenizers):
 
 @pytest.mark.gemma
 def test_gemma_chat_template(gemma_tokenizers):
-    """The file has no tokenizer.chat_template; slm.tokenizer.Tokenizer falls back to Gemma's turn format."""
+    """The file has no tokenizer.chat_template; slm.runtime.tokenizer.Tokenizer falls back to Gemma's turn format."""
     ours, _ = gemma_tokenizers
     assert ours.chat_template is None
     text = ours.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])

@@ -1,4 +1,4 @@
-"""A GGUF file's quantized tensors kept in their own blocks (slm.quantize_gguf.GGUFLinear) and the
+"""A GGUF file's quantized tensors kept in their own blocks (slm.quant.gguf_layers.GGUFLinear) and the
 kernels that run them (torch.ops.slm_q8.linear_gguf / dequantize_gguf), and the fused decoding
 helpers (rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode, argmax_rows): each against a
 reference written with PyTorch and gguf-py's dequantizer, and the PyTorch fallback against the kernel."""
@@ -16,7 +16,7 @@ from gguf.quants import dequantize, quantize  # noqa: E402
 
 import slm  # noqa: E402
 from slm import kernels  # noqa: E402
-from slm.quantize_gguf import Q5_0R4, GGUFLinear, q5_0_regroup, q5_0_ungroup, quantize_x_reference  # noqa: E402
+from slm.quant.gguf_layers import Q5_0R4, GGUFLinear, q5_0_regroup, q5_0_ungroup, quantize_x_reference  # noqa: E402
 
 needs_kernels = pytest.mark.skipif(kernels.q8_linear_op() is None, reason=f"no CPU kernels: {kernels.kernel_error()}")
 TYPES = [Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K]
@@ -139,7 +139,7 @@ def test_load_keeps_the_files_blocks(tmp_path, qtype):
     from test_gguf import gguf_tensors, spm_vocab, write_gguf
     from transformers import AutoModelForCausalLM
 
-    from slm.quantize import Int8Linear, QuantEmbedding
+    from slm.quant.layers import Int8Linear, QuantEmbedding
 
     cfg = hf_config("llama", len(spm_vocab()["token_list"]), num_key_value_heads=2)
     torch.manual_seed(0)
@@ -245,7 +245,7 @@ def test_attn_step_matches_the_unfused_step(family, monkeypatch):
     gives the logits and cache of the step-by-step path, sliding windows included."""
     from conftest import hf_config
 
-    from slm.config import ModelConfig
+    from slm.model.config import ModelConfig
     from slm.model import Transformer
 
     kw = dict(sliding_window=4, num_key_value_heads=1) if family == "gemma3" else dict(num_key_value_heads=2)

@@ -44,7 +44,7 @@ def test_left_padded_batch_equals_single_prompts(checkpoint):
     model = slm.load(checkpoint).model
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (5, 17, 30)]
-    from slm.generate import generate_ids
+    from slm.runtime.generate import generate_ids
     batched = list(zip(*generate_ids(model, prompts, 12)))
     for p, row in zip(prompts, batched):
         single = [s[0] for s in generate_ids(model, [p], 12)]

@@ -14,7 +14,7 @@ import slm
 from conftest import hf_model, make_checkpoint
 from slm.cli import main as cli
 from slm.finetune import lora
-from slm.quantize import Int4Linear, Int8Linear
+from slm.quant.layers import Int4Linear, Int8Linear
 
 peft = pytest.importorskip("peft")
 

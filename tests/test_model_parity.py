@@ -42,7 +42,7 @@ def test_greedy_tokens_match_transformers_generate(checkpoint):
     with torch.no_grad():
         theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    from slm.generate import generate_ids
+    from slm.runtime.generate import generate_ids
     ours = [step[0] for step in generate_ids(lm.model, [prompt], 32)]
     assert len(theirs) == 32
     assert ours == theirs

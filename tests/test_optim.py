@@ -89,7 +89,7 @@ class Crash(Exception):
 
 def test_muon_run_resumes_exactly(tmp_path, prepared):
     data, tok = prepared
-    from slm.config import get_config
+    from slm.model.config import get_config
     cfg = get_config("slm-1m").replace(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
                                        intermediate_size=128)
 

@@ -126,7 +126,7 @@ def test_data_scrub_cli_on_a_folder(tmp_path):
 
 
 def test_prepare_scrub_pii(tmp_path):
-    from slm.tokenizer import Tokenizer, train_tokenizer
+    from slm.runtime.tokenizer import Tokenizer, train_tokenizer
     docs = [d["text"] for d in make_corpus(seed=4, n_docs=60, n_clean=20)]
     (tmp_path / "c.txt").write_text("\n\n".join(docs))
     tok = train_tokenizer(docs, 400)

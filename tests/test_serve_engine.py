@@ -9,7 +9,7 @@ import torch
 
 import slm
 from conftest import FAMILIES, make_checkpoint
-from slm.generate import stream_text
+from slm.runtime.generate import stream_text
 from slm.serve.engine import Engine, Params, Request, deltas
 
 

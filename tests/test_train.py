@@ -157,7 +157,7 @@ def test_bad_training_arguments_get_clear_errors(tmp_path, prepared, extra, mess
 
 def test_bad_training_data_gets_clear_errors(tmp_path, prepared):
     from slm.train.loop import TrainConfig, Trainer
-    from slm.tokenizer import train_tokenizer
+    from slm.runtime.tokenizer import train_tokenizer
     data, tok = prepared
     cfg = slm.get_config("slm-1m")
 

@@ -6,8 +6,8 @@
 """
 
 from .checkpoint.safetensors_io import CheckpointError
-from .config import REGISTRY, ModelConfig, get_config
-from .lm import LM, load
+from .model.config import REGISTRY, ModelConfig, get_config
+from .runtime.lm import LM, load
 from .model import Transformer
 
 __version__ = "0.1.0"

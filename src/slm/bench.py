@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from .config import get_config
-from .quantize import StreamingQuantizer, weight_bytes
+from .model.config import get_config
+from .quant.layers import StreamingQuantizer, weight_bytes
 
 
 def _rss() -> int:

@@ -14,7 +14,7 @@ import torch
 
 from . import load
 from .checkpoint.safetensors_io import CheckpointError
-from .config import get_config
+from .model.config import get_config
 
 
 def main(out: str = "runs/demo", minutes: float = 7.0) -> None:

@@ -252,7 +252,7 @@ class GGUFCheckpoint:
                 yield from self._convert(t.name, w, None if blocks is None else (t.type, blocks))
 
     def tokenizer(self):
-        """The tokenizer the metadata describes, as slm.tokenizer.Tokenizer (built once)."""
+        """The tokenizer the metadata describes, as slm.runtime.tokenizer.Tokenizer (built once)."""
         if self._tokenizer is None:
             self._tokenizer = _build_tokenizer(self)
         return self._tokenizer
@@ -407,7 +407,7 @@ def _spm_merges(tokens: list[str], vocab: dict[str, int], rank) -> list[tuple[st
 def _build_tokenizer(c: GGUFCheckpoint):
     from tokenizers import AddedToken, Regex, Tokenizer as Tk, decoders, models, normalizers, pre_tokenizers, processors
 
-    from ..tokenizer import Tokenizer
+    from ..runtime.tokenizer import Tokenizer
 
     meta, path = c.metadata, c.path
     kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from ..config import ConfigError, ModelConfig
+from ..model.config import ConfigError, ModelConfig
 from ..model import Transformer
 from .safetensors_io import CheckpointError, read_header, read_into
 
@@ -196,7 +196,7 @@ def _quantized_layers(model: Transformer, qcfg: dict, headers: dict, path: str) 
     empty quantized layers of the stored group size, ready to be filled, and give the weights it
     stores in floating point their storage. The embedding is a QuantEmbedding with its own int8
     rows (`model.embed_tokens.scales`), or reads a tied head's table (no embed_tokens tensor)."""
-    from ..quantize import LAYERS, QuantEmbedding, QuantLinear, mode_of
+    from ..quant.layers import LAYERS, QuantEmbedding, QuantLinear, mode_of
     mode, _ = mode_of(qcfg)
     cfg, dtype, device = model.config, model.dtype, model.device
     layout = {ours: hf for hf, (ours, _) in hf_layout(model).items()}  # ours -> one of its HF names
@@ -306,7 +306,7 @@ def load_model(path: str, dtype: torch.dtype | None = None, device=None, quantiz
     else:
         model = new_empty_model(read_config(path), dtype, device, lazy_weights=bool(quantize))
         if quantize:
-            from ..quantize import StreamingQuantizer
+            from ..quant.layers import StreamingQuantizer
             quantizer = StreamingQuantizer(model, quantize, group_size)
 
     def tensors():
@@ -343,7 +343,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 def _dequantized_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """Hugging Face name -> tensor, with each quantized table dequantized to fp32. A quantized head
     tied to the embedding is written once, as the embedding (transformers ties it back)."""
-    from ..quantize import QuantEmbedding, QuantLinear
+    from ..quant.layers import QuantEmbedding, QuantLinear
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     tied = model.embed.tied_to if isinstance(model.embed, QuantEmbedding) else None
     weights = {n: m.dequantize() for n, m in model.named_modules()

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from ..tokenizer import EOT, Tokenizer, train_tokenizer
+from ..runtime.tokenizer import EOT, Tokenizer, train_tokenizer
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 

@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..lm import LM
+from ..runtime.lm import LM
 from .loglik import context_length, encode_pair, loglikelihoods
 from .tasks import Doc, load_task
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 
-from ..lm import LM
+from ..runtime.lm import LM
 from .loglik import context_length, encode, loglikelihoods, prefix_token
 
 

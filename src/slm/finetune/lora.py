@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import hf
 from ..model import Transformer
-from ..quantize import _set_module
+from ..quant.layers import _set_module
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -100,7 +100,7 @@ class LoRALinear(nn.Module):
 
 def _layout(model: Transformer) -> dict[str, list[tuple[str, slice]]]:
     """Each linear layer inside a block (our name) -> its parts: (Hugging Face module name, rows)."""
-    from ..quantize import QuantLinear
+    from ..quant.layers import QuantLinear
     out: dict[str, list[tuple[str, slice]]] = {}
     for hf_tensor, (ours, rows) in hf.hf_layout(model).items():
         mod_name, _, kind = ours.rpartition(".")
@@ -263,7 +263,7 @@ def merge_lora(model: Transformer) -> Transformer:
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; quantized weights count as their number of weights."""
-    from ..quantize import QuantLinear
+    from ..quant.layers import QuantLinear
     seen, total, train = set(), 0, 0
     for p in model.parameters():
         if id(p) not in seen:

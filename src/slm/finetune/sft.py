@@ -35,8 +35,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm import tqdm
 
-from ..model import Transformer, _Plan
-from ..tokenizer import Tokenizer
+from ..model import Transformer
+from ..model.transformer import _Plan  # skeleton: packed_forward moves onto the public API
+from ..runtime.tokenizer import Tokenizer
 from ..train.loop import lr_at, plot_metrics
 from ..train.loss import fused_linear_cross_entropy
 from ..train.optim import build_optimizers, set_lr

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..settings import cache_dir, env_float
+
 TF = 1e12
 
 
@@ -105,8 +107,7 @@ def cpu_name() -> str:
 
 
 def _cache_path() -> str:
-    root = os.environ.get("SLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "slm")
-    return os.path.join(root, "cpu_peak.json")
+    return cache_dir("cpu_peak.json")
 
 
 def measure_cpu_peak(dtype: torch.dtype = torch.float32, seconds: float = 0.4) -> float:
@@ -154,7 +155,7 @@ def cpu_peak(dtype: torch.dtype = torch.float32, refresh: bool = False) -> float
 def cpu_device(dtype: torch.dtype = torch.float32, refresh: bool = False) -> Device:
     cores = torch.get_num_threads()
     return Device("cpu", f"{cpu_name()} ({cores} threads)", {_dtype_name(dtype): cpu_peak(dtype, refresh)},
-                  watts=float(os.environ.get("SLM_CPU_WATTS_PER_CORE", CPU_WATTS_PER_CORE)),
+                  watts=env_float("SLM_CPU_WATTS_PER_CORE", CPU_WATTS_PER_CORE),
                   price_per_hour=CPU_PRICE_PER_CORE_HOUR * cores, kind="cpu",
                   source=f"peak: measured {_dtype_name(dtype)} matmul on this machine ({cores} threads)")
 

@@ -18,7 +18,7 @@ drops the attention term, which is what the forecaster (forecast.py) uses.
 
 from __future__ import annotations
 
-from ..config import ModelConfig
+from ..model.config import ModelConfig
 
 
 def matmul_params(cfg: ModelConfig) -> int:

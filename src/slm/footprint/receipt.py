@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ModelConfig
+from ..model.config import ModelConfig
+from ..settings import cache_dir, env_float
 from . import devices
 from .energy import EnergyMeter
 from .flops import attention_flops, flops_per_token, matmul_params
@@ -50,9 +51,9 @@ class Rates:
 
     @classmethod
     def resolve(cls, pue: float | None = None, grid: float | None = None, price: float | None = None) -> "Rates":
-        pue = pue if pue is not None else _env_float("SLM_PUE", DEFAULT_PUE)
-        grid = grid if grid is not None else _env_float("SLM_GRID_G_PER_KWH", DEFAULT_GRID)
-        price = price if price is not None else _env_float("SLM_PRICE_PER_HOUR", None)
+        pue = pue if pue is not None else env_float("SLM_PUE", DEFAULT_PUE)
+        grid = grid if grid is not None else env_float("SLM_GRID_G_PER_KWH", DEFAULT_GRID)
+        price = price if price is not None else env_float("SLM_PRICE_PER_HOUR", None)
         if not pue >= 1.0:
             raise ValueError(f"PUE must be at least 1.0, got {pue}")
         if not grid >= 0 or (price is not None and not price >= 0):
@@ -60,21 +61,8 @@ class Rates:
         return cls(pue, grid, price)
 
 
-def _env_float(name: str, default):
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return default
-    try:
-        return float(v)
-    except ValueError:
-        raise ValueError(f"${name} must be a number, got {v!r}") from None
-
-
 def receipts_dir() -> str:
-    if os.environ.get("SLM_RECEIPTS"):
-        return os.environ["SLM_RECEIPTS"]
-    root = os.environ.get("SLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "slm")
-    return os.path.join(root, "receipts")
+    return os.environ.get("SLM_RECEIPTS") or cache_dir("receipts")
 
 
 def default_path(verb: str) -> str:
@@ -207,7 +195,7 @@ def track(verb: str, **kw) -> Tracker:
 
 
 def _cpu_watts() -> float:
-    return _env_float("SLM_CPU_WATTS_PER_CORE", devices.CPU_WATTS_PER_CORE)
+    return env_float("SLM_CPU_WATTS_PER_CORE", devices.CPU_WATTS_PER_CORE)
 
 
 def _derive(r: dict) -> None:

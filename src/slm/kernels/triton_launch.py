@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from ..settings import env_list, switch
+
 try:
     import triton
     from torch.library import wrap_triton
@@ -33,9 +35,9 @@ DEFAULT = ("ce",)
 def available(device: torch.device, part: str) -> bool:
     """Whether the Triton kernels of `part` run for tensors on `device`: a GPU, Triton installed,
     not SLM_NO_TRITON=1, and `part` on by default or named in SLM_TRITON."""
-    if triton is None or device.type != "cuda" or os.environ.get("SLM_NO_TRITON", "") not in ("", "0"):
+    if triton is None or device.type != "cuda" or switch("SLM_NO_TRITON"):
         return False
-    return part in DEFAULT or part in os.environ.get("SLM_TRITON", "").split(",")
+    return part in DEFAULT or part in env_list("SLM_TRITON")
 
 
 def launch(tuned, plain, grid, args, **interpreted) -> None:

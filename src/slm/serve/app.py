@@ -446,7 +446,7 @@ def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api
                          "pass --api-key KEY (or set SLM_API_KEY), or keep the default --host 127.0.0.1")
     import uvicorn
 
-    from ..lm import DEFAULT_MODEL, load
+    from ..runtime.lm import DEFAULT_MODEL, load
     lm = load(model, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
     if on_load is not None:  # e.g. the footprint receipt's token counter
         on_load(lm)

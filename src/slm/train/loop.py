@@ -35,13 +35,13 @@ from tqdm import tqdm
 
 from ..checkpoint import hf
 from ..checkpoint.safetensors_io import CheckpointError
-from ..config import ModelConfig
+from ..model.config import ModelConfig
 from ..data.prepare import load_meta, load_tokens
 from ..footprint import track
 from ..footprint.devices import peak_flops  # noqa: F401 (re-exported: benchmarks import it from here)
 from ..footprint.flops import flops_per_token
 from ..model import MLP, Attention, Transformer
-from ..tokenizer import Tokenizer
+from ..runtime.tokenizer import Tokenizer
 from .loss import fused_linear_cross_entropy
 from . import distributed
 from .optim import build_optimizers, load_state_tensors, set_lr, state_tensors
@@ -181,7 +181,7 @@ def loss_function(model: Transformer, forward, device: torch.device, compile: bo
             import torch._inductor.config as inductor_config
             inductor_config.coordinate_descent_tuning = True
     elif device.type == "cpu":  # C++ (kernels/cpu_train.py): one pass each way for the GLU and the
-        from ..kernels import cpu_train  # rotation, and causal attention with fewer passes than SDPA's
+        from ..accel import cpu_train  # rotation, and causal attention with fewer passes than SDPA's
         glu_fn, attend_fn = cpu_train.glu, cpu_train.attention
         if cpu_train.supports(model.config):
             rope_fn = cpu_train.rope_qkv

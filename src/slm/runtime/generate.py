@@ -46,7 +46,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     """logits [B, V] -> token ids [B]. Order as in transformers: temperature, top-k, top-p."""
     if s.temperature == 0:
         if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2:
-            from . import kernels
+            from .. import kernels
             op = kernels.fused_op("argmax_rows")  # ATen's argmax takes ~0.7 ms over 262,144 logits
             if op is not None:
                 return op(logits.contiguous())

@@ -13,7 +13,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Tk
 from tokenizers.decoders import DecodeStream
 
-from .checkpoint.safetensors_io import CheckpointError
+from ..checkpoint.safetensors_io import CheckpointError
 
 # Used when a checkpoint brings no chat template: ChatML, as Orca 2 and many small models use.
 CHATML = (
@@ -71,7 +71,7 @@ class Tokenizer:
         config = {}
         tc = os.path.join(path, "tokenizer_config.json")
         if os.path.exists(tc):
-            from .checkpoint.hf import read_json
+            from ..checkpoint.hf import read_json
             config = read_json(tc)
         template = None
         jinja_file = os.path.join(path, "chat_template.jinja")

@@ -15,14 +15,14 @@ the modules' GEMMs. `SLM_NO_DECODER=1` turns it off.
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
 import torch.nn as nn
 
-from ..quantize import MAX_DIRECT as MAX_TOKENS  # the quantized layers' direct path, as the modules run it
-from . import q8_linear_op
+from ..quant.layers import MAX_DIRECT as MAX_TOKENS  # the quantized layers' direct path, as the modules run it
+from ..kernels import q8_linear_op
+from ..settings import switch
 
 _MLP = {"swiglu": 0, "geglu": 1, "gelu": 2}
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, decoder)
@@ -30,8 +30,8 @@ _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (
 
 def _linear(m: nn.Module):
     """(layout, tensors, bias, types, rows, in_features) for the C++ Lin, or None."""
-    from ..quantize import Int4Linear, Int8Linear
-    from ..quantize_gguf import GGUFLinear
+    from ..quant.layers import Int4Linear, Int8Linear
+    from ..quant.gguf_layers import GGUFLinear
     bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return None
@@ -94,7 +94,7 @@ def _spec(model) -> list | None:
     def norm(i, role, m):
         return add("set_norm", _norm, i, role, m)
 
-    from ..quantize import QuantEmbedding
+    from ..quant.layers import QuantEmbedding
     emb = model.embed
     if type(emb) is nn.Embedding and emb.weight.dtype == torch.float32 and _fp32(emb.weight, None) is not None:
         calls.append(("set_linear", (-1, 1, *_fp32(emb.weight, None))))
@@ -149,7 +149,7 @@ def _key(model) -> tuple | None:
 def build(model):
     """A C++ decoder for `model` (reused while its modules and weights are the same), or None.
     Kept per model: rebuilding it from the modules takes ~1 ms, a few of a small model's tokens."""
-    if os.environ.get("SLM_NO_DECODER", "") not in ("", "0") or q8_linear_op() is None or model.device.type != "cpu":
+    if switch("SLM_NO_DECODER") or q8_linear_op() is None or model.device.type != "cpu":
         return None
     key = _key(model)
     if key is None:

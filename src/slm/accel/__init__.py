@@ -1,0 +1,3 @@
+"""Accelerators that sit beside the reference model and are swapped in at load or train time:
+the CPU decoding fusions, the whole-step C++ decoder, and the CPU and GPU training kernels. Each
+is held equal to the reference model by a test."""

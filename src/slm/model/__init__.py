@@ -1,0 +1,13 @@
+"""The reference model: its configuration, the family table and the transformer, written once.
+
+Nothing here calls a kernel: accelerators (`slm.accel`) and quantized layers (`slm.quant`) are
+swapped in beside these modules and are held equal to them by tests.
+"""
+
+from .config import FAMILIES, REGISTRY, ConfigError, ModelConfig, get_config, memory_table
+from .transformer import (MLP, Attention, Block, KVCache, Linear, RMSNorm, RowKVCache, Transformer, apply_rope,
+                          make_norm, rope_tables)
+
+__all__ = ["FAMILIES", "REGISTRY", "ConfigError", "ModelConfig", "get_config", "memory_table", "MLP", "Attention",
+           "Block", "KVCache", "Linear", "RMSNorm", "RowKVCache", "Transformer", "apply_rope", "make_norm",
+           "rope_tables"]

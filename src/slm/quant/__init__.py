@@ -1,0 +1,2 @@
+"""Quantized layers swapped in for the reference model's linear layers and embedding: slm's own
+int8/int4 formats (`layers`) and a GGUF file's blocks kept as they are (`gguf_layers`)."""

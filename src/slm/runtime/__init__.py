@@ -1,0 +1,1 @@
+"""Running a model: loading (`lm.load`), the tokenizer, sampling and generation."""
