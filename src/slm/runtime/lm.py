@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..accel import accelerate
 from ..checkpoint import hf
 from ..model.config import ConfigError, ModelConfig
 from .generate import Sampling, generate_ids, stream_text
@@ -106,7 +107,9 @@ def load(path: str | None = None, dtype: torch.dtype | str | None = None,
     if quantize:
         from ..quant.layers import check_mode
         check_mode(quantize, group_size)
-    return _load(path, dtype, device, quantize, group_size, file_blocks)
+    lm = _load(path, dtype, device, quantize, group_size, file_blocks)
+    accelerate(lm.model)
+    return lm
 
 
 def _load(path, dtype, device, quantize=None, group_size=None, file_blocks=True) -> LM:
