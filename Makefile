@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python -m slm.demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
