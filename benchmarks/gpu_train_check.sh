@@ -8,6 +8,8 @@
 #      hf-compile, and a profile: ~4 min.  VARIANT=... overrides the slm variant of part 2.
 OUT=${OUT:-$(mktemp -d)}; echo "results in $OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src TORCHINDUCTOR_COMPILE_THREADS=16
+# train_speed.py appends its results there too (benchmarks/results/train_speed_gpu.jsonl is where they belong)
+export SLM_RESULTS_DIR=$OUT/results
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "$1" = 1 ]; then
   timeout 170 python3 - <<'PY'
