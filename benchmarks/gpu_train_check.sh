@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 4's GPU check, prepared without a GPU (2026-11-26). Two parts, run back to back on a lent
-# machine (it is released after 30 s idle):  bash benchmarks/gpu_train_check.sh 1   then   ... 2
+# The GPU check of the Triton training parts: their CUDA checks, an A/B of each, and the final
+# comparison against compiled transformers. Two parts, run back to back on a lent machine (it is
+# released after 30 s idle):  bash benchmarks/gpu_train_check.sh 1   then   ... 2
 # Results go to $OUT (the device tool's folder), or to a fresh temporary folder.
 #   1: the Triton kernels' checks on CUDA (eager and one fullgraph-compiled model), then an A/B of
 #      the new parts without coordinate-descent tuning (fast compiles): ~5 min
