@@ -17,10 +17,8 @@ SLM_RESULTS_DIR=off writes nothing.
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import shlex
 import sys
 
@@ -28,29 +26,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device=None) -> dict:
-    """The CPU, torch's threads and version; with a CUDA device, its name too. A process that has
-    not imported torch (serve_throughput's clients) is not made to: the version then comes from
-    the installed package and the threads are the CPU count, torch's default."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        try:
-            version = importlib.metadata.version("torch")
-        except importlib.metadata.PackageNotFoundError:
-            version = None
-        return {"cpu": cpu_model(), "threads": os.cpu_count(), "torch": version}
-    m = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    """The CPU (as receipts name it), torch's threads and version; with a CUDA device, its name too."""
+    import torch
+
+    from slm.footprint.devices import cpu_name
+    m = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
     if device is not None and torch.device(device).type == "cuda":
         m["gpu"] = torch.cuda.get_device_name(device)
     return m
