@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from slm import kernels  # noqa: E402
 from slm.accel import cpu_train  # noqa: E402
 from slm.model import RMSNorm, apply_rope, rope_tables  # noqa: E402
+from results_log import record  # noqa: E402
 
 
 def pieces(B: int, T: int):
@@ -114,6 +115,9 @@ def main():
                 fn(*inputs)
                 best[key] = min(best[key], time.perf_counter() - t0)
         print(f"  {name:<30} {best['ref'] * 1e3:9.2f} {best['ours'] * 1e3:9.2f}  {best['ref'] / best['ours']:5.2f}x")
+        record("cpu_train_kernels", piece=name, batch=f"{args.batch_size} x {args.seq_len}", repeats=args.repeats,
+               pytorch_ms=round(best["ref"] * 1e3, 2), slm_ms=round(best["ours"] * 1e3, 2),
+               vs_pytorch=round(best["ref"] / best["ours"], 2))
 
 
 if __name__ == "__main__":

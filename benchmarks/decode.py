@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import slm  # noqa: E402
 from slm.runtime.generate import generate_ids  # noqa: E402
+from results_log import record  # noqa: E402
 
 
 def hf_llama(preset: str):
@@ -109,6 +110,11 @@ def bench_gemma(new_tokens: int, repeats: int, quantize: str | None) -> None:
     print(f"gemma-3-270m, {new_tokens} new tokens, {torch.get_num_threads()} threads")
     for name, rate in results.items():
         print(f"  {name:<22} {rate:7.1f} tok/s   slm / this = {ours / rate:5.2f}x")
+    peers = {"transformers (fp32)": "transformers", "llama.cpp (Q4_K_M)": "llamacpp"}
+    record("decode", model="gemma-3-270m", new_tokens=new_tokens, slm_mode=quantize or "fp32",
+           slm_tok_s=round(ours, 1),
+           **{f"{peers[name]}_tok_s": round(rate, 1) for name, rate in results.items() if name in peers},
+           **{f"vs_{peers[name]}": round(ours / rate, 2) for name, rate in results.items() if name in peers})
 
 
 def best_rate(fn, n: int, repeats: int) -> float:
@@ -129,6 +135,9 @@ def main() -> None:
         hf_tps, slm_tps, o1, o2 = bench(shape, a.new_tokens, a.repeats)
         n = slm.get_config(shape).num_params()
         print(f"{shape:<12} {n / 1e6:>7.1f}M {hf_tps:>19.1f} {slm_tps:>10.1f} {slm_tps / hf_tps:>5.2f}x  {o1 == o2}")
+        record("decode", model=f"{shape} shape, random weights, fp32", new_tokens=a.new_tokens,
+               transformers_tok_s=round(hf_tps, 1), slm_tok_s=round(slm_tps, 1),
+               vs_transformers=round(slm_tps / hf_tps, 2), same_tokens=o1 == o2)
     if not a.no_gemma:
         bench_gemma(a.new_tokens, a.repeats, a.gemma_quantize)
 

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import slm  # noqa: E402
 from slm.runtime.generate import generate_ids  # noqa: E402
 from slm.quant.layers import weight_bytes  # noqa: E402
+from results_log import record  # noqa: E402
 
 PROMPT = "Once upon a time, there was a little"
 TEXT = ("The history of the city begins with a small settlement on the river. Farmers grew wheat and barley in the "
@@ -113,6 +114,12 @@ def compare(path: str, modes: list[str], new_tokens: int, repeats: int, threads:
         print(f"  slm {name:<22} {rate:6.1f} tok/s  vs llama.cpp {rate / peer:5.2f}x   weights "
               f"{weight_bytes(lm.model) / 2**20:6.0f} MiB   perplexity {ppl:8.3f} ({ppl / ppl_ref - 1:+.2%}), "
               f"one token at a time {dppl:8.3f} ({dppl / dppl_ref - 1:+.2%})")
+        record("decode_vs_llamacpp", model=os.path.basename(path), new_tokens=new_tokens, mode=name,
+               llamacpp_tok_s=round(peer, 1), slm_tok_s=round(rate, 1), vs_llamacpp=round(rate / peer, 2),
+               weights_mib=round(weight_bytes(lm.model) / 2**20), perplexity_fp32=round(ppl_ref, 3),
+               perplexity=round(ppl, 3), perplexity_vs_fp32=f"{ppl / ppl_ref - 1:+.2%}",
+               decode_perplexity_fp32=round(dppl_ref, 3), decode_perplexity=round(dppl, 3),
+               decode_perplexity_vs_fp32=f"{dppl / dppl_ref - 1:+.2%}")
 
 
 def main() -> None:

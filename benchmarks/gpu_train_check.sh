@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 4's GPU check, prepared without a GPU (2026-11-26). Two parts, run back to back on a lent
-# machine (it is released after 30 s idle):  bash benchmarks/gpu_train_check.sh 1   then   ... 2
+# The GPU check of the Triton training parts: their CUDA checks, an A/B of each, and the final
+# comparison against compiled transformers. Two parts, run back to back on a lent machine (it is
+# released after 30 s idle):  bash benchmarks/gpu_train_check.sh 1   then   ... 2
 # Results go to $OUT (the device tool's folder), or to a fresh temporary folder.
 #   1: the Triton kernels' checks on CUDA (eager and one fullgraph-compiled model), then an A/B of
 #      the new parts without coordinate-descent tuning (fast compiles): ~5 min
@@ -8,6 +9,8 @@
 #      hf-compile, and a profile: ~4 min.  VARIANT=... overrides the slm variant of part 2.
 OUT=${OUT:-$(mktemp -d)}; echo "results in $OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src TORCHINDUCTOR_COMPILE_THREADS=16
+# train_speed.py appends its results there too (benchmarks/results/train_speed_gpu.jsonl is where they belong)
+export SLM_RESULTS_DIR=$OUT/results
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "$1" = 1 ]; then
   timeout 170 python3 - <<'PY'

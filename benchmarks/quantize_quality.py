@@ -1,5 +1,5 @@
 """Perplexity of a model trained by `slm train` (default: make demo's) in fp32, int8 and int4, on
-held-out tokens of its own corpus. The issue's bounds: +0.5% at int8, +5% at int4.
+held-out tokens of its own corpus. The bounds aimed for: +0.5% at int8, +5% at int4.
 
     make demo && python benchmarks/quantize_quality.py [--model runs/demo/model --data runs/demo/data/tokens]
 """

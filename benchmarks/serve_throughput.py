@@ -24,6 +24,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from results_log import record  # noqa: E402
 
 
 def build_model(out: str) -> str:
@@ -120,6 +121,10 @@ def main() -> None:
                 rate = tokens / secs
                 base = base or rate
                 print(f"{c:>8} {tokens:>8} {secs:>8.2f} {rate:>8.1f} {rate / base:>11.2f}x", flush=True)
+                record("serve_throughput", model=a.model or "stories15m shape, random weights",
+                       requests_per_client=a.requests, max_tokens=a.max_tokens, max_batch=a.max_batch,
+                       stream=not a.no_stream, clients=c, tokens=tokens, seconds=round(secs, 2),
+                       tok_s=round(rate, 1), vs_1_client=round(rate / base, 2))
         finally:
             server.terminate()
             server.wait(30)

@@ -44,6 +44,7 @@ from slm.train.loop import (TrainConfig, Trainer, batch, flops_per_token, lm_los
 from slm.runtime.tokenizer import Tokenizer  # noqa: E402
 from slm.train.optim import build_optimizers  # noqa: E402
 from slm.footprint.devices import measure_cpu_peak  # noqa: E402
+from results_log import machine_info, record  # noqa: E402
 
 
 def hf_llama(cfg, **kw):
@@ -115,6 +116,11 @@ def throughput(a) -> None:
     print(f"  transformers  {t_ref:8.0f} tok/s   MFU {t_ref * fpt / peak:5.1%} ({t_ref * fpt / here:5.1%} of this run's)")
     print(f"  slm           {t_ours:8.0f} tok/s   MFU {t_ours * fpt / peak:5.1%} ({t_ours * fpt / here:5.1%} of this run's)"
           f"   ratio {t_ours / t_ref:.2f}x")
+    record("train_speed_throughput", preset=a.preset, batch=f"{B} x {T}", mflop_per_token=round(fpt / 1e6, 1),
+           peak_gflops=round(peak / 1e9, 1), run_peak_gflops=round(here / 1e9, 1),
+           transformers_tok_s=round(t_ref), slm_tok_s=round(t_ours), vs_transformers=round(t_ours / t_ref, 2),
+           transformers_mfu=round(t_ref * fpt / peak, 4), mfu=round(t_ours * fpt / peak, 4),
+           mfu_this_run=round(t_ours * fpt / here, 4))
 
 
 # -- time to quality ---------------------------------------------------------------------------
@@ -192,6 +198,9 @@ def quality(a) -> None:
         result = Trainer(oc, cfg).train(progress=False)
         log({"run": "slm", "steps": a.steps, "muon_lr": a.muon_lr, "lr": a.lr, "cooldown": a.cooldown,
              "weight_decay": a.weight_decay, "val_loss": round(result["val_loss"], 4)})
+        record("train_speed_quality", model=f"{a.layers} x {a.dim}", steps=a.steps, optimizer=a.optimizer,
+               schedule=a.schedule, muon_lr=a.muon_lr, lr=a.lr, cooldown=a.cooldown, weight_decay=a.weight_decay,
+               slm_val_loss=round(result["val_loss"], 4))
         return
     if a.baseline_loss is None:
         base = baseline_run(cfg, c, tokens, val_tokens, a.minutes, a.baseline_lr, log)
@@ -214,6 +223,12 @@ def quality(a) -> None:
         print("slm did not reach the baseline's validation loss")
     else:
         print(f"slm reached the baseline's loss after {reached:.2f} min: {a.minutes / reached:.2f}x faster")
+    record("train_speed_quality", model=f"{a.layers} x {a.dim}", optimizer=a.optimizer, schedule=a.schedule,
+           muon_lr=a.muon_lr, lr=a.lr, cooldown=a.cooldown, baseline_minutes=a.minutes,
+           baseline_val_loss=round(base, 4), slm_minutes=round(ours_minutes, 2),
+           slm_val_loss=round(rows[-1]["val_loss"], 4), slm_steps=rows[-1]["step"],
+           slm_reached_minutes=None if reached is None else round(reached, 2),
+           vs_baseline=None if reached is None else round(a.minutes / reached, 2))
 
 
 # -- GPU ---------------------------------------------------------------------------------------
@@ -302,6 +317,7 @@ def gpu(a) -> None:
         if log:
             log.write(json.dumps(row) + "\n")
             log.flush()
+        record("train_speed_gpu", machine=machine_info(device), **row)
 
     for variant in a.variants.split(","):
         # slm variants run the Trainer's step as it is on a GPU: the Triton cross-entropy, a bf16 residual
