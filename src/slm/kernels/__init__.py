@@ -1,11 +1,11 @@
 """Hand-written kernels. Triton kernels for training on GPUs: `cross_entropy.py` (the loss, with or
 without the LM head), `glu.py` (SwiGLU/GeGLU), `rope.py` (rotary embedding and the Q/K/V split),
 `triton_launch.py` (which of them run). The rest of
-this module: the CPU kernels of `q8.cpp`, compiled on first use. `decoder.py`: a whole batch-1
+this module: the CPU kernels in `cpu/`, compiled on first use. `decoder.py`: a whole batch-1
 decoding step in one call to them. `cpu_train.py`: the CPU training step's GLU, rotation and
 RMSNorm, with autograd.
 
-`q8.cpp` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_q8.linear` and
+`cpu/` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_q8.linear` and
 `dequantize` (int8 weight-only linear layers), `linear_q4` and `dequantize_q4` (int4),
 `linear_gguf` and `dequantize_gguf` (a GGUF file's Q8_0/Q5_0/Q4_K/Q6_K blocks as they are),
 `matvec_f32` (one-row fp32 products when decoding), `rms_norm`, and fused decoding helpers
@@ -38,8 +38,12 @@ import warnings
 
 import torch
 
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "q8.cpp")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w"]
+_CPU_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu")
+_UNITY = os.path.join(_CPU_DIR, "all.cpp")  # #includes every .cpp: one translation unit, one compiler call
+# -fvisibility=hidden: the files share functions through their headers, and nothing outside the
+# library calls them (the ops register themselves when it is loaded)
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w",
+          "-fvisibility=hidden"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "q8" -> the op, or None after a failure; "error" -> why
 
@@ -65,16 +69,23 @@ def _compiler() -> str | None:
     return shutil.which(cxx)
 
 
+def _sources() -> list[str]:
+    """Every file the library is built from (the .cpp files and their headers), sorted."""
+    return sorted(os.path.join(_CPU_DIR, f) for f in os.listdir(_CPU_DIR) if f.endswith((".cpp", ".h")))
+
+
 def _build(cxx: str) -> str:
-    """Compile q8.cpp unless a library for this source/torch/compiler is cached; return its path."""
+    """Compile cpu/ unless a library for these sources/flags/torch/compiler is cached; return its path."""
     from torch.utils import cpp_extension
 
-    with open(_SRC, "rb") as f:
-        src = f.read()
+    src = hashlib.sha256()
+    for path in _sources():
+        with open(path, "rb") as f:
+            src.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     flags = _FLAGS + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), torch.__version__.encode(),
+    key = hashlib.sha256(b"\0".join([src.digest(), " ".join(flags).encode(), torch.__version__.encode(),
                                      cxx.encode(), "".join(version).encode()])).hexdigest()[:16]
     out_dir = cache_dir()
     lib = os.path.join(out_dir, f"slm_q8_{key}.so")
@@ -88,7 +99,7 @@ def _build(cxx: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *flags, *includes, _SRC, "-o", tmp, *links],
+        r = subprocess.run([cxx, *flags, *includes, _UNITY, "-o", tmp, *links],
                            capture_output=True, text=True, timeout=900)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} failed:\n{r.stderr[-2000:]}")
@@ -144,7 +155,7 @@ def fused_op(name: str):
     argmax_rows: the fused decoding helpers; softmax_xent_, attn_train and the other training
     kernels), or None where the kernels are unavailable."""
     key = "op:" + name
-    if key not in _state:  # attn_train is left out of a torch without sgemm_ (q8.cpp's registration)
+    if key not in _state:  # attn_train is left out of a torch without sgemm_ (cpu/register.cpp)
         op = getattr(torch.ops.slm_q8, name, None) if q8_linear_op() is not None else None
         _state[key] = op.default if op is not None else None
     return _state[key]
