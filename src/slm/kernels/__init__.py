@@ -1,27 +1,36 @@
 """Hand-written kernels. Triton kernels for training on GPUs: `cross_entropy.py` (the loss, with or
 without the LM head), `glu.py` (SwiGLU/GeGLU), `rope.py` (rotary embedding and the Q/K/V split),
-`triton_launch.py` (which of them run). The rest of
-this module: the CPU kernels in `cpu/`, compiled on first use. `decoder.py`: a whole batch-1
-decoding step in one call to them. `cpu_train.py`: the CPU training step's GLU, rotation and
-RMSNorm, with autograd.
+`triton_launch.py` (which of them run). The rest of this module: the C++ CPU kernels in `cpu/`,
+compiled on first use; `decoder.py`, a whole batch-1 decoding step in one call to them;
+`cpu_train.py`, the CPU training step's GLU, rotation, RMSNorm and attention, with autograd.
 
-`cpu/` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_q8.linear` and
-`dequantize` (int8 weight-only linear layers), `linear_q4` and `dequantize_q4` (int4),
-`linear_gguf` and `dequantize_gguf` (a GGUF file's Q8_0/Q5_0/Q4_K/Q6_K blocks as they are),
-`matvec_f32` (one-row fp32 products when decoding), `rms_norm`, and fused decoding helpers
-(`fused_op(name)`: rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode, argmax_rows), and
-the CPU training step's: `softmax_xent_` (the cross-entropy's softmax and gradient in place,
-train/loss.py), `rms_norm_train`, `glu_train`, `rope_qk_train` and `attn_train` (causal
-attention) with their backwards (autograd in `cpu_train.py`).
-`q8_linear_op()`, `matvec_f32_op()` and `rms_norm_op()` return them, or None where they cannot
-be built: no C++ compiler, no AVX2, not x86-64, or `SLM_NO_KERNELS=1`. Callers
-then use a pure-PyTorch path with the same results, and a warning says so once.
+`cpu/` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_cpu.*` and
+`torch.classes.slm_cpu.Decoder`:
+  matvec_int8.cpp  `linear`, `dequantize`: int8 weight-only linear layers
+  matvec_int4.cpp  `linear_q4`, `dequantize_q4`: int4
+  matvec_gguf.cpp  `linear_gguf`, `dequantize_gguf`: a GGUF file's Q8_0/Q5_0/Q4_K/Q6_K blocks as they are
+  matvec_f32.cpp   `matvec_f32`: one-row fp32 products when decoding
+  norm_rope.cpp    `rms_norm`, `rms_norm_rope`, `rms_norm_add`
+  gelu.cpp         `gelu_tanh_mul`;  argmax.cpp: `argmax_rows`
+  attention.cpp    `attn_decode` (one query over the cache), `attn_step` (the step between the products)
+  train.cpp        the CPU training step's `softmax_xent_` (cross-entropy's softmax and gradient in
+                   place, train/loss.py), `rms_norm_train`, `glu_train`, `rope_qk_train`, `attn_train`
+                   (causal attention) and their backwards (autograd in `cpu_train.py`)
+  decoder.cpp      the `Decoder` class (decoder.h): a whole batch-1 step
+  register.cpp     the schemas and registrations
+  simd.h, rows.h, matvec.h, ops.h: what the files share; all.cpp: #includes them all (the build)
+`cpu_ops()` returns `torch.ops.slm_cpu`, and `matvec_f32_op()`, `rms_norm_op()` and `fused_op(name)`
+single ops, or None where the kernels cannot be built: no C++ compiler, no AVX2, not x86-64, or
+`SLM_NO_KERNELS=1`. Callers then use a pure-PyTorch path with the same results, and a warning says
+so once (`kernel_error()` says why).
 
 The library is built by calling the C++ compiler directly ($CXX, else c++) against the headers and
 libraries of the installed torch: `torch.utils.cpp_extension.load` would need ninja, and the
-kernel needs no Python bindings (the ops register themselves with the dispatcher when loaded).
-The build takes ~15-20 s once and is cached in `$SLM_CACHE/kernels` (default
-`~/.cache/slm/kernels`), keyed by the source, the flags, the compiler and the torch version.
+kernels need no Python bindings (the ops register themselves with the dispatcher when loaded).
+One call compiles `cpu/all.cpp`, one translation unit (~15-20 s once; the files compiled apart
+take ~3x as long, each parsing the torch headers). The library is cached in `$SLM_CACHE/kernels`
+(default `~/.cache/slm/kernels`), keyed by every source and header in `cpu/`, the flags, the
+compiler and the torch version.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ _UNITY = os.path.join(_CPU_DIR, "all.cpp")  # #includes every .cpp: one translat
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w",
           "-fvisibility=hidden"]
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "q8" -> the op, or None after a failure; "error" -> why
+_state: dict[str, object] = {}  # "ops" -> torch.ops.slm_cpu, or None after a failure; "error" -> why
 
 
 def cache_dir() -> str:
@@ -88,7 +97,7 @@ def _build(cxx: str) -> str:
     key = hashlib.sha256(b"\0".join([src.digest(), " ".join(flags).encode(), torch.__version__.encode(),
                                      cxx.encode(), "".join(version).encode()])).hexdigest()[:16]
     out_dir = cache_dir()
-    lib = os.path.join(out_dir, f"slm_q8_{key}.so")
+    lib = os.path.join(out_dir, f"slm_cpu_{key}.so")
     if os.path.exists(lib):
         return lib
     os.makedirs(out_dir, exist_ok=True)
@@ -110,15 +119,16 @@ def _build(cxx: str) -> str:
     return lib
 
 
-def q8_linear_op():
-    """torch.ops.slm_q8.linear (building and loading it on the first call), or None."""
-    if "q8" in _state:
-        return _state["q8"]
+def cpu_ops():
+    """torch.ops.slm_cpu, the CPU kernels' namespace (building and loading the library on the
+    first call), or None."""
+    if "ops" in _state:
+        return _state["ops"]
     with _lock:
-        if "q8" in _state:
-            return _state["q8"]
-        op, why = None, _unsupported()
-        if why is None and not hasattr(torch.ops.slm_q8, "linear"):
+        if "ops" in _state:
+            return _state["ops"]
+        ops, why = None, _unsupported()
+        if why is None and not hasattr(torch.ops.slm_cpu, "linear"):
             cxx = _compiler()
             if cxx is None:
                 why = "no C++ compiler found (set CXX, or install g++)"
@@ -128,35 +138,35 @@ def q8_linear_op():
                 except Exception as e:  # noqa: BLE001 - any build or load failure means: fall back
                     why = f"could not build it: {e}"
         if why is None:
-            op = torch.ops.slm_q8.linear.default
+            ops = torch.ops.slm_cpu
         elif not why.startswith("disabled"):
             warnings.warn(f"slm: CPU kernels unavailable ({why}); using the slower PyTorch paths "
                           "(int8/int4: dequantize, then matmul)", RuntimeWarning, stacklevel=3)
-        _state["q8"], _state["error"] = op, why
-        return op
+        _state["ops"], _state["error"] = ops, why
+        return ops
 
 
 def matvec_f32_op():
-    """torch.ops.slm_q8.matvec_f32, the fp32 one-row product used when decoding, or None."""
+    """torch.ops.slm_cpu.matvec_f32, the fp32 one-row product used when decoding, or None."""
     if "f32" not in _state:
-        _state["f32"] = torch.ops.slm_q8.matvec_f32.default if q8_linear_op() is not None else None
+        _state["f32"] = torch.ops.slm_cpu.matvec_f32.default if cpu_ops() is not None else None
     return _state["f32"]
 
 
 def rms_norm_op():
-    """torch.ops.slm_q8.rms_norm, one fused RMSNorm for fp32 rows on the CPU, or None."""
+    """torch.ops.slm_cpu.rms_norm, one fused RMSNorm for fp32 rows on the CPU, or None."""
     if "norm" not in _state:
-        _state["norm"] = torch.ops.slm_q8.rms_norm.default if q8_linear_op() is not None else None
+        _state["norm"] = torch.ops.slm_cpu.rms_norm.default if cpu_ops() is not None else None
     return _state["norm"]
 
 
 def fused_op(name: str):
-    """torch.ops.slm_q8.<name> (rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode,
+    """torch.ops.slm_cpu.<name> (rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode,
     argmax_rows: the fused decoding helpers; softmax_xent_, attn_train and the other training
     kernels), or None where the kernels are unavailable."""
     key = "op:" + name
     if key not in _state:  # attn_train is left out of a torch without sgemm_ (cpu/register.cpp)
-        op = getattr(torch.ops.slm_q8, name, None) if q8_linear_op() is not None else None
+        op = getattr(torch.ops.slm_cpu, name, None) if cpu_ops() is not None else None
         _state[key] = op.default if op is not None else None
     return _state[key]
 
@@ -169,5 +179,5 @@ def __getattr__(name: str):
 
 
 def kernel_error() -> str | None:
-    """Why the int8 kernel is unavailable (None: it is loaded, or nobody asked for it yet)."""
+    """Why the CPU kernels are unavailable (None: they are loaded, or nobody asked for them yet)."""
     return _state.get("error")  # type: ignore[return-value]

@@ -1,10 +1,10 @@
-"""A whole batch-1 step in one call to slm's CPU kernels (`torch.classes.slm_q8.Decoder`).
+"""A whole batch-1 step in one call to slm's CPU kernels (`torch.classes.slm_cpu.Decoder`).
 
 At batch 1 a small model's token is mostly overhead: make demo's 2M-parameter model ran ~150 module
 calls and ATen ops a token, ~1.0-1.7 ms, around ~0.2 ms of arithmetic, where llama.cpp takes ~0.5 ms.
 `Transformer.forward` therefore hands one sequence's step (a new token, or a prompt of up to
 MAX_TOKENS) to `step_for(model, cache)`, which runs the same kernels as the modules (products,
-norms, rope, attention: q8.cpp's `Decoder.step`) in one call and writes the cache as
+norms, rope, attention: cpu/decoder.cpp's `Decoder.step`) in one call and writes the cache as
 `KVCache.plan/update` would. It applies when the step is plain: a batch-1 KVCache without padding
 or row 0 of the serving engine's RowKVCache, fp32 on the CPU, no autograd or autocast, no hooks
 (explain watches modules), and every layer one it knows (nn.Linear or slm's Linear in fp32,
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..quantize import MAX_DIRECT as MAX_TOKENS  # the quantized layers' direct path, as the modules run it
-from . import q8_linear_op
+from . import cpu_ops
 
 _MLP = {"swiglu": 0, "geglu": 1, "gelu": 2}
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, decoder)
@@ -149,7 +149,7 @@ def _key(model) -> tuple | None:
 def build(model):
     """A C++ decoder for `model` (reused while its modules and weights are the same), or None.
     Kept per model: rebuilding it from the modules takes ~1 ms, a few of a small model's tokens."""
-    if os.environ.get("SLM_NO_DECODER", "") not in ("", "0") or q8_linear_op() is None or model.device.type != "cpu":
+    if os.environ.get("SLM_NO_DECODER", "") not in ("", "0") or cpu_ops() is None or model.device.type != "cpu":
         return None
     key = _key(model)
     if key is None:
@@ -167,7 +167,7 @@ def build(model):
     dims = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim, cfg.intermediate_size,
             cfg.vocab_size, cfg.num_layers, block, _MLP[cfg.mlp]]
     scale = a.scale if a.scale is not None else cfg.head_dim ** -0.5
-    dec = torch.classes.slm_q8.Decoder(dims, [float(scale), float(cfg.hidden_size ** 0.5) if cfg.embed_scale else 0.0])
+    dec = torch.classes.slm_cpu.Decoder(dims, [float(scale), float(cfg.hidden_size ** 0.5) if cfg.embed_scale else 0.0])
     for name, args in calls:
         getattr(dec, name)(*args)
     _DECODERS[model] = (key, dec)

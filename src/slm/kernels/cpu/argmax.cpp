@@ -18,7 +18,7 @@ namespace slm::cpu {
 // if any, as torch.argmax), split over threads: 262,144 logits take ~0.7 ms in ATen's argmax.
 at::Tensor argmax_rows(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) > 0,
-              "slm_q8.argmax_rows: x must be contiguous fp32 [B, V]");
+              "slm_cpu.argmax_rows: x must be contiguous fp32 [B, V]");
   const int64_t B = x.size(0), V = x.size(1);
   auto out = at::empty({B}, x.options().dtype(at::kLong));
   int64_t* op = out.mutable_data_ptr<int64_t>();

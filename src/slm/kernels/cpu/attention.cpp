@@ -48,10 +48,10 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
                   v.scalar_type() == at::kFloat && q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1 &&
                   q.is_contiguous() && k.stride(3) == 1 && v.stride(3) == 1,
-              "slm_q8.attn_decode: q contiguous fp32 [B, H, 1, D], k and v fp32 [B, Hkv, S, D] with contiguous rows");
+              "slm_cpu.attn_decode: q contiguous fp32 [B, H, 1, D], k and v fp32 [B, Hkv, S, D] with contiguous rows");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0 && S > 0,
-              "slm_q8.attn_decode: shapes do not match");
+              "slm_cpu.attn_decode: shapes do not match");
   auto y = at::empty(q.sizes(), q.options());
   const float* qp = q.const_data_ptr<float>();
   const float *kp = k.const_data_ptr<float>(), *vp = v.const_data_ptr<float>();
@@ -108,17 +108,17 @@ at::Tensor attn_step(const at::Tensor& qkv, const std::optional<at::Tensor>& qw,
                      double eps, bool plus_one, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& K, const at::Tensor& V,
                      int64_t slot, int64_t read, double scale, int64_t H) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.dim() == 3 &&
-                  qkv.size(1) == 1, "slm_q8.attn_step: qkv must be contiguous fp32 [B, 1, (H + 2 Hkv) D]");
+                  qkv.size(1) == 1, "slm_cpu.attn_step: qkv must be contiguous fp32 [B, 1, (H + 2 Hkv) D]");
   TORCH_CHECK(K.scalar_type() == at::kFloat && V.scalar_type() == at::kFloat && K.is_contiguous() && V.is_contiguous() &&
-                  K.dim() == 4 && K.sizes() == V.sizes(), "slm_q8.attn_step: K and V caches must be contiguous fp32 [B, Hkv, S, D]");
+                  K.dim() == 4 && K.sizes() == V.sizes(), "slm_cpu.attn_step: K and V caches must be contiguous fp32 [B, Hkv, S, D]");
   const int64_t B = qkv.size(0), Hkv = K.size(1), S = K.size(2), D = K.size(3), rd = cos.size(-1);
   TORCH_CHECK(K.size(0) >= B && H % Hkv == 0 && qkv.size(2) == (H + 2 * Hkv) * D && slot >= 0 && slot < S &&
-                  read > 0 && read <= S && rd <= D && rd % 2 == 0, "slm_q8.attn_step: shapes do not match");
+                  read > 0 && read <= S && rd <= D && rd % 2 == 0, "slm_cpu.attn_step: shapes do not match");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
-                  cos.numel() == B * rd && sin.numel() == B * rd, "slm_q8.attn_step: cos and sin must be fp32 [B, 1, 1, rd]");
+                  cos.numel() == B * rd && sin.numel() == B * rd, "slm_cpu.attn_step: cos and sin must be fp32 [B, 1, 1, rd]");
   for (const auto* w : {&qw, &kw})
     TORCH_CHECK(!w->has_value() || ((*w)->scalar_type() == at::kFloat && (*w)->is_contiguous() && (*w)->numel() == D),
-                "slm_q8.attn_step: norm weights must be fp32 [D]");
+                "slm_cpu.attn_step: norm weights must be fp32 [D]");
   auto y = at::empty({B, 1, H * D}, qkv.options());
   const float* src = qkv.const_data_ptr<float>();
   float *kp = K.mutable_data_ptr<float>(), *vp = V.mutable_data_ptr<float>(), *yp = y.mutable_data_ptr<float>();

@@ -75,46 +75,46 @@ void Norm::operator()(const float* x, float* out, int64_t D) const {
 }
 
 Decoder::Decoder(std::vector<int64_t> dims, std::vector<double> scales) {
-  TORCH_CHECK(dims.size() == 10 && scales.size() == 2, "slm_q8.Decoder: 10 dims and 2 scales");
+  TORCH_CHECK(dims.size() == 10 && scales.size() == 2, "slm_cpu.Decoder: 10 dims and 2 scales");
   d = dims[0], H = dims[1], Hkv = dims[2], D = dims[3], rd = dims[4], F = dims[5], V = dims[6], block = dims[8], act = dims[9];
   TORCH_CHECK(d > 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0 && rd <= D && rd % 2 == 0 && F > 0 && V > 0,
-              "slm_q8.Decoder: bad dims");
+              "slm_cpu.Decoder: bad dims");
   scale = scales[0], embed_scale = scales[1];
   layers.resize(dims[7]);
 }
 
 Layer& Decoder::layer(int64_t i) {
-  TORCH_CHECK(i >= 0 && i < int64_t(layers.size()), "slm_q8.Decoder: no layer ", i);
+  TORCH_CHECK(i >= 0 && i < int64_t(layers.size()), "slm_cpu.Decoder: no layer ", i);
   return layers[i];
 }
 
 void Decoder::fp32(const at::Tensor& t, int64_t n, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n,
-              "slm_q8.Decoder: ", what, " must be contiguous fp32 with ", n, " values");
+              "slm_cpu.Decoder: ", what, " must be contiguous fp32 with ", n, " values");
 }
 
 void Decoder::set_linear(int64_t i, int64_t role, int64_t kind, std::vector<at::Tensor> t,
                          std::optional<at::Tensor> bias, std::vector<int64_t> types, std::vector<int64_t> rows,
                          int64_t K) {
-  TORCH_CHECK(role >= 0 && role < (i < 0 ? 2 : 4), "slm_q8.Decoder: bad role");
+  TORCH_CHECK(role >= 0 && role < (i < 0 ? 2 : 4), "slm_cpu.Decoder: bad role");
   Lin& L = i < 0 ? (role == 0 ? head : embed) : layer(i).lin[role];
   L = Lin();
   L.kind = kind, L.K = K;
   if (kind == 0 || kind == 4) {
     TORCH_CHECK(t.size() == 1 && t[0].dim() == 2 && t[0].size(kind == 0 ? 1 : 0) == K,
-                "slm_q8.Decoder: fp32 weight [N, K], or its transpose [K, N]");
+                "slm_cpu.Decoder: fp32 weight [N, K], or its transpose [K, N]");
     L.N = t[0].size(kind == 0 ? 0 : 1), L.a = t[0];
     fp32(t[0], L.N * K, "an fp32 weight");
   } else if (kind == 1) {
-    TORCH_CHECK(t.size() == 2 && t[0].dim() == 2 && t[0].size(1) == K, "slm_q8.Decoder: int8 weight [N, K]");
+    TORCH_CHECK(t.size() == 2 && t[0].dim() == 2 && t[0].size(1) == K, "slm_cpu.Decoder: int8 weight [N, K]");
     check_q8(t[0], t[1]);
     L.N = t[0].size(0), L.a = t[0], L.b = t[1];
   } else if (kind == 2) {
-    TORCH_CHECK(t.size() == 3 && t[0].dim() == 2 && 2 * t[0].size(1) == K, "slm_q8.Decoder: int4 weight [N, K/2]");
+    TORCH_CHECK(t.size() == 3 && t[0].dim() == 2 && 2 * t[0].size(1) == K, "slm_cpu.Decoder: int4 weight [N, K/2]");
     check_q4(t[0], t[1], t[2]);
     L.N = t[0].size(0), L.a = t[0], L.b = t[1], L.c = t[2];
   } else {
-    TORCH_CHECK(kind == 3 && t.size() == 1, "slm_q8.Decoder: unknown layout ", kind);
+    TORCH_CHECK(kind == 3 && t.size() == 1, "slm_cpu.Decoder: unknown layout ", kind);
     L.parts.emplace(t[0], types, rows, K);
     L.N = L.parts->N, L.a = t[0];
   }
@@ -126,7 +126,7 @@ void Decoder::set_linear(int64_t i, int64_t role, int64_t kind, std::vector<at::
 
 void Decoder::set_norm(int64_t i, int64_t role, int64_t kind, std::optional<at::Tensor> w,
                        std::optional<at::Tensor> b, double eps, bool plus_one) {
-  TORCH_CHECK(role >= 0 && role < 6 && kind >= 0 && kind <= 2, "slm_q8.Decoder: bad norm");
+  TORCH_CHECK(role >= 0 && role < 6 && kind >= 0 && kind <= 2, "slm_cpu.Decoder: bad norm");
   Norm& n = i < 0 ? final_norm : layer(i).norm[role];
   n = Norm();
   n.kind = kind, n.eps = eps, n.add = plus_one ? 1.0f : 0.0f;
@@ -143,7 +143,7 @@ void Decoder::set_norm(int64_t i, int64_t role, int64_t kind, std::optional<at::
 void Decoder::set_rope(int64_t i, at::Tensor cos, at::Tensor sin) {
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(1) == rd,
-              "slm_q8.Decoder: rope tables must be contiguous fp32 [positions, ", rd, "]");
+              "slm_cpu.Decoder: rope tables must be contiguous fp32 [positions, ", rd, "]");
   layer(i).cos = cos, layer(i).sin = sin;
 }
 
@@ -152,18 +152,18 @@ at::Tensor Decoder::step(std::vector<int64_t> tokens, int64_t seen, std::vector<
                          bool last_only) {
   const int64_t n = layers.size(), Q = (H + 2 * Hkv) * D, T = tokens.size();
   TORCH_CHECK(int64_t(K.size()) == n && int64_t(Vc.size()) == n && int64_t(pos.size()) == n && int64_t(rolling.size()) == n,
-              "slm_q8.Decoder.step: one cache per layer");
-  TORCH_CHECK(T > 0 && embed.kind >= 0 && head.kind >= 0, "slm_q8.Decoder.step: no tokens, or the decoder is incomplete");
-  for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < V, "slm_q8.Decoder.step: token ", t, " out of range");
+              "slm_cpu.Decoder.step: one cache per layer");
+  TORCH_CHECK(T > 0 && embed.kind >= 0 && head.kind >= 0, "slm_cpu.Decoder.step: no tokens, or the decoder is incomplete");
+  for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < V, "slm_cpu.Decoder.step: token ", t, " out of range");
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(K[i].scalar_type() == at::kFloat && Vc[i].scalar_type() == at::kFloat && K[i].is_contiguous() &&
                     Vc[i].is_contiguous() && K[i].dim() == 4 && K[i].sizes() == Vc[i].sizes() && K[i].size(0) == 1 &&
                     K[i].size(1) == Hkv && K[i].size(3) == D,
-                "slm_q8.Decoder.step: caches must be contiguous fp32 [1, ", Hkv, ", S, ", D, "]");
+                "slm_cpu.Decoder.step: caches must be contiguous fp32 [1, ", Hkv, ", S, ", D, "]");
     TORCH_CHECK(pos[i].scalar_type() == at::kLong && pos[i].is_contiguous() && pos[i].numel() == K[i].size(2),
-                "slm_q8.Decoder.step: positions must be int64 [1, S]");
+                "slm_cpu.Decoder.step: positions must be int64 [1, S]");
     TORCH_CHECK(seen >= 0 && (rolling[i] || seen + T <= K[i].size(2)) && seen + T <= layers[i].cos.size(0),
-                "slm_q8.Decoder.step: positions up to ", seen + T, " are beyond the cache or the rope table");
+                "slm_cpu.Decoder.step: positions up to ", seen + T, " are beyond the cache or the rope table");
   }
   std::vector<float> x(T * d), h(T * d), a(T * d), m(T * d), qkv(T * Q), y(T * H * D), up(T * (act == 2 ? F : 2 * F)), g(T * F);
   for (int64_t t = 0; t < T; ++t) {

@@ -13,7 +13,7 @@ namespace slm::cpu {
 // x [..., 2F] = [gate | up] -> gelu_tanh(gate) * up [..., F], as F.gelu(gate, approximate="tanh") * up.
 at::Tensor gelu_tanh_mul(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(-1) % 2 == 0,
-              "slm_q8.gelu_tanh_mul: x must be contiguous fp32 [..., 2F]");
+              "slm_cpu.gelu_tanh_mul: x must be contiguous fp32 [..., 2F]");
   const int64_t F2 = x.size(-1), F = F2 / 2, rows = F2 ? x.numel() / F2 : 0;
   auto sizes = x.sizes().vec();
   sizes.back() = F;

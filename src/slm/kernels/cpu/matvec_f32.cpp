@@ -82,12 +82,12 @@ void f32t_direct(const float* xp, const float* wt, int64_t N, int64_t K, float* 
 // x [1, K] or [K] fp32 -> [1, N] or [N].
 at::Tensor matvec_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias_) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == w.size(1),
-              "slm_q8.matvec_f32: x must be one contiguous fp32 row");
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(), "slm_q8.matvec_f32: w must be contiguous fp32 [N, K]");
+              "slm_cpu.matvec_f32: x must be one contiguous fp32 row");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(), "slm_cpu.matvec_f32: w must be contiguous fp32 [N, K]");
   const int64_t N = w.size(0), K = w.size(1);
   const float* bp = nullptr;
   if (bias_.has_value() && bias_->defined()) {
-    TORCH_CHECK(bias_->scalar_type() == at::kFloat && bias_->is_contiguous() && bias_->numel() == N, "slm_q8.matvec_f32: bad bias");
+    TORCH_CHECK(bias_->scalar_type() == at::kFloat && bias_->is_contiguous() && bias_->numel() == N, "slm_cpu.matvec_f32: bad bias");
     bp = bias_->const_data_ptr<float>();
   }
   auto sizes = x.sizes().vec();

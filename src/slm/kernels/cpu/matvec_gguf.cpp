@@ -51,7 +51,7 @@ inline int64_t block_bytes(int64_t t) {
     case T_Q5_0R4: return 22;
     case T_Q4_K: return 144;
     case T_Q6_K: return 210;
-    default: TORCH_CHECK(false, "slm_q8: unsupported GGUF block type ", t);
+    default: TORCH_CHECK(false, "slm_cpu: unsupported GGUF block type ", t);
   }
   return 0;
 }
@@ -316,22 +316,22 @@ void dequant_row(int64_t t, const uint8_t* w, int64_t K, float* o) {
       }
     }
   } else {
-    TORCH_CHECK(false, "slm_q8: unsupported GGUF block type ", t);
+    TORCH_CHECK(false, "slm_cpu: unsupported GGUF block type ", t);
   }
 }
 
 Parts::Parts(const at::Tensor& blocks, at::IntArrayRef types_, at::IntArrayRef rows, int64_t K) {
   TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 1 && blocks.is_contiguous(),
-              "slm_q8: GGUF blocks must be a contiguous uint8 CPU tensor");
-  TORCH_CHECK(types_.size() == rows.size() && !rows.empty(), "slm_q8: one type per part");
+              "slm_cpu: GGUF blocks must be a contiguous uint8 CPU tensor");
+  TORCH_CHECK(types_.size() == rows.size() && !rows.empty(), "slm_cpu: one type per part");
   int64_t bytes = 0;
   for (size_t i = 0; i < rows.size(); ++i) {
     const int64_t t = types_[i];
-    TORCH_CHECK(K > 0 && K % block_weights(t) == 0, "slm_q8: in_features ", K, " is not a whole number of blocks of type ", t);
+    TORCH_CHECK(K > 0 && K % block_weights(t) == 0, "slm_cpu: in_features ", K, " is not a whole number of blocks of type ", t);
     types.push_back(t), row0.push_back(N), byte0.push_back(bytes), row_bytes.push_back(K / block_weights(t) * block_bytes(t));
     N += rows[i], bytes += rows[i] * row_bytes.back();
   }
-  TORCH_CHECK(blocks.numel() == bytes, "slm_q8: GGUF blocks hold ", blocks.numel(), " bytes, the parts need ", bytes);
+  TORCH_CHECK(blocks.numel() == bytes, "slm_cpu: GGUF blocks hold ", blocks.numel(), " bytes, the parts need ", bytes);
 }
 
 // Quantize B rows of x [B, K] to int8 blocks of 32: xq [B, K], dx and xs (dx * sum of the block) [B, K/32].
@@ -405,10 +405,10 @@ void dequant_rows(const Parts& P, const uint8_t* bp, int64_t K, int64_t n0, int6
 at::Tensor dequantize_gguf(const at::Tensor& blocks, at::IntArrayRef types, at::IntArrayRef rows, int64_t K,
                            const at::Tensor& ids) {
   const Parts P(blocks, types, rows, K);
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous(), "slm_q8: ids must be int64 [n]");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous(), "slm_cpu: ids must be int64 [n]");
   const int64_t n = ids.size(0);
   const int64_t* ip = ids.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < P.N, "slm_q8: row ", ip[i], " out of range");
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < P.N, "slm_cpu: row ", ip[i], " out of range");
   auto out = at::empty({n, K}, blocks.options().dtype(at::kFloat));
   const uint8_t* bp = blocks.const_data_ptr<uint8_t>();
   float* op = out.mutable_data_ptr<float>();

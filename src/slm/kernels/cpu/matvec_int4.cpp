@@ -151,14 +151,14 @@ void dequant_range_q4(const uint8_t* p, const uint16_t* s, const uint16_t* m, in
 }
 
 void check_q4(const at::Tensor& p, const at::Tensor& s, const at::Tensor& m) {
-  TORCH_CHECK(p.device().is_cpu() && s.device().is_cpu() && m.device().is_cpu(), "slm_q8: CPU tensors only");
+  TORCH_CHECK(p.device().is_cpu() && s.device().is_cpu() && m.device().is_cpu(), "slm_cpu: CPU tensors only");
   TORCH_CHECK(p.scalar_type() == at::kByte && p.dim() == 2 && p.is_contiguous() && (2 * p.size(1)) % QK == 0,
-              "slm_q8: packed int4 weight must be contiguous uint8 [N, K/2], K a multiple of 32");
+              "slm_cpu: packed int4 weight must be contiguous uint8 [N, K/2], K a multiple of 32");
   const int64_t nblk = 2 * p.size(1) / QK;
   for (const auto* t : {&s, &m})
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == p.size(0) &&
                     t->size(1) >= 1 && nblk % t->size(1) == 0,
-                "slm_q8: int4 scales and mins must be contiguous fp16 [N, K/G], G a multiple of 32");
+                "slm_cpu: int4 scales and mins must be contiguous fp16 [N, K/G], G a multiple of 32");
 }
 
 const uint16_t* half_ptr(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::Half>()); }

@@ -143,13 +143,13 @@ void q8_direct(const float* xp, int64_t B, int64_t K, const int8_t* qp, const fl
 }
 
 void check_q8(const at::Tensor& q, const at::Tensor& s) {
-  TORCH_CHECK(q.device().is_cpu() && s.device().is_cpu(), "slm_q8: CPU tensors only");
+  TORCH_CHECK(q.device().is_cpu() && s.device().is_cpu(), "slm_cpu: CPU tensors only");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(),
-              "slm_q8: qweight must be contiguous int8 [N, K]");
-  TORCH_CHECK(q.size(1) % QK == 0, "slm_q8: in_features must be a multiple of 32, got ", q.size(1));
+              "slm_cpu: qweight must be contiguous int8 [N, K]");
+  TORCH_CHECK(q.size(1) % QK == 0, "slm_cpu: in_features must be a multiple of 32, got ", q.size(1));
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 && s.size(0) == q.size(0) &&
                   s.size(1) >= 1 && (q.size(1) / QK) % s.size(1) == 0,
-              "slm_q8: scales must be contiguous fp32 [N, K/G], G a multiple of 32");
+              "slm_cpu: scales must be contiguous fp32 [N, K/G], G a multiple of 32");
 }
 
 at::Tensor dequantize(const at::Tensor& q, const at::Tensor& s) {
@@ -201,7 +201,7 @@ at::Tensor compute(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
 void prepare(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_, int64_t N, int64_t K, at::Tensor& x,
              at::Tensor& bias) {
   TORCH_CHECK(x_in.device().is_cpu() && at::isFloatingType(x_in.scalar_type()) && x_in.dim() >= 1 && x_in.size(-1) == K,
-              "slm_q8.linear: x must be a floating-point CPU tensor [..., ", K, "]");
+              "slm_cpu.linear: x must be a floating-point CPU tensor [..., ", K, "]");
   x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, K});
   if (x.scalar_type() != at::kFloat) x = x.to(at::kFloat);
   if (!x.is_contiguous()) x = x.contiguous();
@@ -209,7 +209,7 @@ void prepare(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_, int
     bias = *bias_;
     if (bias.scalar_type() != at::kFloat) bias = bias.to(at::kFloat);
     if (!bias.is_contiguous()) bias = bias.contiguous();
-    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N, "slm_q8.linear: bias must be [", N, "]");
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N, "slm_cpu.linear: bias must be [", N, "]");
   }
 }
 

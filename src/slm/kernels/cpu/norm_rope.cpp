@@ -19,9 +19,9 @@ namespace slm::cpu {
 // One call instead of the six small kernels ATen runs, which matters at batch 1 (Gemma 3 runs six
 // norms a layer). Sums in fp32 as the reference does.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool plus_one) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "slm_q8.rms_norm: x must be contiguous fp32");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), "slm_cpu.rms_norm: x must be contiguous fp32");
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == D, "slm_q8.rms_norm: bad weight");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == D, "slm_cpu.rms_norm: bad weight");
   auto y = at::empty(x.sizes(), x.options());
   const float* xp = x.const_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
@@ -43,13 +43,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool p
 at::Tensor rms_norm_rope(const at::Tensor& x, const at::Tensor& w, double eps, bool plus_one, const at::Tensor& cos,
                          const at::Tensor& sin) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 4,
-              "slm_q8.rms_norm_rope: x must be contiguous fp32 [B, H, T, D]");
+              "slm_cpu.rms_norm_rope: x must be contiguous fp32 [B, H, T, D]");
   const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), rd = cos.size(-1);
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == D, "slm_q8.rms_norm_rope: bad weight");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == D, "slm_cpu.rms_norm_rope: bad weight");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
                   cos.dim() == 4 && cos.sizes() == sin.sizes() && cos.size(0) == B && cos.size(1) == 1 && cos.size(2) == T &&
                   rd <= D && rd % 2 == 0,
-              "slm_q8.rms_norm_rope: cos and sin must be contiguous fp32 [B, 1, T, rd]");
+              "slm_cpu.rms_norm_rope: cos and sin must be contiguous fp32 [B, 1, T, rd]");
   auto y = at::empty(x.sizes(), x.options());
   const float *xp = x.const_data_ptr<float>(), *wp = w.const_data_ptr<float>();
   const float *cp = cos.const_data_ptr<float>(), *sp = sin.const_data_ptr<float>();
@@ -74,7 +74,7 @@ at::Tensor rms_norm_rope(const at::Tensor& x, const at::Tensor& w, double eps, b
 // residual + RMSNorm(x): Gemma 3's sandwich norms, x = x + post_norm(branch).
 at::Tensor rms_norm_add(const at::Tensor& x, const at::Tensor& w, double eps, bool plus_one, const at::Tensor& residual) {
   TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous() && residual.sizes() == x.sizes(),
-              "slm_q8.rms_norm_add: residual must be contiguous fp32 shaped as x");
+              "slm_cpu.rms_norm_add: residual must be contiguous fp32 shaped as x");
   auto y = rms_norm(x, w, eps, plus_one);
   float* yp = y.mutable_data_ptr<float>();
   const float* rp = residual.const_data_ptr<float>();

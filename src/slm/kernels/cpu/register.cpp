@@ -1,5 +1,5 @@
 // The ops and the Decoder class, registered with the dispatcher when the library is loaded:
-// torch.ops.slm_q8.<op> and torch.classes.slm_q8.Decoder.
+// torch.ops.slm_cpu.<op> and torch.classes.slm_cpu.Decoder.
 
 #include <torch/library.h>
 
@@ -9,7 +9,7 @@
 
 using namespace slm::cpu;
 
-TORCH_LIBRARY(slm_q8, m) {
+TORCH_LIBRARY(slm_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps, bool plus_one) -> Tensor");
   m.def("rms_norm_rope(Tensor x, Tensor w, float eps, bool plus_one, Tensor cos, Tensor sin) -> Tensor");
   m.def("rms_norm_add(Tensor x, Tensor w, float eps, bool plus_one, Tensor residual) -> Tensor");
@@ -42,7 +42,7 @@ TORCH_LIBRARY(slm_q8, m) {
       .def("step", &Decoder::step);
 }
 
-TORCH_LIBRARY_IMPL(slm_q8, CPU, m) {
+TORCH_LIBRARY_IMPL(slm_cpu, CPU, m) {
   m.impl("linear", &linear);
   m.impl("dequantize", &dequantize);
   m.impl("linear_q4", &linear_q4);

@@ -100,10 +100,10 @@ void glu_rows(const float* hp, const float* dyp, float* out, int64_t r0, int64_t
 at::Tensor glu_train(const at::Tensor& h, const std::optional<at::Tensor>& dy, bool gelu) {
   TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == at::kFloat && h.is_contiguous() && h.dim() == 2 &&
                   h.size(1) % 2 == 0,
-              "slm_q8.glu_train: h must be contiguous fp32 [N, 2F]");
+              "slm_cpu.glu_train: h must be contiguous fp32 [N, 2F]");
   const int64_t N = h.size(0), F = h.size(1) / 2;
   if (dy) TORCH_CHECK(dy->scalar_type() == at::kFloat && dy->is_contiguous() && dy->dim() == 2 && dy->size(0) == N &&
-                          dy->size(1) == F, "slm_q8.glu_train: dy must be contiguous fp32 [N, F]");
+                          dy->size(1) == F, "slm_cpu.glu_train: dy must be contiguous fp32 [N, F]");
   auto out = dy ? at::empty({N, 2 * F}, h.options()) : at::empty({N, F}, h.options());
   const float* hp = h.const_data_ptr<float>();
   const float* dyp = dy ? dy->const_data_ptr<float>() : nullptr;
@@ -135,12 +135,12 @@ inline void rope_head(const float* x, const float* c, const float* s, float* y, 
 std::tuple<at::Tensor, at::Tensor> rope_qk_train(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                                  int64_t H, int64_t K) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.dim() == 3,
-              "slm_q8.rope_qk_train: qkv must be contiguous fp32 [B, T, (H + 2K) D]");
+              "slm_cpu.rope_qk_train: qkv must be contiguous fp32 [B, T, (H + 2K) D]");
   const int64_t B = qkv.size(0), T = qkv.size(1), D = qkv.size(2) / (H + 2 * K);
-  TORCH_CHECK(D * (H + 2 * K) == qkv.size(2) && D % 2 == 0, "slm_q8.rope_qk_train: bad head split");
+  TORCH_CHECK(D * (H + 2 * K) == qkv.size(2) && D % 2 == 0, "slm_cpu.rope_qk_train: bad head split");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 3 &&
                   cos.sizes() == sin.sizes() && (cos.size(0) == 1 || cos.size(0) == B) && cos.size(1) == T && cos.size(2) == D,
-              "slm_q8.rope_qk_train: cos and sin must be contiguous fp32 [1 or B, T, D]");
+              "slm_cpu.rope_qk_train: cos and sin must be contiguous fp32 [1 or B, T, D]");
   auto q = at::empty({B, T, H, D}, qkv.options()), k = at::empty({B, T, K, D}, qkv.options());
   const float *xp = qkv.const_data_ptr<float>(), *cp = cos.const_data_ptr<float>(), *sp = sin.const_data_ptr<float>();
   float *qp = q.mutable_data_ptr<float>(), *kp = k.mutable_data_ptr<float>();
@@ -162,9 +162,9 @@ at::Tensor rope_qkv_backward(const at::Tensor& dq, const at::Tensor& dk, const a
                              const at::Tensor& sin) {
   for (const at::Tensor* g : {&dq, &dk, &dv})
     TORCH_CHECK(g->scalar_type() == at::kFloat && g->dim() == 4 && g->stride(3) == 1,
-                "slm_q8.rope_qkv_backward: gradients must be fp32 [B, T, heads, D] with unit stride over D");
+                "slm_cpu.rope_qkv_backward: gradients must be fp32 [B, T, heads, D] with unit stride over D");
   const int64_t B = dq.size(0), T = dq.size(1), H = dq.size(2), K = dk.size(2), D = dq.size(3);
-  TORCH_CHECK(cos.size(0) == 1 || cos.size(0) == B, "slm_q8.rope_qkv_backward: cos must be [1 or B, T, D]");
+  TORCH_CHECK(cos.size(0) == 1 || cos.size(0) == B, "slm_cpu.rope_qkv_backward: cos must be [1 or B, T, D]");
   auto out = at::empty({B, T, (H + 2 * K) * D}, dq.options());
   const float *cp = cos.const_data_ptr<float>(), *sp = sin.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
@@ -189,7 +189,7 @@ at::Tensor rope_qkv_backward(const at::Tensor& dq, const at::Tensor& dk, const a
 std::tuple<at::Tensor, at::Tensor> rms_norm_train(const at::Tensor& x, const at::Tensor& w, double eps, bool plus_one) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
                   w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(1),
-              "slm_q8.rms_norm_train: x must be contiguous fp32 [N, d], w fp32 [d]");
+              "slm_cpu.rms_norm_train: x must be contiguous fp32 [N, d], w fp32 [d]");
   const int64_t N = x.size(0), d = x.size(1);
   auto y = at::empty_like(x);
   auto r = at::empty({N}, x.options());
@@ -208,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_train_backward(const at::Tensor& x, 
                                                            const at::Tensor& dy, bool plus_one) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && dy.sizes() == x.sizes() &&
                   dy.scalar_type() == at::kFloat && dy.is_contiguous() && r.numel() == x.size(0) && w.numel() == x.size(1),
-              "slm_q8.rms_norm_train_backward: x, dy contiguous fp32 [N, d], r [N], w [d]");
+              "slm_cpu.rms_norm_train_backward: x, dy contiguous fp32 [N, d], r [N], w [d]");
   const int64_t N = x.size(0), d = x.size(1);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
   auto dx = at::empty_like(x);
@@ -284,14 +284,14 @@ inline float exp_row(float* s, int64_t n, int64_t L, float& m, bool known) {
 at::Tensor softmax_xent_(at::Tensor logits, const at::Tensor& targets, int64_t ignore_index, double scale) {
   TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.is_contiguous() &&
                   logits.dim() == 2 && logits.size(1) > 0,
-              "slm_q8.softmax_xent_: logits must be contiguous fp32 [n, V]");
+              "slm_cpu.softmax_xent_: logits must be contiguous fp32 [n, V]");
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == logits.size(0),
-              "slm_q8.softmax_xent_: targets must be int64 [n]");
+              "slm_cpu.softmax_xent_: targets must be int64 [n]");
   const int64_t n = logits.size(0), V = logits.size(1);
   const at::Tensor tc = targets.contiguous();
   const int64_t* tp = tc.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r)
-    TORCH_CHECK(tp[r] == ignore_index || (tp[r] >= 0 && tp[r] < V), "slm_q8.softmax_xent_: target ", tp[r],
+    TORCH_CHECK(tp[r] == ignore_index || (tp[r] >= 0 && tp[r] < V), "slm_cpu.softmax_xent_: target ", tp[r],
                 " out of range for ", V, " classes");
   auto nll = at::empty({n}, logits.options());
   float* np = nll.mutable_data_ptr<float>();
@@ -352,9 +352,9 @@ struct HeadRows {
 void check_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (const auto* x : {&q, &k, &v})
     TORCH_CHECK(x->scalar_type() == at::kFloat && x->dim() == 4 && x->stride(3) == 1,
-                "slm_q8.attn_train: q, k, v must be fp32 [B, T, heads, D] with unit stride over D");
+                "slm_cpu.attn_train: q, k, v must be fp32 [B, T, heads, D] with unit stride over D");
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) &&
-              q.size(2) % k.size(2) == 0, "slm_q8.attn_train: k and v [B, T, Hkv, D] with Hkv dividing q's heads");
+              q.size(2) % k.size(2) == 0, "slm_cpu.attn_train: k and v [B, T, Hkv, D] with Hkv dividing q's heads");
 }
 
 // q [B, T, H, D], k and v [B, T, Hkv, D] (grouped-query when Hkv < H) -> o [B, T, H, D] (contiguous,
@@ -396,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_train_backward(const at::Ten
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& dout, double scale) {
   check_attn(q, k, v);
   TORCH_CHECK(o.sizes() == q.sizes() && dout.sizes() == q.sizes() && o.stride(3) == 1 && dout.stride(3) == 1 &&
-              dout.scalar_type() == at::kFloat && lse.is_contiguous(), "slm_q8.attn_train_backward: o, do like q");
+              dout.scalar_type() == at::kFloat && lse.is_contiguous(), "slm_cpu.attn_train_backward: o, do like q");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2), g = H / Hkv;
   auto dq = at::empty({B, T, H, D}, q.options());
   auto dk = at::zeros({B, T, Hkv, D}, q.options());
