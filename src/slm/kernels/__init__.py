@@ -2,7 +2,8 @@
 without the LM head), `glu.py` (SwiGLU/GeGLU), `rope.py` (rotary embedding and the Q/K/V split),
 `triton_launch.py` (which of them run). The rest of this module: the C++ CPU kernels in `cpu/`,
 compiled on first use; `decoder.py`, a whole batch-1 decoding step in one call to them;
-`cpu_train.py`, the CPU training step's GLU, rotation, RMSNorm and attention, with autograd.
+`cpu_train.py`, the CPU training step's GLU, rotation, RMSNorm and attention, with autograd;
+`abi.py`, the numbers for layouts, norms, blocks and roles that Python passes to them.
 
 `cpu/` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_cpu.*` and
 `torch.classes.slm_cpu.Decoder`:
@@ -17,8 +18,8 @@ compiled on first use; `decoder.py`, a whole batch-1 decoding step in one call t
                    place, train/loss.py), `rms_norm_train`, `glu_train`, `rope_qk_train`, `attn_train`
                    (causal attention) and their backwards (autograd in `cpu_train.py`)
   decoder.cpp      the `Decoder` class (decoder.h): a whole batch-1 step
-  register.cpp     the schemas and registrations
-  simd.h, rows.h, matvec.h, ops.h: what the files share; all.cpp: #includes them all (the build)
+  register.cpp     the schemas and registrations, and `abi_constants` (abi.h, which abi.py copies)
+  simd.h, rows.h, matvec.h, ops.h, abi.h: what the files share; all.cpp: #includes them all
 `cpu_ops()` returns `torch.ops.slm_cpu`, and `matvec_f32_op()`, `rms_norm_op()` and `fused_op(name)`
 single ops, or None where the kernels cannot be built: no C++ compiler, no AVX2, not x86-64, or
 `SLM_NO_KERNELS=1`. Callers then use a pure-PyTorch path with the same results, and a warning says

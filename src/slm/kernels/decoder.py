@@ -23,8 +23,9 @@ import torch.nn as nn
 
 from ..quantize import MAX_DIRECT as MAX_TOKENS  # the quantized layers' direct path, as the modules run it
 from . import cpu_ops
+from .abi import BlockKind, Layout, LinearRole, MlpKind, ModelLinearRole, ModelNormRole, NormKind, NormRole
 
-_MLP = {"swiglu": 0, "geglu": 1, "gelu": 2}
+_MLP = {"swiglu": MlpKind.SWIGLU, "geglu": MlpKind.GEGLU, "gelu": MlpKind.GELU}
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, decoder)
 
 
@@ -37,11 +38,11 @@ def _linear(m: nn.Module):
         return None
     t = type(m)
     if t is GGUFLinear:
-        return 3, [m.qweight], bias, list(m.types), list(m.part_rows), m.in_features
+        return Layout.GGUF, [m.qweight], bias, list(m.types), list(m.part_rows), m.in_features
     if t is Int8Linear and m.scales.dtype == torch.float32:
-        return 1, [m.qweight, m.scales], bias, [], [], m.in_features
+        return Layout.INT8, [m.qweight, m.scales], bias, [], [], m.in_features
     if t is Int4Linear and m.scales.dtype == torch.float16 and m.mins.dtype == torch.float16:
-        return 2, [m.qweight, m.scales, m.mins], bias, [], [], m.in_features
+        return Layout.INT4, [m.qweight, m.scales, m.mins], bias, [], [], m.in_features
     if isinstance(m, nn.Linear) and type(m).forward in (nn.Linear.forward, _model().Linear.forward) \
             and m.weight.dtype == torch.float32:
         return _fp32(m.weight, bias)
@@ -51,21 +52,21 @@ def _linear(m: nn.Module):
 def _fp32(w: torch.Tensor, bias):
     """An fp32 [N, K] weight: row-major, or column-major as checkpoint/hf.py stores a tall LM head."""
     if w.is_contiguous():
-        return 0, [w.detach()], bias, [], [], w.shape[1]
+        return Layout.F32, [w.detach()], bias, [], [], w.shape[1]
     if w.t().is_contiguous():
-        return 4, [w.detach().t()], bias, [], [], w.shape[1]
+        return Layout.F32_TRANSPOSED, [w.detach().t()], bias, [], [], w.shape[1]
     return None
 
 
 def _norm(m: nn.Module | None):
     """(kind, weight, bias, eps, plus_one) for the C++ Norm, or None."""
     if m is None:
-        return 0, None, None, 0.0, False
+        return NormKind.NONE, None, None, 0.0, False
     model = _model()
     if type(m) is model.RMSNorm and m.weight.dtype == torch.float32:
-        return 1, m.weight.detach(), None, float(m.eps), bool(m.plus_one)
+        return NormKind.RMS, m.weight.detach(), None, float(m.eps), bool(m.plus_one)
     if type(m) is nn.LayerNorm and m.weight is not None and m.weight.dtype == torch.float32 and len(m.normalized_shape) == 1:
-        return 2, m.weight.detach(), m.bias.detach() if m.bias is not None else None, float(m.eps), False
+        return NormKind.LAYER, m.weight.detach(), m.bias.detach() if m.bias is not None else None, float(m.eps), False
     return None
 
 
@@ -97,25 +98,29 @@ def _spec(model) -> list | None:
     from ..quantize import QuantEmbedding
     emb = model.embed
     if type(emb) is nn.Embedding and emb.weight.dtype == torch.float32 and _fp32(emb.weight, None) is not None:
-        calls.append(("set_linear", (-1, 1, *_fp32(emb.weight, None))))
+        calls.append(("set_linear", (-1, ModelLinearRole.EMBED, *_fp32(emb.weight, None))))
     elif type(emb) is QuantEmbedding and emb.tied_to is None:
-        calls.append(("set_linear", (-1, 1, 1, [emb.qweight, emb.scales], None, [], [], cfg.hidden_size)))
+        calls.append(("set_linear", (-1, ModelLinearRole.EMBED, Layout.INT8, [emb.qweight, emb.scales], None, [], [],
+                                     cfg.hidden_size)))
     elif type(emb) is QuantEmbedding:
         s = _linear(emb.tied_to)
         if s is None:
             return None
-        calls.append(("set_linear", (-1, 1, s[0], s[1], None, s[3], s[4], s[5])))
+        calls.append(("set_linear", (-1, ModelLinearRole.EMBED, s[0], s[1], None, s[3], s[4], s[5])))
     else:
         return None
-    if not (lin(-1, 0, model.lm_head) and norm(-1, 0, model.norm)):
+    if not (lin(-1, ModelLinearRole.HEAD, model.lm_head) and norm(-1, ModelNormRole.FINAL, model.norm)):
         return None
     for i, b in enumerate(model.blocks):
         a, mlp = b.attn, b.mlp
-        ok = norm(i, 0, b.attn_norm) and norm(i, 1, getattr(b, "mlp_norm", None)) \
-            and norm(i, 2, getattr(b, "post_attn_norm", None)) and norm(i, 3, getattr(b, "post_mlp_norm", None)) \
-            and norm(i, 4, a.q_norm if a.qk_norm else None) and norm(i, 5, a.k_norm if a.qk_norm else None) \
-            and lin(i, 0, a.qkv_proj) and lin(i, 1, a.o_proj) \
-            and lin(i, 2, mlp.gate_up_proj if mlp.gated else mlp.up_proj) and lin(i, 3, mlp.down_proj)
+        ok = norm(i, NormRole.ATTN, b.attn_norm) and norm(i, NormRole.MLP, getattr(b, "mlp_norm", None)) \
+            and norm(i, NormRole.POST_ATTN, getattr(b, "post_attn_norm", None)) \
+            and norm(i, NormRole.POST_MLP, getattr(b, "post_mlp_norm", None)) \
+            and norm(i, NormRole.Q, a.q_norm if a.qk_norm else None) \
+            and norm(i, NormRole.K, a.k_norm if a.qk_norm else None) \
+            and lin(i, LinearRole.QKV, a.qkv_proj) and lin(i, LinearRole.O, a.o_proj) \
+            and lin(i, LinearRole.UP, mlp.gate_up_proj if mlp.gated else mlp.up_proj) \
+            and lin(i, LinearRole.DOWN, mlp.down_proj)
         if not ok:
             return None
         cos, sin = _rope_table(model, i)
@@ -163,7 +168,8 @@ def build(model):
         return None
     cfg = model.config
     a = model.blocks[0].attn
-    block = 1 if cfg.parallel_block else 2 if cfg.sandwich_norm else 0
+    block = BlockKind.PARALLEL if cfg.parallel_block else BlockKind.SANDWICH if cfg.sandwich_norm \
+        else BlockKind.SEQUENTIAL
     dims = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim, cfg.intermediate_size,
             cfg.vocab_size, cfg.num_layers, block, _MLP[cfg.mlp]]
     scale = a.scale if a.scale is not None else cfg.head_dim ** -0.5

@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "abi.h"
 #include "decoder.h"
 #include "matvec.h"
 #include "ops.h"
@@ -23,7 +24,7 @@ namespace slm::cpu {
 void Lin::rows(const float* x, int64_t B, float* y) const {
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   switch (kind) {
-    case 0:
+    case Layout::F32:
       if (B == 1) {
         f32_direct(x, a.const_data_ptr<float>(), N, K, y, bp);
       } else {  // F.linear's GEMM
@@ -32,7 +33,7 @@ void Lin::rows(const float* x, int64_t B, float* y) const {
         bias.defined() ? at::addmm_out(yt, bias, xt, a.t()) : at::mm_out(yt, xt, a.t());
       }
       break;
-    case 4:
+    case Layout::F32_TRANSPOSED:
       if (B == 1) {
         f32t_direct(x, a.const_data_ptr<float>(), N, K, y, bp);
       } else {
@@ -41,27 +42,27 @@ void Lin::rows(const float* x, int64_t B, float* y) const {
         bias.defined() ? at::addmm_out(yt, bias, xt, a) : at::mm_out(yt, xt, a);
       }
       break;
-    case 1: q8_direct(x, B, K, a.const_data_ptr<int8_t>(), b.const_data_ptr<float>(), b.size(1), N, y, bp); break;
-    case 2: q4_direct(x, B, K, a.const_data_ptr<uint8_t>(), half_ptr(b), half_ptr(c), b.size(1), N, y, bp); break;
+    case Layout::INT8: q8_direct(x, B, K, a.const_data_ptr<int8_t>(), b.const_data_ptr<float>(), b.size(1), N, y, bp); break;
+    case Layout::INT4: q4_direct(x, B, K, a.const_data_ptr<uint8_t>(), half_ptr(b), half_ptr(c), b.size(1), N, y, bp); break;
     default: gguf_direct(*parts, a.const_data_ptr<uint8_t>(), x, B, K, y, bp); break;
   }
 }
 
 void Lin::row(int64_t n, float* out) const {
   switch (kind) {
-    case 0: std::memcpy(out, a.const_data_ptr<float>() + n * K, K * sizeof(float)); break;
-    case 4:
+    case Layout::F32: std::memcpy(out, a.const_data_ptr<float>() + n * K, K * sizeof(float)); break;
+    case Layout::F32_TRANSPOSED:
       for (int64_t k = 0; k < K; ++k) out[k] = a.const_data_ptr<float>()[k * N + n];
       break;
-    case 1: dequant_range(a.const_data_ptr<int8_t>(), b.const_data_ptr<float>(), K, b.size(1), n, n + 1, out); break;
-    case 2: dequant_range_q4(a.const_data_ptr<uint8_t>(), half_ptr(b), half_ptr(c), K, b.size(1), n, n + 1, out); break;
+    case Layout::INT8: dequant_range(a.const_data_ptr<int8_t>(), b.const_data_ptr<float>(), K, b.size(1), n, n + 1, out); break;
+    case Layout::INT4: dequant_range_q4(a.const_data_ptr<uint8_t>(), half_ptr(b), half_ptr(c), K, b.size(1), n, n + 1, out); break;
     default: dequant_rows(*parts, a.const_data_ptr<uint8_t>(), K, n, n + 1, out); break;
   }
 }
 
 void Norm::operator()(const float* x, float* out, int64_t D) const {
   const float* wp = w.const_data_ptr<float>();
-  if (kind == 1) {
+  if (kind == NormKind::RMS) {
     rms_row(x, wp, D, eps, add, out);
     return;
   }
@@ -96,25 +97,26 @@ void Decoder::fp32(const at::Tensor& t, int64_t n, const char* what) {
 void Decoder::set_linear(int64_t i, int64_t role, int64_t kind, std::vector<at::Tensor> t,
                          std::optional<at::Tensor> bias, std::vector<int64_t> types, std::vector<int64_t> rows,
                          int64_t K) {
-  TORCH_CHECK(role >= 0 && role < (i < 0 ? 2 : 4), "slm_cpu.Decoder: bad role");
-  Lin& L = i < 0 ? (role == 0 ? head : embed) : layer(i).lin[role];
+  TORCH_CHECK(role >= 0 && role <= (i < 0 ? int64_t(ModelLinearRole::EMBED) : int64_t(LinearRole::DOWN)),
+              "slm_cpu.Decoder: bad role");
+  Lin& L = i < 0 ? (role == ModelLinearRole::HEAD ? head : embed) : layer(i).lin[role];
   L = Lin();
   L.kind = kind, L.K = K;
-  if (kind == 0 || kind == 4) {
-    TORCH_CHECK(t.size() == 1 && t[0].dim() == 2 && t[0].size(kind == 0 ? 1 : 0) == K,
+  if (kind == Layout::F32 || kind == Layout::F32_TRANSPOSED) {
+    TORCH_CHECK(t.size() == 1 && t[0].dim() == 2 && t[0].size(kind == Layout::F32 ? 1 : 0) == K,
                 "slm_cpu.Decoder: fp32 weight [N, K], or its transpose [K, N]");
-    L.N = t[0].size(kind == 0 ? 0 : 1), L.a = t[0];
+    L.N = t[0].size(kind == Layout::F32 ? 0 : 1), L.a = t[0];
     fp32(t[0], L.N * K, "an fp32 weight");
-  } else if (kind == 1) {
+  } else if (kind == Layout::INT8) {
     TORCH_CHECK(t.size() == 2 && t[0].dim() == 2 && t[0].size(1) == K, "slm_cpu.Decoder: int8 weight [N, K]");
     check_q8(t[0], t[1]);
     L.N = t[0].size(0), L.a = t[0], L.b = t[1];
-  } else if (kind == 2) {
+  } else if (kind == Layout::INT4) {
     TORCH_CHECK(t.size() == 3 && t[0].dim() == 2 && 2 * t[0].size(1) == K, "slm_cpu.Decoder: int4 weight [N, K/2]");
     check_q4(t[0], t[1], t[2]);
     L.N = t[0].size(0), L.a = t[0], L.b = t[1], L.c = t[2];
   } else {
-    TORCH_CHECK(kind == 3 && t.size() == 1, "slm_cpu.Decoder: unknown layout ", kind);
+    TORCH_CHECK(kind == Layout::GGUF && t.size() == 1, "slm_cpu.Decoder: unknown layout ", kind);
     L.parts.emplace(t[0], types, rows, K);
     L.N = L.parts->N, L.a = t[0];
   }
@@ -126,15 +128,16 @@ void Decoder::set_linear(int64_t i, int64_t role, int64_t kind, std::vector<at::
 
 void Decoder::set_norm(int64_t i, int64_t role, int64_t kind, std::optional<at::Tensor> w,
                        std::optional<at::Tensor> b, double eps, bool plus_one) {
-  TORCH_CHECK(role >= 0 && role < 6 && kind >= 0 && kind <= 2, "slm_cpu.Decoder: bad norm");
+  TORCH_CHECK(role >= 0 && role <= NormRole::K && kind >= NormKind::NONE && kind <= NormKind::LAYER,
+              "slm_cpu.Decoder: bad norm");
   Norm& n = i < 0 ? final_norm : layer(i).norm[role];
   n = Norm();
   n.kind = kind, n.eps = eps, n.add = plus_one ? 1.0f : 0.0f;
-  if (kind == 0) return;
-  const int64_t dim = role >= 4 ? D : d;
+  if (kind == NormKind::NONE) return;
+  const int64_t dim = role >= NormRole::Q ? D : d;
   fp32(*w, dim, "a norm weight");
   n.w = *w;
-  if (kind == 2 && b.has_value() && b->defined()) {
+  if (kind == NormKind::LAYER && b.has_value() && b->defined()) {
     fp32(*b, dim, "a norm bias");
     n.b = *b;
   }
@@ -165,7 +168,7 @@ at::Tensor Decoder::step(std::vector<int64_t> tokens, int64_t seen, std::vector<
     TORCH_CHECK(seen >= 0 && (rolling[i] || seen + T <= K[i].size(2)) && seen + T <= layers[i].cos.size(0),
                 "slm_cpu.Decoder.step: positions up to ", seen + T, " are beyond the cache or the rope table");
   }
-  std::vector<float> x(T * d), h(T * d), a(T * d), m(T * d), qkv(T * Q), y(T * H * D), up(T * (act == 2 ? F : 2 * F)), g(T * F);
+  std::vector<float> x(T * d), h(T * d), a(T * d), m(T * d), qkv(T * Q), y(T * H * D), up(T * (act == MlpKind::GELU ? F : 2 * F)), g(T * F);
   for (int64_t t = 0; t < T; ++t) {
     embed.row(tokens[t], x.data() + t * d);
     if (embed_scale != 0.0)
@@ -177,53 +180,54 @@ at::Tensor Decoder::step(std::vector<int64_t> tokens, int64_t seen, std::vector<
   auto attention = [&](int64_t i, const float* in, float* out) {
     Layer& L = layers[i];
     const int64_t S = K[i].size(2);
-    L.lin[0].rows(in, T, qkv.data());
+    L.lin[LinearRole::QKV].rows(in, T, qkv.data());
     for (int64_t t = 0; t < T; ++t) {
       const int64_t p = seen + t, slot = rolling[i] ? p % S : p;
       pos[i].mutable_data_ptr<int64_t>()[slot] = p;
-      attn_step_row(qkv.data() + t * Q, H, Hkv, D, rd, L.norm[4].kind ? L.norm[4].w.const_data_ptr<float>() : nullptr,
-                    L.norm[5].kind ? L.norm[5].w.const_data_ptr<float>() : nullptr, L.norm[4].eps, L.norm[4].add != 0.0f,
+      const Norm &qn = L.norm[NormRole::Q], &kn = L.norm[NormRole::K];
+      attn_step_row(qkv.data() + t * Q, H, Hkv, D, rd, qn.kind ? qn.w.const_data_ptr<float>() : nullptr,
+                    kn.kind ? kn.w.const_data_ptr<float>() : nullptr, qn.eps, qn.add != 0.0f,
                     L.cos.const_data_ptr<float>() + p * rd, L.sin.const_data_ptr<float>() + p * rd,
                     K[i].mutable_data_ptr<float>(), Vc[i].mutable_data_ptr<float>(), S, slot, std::min(p + 1, S),
                     float(scale), y.data() + t * H * D);
     }
-    L.lin[1].rows(y.data(), T, out);
+    L.lin[LinearRole::O].rows(y.data(), T, out);
   };
   auto mlp = [&](int64_t i, const float* in, float* out) {
     Layer& L = layers[i];
-    L.lin[2].rows(in, T, up.data());
-    const int64_t W = act == 2 ? F : 2 * F;
+    L.lin[LinearRole::UP].rows(in, T, up.data());
+    const int64_t W = act == MlpKind::GELU ? F : 2 * F;
     for (int64_t t = 0; t < T; ++t) {
       const float* u = up.data() + t * W;
       float* o = g.data() + t * F;
-      if (act == 0) {  // SwiGLU: silu(gate) * up
+      if (act == MlpKind::SWIGLU) {  // SwiGLU: silu(gate) * up
         for (int64_t j = 0; j < F; ++j) o[j] = u[j] / (1.0f + std::exp(-u[j])) * u[F + j];
       } else {
-        gelu_tanh_mul_row(u, act == 1 ? u + F : nullptr, o, F);
+        gelu_tanh_mul_row(u, act == MlpKind::GEGLU ? u + F : nullptr, o, F);
       }
     }
-    L.lin[3].rows(g.data(), T, out);
+    L.lin[LinearRole::DOWN].rows(g.data(), T, out);
   };
   for (int64_t i = 0; i < n; ++i) {
     Layer& L = layers[i];
-    norm(L.norm[0], x.data(), h.data());
-    if (block == 1) {  // Phi: x = attn(h) + mlp(h) + x
+    norm(L.norm[NormRole::ATTN], x.data(), h.data());
+    if (block == BlockKind::PARALLEL) {  // Phi: x = attn(h) + mlp(h) + x
       attention(i, h.data(), a.data());
       mlp(i, h.data(), m.data());
       for (int64_t j = 0; j < T * d; ++j) x[j] = (a[j] + m[j]) + x[j];
       continue;
     }
     attention(i, h.data(), a.data());
-    if (block == 2) {  // Gemma 3: x = post_norm(branch) + x
-      norm(L.norm[2], a.data(), h.data());
+    if (block == BlockKind::SANDWICH) {  // Gemma 3: x = post_norm(branch) + x
+      norm(L.norm[NormRole::POST_ATTN], a.data(), h.data());
       for (int64_t j = 0; j < T * d; ++j) x[j] = h[j] + x[j];
     } else {
       for (int64_t j = 0; j < T * d; ++j) x[j] = x[j] + a[j];
     }
-    norm(L.norm[1], x.data(), h.data());
+    norm(L.norm[NormRole::MLP], x.data(), h.data());
     mlp(i, h.data(), m.data());
-    if (block == 2) {
-      norm(L.norm[3], m.data(), h.data());
+    if (block == BlockKind::SANDWICH) {
+      norm(L.norm[NormRole::POST_MLP], m.data(), h.data());
       for (int64_t j = 0; j < T * d; ++j) x[j] = h[j] + x[j];
     } else {
       for (int64_t j = 0; j < T * d; ++j) x[j] = x[j] + m[j];

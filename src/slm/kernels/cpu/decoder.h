@@ -19,10 +19,10 @@
 
 namespace slm::cpu {
 
-// A linear layer as one of the weight layouts: 0 fp32 [N, K], 1 int8 (q, scales), 2 int4 (packed,
-// scales, mins), 3 a GGUF file's blocks, 4 fp32 stored column-major (a = W^T [K, N]).
+// A linear layer in one of the weight layouts (abi.h's Layout): a the fp32 weight, or the int8 or
+// int4 weight with b its scales (and c the int4 mins), or the GGUF blocks described by parts.
 struct Lin {
-  int64_t kind = -1, N = 0, K = 0;
+  int64_t kind = -1, N = 0, K = 0;  // kind: a Layout, -1 until set
   at::Tensor a, b, c, bias;
   std::optional<Parts> parts;
   // y [B, N] = x [B, K] W^T (+ bias), B at most the direct paths' max_direct, as the modules run it
@@ -30,7 +30,7 @@ struct Lin {
   void row(int64_t n, float* out) const;  // fp32 row n of W (a tied embedding's lookup)
 };
 
-// 0 none, 1 RMSNorm (add = 1: Gemma's 1 + w), 2 LayerNorm with bias.
+// A norm of abi.h's NormKind: none, RMSNorm (add = 1: Gemma's 1 + w), LayerNorm with bias.
 struct Norm {
   int64_t kind = 0;
   at::Tensor w, b;
@@ -40,14 +40,14 @@ struct Norm {
 };
 
 struct Layer {
-  Norm norm[6];  // attn_norm, mlp_norm, post_attn_norm, post_mlp_norm, q_norm, k_norm
-  Lin lin[4];    // qkv_proj, o_proj, gate_up_proj (or up_proj), down_proj
+  Norm norm[6];  // by NormRole: attn_norm, mlp_norm, post_attn_norm, post_mlp_norm, q_norm, k_norm
+  Lin lin[4];    // by LinearRole: qkv_proj, o_proj, gate_up_proj (or up_proj), down_proj
   at::Tensor cos, sin;  // this layer's rope tables [positions, rotary dims]
 };
 
 struct Decoder : torch::CustomClassHolder {
-  // dims: hidden, heads, kv heads, head dim, rotary dims, MLP width, vocab, layers, block (0
-  // sequential, 1 parallel (Phi), 2 sandwich (Gemma 3)), MLP (0 SwiGLU, 1 GeGLU, 2 GELU);
+  // dims: hidden, heads, kv heads, head dim, rotary dims, MLP width, vocab, layers, block (a
+  // BlockKind: sequential, parallel (Phi), sandwich (Gemma 3)), MLP (an MlpKind: SwiGLU, GeGLU, GELU);
   // scales: attention scale, embedding scale (0: none)
   int64_t d, H, Hkv, D, rd, F, V, block, act;
   double scale, embed_scale;
@@ -59,11 +59,12 @@ struct Decoder : torch::CustomClassHolder {
   Layer& layer(int64_t i);
   static void fp32(const at::Tensor& t, int64_t n, const char* what);
 
-  // layer -1: the LM head (role 0) or the embedding table (role 1); else role 0..3 of the layer.
+  // layer -1: the model's own (role a ModelLinearRole: the LM head or the embedding table); else
+  // layer i's (role a LinearRole). kind: a Layout.
   void set_linear(int64_t i, int64_t role, int64_t kind, std::vector<at::Tensor> t, std::optional<at::Tensor> bias,
                   std::vector<int64_t> types, std::vector<int64_t> rows, int64_t K);
 
-  // layer -1: the final norm; else role 0..5 of the layer (kind 0: none).
+  // layer -1: the final norm (ModelNormRole); else layer i's (role a NormRole). kind: a NormKind.
   void set_norm(int64_t i, int64_t role, int64_t kind, std::optional<at::Tensor> w, std::optional<at::Tensor> b,
                 double eps, bool plus_one);
 

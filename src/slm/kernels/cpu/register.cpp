@@ -3,13 +3,32 @@
 
 #include <torch/library.h>
 
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "abi.h"
 #include "decoder.h"
 #include "matvec.h"
 #include "ops.h"
 
 using namespace slm::cpu;
 
+namespace {
+
+// abi.h's table as two lists, names and values, for tests/test_kernels_abi.py.
+std::tuple<std::vector<std::string>, std::vector<int64_t>> abi_constants() {
+  std::vector<std::string> names;
+  std::vector<int64_t> values;
+  for (const auto& [name, value] : abi_table()) names.emplace_back(name), values.push_back(value);
+  return {names, values};
+}
+
+}  // namespace
+
 TORCH_LIBRARY(slm_cpu, m) {
+  m.def("abi_constants() -> (str[], int[])", &abi_constants);
   m.def("rms_norm(Tensor x, Tensor w, float eps, bool plus_one) -> Tensor");
   m.def("rms_norm_rope(Tensor x, Tensor w, float eps, bool plus_one, Tensor cos, Tensor sin) -> Tensor");
   m.def("rms_norm_add(Tensor x, Tensor w, float eps, bool plus_one, Tensor residual) -> Tensor");
