@@ -1,4 +1,4 @@
-"""The CPU training step's C++ kernels (kernels/cpu_train.py, q8.cpp) against the PyTorch ops they
+"""The CPU training step's C++ kernels (kernels/cpu_train.py, cpu/train.cpp) against the PyTorch ops they
 replace, piece by piece, forward and backward, at one layer of the stories15M shape:
 
     python benchmarks/cpu_train_kernels.py [--batch-size 8] [--seq-len 256] [--repeats 15] [--threads 2]
@@ -101,7 +101,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if kernels.q8_linear_op() is None or kernels.fused_op("attn_train") is None:
+    if kernels.cpu_ops() is None or kernels.fused_op("attn_train") is None:
         sys.exit(f"the CPU kernels are unavailable here: {kernels.kernel_error()}")
     print(f"one layer of stories15m, batch {args.batch_size} x {args.seq_len}, fp32, {args.threads} threads, "
           f"forward + backward, best of {args.repeats} (ms)")

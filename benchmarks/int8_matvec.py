@@ -1,4 +1,4 @@
-"""Batch-1 matrix-vector products: fp32 F.linear against slm's int8 kernel (slm/kernels/q8.cpp).
+"""Batch-1 matrix-vector products: fp32 F.linear against slm's int8 kernel (slm/kernels/cpu/matvec_int8.cpp).
 
     python benchmarks/int8_matvec.py [--repeats 20] [--threads N]
 
@@ -50,9 +50,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    op = kernels.q8_linear_op()
-    if op is None:
+    ops = kernels.cpu_ops()
+    if ops is None:
         sys.exit(f"int8 kernel unavailable: {kernels.kernel_error()}")
+    op = ops.linear.default
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; kernel ready in {time.perf_counter() - t:.1f} s")
     print(f"{'shape':>12} {'mode':>4} | {'fp32 ms':>9} {'GB/s':>5} | {'int8 ms':>8} {'GB/s':>5} | {'speed-up':>8}")

@@ -1,4 +1,4 @@
-"""The CPU training step's C++ kernels (kernels/cpu_train.py, q8.cpp) against PyTorch's ops: values and
+"""The CPU training step's C++ kernels (kernels/cpu_train.py, cpu/train.cpp) against PyTorch's ops: values and
 gradients of the GLU, of the rotation with the Q/K/V split and of causal attention, then a whole
 model's loss and every parameter gradient through train/loop.py's loss_function, with the kernels
 and without."""
@@ -12,7 +12,7 @@ from slm import kernels
 from slm.accel import cpu_train
 from slm.model import apply_rope, rope_tables
 
-pytestmark = pytest.mark.skipif(kernels.q8_linear_op() is None, reason=f"no CPU kernels: {kernels.kernel_error()}")
+pytestmark = pytest.mark.skipif(kernels.cpu_ops() is None, reason=f"no CPU kernels: {kernels.kernel_error()}")
 
 
 @pytest.mark.parametrize("gelu", [False, True])

@@ -1,4 +1,4 @@
-"""The whole decode step in one C++ call (slm.accel.decoder, q8.cpp's Decoder) against the module
+"""The whole decode step in one C++ call (slm.accel.decoder, kernels/cpu/decoder.cpp's Decoder) against the module
 path it replaces: the same logits and the same cache, for every family and weight layout, and the
 module path wherever the decoder does not apply."""
 
@@ -12,7 +12,7 @@ from slm import kernels
 from slm.accel import decoder
 from slm.runtime.generate import generate_ids
 
-pytestmark = pytest.mark.skipif(kernels.q8_linear_op() is None, reason="slm's CPU kernels are unavailable")
+pytestmark = pytest.mark.skipif(kernels.cpu_ops() is None, reason="slm's CPU kernels are unavailable")
 
 
 def decode(model, ids: list[int], steps: int, max_len: int = 64):

@@ -1,5 +1,5 @@
 """A GGUF file's quantized tensors kept in their own blocks (slm.quant.gguf_layers.GGUFLinear) and the
-kernels that run them (torch.ops.slm_q8.linear_gguf / dequantize_gguf), and the fused decoding
+kernels that run them (torch.ops.slm_cpu.linear_gguf / dequantize_gguf), and the fused decoding
 helpers (rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode, argmax_rows): each against a
 reference written with PyTorch and gguf-py's dequantizer, and the PyTorch fallback against the kernel."""
 
@@ -18,7 +18,7 @@ import slm  # noqa: E402
 from slm import kernels  # noqa: E402
 from slm.quant.gguf_layers import Q5_0R4, GGUFLinear, q5_0_regroup, q5_0_ungroup, quantize_x_reference  # noqa: E402
 
-needs_kernels = pytest.mark.skipif(kernels.q8_linear_op() is None, reason=f"no CPU kernels: {kernels.kernel_error()}")
+needs_kernels = pytest.mark.skipif(kernels.cpu_ops() is None, reason=f"no CPU kernels: {kernels.kernel_error()}")
 TYPES = [Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K]
 
 
@@ -66,9 +66,9 @@ def test_linear_matches_reference(qtype, rows, monkeypatch):
     xr = quantize_x_reference(x) if rows <= 64 else x  # the kernel's int8 x, up to MAX_DIRECT rows
     ref = (xr.double() @ w.double().T).float()
     tol = 1e-5 * ref.abs().max().item()
-    if kernels.q8_linear_op() is not None:
+    if kernels.cpu_ops() is not None:
         torch.testing.assert_close(m(x), ref, rtol=0, atol=tol)
-    monkeypatch.setattr(kernels, "q8_linear_op", lambda: None)  # the PyTorch path
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: None)  # the PyTorch path
     torch.testing.assert_close(m(x), ref, rtol=0, atol=tol)
     torch.testing.assert_close(m.dequantize(), w)
 
@@ -83,7 +83,7 @@ def test_mixed_parts_and_bias(monkeypatch):
     got = m(x)
     assert got.shape == (2, 1, 56)
     torch.testing.assert_close(got.view(2, 56), ref, rtol=0, atol=1e-4)
-    monkeypatch.setattr(kernels, "q8_linear_op", lambda: None)
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
     torch.testing.assert_close(m(x).view(2, 56), ref, rtol=0, atol=1e-4)
 
 
@@ -96,7 +96,7 @@ def test_q5_0_regrouped(k, monkeypatch):
     x = torch.randn(3, k)
     ref = quantize_x_reference(x) @ w.T
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-4)
-    monkeypatch.setattr(kernels, "q8_linear_op", lambda: None)
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-4)
     torch.testing.assert_close(m.dequantize(), w, rtol=0, atol=0)
 

@@ -16,7 +16,7 @@ from slm.train.optim import Muon, build_optimizers, orthogonalize
 @pytest.mark.parametrize("ignored", [True, False])
 @pytest.mark.parametrize("chunk", [None, 7, 64])
 def test_fused_cross_entropy_equals_plain_with_gradients(chunk, ignored, kernel, monkeypatch):
-    """With the C++ softmax kernel (kernels/q8.cpp) and with its PyTorch fallback; 50 classes
+    """With the C++ softmax kernel (kernels/cpu/train.cpp) and with its PyTorch fallback; 50 classes
     leave a tail after the kernel's groups of 8."""
     from slm.train import loss
     if kernel:

@@ -25,9 +25,9 @@ def op():
     why = kernels._unsupported() or (None if kernels._compiler() else "no C++ compiler")
     if why:
         pytest.skip(f"int8 kernel unsupported here: {why}")
-    fn = kernels.q8_linear_op()
-    assert fn is not None, kernels.kernel_error()
-    return fn
+    ops = kernels.cpu_ops()
+    assert ops is not None, kernels.kernel_error()
+    return ops.linear
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def q8():
     """The layers and models below run with the kernel where it builds, else the PyTorch path."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        kernels.q8_linear_op()
+        kernels.cpu_ops()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,7 +89,7 @@ def test_kernel_matches_reference(op, B, N, K, bias):
 
 def test_kernel_dequantize_and_bad_input(op):
     _, q, s = q8_weights(300, 640)
-    assert torch.equal(torch.ops.slm_q8.dequantize(q, s), dequantize_q8(q, s))
+    assert torch.equal(torch.ops.slm_cpu.dequantize(q, s), dequantize_q8(q, s))
     _, q, s = q8_weights(8, 64)
     with pytest.raises(RuntimeError):
         op(torch.randn(1, 32), q, s, None, 4)  # wrong in_features
@@ -125,7 +125,7 @@ def test_int8_linear_dtypes_grad_and_fallback(q8, monkeypatch):
     xg = x.clone().requires_grad_()  # gradients reach the input through the PyTorch path
     q8(xg).sum().backward()
     torch.testing.assert_close(xg.grad, q8.dequantize().sum(0).expand(2, 5, 64), rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(kernels, "q8_linear_op", lambda: None)  # no compiler: the same numbers
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: None)  # no compiler: the same numbers
     torch.testing.assert_close(q8(x), y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         Int8Linear(48, 8)

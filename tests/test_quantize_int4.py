@@ -28,8 +28,8 @@ def op():
     why = kernels._unsupported() or (None if kernels._compiler() else "no C++ compiler")
     if why:
         pytest.skip(f"kernels unsupported here: {why}")
-    assert kernels.q8_linear_op() is not None, kernels.kernel_error()
-    return torch.ops.slm_q8.linear_q4
+    assert kernels.cpu_ops() is not None, kernels.kernel_error()
+    return torch.ops.slm_cpu.linear_q4
 
 
 def test_q4_format_and_rounding():
@@ -59,7 +59,7 @@ def test_q4_kernel_matches_reference(op, B, N, K, G):
     p, s, m = quantize_q4(torch.randn(N, K, generator=g) * 0.02, G)
     x, b = torch.randn(B, K, generator=g), torch.randn(N, generator=g)
     ref = q4_linear_reference(x, p, s, m, b)
-    assert torch.equal(torch.ops.slm_q8.dequantize_q4(p, s, m), dequantize_q4(p, s, m))
+    assert torch.equal(torch.ops.slm_cpu.dequantize_q4(p, s, m), dequantize_q4(p, s, m))
     for max_direct in (0, 1000):  # dequantize + GEMM, streaming kernel
         y = op(x, p, s, m, b, max_direct)
         tol = 1e-5 * max((x.abs() @ dequantize_q4(p, s, m).abs().t()).flatten().tolist(), default=0.0) + 1e-5
@@ -71,7 +71,7 @@ def test_int8_per_channel_kernel(op):
     q, s = quantize_q8(w, None)
     assert s.shape == (300, 1)
     x = torch.randn(2, 640)
-    torch.testing.assert_close(torch.ops.slm_q8.linear(x, q, s, None, 64), x @ (q.float() * s).t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.ops.slm_cpu.linear(x, q, s, None, 64), x @ (q.float() * s).t(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cls,group,bound", [(Int8Linear, None, 0.012), (Int4Linear, 32, 0.12),

@@ -1,4 +1,4 @@
-"""The CPU training step's work outside the big matmuls in C++ (q8.cpp), with autograd: the MLP's
+"""The CPU training step's work outside the big matmuls in C++ (cpu/train.cpp), with autograd: the MLP's
 GLU, the rotary embedding with the Q/K/V split, RMSNorm, and causal attention. The GPU has Triton
 versions of the first two (glu.py, rope.py); these take the same arguments, so train/loop.py sets
 either on the model the same way (`MLP.glu`, `Attention.rope_qkv`); on the CPU it also sets
@@ -11,7 +11,7 @@ is two products, a roll (a concatenation) and a sum each way, plus zero-filled g
 Q/K/V slices; RMSNorm is some ten small ops. Here each is one pass forward and one backward. At the
 stories15M shape (batch 8 x 256) their forward and backward took ~140 ms of a ~1.7 s step in
 PyTorch's ops and take ~40 ms here (README, Training). Attention: PyTorch's CPU flash kernel takes
-~22 ms a layer forward and backward at that shape, q8.cpp's `attn_train` ~15 (its comment says how;
+~22 ms a layer forward and backward at that shape, cpu/train.cpp's `attn_train` ~15 (its comment says how;
 `python benchmarks/cpu_train_kernels.py` measures each piece).
 
 fp32 on the CPU only; anything else, torch.compile, or no kernels (no compiler, SLM_NO_KERNELS=1)

@@ -1,10 +1,10 @@
-"""A whole batch-1 step in one call to slm's CPU kernels (`torch.classes.slm_q8.Decoder`).
+"""A whole batch-1 step in one call to slm's CPU kernels (`torch.classes.slm_cpu.Decoder`).
 
 At batch 1 a small model's token is mostly overhead: make demo's 2M-parameter model ran ~150 module
 calls and ATen ops a token, ~1.0-1.7 ms, around ~0.2 ms of arithmetic, where llama.cpp takes ~0.5 ms.
 `Transformer.forward` therefore hands one sequence's step (a new token, or a prompt of up to
 MAX_TOKENS) to `step_for(model, cache)`, which runs the same kernels as the modules (products,
-norms, rope, attention: q8.cpp's `Decoder.step`) in one call and writes the cache as
+norms, rope, attention: cpu/decoder.cpp's `Decoder.step`) in one call and writes the cache as
 `KVCache.plan/update` would. It applies when the step is plain: a batch-1 KVCache without padding
 or row 0 of the serving engine's RowKVCache, fp32 on the CPU, no autograd or autocast, no hooks
 (explain watches modules), and every layer one it knows (nn.Linear or slm's Linear in fp32,
@@ -21,10 +21,11 @@ import torch
 import torch.nn as nn
 
 from ..quant.layers import MAX_DIRECT as MAX_TOKENS  # the quantized layers' direct path, as the modules run it
-from ..kernels import q8_linear_op
+from ..kernels import cpu_ops
+from ..kernels.abi import BlockKind, Layout, LinearRole, MlpKind, ModelLinearRole, ModelNormRole, NormKind, NormRole
 from ..settings import switch
 
-_MLP = {"swiglu": 0, "geglu": 1, "gelu": 2}
+_MLP = {"swiglu": MlpKind.SWIGLU, "geglu": MlpKind.GEGLU, "gelu": MlpKind.GELU}
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, decoder)
 
 
@@ -37,11 +38,11 @@ def _linear(m: nn.Module):
         return None
     t = type(m)
     if t is GGUFLinear:
-        return 3, [m.qweight], bias, list(m.types), list(m.part_rows), m.in_features
+        return Layout.GGUF, [m.qweight], bias, list(m.types), list(m.part_rows), m.in_features
     if t is Int8Linear and m.scales.dtype == torch.float32:
-        return 1, [m.qweight, m.scales], bias, [], [], m.in_features
+        return Layout.INT8, [m.qweight, m.scales], bias, [], [], m.in_features
     if t is Int4Linear and m.scales.dtype == torch.float16 and m.mins.dtype == torch.float16:
-        return 2, [m.qweight, m.scales, m.mins], bias, [], [], m.in_features
+        return Layout.INT4, [m.qweight, m.scales, m.mins], bias, [], [], m.in_features
     if isinstance(m, nn.Linear) and type(m).forward in (nn.Linear.forward, _model().Linear.forward) \
             and m.weight.dtype == torch.float32:
         return _fp32(m.weight, bias)
@@ -51,21 +52,21 @@ def _linear(m: nn.Module):
 def _fp32(w: torch.Tensor, bias):
     """An fp32 [N, K] weight: row-major, or column-major as checkpoint/hf.py stores a tall LM head."""
     if w.is_contiguous():
-        return 0, [w.detach()], bias, [], [], w.shape[1]
+        return Layout.F32, [w.detach()], bias, [], [], w.shape[1]
     if w.t().is_contiguous():
-        return 4, [w.detach().t()], bias, [], [], w.shape[1]
+        return Layout.F32_TRANSPOSED, [w.detach().t()], bias, [], [], w.shape[1]
     return None
 
 
 def _norm(m: nn.Module | None):
     """(kind, weight, bias, eps, plus_one) for the C++ Norm, or None."""
     if m is None:
-        return 0, None, None, 0.0, False
+        return NormKind.NONE, None, None, 0.0, False
     model = _model()
     if type(m) is model.RMSNorm and m.weight.dtype == torch.float32:
-        return 1, m.weight.detach(), None, float(m.eps), bool(m.plus_one)
+        return NormKind.RMS, m.weight.detach(), None, float(m.eps), bool(m.plus_one)
     if type(m) is nn.LayerNorm and m.weight is not None and m.weight.dtype == torch.float32 and len(m.normalized_shape) == 1:
-        return 2, m.weight.detach(), m.bias.detach() if m.bias is not None else None, float(m.eps), False
+        return NormKind.LAYER, m.weight.detach(), m.bias.detach() if m.bias is not None else None, float(m.eps), False
     return None
 
 
@@ -97,25 +98,29 @@ def _spec(model) -> list | None:
     from ..quant.layers import QuantEmbedding
     emb = model.embed
     if type(emb) is nn.Embedding and emb.weight.dtype == torch.float32 and _fp32(emb.weight, None) is not None:
-        calls.append(("set_linear", (-1, 1, *_fp32(emb.weight, None))))
+        calls.append(("set_linear", (-1, ModelLinearRole.EMBED, *_fp32(emb.weight, None))))
     elif type(emb) is QuantEmbedding and emb.tied_to is None:
-        calls.append(("set_linear", (-1, 1, 1, [emb.qweight, emb.scales], None, [], [], cfg.hidden_size)))
+        calls.append(("set_linear", (-1, ModelLinearRole.EMBED, Layout.INT8, [emb.qweight, emb.scales], None, [], [],
+                                     cfg.hidden_size)))
     elif type(emb) is QuantEmbedding:
         s = _linear(emb.tied_to)
         if s is None:
             return None
-        calls.append(("set_linear", (-1, 1, s[0], s[1], None, s[3], s[4], s[5])))
+        calls.append(("set_linear", (-1, ModelLinearRole.EMBED, s[0], s[1], None, s[3], s[4], s[5])))
     else:
         return None
-    if not (lin(-1, 0, model.lm_head) and norm(-1, 0, model.norm)):
+    if not (lin(-1, ModelLinearRole.HEAD, model.lm_head) and norm(-1, ModelNormRole.FINAL, model.norm)):
         return None
     for i, b in enumerate(model.blocks):
         a, mlp = b.attn, b.mlp
-        ok = norm(i, 0, b.attn_norm) and norm(i, 1, getattr(b, "mlp_norm", None)) \
-            and norm(i, 2, getattr(b, "post_attn_norm", None)) and norm(i, 3, getattr(b, "post_mlp_norm", None)) \
-            and norm(i, 4, a.q_norm if a.qk_norm else None) and norm(i, 5, a.k_norm if a.qk_norm else None) \
-            and lin(i, 0, a.qkv_proj) and lin(i, 1, a.o_proj) \
-            and lin(i, 2, mlp.gate_up_proj if mlp.gated else mlp.up_proj) and lin(i, 3, mlp.down_proj)
+        ok = norm(i, NormRole.ATTN, b.attn_norm) and norm(i, NormRole.MLP, getattr(b, "mlp_norm", None)) \
+            and norm(i, NormRole.POST_ATTN, getattr(b, "post_attn_norm", None)) \
+            and norm(i, NormRole.POST_MLP, getattr(b, "post_mlp_norm", None)) \
+            and norm(i, NormRole.Q, a.q_norm if a.qk_norm else None) \
+            and norm(i, NormRole.K, a.k_norm if a.qk_norm else None) \
+            and lin(i, LinearRole.QKV, a.qkv_proj) and lin(i, LinearRole.O, a.o_proj) \
+            and lin(i, LinearRole.UP, mlp.gate_up_proj if mlp.gated else mlp.up_proj) \
+            and lin(i, LinearRole.DOWN, mlp.down_proj)
         if not ok:
             return None
         cos, sin = _rope_table(model, i)
@@ -149,7 +154,7 @@ def _key(model) -> tuple | None:
 def build(model):
     """A C++ decoder for `model` (reused while its modules and weights are the same), or None.
     Kept per model: rebuilding it from the modules takes ~1 ms, a few of a small model's tokens."""
-    if switch("SLM_NO_DECODER") or q8_linear_op() is None or model.device.type != "cpu":
+    if switch("SLM_NO_DECODER") or cpu_ops() is None or model.device.type != "cpu":
         return None
     key = _key(model)
     if key is None:
@@ -163,11 +168,12 @@ def build(model):
         return None
     cfg = model.config
     a = model.blocks[0].attn
-    block = 1 if cfg.parallel_block else 2 if cfg.sandwich_norm else 0
+    block = BlockKind.PARALLEL if cfg.parallel_block else BlockKind.SANDWICH if cfg.sandwich_norm \
+        else BlockKind.SEQUENTIAL
     dims = [cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim, cfg.intermediate_size,
             cfg.vocab_size, cfg.num_layers, block, _MLP[cfg.mlp]]
     scale = a.scale if a.scale is not None else cfg.head_dim ** -0.5
-    dec = torch.classes.slm_q8.Decoder(dims, [float(scale), float(cfg.hidden_size ** 0.5) if cfg.embed_scale else 0.0])
+    dec = torch.classes.slm_cpu.Decoder(dims, [float(scale), float(cfg.hidden_size ** 0.5) if cfg.embed_scale else 0.0])
     for name, args in calls:
         getattr(dec, name)(*args)
     _DECODERS[model] = (key, dec)

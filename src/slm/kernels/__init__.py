@@ -1,27 +1,37 @@
 """Hand-written kernels. Triton kernels for training on GPUs: `cross_entropy.py` (the loss, with or
 without the LM head), `glu.py` (SwiGLU/GeGLU), `rope.py` (rotary embedding and the Q/K/V split),
-`triton_launch.py` (which of them run). The rest of
-this module: the CPU kernels of `q8.cpp`, compiled on first use. `decoder.py`: a whole batch-1
-decoding step in one call to them. `cpu_train.py`: the CPU training step's GLU, rotation and
-RMSNorm, with autograd.
+`triton_launch.py` (which of them run). The rest of this module: the C++ CPU kernels in `cpu/`,
+compiled on first use; `decoder.py`, a whole batch-1 decoding step in one call to them;
+`cpu_train.py`, the CPU training step's GLU, rotation, RMSNorm and attention, with autograd;
+`abi.py`, the numbers for layouts, norms, blocks and roles that Python passes to them.
 
-`q8.cpp` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_q8.linear` and
-`dequantize` (int8 weight-only linear layers), `linear_q4` and `dequantize_q4` (int4),
-`linear_gguf` and `dequantize_gguf` (a GGUF file's Q8_0/Q5_0/Q4_K/Q6_K blocks as they are),
-`matvec_f32` (one-row fp32 products when decoding), `rms_norm`, and fused decoding helpers
-(`fused_op(name)`: rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode, argmax_rows), and
-the CPU training step's: `softmax_xent_` (the cross-entropy's softmax and gradient in place,
-train/loss.py), `rms_norm_train`, `glu_train`, `rope_qk_train` and `attn_train` (causal
-attention) with their backwards (autograd in `cpu_train.py`).
-`q8_linear_op()`, `matvec_f32_op()` and `rms_norm_op()` return them, or None where they cannot
-be built: no C++ compiler, no AVX2, not x86-64, or `SLM_NO_KERNELS=1`. Callers
-then use a pure-PyTorch path with the same results, and a warning says so once.
+`cpu/` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_cpu.*` and
+`torch.classes.slm_cpu.Decoder`:
+  matvec_int8.cpp  `linear`, `dequantize`: int8 weight-only linear layers
+  matvec_int4.cpp  `linear_q4`, `dequantize_q4`: int4
+  matvec_gguf.cpp  `linear_gguf`, `dequantize_gguf`: a GGUF file's Q8_0/Q5_0/Q4_K/Q6_K blocks as they are
+  matvec_f32.cpp   `matvec_f32`: one-row fp32 products when decoding
+  norm_rope.cpp    `rms_norm`, `rms_norm_rope`, `rms_norm_add`
+  gelu.cpp         `gelu_tanh_mul`;  argmax.cpp: `argmax_rows`
+  attention.cpp    `attn_decode` (one query over the cache), `attn_step` (the step between the products)
+  train.cpp        the CPU training step's `softmax_xent_` (cross-entropy's softmax and gradient in
+                   place, train/loss.py), `rms_norm_train`, `glu_train`, `rope_qk_train`, `attn_train`
+                   (causal attention) and their backwards (autograd in `cpu_train.py`)
+  decoder.cpp      the `Decoder` class (decoder.h): a whole batch-1 step
+  register.cpp     the schemas and registrations, and `abi_constants` (abi.h, which abi.py copies)
+  simd.h, rows.h, matvec.h, ops.h, abi.h: what the files share; all.cpp: #includes them all
+`cpu_ops()` returns `torch.ops.slm_cpu`, and `matvec_f32_op()`, `rms_norm_op()` and `fused_op(name)`
+single ops, or None where the kernels cannot be built: no C++ compiler, no AVX2, not x86-64, or
+`SLM_NO_KERNELS=1`. Callers then use a pure-PyTorch path with the same results, and a warning says
+so once (`kernel_error()` says why).
 
 The library is built by calling the C++ compiler directly ($CXX, else c++) against the headers and
 libraries of the installed torch: `torch.utils.cpp_extension.load` would need ninja, and the
-kernel needs no Python bindings (the ops register themselves with the dispatcher when loaded).
-The build takes ~15-20 s once and is cached in `$SLM_CACHE/kernels` (default
-`~/.cache/slm/kernels`), keyed by the source, the flags, the compiler and the torch version.
+kernels need no Python bindings (the ops register themselves with the dispatcher when loaded).
+One call compiles `cpu/all.cpp`, one translation unit (~15-20 s once; the files compiled apart
+take ~3x as long, each parsing the torch headers). The library is cached in `$SLM_CACHE/kernels`
+(default `~/.cache/slm/kernels`), keyed by every source and header in `cpu/`, the flags, the
+compiler and the torch version.
 """
 
 from __future__ import annotations
@@ -38,19 +48,24 @@ import warnings
 
 import torch
 
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "q8.cpp")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w"]
+from .. import settings
+
+_CPU_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu")
+_UNITY = os.path.join(_CPU_DIR, "all.cpp")  # #includes every .cpp: one translation unit, one compiler call
+# -fvisibility=hidden: the files share functions through their headers, and nothing outside the
+# library calls them (the ops register themselves when it is loaded)
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w",
+          "-fvisibility=hidden"]
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "q8" -> the op, or None after a failure; "error" -> why
+_state: dict[str, object] = {}  # "ops" -> torch.ops.slm_cpu, or None after a failure; "error" -> why
 
 
 def cache_dir() -> str:
-    root = os.environ.get("SLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "slm")
-    return os.path.join(root, "kernels")
+    return settings.cache_dir("kernels")
 
 
 def _unsupported() -> str | None:
-    if os.environ.get("SLM_NO_KERNELS", "") not in ("", "0"):
+    if settings.switch("SLM_NO_KERNELS"):
         return "disabled by SLM_NO_KERNELS"
     if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
         return f"needs Linux/x86-64, this is {sys.platform}/{platform.machine()}"
@@ -65,19 +80,26 @@ def _compiler() -> str | None:
     return shutil.which(cxx)
 
 
+def _sources() -> list[str]:
+    """Every file the library is built from (the .cpp files and their headers), sorted."""
+    return sorted(os.path.join(_CPU_DIR, f) for f in os.listdir(_CPU_DIR) if f.endswith((".cpp", ".h")))
+
+
 def _build(cxx: str) -> str:
-    """Compile q8.cpp unless a library for this source/torch/compiler is cached; return its path."""
+    """Compile cpu/ unless a library for these sources/flags/torch/compiler is cached; return its path."""
     from torch.utils import cpp_extension
 
-    with open(_SRC, "rb") as f:
-        src = f.read()
+    src = hashlib.sha256()
+    for path in _sources():
+        with open(path, "rb") as f:
+            src.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     flags = _FLAGS + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), torch.__version__.encode(),
+    key = hashlib.sha256(b"\0".join([src.digest(), " ".join(flags).encode(), torch.__version__.encode(),
                                      cxx.encode(), "".join(version).encode()])).hexdigest()[:16]
     out_dir = cache_dir()
-    lib = os.path.join(out_dir, f"slm_q8_{key}.so")
+    lib = os.path.join(out_dir, f"slm_cpu_{key}.so")
     if os.path.exists(lib):
         return lib
     os.makedirs(out_dir, exist_ok=True)
@@ -88,7 +110,7 @@ def _build(cxx: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *flags, *includes, _SRC, "-o", tmp, *links],
+        r = subprocess.run([cxx, *flags, *includes, _UNITY, "-o", tmp, *links],
                            capture_output=True, text=True, timeout=900)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} failed:\n{r.stderr[-2000:]}")
@@ -99,15 +121,16 @@ def _build(cxx: str) -> str:
     return lib
 
 
-def q8_linear_op():
-    """torch.ops.slm_q8.linear (building and loading it on the first call), or None."""
-    if "q8" in _state:
-        return _state["q8"]
+def cpu_ops():
+    """torch.ops.slm_cpu, the CPU kernels' namespace (building and loading the library on the
+    first call), or None."""
+    if "ops" in _state:
+        return _state["ops"]
     with _lock:
-        if "q8" in _state:
-            return _state["q8"]
-        op, why = None, _unsupported()
-        if why is None and not hasattr(torch.ops.slm_q8, "linear"):
+        if "ops" in _state:
+            return _state["ops"]
+        ops, why = None, _unsupported()
+        if why is None and not hasattr(torch.ops.slm_cpu, "linear"):
             cxx = _compiler()
             if cxx is None:
                 why = "no C++ compiler found (set CXX, or install g++)"
@@ -117,46 +140,39 @@ def q8_linear_op():
                 except Exception as e:  # noqa: BLE001 - any build or load failure means: fall back
                     why = f"could not build it: {e}"
         if why is None:
-            op = torch.ops.slm_q8.linear.default
+            ops = torch.ops.slm_cpu
         elif not why.startswith("disabled"):
             warnings.warn(f"slm: CPU kernels unavailable ({why}); using the slower PyTorch paths "
                           "(int8/int4: dequantize, then matmul)", RuntimeWarning, stacklevel=3)
-        _state["q8"], _state["error"] = op, why
-        return op
+        _state["ops"], _state["error"] = ops, why
+        return ops
 
 
 def matvec_f32_op():
-    """torch.ops.slm_q8.matvec_f32, the fp32 one-row product used when decoding, or None."""
+    """torch.ops.slm_cpu.matvec_f32, the fp32 one-row product used when decoding, or None."""
     if "f32" not in _state:
-        _state["f32"] = torch.ops.slm_q8.matvec_f32.default if q8_linear_op() is not None else None
+        _state["f32"] = torch.ops.slm_cpu.matvec_f32.default if cpu_ops() is not None else None
     return _state["f32"]
 
 
 def rms_norm_op():
-    """torch.ops.slm_q8.rms_norm, one fused RMSNorm for fp32 rows on the CPU, or None."""
+    """torch.ops.slm_cpu.rms_norm, one fused RMSNorm for fp32 rows on the CPU, or None."""
     if "norm" not in _state:
-        _state["norm"] = torch.ops.slm_q8.rms_norm.default if q8_linear_op() is not None else None
+        _state["norm"] = torch.ops.slm_cpu.rms_norm.default if cpu_ops() is not None else None
     return _state["norm"]
 
 
 def fused_op(name: str):
-    """torch.ops.slm_q8.<name> (rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode,
+    """torch.ops.slm_cpu.<name> (rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode,
     argmax_rows: the fused decoding helpers; softmax_xent_, attn_train and the other training
     kernels), or None where the kernels are unavailable."""
     key = "op:" + name
-    if key not in _state:  # attn_train is left out of a torch without sgemm_ (q8.cpp's registration)
-        op = getattr(torch.ops.slm_q8, name, None) if q8_linear_op() is not None else None
+    if key not in _state:  # attn_train is left out of a torch without sgemm_ (cpu/register.cpp)
+        op = getattr(torch.ops.slm_cpu, name, None) if cpu_ops() is not None else None
         _state[key] = op.default if op is not None else None
     return _state[key]
 
 
-def __getattr__(name: str):
-    if name in ("decoder", "cpu_train"):  # imported on first use (decoder imports the quantized layers,
-        import importlib                   # which import this)
-        return importlib.import_module("." + name, __name__)
-    raise AttributeError(name)
-
-
 def kernel_error() -> str | None:
-    """Why the int8 kernel is unavailable (None: it is loaded, or nobody asked for it yet)."""
+    """Why the CPU kernels are unavailable (None: they are loaded, or nobody asked for them yet)."""
     return _state.get("error")  # type: ignore[return-value]

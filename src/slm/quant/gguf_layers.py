@@ -1,7 +1,7 @@
 """Linear layers that keep a GGUF file's quantized tensors in the file's own block formats.
 
 `slm.load("model.gguf", quantize="int8"|"int4")` keeps every tensor stored as Q8_0, Q5_0, Q4_K or
-Q6_K byte for byte (`GGUFLinear`), and runs it with slm's kernels (`torch.ops.slm_q8.linear_gguf`),
+Q6_K byte for byte (`GGUFLinear`), and runs it with slm's kernels (`torch.ops.slm_cpu.linear_gguf`),
 instead of dequantizing it to fp32 and requantizing it to slm's int8/int4: the weights are then
 exactly the file's (no second rounding), and as many bytes as llama.cpp reads. Tensors in other
 formats (F32, F16, BF16, Q4_0, Q4_1, Q5_1, Q5_K ...) are quantized by slm as for any checkpoint.
@@ -96,8 +96,8 @@ def dequantize_blocks(blocks: torch.Tensor, types: tuple[int, ...], part_rows: t
                       ids: torch.Tensor) -> torch.Tensor:
     """fp32 rows [n, K] of the stacked parts for the 1-D row ids."""
     ids = ids.reshape(-1).to(torch.int64)
-    if kernels.q8_linear_op() is not None and blocks.is_cpu:
-        return torch.ops.slm_q8.dequantize_gguf(blocks, list(types), list(part_rows), K, ids.contiguous())
+    if kernels.cpu_ops() is not None and blocks.is_cpu:
+        return torch.ops.slm_cpu.dequantize_gguf(blocks, list(types), list(part_rows), K, ids.contiguous())
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
     N = sum(part_rows)
@@ -154,7 +154,7 @@ class GGUFLinear(QuantLinear):
         self.types = tuple(int(t) for t, _ in parts)
         self.part_rows = tuple(int(p.shape[0]) for _, p in parts)
         self.register_buffer("qweight", torch.cat([p.reshape(-1) for _, p in parts]).to(device))
-        kernels.q8_linear_op()
+        kernels.cpu_ops()
 
     def dequantize_rows(self, a: int, b: int) -> torch.Tensor:
         return self.rows(torch.arange(a, b))
@@ -171,8 +171,8 @@ class GGUFLinear(QuantLinear):
             from .layers import _InputGrad
             return _InputGrad.apply(x, self)
         K = self.in_features
-        if kernels.q8_linear_op() is not None and x.is_cpu:
-            return torch.ops.slm_q8.linear_gguf(x, blocks, self.types, self.part_rows, K, bias, MAX_DIRECT)
+        if kernels.cpu_ops() is not None and x.is_cpu:
+            return torch.ops.slm_cpu.linear_gguf(x, blocks, self.types, self.part_rows, K, bias, MAX_DIRECT)
         x2 = x.reshape(-1, K).to(torch.float32)
         if x2.shape[0] <= MAX_DIRECT:
             x2 = quantize_x_reference(x2)

@@ -18,7 +18,7 @@ quantized head (int8 or int4), and the lookup reads the head's buffers. For a ti
 large as Gemma 3's (262,144 x 640) that is most of the model: gemma-3-270m holds 257 MiB of
 weights in int8 and 160 MiB in int4, against 897 and 800 MiB with an fp32 embedding.
 
-The layers run slm's own AVX2 kernels (`slm/kernels/q8.cpp`, compiled on first use) on the CPU.
+The layers run slm's own AVX2 kernels (`slm/kernels/cpu/`, compiled on first use) on the CPU.
 They beat PyTorch's packed kernels here: on this machine's 2 AVX2 cores `_weight_int8pack_mm` and
 `_weight_int4pack_mm_for_cpu` with fp32 activations ran 3-10x slower than slm's kernels (the
 int4 one needs bf16 activations to be competitive, which this CPU emulates); see
@@ -195,7 +195,7 @@ class Int8Linear(QuantLinear):
         # uninitialised, as nn.Linear's weight before reset_parameters: filled by set_weight or load_state_dict
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, ng, dtype=torch.float32, device=device))
-        kernels.q8_linear_op()  # builds the kernel now, not in the middle of the first forward
+        kernels.cpu_ops()  # builds the kernel now, not in the middle of the first forward
 
     def set_weight(self, w: torch.Tensor) -> None:
         self.qweight, self.scales = quantize_q8(w, self.group_size)
@@ -213,14 +213,14 @@ class Int8Linear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the dicts, not nn.Module.__getattr__: this runs ~100 times a token
-        op, buffers, bias = kernels.q8_linear_op(), self._buffers, self._parameters["bias"]
+        ops, buffers, bias = kernels.cpu_ops(), self._buffers, self._parameters["bias"]
         qweight, scales = buffers["qweight"], buffers["scales"]
         if x.requires_grad and torch.is_grad_enabled():
             return _InputGrad.apply(x, self)
         if scales.dtype != torch.float32:  # after model.to(some dtype)
             scales = scales.float()
-        if op is not None and x.is_cpu:
-            return op(x, qweight, scales, bias, MAX_DIRECT)  # any leading dims, out in x.dtype
+        if ops is not None and x.is_cpu:
+            return ops.linear.default(x, qweight, scales, bias, MAX_DIRECT)  # any leading dims, out in x.dtype
         return q8_linear_reference(x, qweight, scales, bias).to(x.dtype)
 
 
@@ -236,7 +236,7 @@ class Int4Linear(QuantLinear):
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(out_features, ng, dtype=torch.float16, device=device))
         self.register_buffer("mins", torch.empty(out_features, ng, dtype=torch.float16, device=device))
-        kernels.q8_linear_op()
+        kernels.cpu_ops()
 
     def set_weight(self, w: torch.Tensor) -> None:
         self.qweight, self.scales, self.mins = quantize_q4(w, self.group_size)
@@ -257,8 +257,8 @@ class Int4Linear(QuantLinear):
             return _InputGrad.apply(x, self)
         if scales.dtype != torch.float16:  # after model.to(some dtype)
             scales, mins = scales.half(), mins.half()
-        if kernels.q8_linear_op() is not None and x.is_cpu:
-            return torch.ops.slm_q8.linear_q4(x, packed, scales, mins, bias, MAX_DIRECT)
+        if kernels.cpu_ops() is not None and x.is_cpu:
+            return torch.ops.slm_cpu.linear_q4(x, packed, scales, mins, bias, MAX_DIRECT)
         return q4_linear_reference(x, packed, scales, mins, bias).to(x.dtype)
 
 

@@ -11,7 +11,7 @@ only scales them by the incoming gradient (and not at all when that is 1, as it 
 itself). The matmul FLOPs are exactly those of the plain path; the big tensor never exists (the
 idea of Liger-Kernel's fused linear cross-entropy).
 
-In fp32 on the CPU the softmax and gradient are one C++ call per chunk (kernels/q8.cpp
+In fp32 on the CPU the softmax and gradient are one C++ call per chunk (kernels/cpu/train.cpp
 `softmax_xent_`): one exp per logit, each row's three passes in L2, the mean folded in. PyTorch's
 log_softmax, exp_ and one-hot update took ~110 ms per 1,024 x 32,000 chunk here; the kernel ~20 ms.
 """
@@ -81,7 +81,7 @@ def _scratch(numel: int) -> torch.Tensor:
 
 
 def _softmax_xent_op(hidden, weight):
-    """slm's C++ softmax-and-gradient kernel (kernels/q8.cpp) where it applies: fp32 on the CPU."""
+    """slm's C++ softmax-and-gradient kernel (kernels/cpu/train.cpp) where it applies: fp32 on the CPU."""
     if hidden.is_cpu and hidden.dtype == torch.float32 and weight.dtype == torch.float32:
         from .. import kernels
         return kernels.fused_op("softmax_xent_")

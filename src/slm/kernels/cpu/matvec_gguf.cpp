@@ -1,0 +1,475 @@
+// Linear layers kept in a GGUF file's own block formats, byte for byte: Q8_0 (34 bytes per 32
+// weights), Q5_0 (22 per 32), Q4_K (144 per 256) and Q6_K (210 per 256), as ggml lays them out
+// (ggml-common.h). One layer may hold several parts of different formats stacked by rows (a fused
+// QKV whose V is Q8_0 and Q, K Q5_0): `blocks` is their bytes end to end, part i rows[i] rows of
+// types[i].
+//
+// Up to max_direct rows of x, x is quantized to int8 in blocks of 32 (scale amax / 127, rounded to
+// nearest even, as llama.cpp's q8_0 activations) and each block of weights is dotted with it in
+// integers (vpmaddubsw + vpmaddwd), then scaled by the two block scales in fp32; Q4_K's minimums
+// use the sums of the quantized x per block. Each thread walks one contiguous range of rows, so
+// the weights arrive as one sequential stream per core: on the 2-core EPYC that reaches the
+// memory bandwidth (~16 GB/s), where reading 2-4 rows side by side (several streams, as the int8
+// tile in matvec_int8.cpp) drew half of it. Above max_direct rows: dequantize blocks of rows to
+// fp32 and GEMM.
+// The PyTorch fallback (slm.quantize_gguf) computes the same: the same int8 x, the file's weights
+// dequantized by gguf.quants.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "matvec.h"
+#include "simd.h"
+
+namespace slm::cpu {
+
+constexpr int64_t T_Q8_0 = 8, T_Q5_0 = 6, T_Q4_K = 12, T_Q6_K = 14;
+// Q5_0 with its blocks regrouped by 4 (slm's order, the same 22 bytes a block): per group of 4
+// blocks the 4 fp16 scales (8 bytes), the 4 x 32 high bits as one 16-byte plane (byte j, bit i: weight
+// j of block i; bit 4 + i: weight j + 16 of block i), then the 4 blocks' 16 bytes of low nibbles.
+// A row's last K/32 % 4 blocks stay in Q5_0's own layout. The plane spreads to the weights' bytes in
+// 2 instructions a block, where Q5_0's 32-bit masks take 5, and the scales convert 4 at a time: the
+// loop does ~11 vector operations a block instead of ~19, enough to keep up with the memory.
+constexpr int64_t T_Q5_0R4 = 1006;
+
+inline int64_t block_weights(int64_t t) { return t == T_Q4_K || t == T_Q6_K ? 256 : 32; }
+inline int64_t block_bytes(int64_t t) {
+  switch (t) {
+    case T_Q8_0: return 34;
+    case T_Q5_0: return 22;
+    case T_Q5_0R4: return 22;
+    case T_Q4_K: return 144;
+    case T_Q6_K: return 210;
+    default: TORCH_CHECK(false, "slm_cpu: unsupported GGUF block type ", t);
+  }
+  return 0;
+}
+#define SLM_INLINE inline __attribute__((always_inline))
+SLM_INLINE float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// |x| and sign-adjusted w for vpmaddubsw (unsigned x signed): x . w in 8 int32 lanes. |w|, |x| <= 127.
+SLM_INLINE __m256i dot_i8(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
+}
+// unsigned w (0..127) . signed x in 8 int32 lanes
+SLM_INLINE __m256i dot_u8(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+}
+SLM_INLINE __m256i bytes_from_bits_32(const uint8_t* p) {  // byte j = 0xFF where bit j of p's 32 bits is set
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  const __m256i bytes = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(int(v)), shuf),
+                                        _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+SLM_INLINE __m256i nibbles_32(const uint8_t* p) {  // 16 bytes -> 32 nibbles: low ones, then high ones
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+}
+
+// Scales and minimums of one Q4_K super-block (8 sub-blocks of 32, 6 bits each, packed in 12
+// bytes) as two vectors of 8 int32, unpacked in general registers (ggml's utmp trick): writing
+// them to memory one by one and loading them as a vector stalls on store forwarding.
+SLM_INLINE void q4k_scales(const uint8_t* sc, __m256i& s, __m256i& m) {
+  uint32_t u[3];
+  std::memcpy(u, sc, 12);
+  const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+  const uint32_t s0 = u[0] & k1, s1 = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+  const uint32_t m0 = u[1] & k1, m1 = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+  s = _mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(s1), int(s0)));
+  m = _mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(m1), int(m0)));
+}
+
+// One row of weights (type T, nb32 blocks of 32) against NB rows of quantized x (row stride ldq
+// for xq, ldb for the per-block dx and xs): out[b] = sum_k w[k] * x_b[k]. U independent
+// accumulators per row of x: one would chain every block's FMA on the last (4 cycles each), which
+// bounded this loop below the memory bandwidth.
+template <int64_t T, int NB>
+SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq, int64_t ldq, const float* __restrict dx,
+                    const float* __restrict xs, int64_t ldb, int64_t nb32, float* out) {
+  constexpr int U = NB == 1 ? 4 : 2;
+  __m256 acc[NB][U], macc[NB];
+#pragma GCC unroll 4
+  for (int b = 0; b < NB; ++b) {
+    macc[b] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) acc[b][u] = _mm256_setzero_ps();
+  }
+  if constexpr (T == T_Q8_0 || T == T_Q5_0) {
+    constexpr int64_t BB = T == T_Q8_0 ? 34 : 22;
+    auto weights = [](const uint8_t* p) __attribute__((always_inline)) {
+      if constexpr (T == T_Q8_0) {
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+      } else {
+        const __m256i hi = _mm256_andnot_si256(bytes_from_bits_32(p + 2), _mm256_set1_epi8(char(0xF0)));
+        return _mm256_or_si256(nibbles_32(p + 6), hi);  // q - 16 in -16..15
+      }
+    };
+    int64_t blk = 0;
+    for (; blk + U <= nb32; blk += U, w += U * BB) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const uint8_t* p = w + u * BB;
+        const __m256i q = weights(p);
+        const float d = f16(p);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + (blk + u) * 32));
+          acc[b][u] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk + u]), _mm256_cvtepi32_ps(dot_i8(q, x)), acc[b][u]);
+        }
+      }
+    }
+    for (; blk < nb32; ++blk, w += BB) {
+      const __m256i q = weights(w);
+      const float d = f16(w);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + blk * 32));
+        acc[b][0] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk]), _mm256_cvtepi32_ps(dot_i8(q, x)), acc[b][0]);
+      }
+    }
+  } else if constexpr (T == T_Q5_0R4) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10);
+    __m128 corr[NB];  // sum over blocks of d * dx * sum(xq): the -16 of every weight
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) corr[b] = _mm_setzero_ps();
+    int64_t blk = 0;
+    for (; blk + 4 <= nb32; blk += 4, w += 88) {
+      const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
+      const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8));
+      const __m256i plane = _mm256_set_m128i(_mm_srli_epi16(p, 4), p);
+      __m256i q[4];
+      q[0] = _mm256_or_si256(nibbles_32(w + 24), _mm256_and_si256(_mm256_slli_epi16(plane, 4), b4));
+      q[1] = _mm256_or_si256(nibbles_32(w + 40), _mm256_and_si256(_mm256_slli_epi16(plane, 3), b4));
+      q[2] = _mm256_or_si256(nibbles_32(w + 56), _mm256_and_si256(_mm256_slli_epi16(plane, 2), b4));
+      q[3] = _mm256_or_si256(nibbles_32(w + 72), _mm256_and_si256(_mm256_slli_epi16(plane, 1), b4));
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        alignas(16) float sd[4];
+        _mm_store_ps(sd, _mm_mul_ps(d4, _mm_loadu_ps(dx + b * ldb + blk)));
+        corr[b] = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + b * ldb + blk), corr[b]);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + (blk + i) * 32));
+          acc[b][i % U] = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + i), _mm256_cvtepi32_ps(dot_u8(q[i], x)), acc[b][i % U]);
+        }
+      }
+    }
+    for (; blk < nb32; ++blk, w += 22) {  // the row's last blocks, in Q5_0's layout
+      const __m256i hi = _mm256_andnot_si256(bytes_from_bits_32(w + 2), _mm256_set1_epi8(char(0xF0)));
+      const __m256i q = _mm256_or_si256(nibbles_32(w + 6), hi);
+      const float d = f16(w);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + blk * 32));
+        acc[b][0] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk]), _mm256_cvtepi32_ps(dot_i8(q, x)), acc[b][0]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) {
+      __m128 c = _mm_hadd_ps(corr[b], corr[b]);
+      c = _mm_hadd_ps(c, c);
+      macc[b] = _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, 16.0f * _mm_cvtss_f32(c));
+    }
+  } else if constexpr (T == T_Q4_K) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t sb = 0; sb < nb32 / 8; ++sb, w += 144) {
+      __m256i si, mi;
+      q4k_scales(w + 4, si, mi);
+      const __m256 sf = _mm256_mul_ps(_mm256_set1_ps(f16(w)), _mm256_cvtepi32_ps(si));
+      const __m256 mf = _mm256_mul_ps(_mm256_set1_ps(f16(w + 2)), _mm256_cvtepi32_ps(mi));
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        alignas(32) float sd[8];  // d * sc_j * dx_j, for the 8 sub-blocks
+        _mm256_store_ps(sd, _mm256_mul_ps(sf, _mm256_loadu_ps(dx + b * ldb + sb * 8)));
+        macc[b] = _mm256_fmadd_ps(mf, _mm256_loadu_ps(xs + b * ldb + sb * 8), macc[b]);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 + 32 * j));
+          const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+          const int8_t* x = xq + b * ldq + (sb * 8 + 2 * j) * 32;
+          const __m256i p0 = dot_u8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+          const __m256i p1 = dot_u8(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+          acc[b][(2 * j) % U] = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + 2 * j), _mm256_cvtepi32_ps(p0), acc[b][(2 * j) % U]);
+          acc[b][(2 * j + 1) % U] = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + 2 * j + 1), _mm256_cvtepi32_ps(p1), acc[b][(2 * j + 1) % U]);
+        }
+      }
+    }
+  } else if constexpr (T == T_Q6_K) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), c32 = _mm256_set1_epi8(32);
+    for (int64_t sb = 0; sb < nb32 / 8; ++sb, w += 210) {
+      const float d = f16(w + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* ql = w + 64 * h;
+        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 128 + 32 * h));
+        __m256i q[4];
+        q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4));
+        q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2));
+        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, _mm256_set1_epi8(0x30)));
+        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                               _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(char(0xC0))), 2));
+        const int8_t* s = sc + 8 * h;
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256i qs = _mm256_sub_epi8(q[j], c32);  // -32..31
+          // 16 weights a scale: int16 pair sums 0..7 take s[2j], 8..15 s[2j + 1]
+          const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(s[2 * j + 1]), _mm_set1_epi16(s[2 * j]));
+          const int64_t blk = sb * 8 + 4 * h + j;
+#pragma GCC unroll 4
+          for (int b = 0; b < NB; ++b) {
+            const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + blk * 32));
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(qs, x)), scv);
+            acc[b][j % U] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk]), _mm256_cvtepi32_ps(p), acc[b][j % U]);
+          }
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int b = 0; b < NB; ++b) {
+    __m256 a = acc[b][0];
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[b][u]);
+    out[b] = hsum(_mm256_sub_ps(a, macc[b]));
+  }
+}
+
+// fp32 dequantization of one row (K weights) of type t, as ggml's dequantize_row_*.
+void dequant_row(int64_t t, const uint8_t* w, int64_t K, float* o) {
+  if (t == T_Q8_0) {
+    for (int64_t i = 0; i < K / 32; ++i, w += 34) {
+      const float d = f16(w);
+      for (int j = 0; j < 32; ++j) o[32 * i + j] = d * float(int8_t(w[2 + j]));
+    }
+  } else if (t == T_Q5_0) {
+    for (int64_t i = 0; i < K / 32; ++i, w += 22) {
+      const float d = f16(w);
+      uint32_t qh;
+      std::memcpy(&qh, w + 2, 4);
+      for (int j = 0; j < 16; ++j) {
+        const int lo = (w[6 + j] & 0x0F) | (((qh >> j) << 4) & 0x10);
+        const int hi = (w[6 + j] >> 4) | ((qh >> (j + 12)) & 0x10);
+        o[32 * i + j] = d * float(lo - 16), o[32 * i + j + 16] = d * float(hi - 16);
+      }
+    }
+  } else if (t == T_Q5_0R4) {
+    int64_t i = 0;
+    for (; i + 4 <= K / 32; i += 4, w += 88) {
+      for (int g = 0; g < 4; ++g) {
+        const float d = f16(w + 2 * g);
+        for (int j = 0; j < 16; ++j) {
+          const int lo = (w[24 + 16 * g + j] & 0x0F) | (((w[8 + j] >> g) & 1) << 4);
+          const int hi = (w[24 + 16 * g + j] >> 4) | (((w[8 + j] >> (4 + g)) & 1) << 4);
+          o[32 * (i + g) + j] = d * float(lo - 16), o[32 * (i + g) + j + 16] = d * float(hi - 16);
+        }
+      }
+    }
+    if (i < K / 32) dequant_row(T_Q5_0, w, K - 32 * i, o + 32 * i);
+  } else if (t == T_Q4_K) {
+    for (int64_t i = 0; i < K / 256; ++i, w += 144) {
+      const float d = f16(w), dmin = f16(w + 2);
+      const uint8_t* sc = w + 4;
+      for (int j = 0; j < 8; ++j) {
+        int s, m;
+        if (j < 4) s = sc[j] & 63, m = sc[j + 4] & 63;
+        else s = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+        const uint8_t* q = w + 16 + 32 * (j / 2);
+        for (int l = 0; l < 32; ++l)
+          o[256 * i + 32 * j + l] = d * s * float(j % 2 ? q[l] >> 4 : q[l] & 0x0F) - dmin * m;
+      }
+    }
+  } else if (t == T_Q6_K) {
+    for (int64_t i = 0; i < K / 256; ++i, w += 210) {
+      const float d = f16(w + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t *ql = w + 64 * h, *qh = w + 128 + 32 * h;
+        const int8_t* s = sc + 8 * h;
+        float* y = o + 256 * i + 128 * h;
+        for (int l = 0; l < 32; ++l) {
+          const int is = l / 16;
+          y[l] = d * s[is] * float(((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32);
+          y[l + 32] = d * s[is + 2] * float(((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32);
+          y[l + 64] = d * s[is + 4] * float(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+          y[l + 96] = d * s[is + 6] * float(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+        }
+      }
+    }
+  } else {
+    TORCH_CHECK(false, "slm_cpu: unsupported GGUF block type ", t);
+  }
+}
+
+Parts::Parts(const at::Tensor& blocks, at::IntArrayRef types_, at::IntArrayRef rows, int64_t K) {
+  TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 1 && blocks.is_contiguous(),
+              "slm_cpu: GGUF blocks must be a contiguous uint8 CPU tensor");
+  TORCH_CHECK(types_.size() == rows.size() && !rows.empty(), "slm_cpu: one type per part");
+  int64_t bytes = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int64_t t = types_[i];
+    TORCH_CHECK(K > 0 && K % block_weights(t) == 0, "slm_cpu: in_features ", K, " is not a whole number of blocks of type ", t);
+    types.push_back(t), row0.push_back(N), byte0.push_back(bytes), row_bytes.push_back(K / block_weights(t) * block_bytes(t));
+    N += rows[i], bytes += rows[i] * row_bytes.back();
+  }
+  TORCH_CHECK(blocks.numel() == bytes, "slm_cpu: GGUF blocks hold ", blocks.numel(), " bytes, the parts need ", bytes);
+}
+
+// Quantize B rows of x [B, K] to int8 blocks of 32: xq [B, K], dx and xs (dx * sum of the block) [B, K/32].
+void quantize_x(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, float* xs) {
+  for (int64_t i = 0; i < B * K / 32; ++i) {
+    const float* xb = x + 32 * i;
+    __m256 mx = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int j = 0; j < 4; ++j) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * j)));
+    const float d = hmax(mx) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    // round to nearest even (vcvtps2dq under the default rounding mode), as torch.round
+    const __m256 iv = _mm256_set1_ps(id);
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), iv));
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    // int32 -> int8 in order: packs interleave the 128-bit lanes, the permute puts them back
+    const __m256i p16 = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16, p16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + 32 * i), p8);
+    dx[i] = d, xs[i] = d * float(_mm_cvtsi128_si32(s4));
+  }
+}
+
+// Prefetch distance in bytes for the GGUF-block rows (SLM_PREFETCH overrides it, 0: none).
+int64_t prefetch_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("SLM_PREFETCH");
+    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(4096);
+  }();
+  return v;
+}
+
+template <int64_t T>
+void rows_gguf(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, const int8_t* xq, const float* dx,
+               const float* xs, int64_t B, int64_t K, float* y, int64_t ldy, const float* bias, int64_t bias0) {
+  const int64_t nb32 = K / 32;
+  const int64_t pf = prefetch_bytes();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * row_bytes;
+    // Software prefetch, pf bytes ahead in this thread's stream: the decoding of Q5_0/Q4_K/Q6_K
+    // blocks is slow enough that the hardware prefetchers alone let the loop wait on memory.
+    if (pf)
+      for (int64_t i = 0; i < row_bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(wr + pf + i), _MM_HINT_T0);
+    for (int64_t b = 0; b < B;) {
+      float out[4];
+      const int64_t nb = std::min<int64_t>(B - b, 4);
+      const int8_t* xb = xq + b * K;
+      switch (nb) {
+        case 1: dot_row<T, 1>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+        case 2: dot_row<T, 2>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+        case 3: dot_row<T, 3>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+        default: dot_row<T, 4>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+      }
+      for (int64_t i = 0; i < nb; ++i) y[(b + i) * ldy + bias0 + n] = out[i] + (bias ? bias[bias0 + n] : 0.0f);
+      b += nb;
+    }
+  }
+}
+
+// fp32 rows [n0, n1) of the stacked parts into out (row stride K).
+void dequant_rows(const Parts& P, const uint8_t* bp, int64_t K, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t p = P.part(n);
+    dequant_row(P.types[p], bp + P.byte0[p] + (n - P.row0[p]) * P.row_bytes[p], K, out + (n - n0) * K);
+  }
+}
+
+at::Tensor dequantize_gguf(const at::Tensor& blocks, at::IntArrayRef types, at::IntArrayRef rows, int64_t K,
+                           const at::Tensor& ids) {
+  const Parts P(blocks, types, rows, K);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous(), "slm_cpu: ids must be int64 [n]");
+  const int64_t n = ids.size(0);
+  const int64_t* ip = ids.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < P.N, "slm_cpu: row ", ip[i], " out of range");
+  auto out = at::empty({n, K}, blocks.options().dtype(at::kFloat));
+  const uint8_t* bp = blocks.const_data_ptr<uint8_t>();
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, n, grain_rows(K), [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) dequant_rows(P, bp, K, ip[i], ip[i] + 1, op + i * K);
+  });
+  return out;
+}
+
+// y [B, N] (+ bias) for B rows of x [B, K]: x quantized to int8 blocks, then each thread streams
+// one contiguous range of weight rows (the direct path, for few rows of x).
+void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int64_t K, float* yp, const float* bias_p) {
+  const int64_t N = P.N;
+  std::vector<int8_t> xq(B * K);
+  std::vector<float> dx(B * K / 32), xs(B * K / 32);
+  quantize_x(x, B, K, xq.data(), dx.data(), xs.data());
+  // rows per task: ~64 KB of weights
+  const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, P.row_bytes[0]));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (size_t p = 0; p < P.types.size(); ++p) {
+      const int64_t a = std::max(n0, P.row0[p]), b = std::min(n1, P.row0[p] + (p + 1 < P.types.size() ? P.row0[p + 1] - P.row0[p] : N - P.row0[p]));
+      if (a >= b) continue;
+      const uint8_t* w = bp + P.byte0[p];
+      const int64_t r0 = P.row0[p], rb = P.row_bytes[p];
+      switch (P.types[p]) {
+        case T_Q8_0: rows_gguf<T_Q8_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+        case T_Q5_0: rows_gguf<T_Q5_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+        case T_Q5_0R4: rows_gguf<T_Q5_0R4>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+        case T_Q4_K: rows_gguf<T_Q4_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+        default: rows_gguf<T_Q6_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+      }
+    }
+  });
+}
+
+at::Tensor linear_gguf(const at::Tensor& x_in, const at::Tensor& blocks, at::IntArrayRef types, at::IntArrayRef rows,
+                       int64_t K, const std::optional<at::Tensor>& bias_, int64_t max_direct) {
+  const Parts P(blocks, types, rows, K);
+  const int64_t N = P.N;
+  at::Tensor x, bias;
+  prepare(x_in, bias_, N, K, x, bias);
+  const int64_t B = x.size(0);
+  auto y = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return finish(x_in, y, N);
+  const uint8_t* bp = blocks.const_data_ptr<uint8_t>();
+  const float* bias_p = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float* yp = y.mutable_data_ptr<float>();
+  if (B <= max_direct) {
+    gguf_direct(P, bp, x.const_data_ptr<float>(), B, K, yp, bias_p);
+    return finish(x_in, y, N);
+  }
+  const int64_t chunk = std::max<int64_t>(64, ((int64_t(1) << 20) / K + 63) / 64 * 64);
+  auto wbuf = at::empty({std::min(chunk, N), K}, x.options());
+  for (int64_t c0 = 0; c0 < N; c0 += chunk) {
+    const int64_t c1 = std::min(c0 + chunk, N), n = c1 - c0;
+    float* wp = wbuf.mutable_data_ptr<float>();
+    at::parallel_for(c0, c1, 16, [&](int64_t n0, int64_t n1) { dequant_rows(P, bp, K, n0, n1, wp + (n0 - c0) * K); });
+    auto w = wbuf.narrow(0, 0, n);
+    y.narrow(1, c0, n).copy_(bias.defined() ? at::addmm(bias.narrow(0, c0, n), x, w.t()) : at::mm(x, w.t()));
+  }
+  return finish(x_in, y, N);
+}
+
+}  // namespace slm::cpu
