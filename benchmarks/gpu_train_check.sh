@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "$1" = 1 ]; then
   timeout 170 python3 - <<'PY'
 import ast, subprocess, sys
-src = open('tests/test_cross_entropy_triton.py').read()
+src = open('tests/kernels/test_cross_entropy_triton.py').read()
 checks = {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(src).body
           if isinstance(n, ast.Assign) and getattr(n.targets[0], 'id', '').startswith('CHECK')}
 for name, check in checks.items():

@@ -9,7 +9,7 @@ norms, rope, attention: cpu/decoder.cpp's `Decoder.step`) in one call and writes
 or row 0 of the serving engine's RowKVCache, fp32 on the CPU, no autograd or autocast, no hooks
 (explain watches modules), and every layer one it knows (nn.Linear or slm's Linear in fp32,
 Int8Linear, Int4Linear, GGUFLinear; RMSNorm or LayerNorm). Anything else keeps the module path,
-which gives the same logits (tests/test_decoder.py holds the two together). Longer prompts go to
+which gives the same logits (tests/accel/test_decoder.py holds the two together). Longer prompts go to
 the modules' GEMMs. `SLM_NO_DECODER=1` turns it off.
 """
 

@@ -583,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # slm makes no network calls; these keep the libraries it may import (huggingface_hub, transformers,
-# datasets) from trying any: no downloads, no telemetry, no update checks (tests/test_offline.py).
+# datasets) from trying any: no downloads, no telemetry, no update checks (tests/properties/test_offline.py).
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "DO_NOT_TRACK": "1",
                "OTEL_SDK_DISABLED": "true"}  # FastAPI's tracing hooks: never export

@@ -97,7 +97,7 @@ PUBLISHED = [
 # grid = 423.4 g/kWh (the paper folds PUE into the power; 100% of it was offset).
 LLAMA2_G_PER_KWH = 31.22e6 / (184_320 * 0.4)
 
-# The tolerances the validation promises (and tests/test_footprint.py checks) for a forecast
+# The tolerances the validation promises (and tests/footprint/test_footprint.py checks) for a forecast
 # at the default MFU: Llama 2 within 10%, every run within 60% (Phi-2 reports 62% MFU).
 TOLERANCE = {"Llama 2 7B": 0.10, "Llama 2 13B": 0.10, "Llama 2 70B": 0.10}
 TOLERANCE_ALL = 0.60

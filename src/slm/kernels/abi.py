@@ -1,7 +1,7 @@
 """The numbers Python passes to the C++ kernels for weight layouts, norm, block and MLP kinds, and
 the roles of a model's linear layers and norms (`torch.classes.slm_cpu.Decoder`'s arguments, see
 decoder.py). The kernels' copy is `cpu/abi.h`, with the same names and values;
-`torch.ops.slm_cpu.abi_constants()` returns it, and tests/test_kernels_abi.py holds the two equal.
+`torch.ops.slm_cpu.abi_constants()` returns it, and tests/kernels/test_kernels_abi.py holds the two equal.
 """
 
 from __future__ import annotations

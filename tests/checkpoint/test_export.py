@@ -1,0 +1,130 @@
+"""Export: GGUF files read by llama.cpp (llama-cpp-python) with greedy tokens equal to slm's (f32)
+and close logits (f16, q8_0); Hugging Face folders, also from quantized models, that transformers
+loads unchanged. Under CI=true a missing llama_cpp fails the llama.cpp tests instead of skipping."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import slm
+from support.models import FAMILIES, hf_model, make_checkpoint
+from slm.checkpoint.gguf_write import write_gguf
+
+EXPORTED = ["llama-untied", "llama-tied", "mistral-gqa", "phi"]
+
+
+def llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("llama-cpp-python is required under CI (make llamacpp)")
+        pytest.skip("llama-cpp-python not installed (make llamacpp)")
+    return llama_cpp
+
+
+@pytest.fixture(scope="module", params=EXPORTED)
+def model_dir(request, tmp_path_factory, tokenizer_dir):
+    family, kw = FAMILIES[request.param]
+    return make_checkpoint(str(tmp_path_factory.mktemp(request.param)), family, tokenizer_dir, **kw)
+
+
+def llama_logits(path: str, ids: list[int]) -> torch.Tensor:
+    Llama = llama_cpp().Llama
+    llm = Llama(path, n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    out = torch.tensor(llm.scores[:len(ids)])
+    llm.close()
+    return out
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("dtype,tol", [("f32", 2e-3), ("f16", 1e-2), ("q8_0", 6e-2)])
+def test_gguf_round_trip_through_llama_cpp(model_dir, tmp_path, dtype, tol):
+    lm = slm.load(model_dir)
+    path = str(tmp_path / f"m-{dtype}.gguf")
+    write_gguf(lm, path, dtype)
+    prompt = "Once upon a time, there was"
+    ids = lm.tokenizer.encode(prompt)
+    Llama = llama_cpp().Llama
+    llm = Llama(path, n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == ids  # the embedded tokenizer
+    assert llm.metadata.get("tokenizer.chat_template") == lm.tokenizer.chat_template
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[:len(ids)])
+    with torch.no_grad():
+        ours = lm.model(torch.tensor([ids]))[0]
+    assert (theirs - ours).abs().max() / ours.abs().max() < tol
+    if dtype == "f32":  # greedy tokens identical to slm generate
+        # llama.cpp runs Mistral v0.1 without its sliding window: compare within the window
+        n = min(24, (lm.config.sliding_window or 10**6) - len(ids))
+        llm.reset()
+        theirs_tokens = []
+        for t in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+            theirs_tokens.append(t)
+            if len(theirs_tokens) == n:
+                break
+        from slm.runtime.generate import generate_ids
+        ours_tokens = [s[0] for s in generate_ids(lm.model, [ids], n)]
+        assert theirs_tokens == ours_tokens
+    llm.close()
+    back = slm.load(path)  # and slm reads its own file back
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(torch.tensor([ids]))[0], ours, rtol=0, atol=tol * ours.abs().max().item() * 2)
+
+
+def test_gguf_export_refuses_unsupported(tmp_path, tokenizer_dir):
+    lm = slm.load(make_checkpoint(str(tmp_path / "g"), "gemma3", tokenizer_dir, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="Llama, Mistral and Phi"):
+        write_gguf(lm, str(tmp_path / "g.gguf"))
+    with pytest.raises(ValueError, match="dtype"):
+        write_gguf(lm, str(tmp_path / "g.gguf"), "q4_0")
+
+
+@pytest.mark.parametrize("family,quantize", [("phi", None), ("phi", "int4"), ("llama-untied", "int8"),
+                                             ("llama-tied", "int8"), ("gemma3", "int4")])
+def test_hf_export_loads_in_transformers(tmp_path, tokenizer_dir, family, quantize):
+    """A quantized model exports dequantized, its embedding too (a tied head's table once, as the
+    embedding): transformers computes the quantized model's logits."""
+    src = make_checkpoint(str(tmp_path / "src"), FAMILIES[family][0], tokenizer_dir, **FAMILIES[family][1])
+    lm = slm.load(src, quantize=quantize)
+    from slm.cli import main
+    if quantize:
+        lm.save(str(tmp_path / "q"))
+        src = str(tmp_path / "q")
+    main(["export", "--model", src, "--format", "hf", "--out", str(tmp_path / "hf")])
+    ref = hf_model(str(tmp_path / "hf"))
+    ids = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, lm.model(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,quantize", [("llama-tied", "int4"), ("phi", "int8")])
+def test_gguf_export_of_quantized_model(tmp_path, tokenizer_dir, family, quantize):
+    """An f32 GGUF of a quantized model holds its dequantized weights, embedding included: slm
+    reads it back to the quantized model's logits."""
+    src = make_checkpoint(str(tmp_path / "src"), FAMILIES[family][0], tokenizer_dir, **FAMILIES[family][1])
+    lm = slm.load(src, quantize=quantize)
+    write_gguf(lm, str(tmp_path / "m.gguf"), "f32")
+    back = slm.load(str(tmp_path / "m.gguf"))
+    ids = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(ids), lm.model(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.llamacpp
+def test_cli_export_gguf(tmp_path, tokenizer_dir):
+    src = make_checkpoint(str(tmp_path / "src"), "llama", tokenizer_dir)
+    from slm.cli import main
+    q = str(tmp_path / "q8")
+    main(["quantize", "--model", src, "--bits", "8", "--out", q])  # a quantized folder exports dequantized
+    main(["export", "--model", q, "--format", "gguf", "--out", str(tmp_path / "m.gguf"), "--dtype", "q8_0"])
+    lm = slm.load(q)
+    ids = lm.tokenizer.encode("The cat sat on the mat.")
+    with torch.no_grad():
+        ours = lm.model(torch.tensor([ids]))[0]
+    theirs = llama_logits(str(tmp_path / "m.gguf"), ids)
+    assert (theirs - ours).abs().max() / ours.abs().max() < 6e-2

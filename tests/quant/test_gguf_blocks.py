@@ -1,0 +1,271 @@
+"""A GGUF file's quantized tensors kept in their own blocks (slm.quant.gguf_layers.GGUFLinear) and the
+kernels that run them (torch.ops.slm_cpu.linear_gguf / dequantize_gguf), and the fused decoding
+helpers (rms_norm_rope, rms_norm_add, gelu_tanh_mul, attn_decode, argmax_rows): each against a
+reference written with PyTorch and gguf-py's dequantizer, and the PyTorch fallback against the kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+import slm  # noqa: E402
+from slm import kernels  # noqa: E402
+from slm.quant.gguf_layers import Q5_0R4, GGUFLinear, q5_0_regroup, q5_0_ungroup, quantize_x_reference  # noqa: E402
+
+needs_kernels = pytest.mark.skipif(kernels.cpu_ops() is None, reason=f"no CPU kernels: {kernels.kernel_error()}")
+TYPES = [Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K]
+
+
+def blocks(n: int, k: int, qtype, seed: int = 0) -> np.ndarray:
+    """uint8 [n, row bytes]: Q8_0/Q5_0 quantized from N(0, 1) by gguf-py; Q4_K/Q6_K (which gguf-py
+    cannot quantize) random bytes with small positive fp16 super-block scales."""
+    rng = np.random.default_rng(seed)
+    if qtype in (Q.Q8_0, Q.Q5_0):
+        return quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    bw, bb = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n, k // bw, bb), dtype=np.uint8)
+    d = rng.uniform(1e-3, 1e-2, (n, k // bw, 2)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q4_K:
+        raw[:, :, 0:4] = d.reshape(n, k // bw, 4)  # d and dmin
+    else:
+        raw[:, :, 208:210] = d[:, :, :2]
+    return raw.reshape(n, -1)
+
+
+def layer(parts, k: int, bias: bool = False) -> tuple[GGUFLinear, torch.Tensor]:
+    """A GGUFLinear over parts [(qtype, rows)], and its weight dequantized by gguf-py."""
+    raws = [(int(t), blocks(n, k, t, seed=i)) for i, (t, n) in enumerate(parts)]
+    m = GGUFLinear(k, [(t, torch.from_numpy(r)) for t, r in raws], bias=bias)
+    if bias:
+        m.bias.data.normal_()
+    w = torch.from_numpy(np.concatenate([dequantize(r, Q(t)) for t, r in raws]))
+    return m, w
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_dequantize_matches_gguf_py(qtype):
+    m, w = layer([(qtype, 24)], 512)
+    assert torch.equal(m.dequantize(), w)
+    ids = torch.tensor([5, 0, 23, 5])
+    assert torch.equal(m.rows(ids), w[ids])
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("rows", [1, 3, 70])  # 70: above MAX_DIRECT, dequantize + GEMM in fp32
+def test_linear_matches_reference(qtype, rows, monkeypatch):
+    torch.manual_seed(0)
+    m, w = layer([(qtype, 40)], 512)
+    x = torch.randn(rows, 512)
+    xr = quantize_x_reference(x) if rows <= 64 else x  # the kernel's int8 x, up to MAX_DIRECT rows
+    ref = (xr.double() @ w.double().T).float()
+    tol = 1e-5 * ref.abs().max().item()
+    if kernels.cpu_ops() is not None:
+        torch.testing.assert_close(m(x), ref, rtol=0, atol=tol)
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: None)  # the PyTorch path
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=tol)
+    torch.testing.assert_close(m.dequantize(), w)
+
+
+def test_mixed_parts_and_bias(monkeypatch):
+    """A fused QKV whose parts have different formats (as gemma-3-270m's Q5_0 Q/K and Q8_0 V)."""
+    torch.manual_seed(0)
+    m, w = layer([(Q.Q5_0, 24), (Q.Q8_0, 8), (Q.Q6_K, 16), (Q.Q4_K, 8)], 256, bias=True)
+    assert m.out_features == 56 and m.types == (Q5_0R4, 8, 14, 12)  # Q5_0 regrouped
+    x = torch.randn(2, 1, 256)
+    ref = quantize_x_reference(x.view(2, 256)) @ w.T + m.bias
+    got = m(x)
+    assert got.shape == (2, 1, 56)
+    torch.testing.assert_close(got.view(2, 56), ref, rtol=0, atol=1e-4)
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
+    torch.testing.assert_close(m(x).view(2, 56), ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [32, 224, 640])  # no whole group of 4 blocks; 1 group and 3 blocks left; 5 groups
+def test_q5_0_regrouped(k, monkeypatch):
+    raw = blocks(8, k, Q.Q5_0)
+    assert np.array_equal(q5_0_ungroup(q5_0_regroup(raw)), raw)
+    m, w = layer([(Q.Q5_0, 8)], k)
+    assert torch.equal(m.dequantize(), w)
+    x = torch.randn(3, k)
+    ref = quantize_x_reference(x) @ w.T
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-4)
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(m.dequantize(), w, rtol=0, atol=0)
+
+
+def test_q8_0_minus_128_becomes_minus_127():
+    """The integer kernel cannot take -128 (ggml never writes it): such a weight is read as -127 by
+    every path, so the kernel and the dequantized weight agree."""
+    raw = blocks(4, 64, Q.Q8_0)
+    raw.reshape(4, 2, 34)[1, 0, 2 + 5] = 0x80  # row 1, block 0, weight 5
+    m = GGUFLinear(64, [(int(Q.Q8_0), torch.from_numpy(raw))])
+    w = torch.from_numpy(dequantize(raw, Q.Q8_0))
+    d = w[1, 5] / -128
+    assert m.dequantize()[1, 5] == d * -127 and torch.equal(m.dequantize()[0], w[0])
+    assert raw.reshape(4, 2, 34)[1, 0, 7] == 0x80  # the caller's bytes are left alone
+    x = torch.randn(1, 64)
+    ref = quantize_x_reference(x).double() @ m.dequantize().double().T
+    torch.testing.assert_close(m(x).double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+def test_refuses_wrong_sizes():
+    with pytest.raises(ValueError):
+        GGUFLinear(640, [(int(Q.Q4_K), torch.zeros(4, 360, dtype=torch.uint8))])  # 640 is not whole 256-blocks
+    with pytest.raises(ValueError):
+        GGUFLinear(64, [(int(Q.Q8_0), torch.zeros(4, 60, dtype=torch.uint8))])
+
+
+def test_quantized_x_error_is_small():
+    """What the int8 activations cost: the product with x rounded to 8 bits per block of 32."""
+    torch.manual_seed(0)
+    m, w = layer([(Q.Q8_0, 64)], 640)
+    x = torch.randn(1, 640)
+    exact = x @ w.T
+    assert ((m(x) - exact).norm() / exact.norm()).item() < 0.01
+
+
+# -- loading a GGUF file ----------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0], ids=lambda q: q.name)
+def test_load_keeps_the_files_blocks(tmp_path, qtype):
+    from support.models import hf_config
+    from test_gguf import gguf_tensors, spm_vocab, write_gguf
+    from transformers import AutoModelForCausalLM
+
+    from slm.quant.layers import Int8Linear, QuantEmbedding
+
+    cfg = hf_config("llama", len(spm_vocab()["token_list"]), num_key_value_heads=2)
+    torch.manual_seed(0)
+    sd = AutoModelForCausalLM.from_config(cfg).eval().state_dict()
+    path = write_gguf(tmp_path / "m.gguf", "llama", cfg, gguf_tensors("llama", cfg, sd), qtype, spm_vocab())
+    ref = slm.load(path)  # the file's weights dequantized to fp32
+    lm = slm.load(path, quantize="int4")  # int4: the file's 5- and 8-bit blocks are kept, not rounded to 4 bits
+    qkv = lm.model.blocks[0].attn.qkv_proj
+    assert isinstance(qkv, GGUFLinear) and set(qkv.types) == {int(qtype)}
+    assert isinstance(lm.model.lm_head, GGUFLinear)
+    # Q/K rows un-permuted as the fp32 tensors are: the dequantized blocks are the reference's weights
+    torch.testing.assert_close(qkv.dequantize(), ref.model.blocks[0].attn.qkv_proj.weight, rtol=0, atol=0)
+    ids = torch.tensor([lm.tokenizer.encode("Once upon a time, there was a little girl")])
+    with torch.no_grad():
+        got, want = lm.model(ids), ref.model(ids)
+    assert ((got - want).norm() / want.norm()).item() < 0.02  # the int8 activations only
+    assert not isinstance(lm.model.embed, QuantEmbedding) or lm.model.embed.tied_to is None
+    requant = slm.load(path, quantize="int8", file_blocks=False)
+    assert isinstance(requant.model.blocks[0].attn.qkv_proj, Int8Linear)
+
+
+# -- fused decoding helpers -------------------------------------------------------------------------
+@needs_kernels
+@pytest.mark.parametrize("rd", [256, 128])
+def test_rms_norm_rope(rd):
+    from slm.model import RMSNorm, apply_rope, rope_tables
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 256)
+    cos, sin = rope_tables(rd, 10, 10000.0)
+    p = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    c, s = cos[p].unsqueeze(1), sin[p].unsqueeze(1)
+    n = RMSNorm(256, 1e-6, True)
+    n.weight.data.normal_()
+    with torch.no_grad():
+        torch.testing.assert_close(n.rope(x, c, s), apply_rope(n._reference(x), c, s), rtol=0, atol=1e-5)
+        r = torch.randn(2, 4, 3, 256)
+        torch.testing.assert_close(n.add_to(r, x), r + n._reference(x), rtol=0, atol=1e-5)
+
+
+@needs_kernels
+def test_gelu_tanh_mul():
+    torch.manual_seed(0)
+    h = torch.randn(3, 2 * 1000) * 4
+    gate, up = h.chunk(2, -1)
+    torch.testing.assert_close(kernels.fused_op("gelu_tanh_mul")(h), F.gelu(gate, approximate="tanh") * up,
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("S", [1, 7, 100])
+def test_attn_decode(S):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 1, 256)
+    K, V = torch.randn(2, 2, 200, 256), torch.randn(2, 2, 200, 256)
+    k, v = K[:, :, :S], V[:, :, :S]  # views of a cache, as decoding passes them
+    ref = F.scaled_dot_product_attention(q, k, v, scale=0.0625, enable_gqa=True)
+    torch.testing.assert_close(kernels.fused_op("attn_decode")(q, k, v, 0.0625), ref, rtol=0, atol=1e-5)
+
+
+@needs_kernels
+def test_argmax_rows():
+    op = kernels.fused_op("argmax_rows")
+    torch.manual_seed(0)
+    for V in (1, 100, 70000, 262144):
+        x = torch.randn(2, V)
+        assert torch.equal(op(x), x.argmax(-1))
+    x = torch.randn(1, 100000)
+    x[0, 5000] = x[0, 90000] = 10.0  # ties: the first
+    assert op(x).item() == 5000
+    x[0, 95000] = x[0, 99999] = 10.0  # later ties, one in the scalar tail
+    assert op(x).item() == 5000
+    y = torch.full((1, 100003), float("-inf"))
+    assert op(y).item() == y.argmax(-1).item() == 0
+    y[0, 100001] = 0.0
+    assert op(y).item() == 100001
+    x[0, 70000] = x[0, 80000] = float("nan")  # NaN wins, as in torch.argmax
+    assert op(x).item() == x.argmax(-1).item() == 70000
+
+
+def test_save_refuses_blocks_but_dequantizes(tmp_path):
+    from test_gguf import gguf_tensors, spm_vocab, write_gguf
+    from support.models import hf_config
+    from transformers import AutoModelForCausalLM
+
+    from slm.checkpoint.safetensors_io import CheckpointError
+
+    cfg = hf_config("llama", len(spm_vocab()["token_list"]), num_key_value_heads=2)
+    torch.manual_seed(0)
+    sd = AutoModelForCausalLM.from_config(cfg).eval().state_dict()
+    path = write_gguf(tmp_path / "m.gguf", "llama", cfg, gguf_tensors("llama", cfg, sd), Q.Q8_0, spm_vocab())
+    lm = slm.load(path, quantize="int8")
+    with pytest.raises(CheckpointError, match="file_blocks=False"):
+        lm.save(str(tmp_path / "q"))
+    lm.save(str(tmp_path / "f"), dequantize=True)
+    back = slm.load(str(tmp_path / "f"))
+    torch.testing.assert_close(back.model.blocks[0].mlp.down_proj.weight, lm.model.blocks[0].mlp.down_proj.dequantize())
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["gemma3", "llama"])  # qk-norm + full rotary; no norm
+def test_attn_step_matches_the_unfused_step(family, monkeypatch):
+    """Decoding with the fused attention step (norms, rope, cache write, attention in one call)
+    gives the logits and cache of the step-by-step path, sliding windows included."""
+    from support.models import hf_config
+
+    from slm.model.config import ModelConfig
+    from slm.model import Transformer
+
+    kw = dict(sliding_window=4, num_key_value_heads=1) if family == "gemma3" else dict(num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_hf(hf_config(family, 128, **kw).to_dict())).eval()
+    model.init_weights()
+    ids = torch.randint(0, 128, (1, 12))
+
+    def decode():
+        cache, out = model.new_cache(1, 16), []
+        with torch.no_grad():
+            model(ids[:, :3], cache=cache)
+            for t in range(3, 12):
+                out.append(model(ids[:, t:t + 1], cache=cache)[0, -1])
+        return torch.stack(out), cache
+
+    monkeypatch.setenv("SLM_NO_DECODER", "1")  # the module path, which calls attn_step
+    fused, cf = decode()
+    monkeypatch.setitem(kernels._state, "op:attn_step", None)
+    plain, cp = decode()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(cf.k + cf.v, cp.k + cp.v):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
