@@ -17,7 +17,8 @@ import time
 import torch
 
 from .model.config import get_config
-from .quant.layers import StreamingQuantizer, weight_bytes
+from .quant.apply import StreamingQuantizer
+from .quant.layers import weight_bytes
 
 
 def _rss() -> int:

@@ -196,7 +196,8 @@ def _quantized_layers(model: Transformer, qcfg: dict, headers: dict, path: str) 
     empty quantized layers of the stored group size, ready to be filled, and give the weights it
     stores in floating point their storage. The embedding is a QuantEmbedding with its own int8
     rows (`model.embed_tokens.scales`), or reads a tied head's table (no embed_tokens tensor)."""
-    from ..quant.layers import LAYERS, QuantEmbedding, QuantLinear, mode_of
+    from ..quant.apply import mode_of
+    from ..quant.layers import LAYERS, QuantEmbedding, QuantLinear
     mode, _ = mode_of(qcfg)
     cfg, dtype, device = model.config, model.dtype, model.device
     layout = {ours: hf for hf, (ours, _) in hf_layout(model).items()}  # ours -> one of its HF names
@@ -306,7 +307,7 @@ def load_model(path: str, dtype: torch.dtype | None = None, device=None, quantiz
     else:
         model = new_empty_model(read_config(path), dtype, device, lazy_weights=bool(quantize))
         if quantize:
-            from ..quant.layers import StreamingQuantizer
+            from ..quant.apply import StreamingQuantizer
             quantizer = StreamingQuantizer(model, quantize, group_size)
 
     def tensors():

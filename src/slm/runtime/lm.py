@@ -105,7 +105,7 @@ def load(path: str | None = None, dtype: torch.dtype | str | None = None,
     (F32, F16, other block types) become int8 or int4. file_blocks=False requantizes every tensor
     from fp32 to the mode instead (what a folder saved with `slm quantize` holds)."""
     if quantize:
-        from ..quant.layers import check_mode
+        from ..quant.apply import check_mode
         check_mode(quantize, group_size)
     lm = _load(path, dtype, device, quantize, group_size, file_blocks)
     accelerate(lm.model)
@@ -140,7 +140,7 @@ def _load_gguf(path: str, dtype, device, quantize=None, group_size=None, file_bl
     model = hf.new_empty_model(cfg, dtype, device, lazy_weights=bool(quantize))
     quantizer = None
     if quantize:
-        from ..quant.layers import StreamingQuantizer
+        from ..quant.apply import StreamingQuantizer
         quantizer = StreamingQuantizer(model, quantize, group_size)
     keep = lambda qtype: False  # noqa: E731
     if quantize and file_blocks:
