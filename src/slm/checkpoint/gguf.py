@@ -29,6 +29,10 @@ import numpy as np
 import torch
 from gguf.quants import dequantize
 
+from ..model import Transformer
+from ..model.config import ConfigError, ModelConfig
+from ..quant.apply import StreamingQuantizer
+from .loader import load
 from .safetensors_io import CheckpointError
 
 ARCHITECTURES = ("llama", "phi2", "gemma3")
@@ -304,6 +308,19 @@ class GGUFCheckpoint:
 def read_gguf(path: str) -> GGUFCheckpoint:
     path = os.fspath(path)
     return GGUFCheckpoint(path, *_parse(path))
+
+
+def load_model(ckpt: GGUFCheckpoint, dtype: torch.dtype | None = None, device=None,
+               quantizer: StreamingQuantizer | None = None) -> Transformer:
+    """The model of a GGUF file (checkpoint/loader.py). With a quantizer, the tensors stored in
+    blocks it keeps (`keeps_blocks`) reach it as they are, beside their fp32 values."""
+    try:
+        cfg = ModelConfig.from_hf(ckpt.hf_config, name=os.path.splitext(os.path.basename(ckpt.path))[0])
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
+    keep = quantizer.keeps_blocks if quantizer is not None else (lambda qtype: False)
+    tensors = ((ckpt.path, name, t.shape, t, blocks) for name, t, blocks in ckpt.tensors_and_blocks(keep))
+    return load(cfg, tensors, ckpt.path, dtype, device, quantizer, config_name="the GGUF metadata")
 
 
 # -- config ------------------------------------------------------------------------------------
