@@ -131,7 +131,7 @@ def _load(path, dtype: torch.dtype | None, device, quantizer: StreamingQuantizer
     if os.path.isfile(path):
         ckpt = gguf.read_gguf(path)
         model = gguf.load_model(ckpt, dtype, device, quantizer)
-        return LM(model, ckpt.tokenizer(), ckpt.generation_config)
+        return LM(model, Tokenizer(*ckpt.tokenizer()), ckpt.generation_config)
     model = hf.load_model(path, dtype, device, quantizer)
     tokenizer = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     gen_path = os.path.join(path, "generation_config.json")
