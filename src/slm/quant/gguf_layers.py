@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 
 from .. import kernels
 from .layers import _CHUNK, MAX_DIRECT, QK, QuantLinear, _InputGrad, _reference
@@ -97,8 +99,6 @@ def dequantize_blocks(blocks: torch.Tensor, types: tuple[int, ...], part_rows: t
     ids = ids.reshape(-1).to(torch.int64)
     if kernels.q8_linear_op() is not None and blocks.is_cpu:
         return torch.ops.slm_q8.dequantize_gguf(blocks, list(types), list(part_rows), K, ids.contiguous())
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
     N = sum(part_rows)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= N):
         raise IndexError(f"row ids out of range for a table of {N} rows")
