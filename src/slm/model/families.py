@@ -65,7 +65,7 @@ def const(key: str, value: Any, check: bool = True) -> HFField:
     return HFField(key, value=value, check=check)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Family:
     name: str  # ModelConfig.family
     title: str  # for messages: "Llama", "Gemma 3"
@@ -124,6 +124,8 @@ def _rename(table: Mapping[str, str], name: str, prefix: bool = False) -> str | 
     tensor's own last part (weight, bias, ...). prefix: the longest listed module path that begins
     the name counts, not just the whole path."""
     parts = name.split(".")
+    if "N" in parts:  # only a layer number stands for N
+        return None
     layer = next((p for p in parts if p.isdigit()), None)
     generic = ["N" if p.isdigit() else p for p in parts]
     for k in range(len(parts) - 1, 0 if prefix else len(parts) - 2, -1):
