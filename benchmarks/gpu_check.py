@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import slm  # noqa: E402
-from conftest import FAMILIES, build_tokenizer, make_checkpoint  # noqa: E402
+from support.models import FAMILIES, build_tokenizer, make_checkpoint  # noqa: E402
 from slm.runtime.generate import generate_ids  # noqa: E402
 
 

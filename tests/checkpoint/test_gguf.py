@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from slm.checkpoint.gguf import read_gguf  # noqa: E402
 from slm.checkpoint.safetensors_io import CheckpointError  # noqa: E402
+from slm.runtime.tokenizer import Tokenizer  # noqa: E402
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 TEXTS = ["Once upon a time, there was a little girl named Lily.", "  two  spaces and\nnew lines\n\n",
@@ -224,7 +225,7 @@ def test_bpe_tokenizer(tmp_path, phi):
     cfg, sd = phi
     ref, vocab = bpe_vocab()
     path = write_gguf(tmp_path / "m.gguf", "phi2", cfg, gguf_tensors("phi2", cfg, sd), vocab=vocab)
-    tok = read_gguf(path).tokenizer()
+    tok = Tokenizer(*read_gguf(path).tokenizer())
     for text in TEXTS:
         assert tok.encode(text) == ref.encode(text).ids, text
         assert tok.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False).ids
@@ -236,7 +237,7 @@ def test_bpe_tokenizer(tmp_path, phi):
 def test_spm_tokenizer_matches_transformers(tmp_path, llama):
     cfg, sd = llama
     path = write_gguf(tmp_path / "m.gguf", "llama", cfg, gguf_tensors("llama", cfg, sd), vocab=spm_vocab())
-    tok = read_gguf(path).tokenizer()
+    tok = Tokenizer(*read_gguf(path).tokenizer())
     from transformers import AutoTokenizer
     ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     for text in TEXTS + ["<tag> and <tag>", "tab\there"]:
@@ -304,7 +305,7 @@ def test_flipped_bits_give_a_checkpoint_error(tmp_path, good_file):
         try:
             ckpt = read_gguf(str(path))
             list(ckpt.tensors())
-            ckpt.tokenizer().encode("hello world")
+            Tokenizer(*ckpt.tokenizer()).encode("hello world")
         except CheckpointError as e:
             assert str(e).startswith(str(path))
 
@@ -419,7 +420,7 @@ def gemma_tokenizers(gemma, gemma_path):
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
-    ours = gemma.tokenizer()
+    ours = Tokenizer(*gemma.tokenizer())
     t1 = time.perf_counter()
     ref = AutoTokenizer.from_pretrained(os.path.dirname(gemma_path), gguf_file=os.path.basename(gemma_path))
     t2 = time.perf_counter()

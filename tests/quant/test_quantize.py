@@ -14,8 +14,9 @@ import torch.nn as nn
 import slm
 from slm import kernels
 from slm.runtime.generate import generate_ids
-from slm.quant.layers import (MAX_DIRECT, Int8Linear, QuantEmbedding, dequantize_q8, q8_linear_reference, quantize_model,
-                          quantize_q8, weight_bytes)
+from slm.quant.apply import quantize_model
+from slm.quant.layers import (MAX_DIRECT, Int8Linear, QuantEmbedding, dequantize_q8, q8_linear_reference, quantize_q8,
+                              weight_bytes)
 
 
 @pytest.fixture(scope="module")

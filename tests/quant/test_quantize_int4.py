@@ -14,8 +14,9 @@ import slm
 from slm import kernels
 from slm.checkpoint.hf import read_json
 from slm.checkpoint.safetensors_io import read_header
-from slm.quant.layers import (Int4Linear, Int8Linear, QuantEmbedding, dequantize_q4, q4_linear_reference, quantize_model,
-                          quantize_q4, quantize_q8, weight_bytes)
+from slm.quant.apply import quantize_model
+from slm.quant.layers import (Int4Linear, Int8Linear, QuantEmbedding, dequantize_q4, q4_linear_reference, quantize_q4,
+                              quantize_q8, weight_bytes)
 from support.models import make_checkpoint
 
 

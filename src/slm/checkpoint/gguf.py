@@ -1,14 +1,18 @@
 """GGUF files (llama.cpp's format) read as Hugging Face checkpoints: config, tensors, tokenizer.
 
 A GGUF file is a header (key/value metadata, then a table of tensors) followed by the tensor data,
-most of it quantized in blocks. `read_gguf` parses and checks the header. `tensors()` dequantizes one
-tensor at a time to float32 and undoes llama.cpp's conventions (Q/K row order, Gemma's 1 + w norms,
-fused QKV), so the names, shapes and values are those of the Hugging Face checkpoint:
+most of it quantized in blocks. `read_gguf` parses and checks the header and finds the file's
+family (model/families.py: by `gguf_arch`, and `gguf_marker` where families share one). `tensors()`
+dequantizes one tensor at a time to float32 and undoes llama.cpp's conventions as the family's
+record lists them (Q/K row order, norms stored as 1 + w, and a fused QKV split by rows), so the
+names, shapes and values are those of the Hugging Face checkpoint:
 
     ckpt = read_gguf("gemma-3-270m-q4_k_m.gguf")
-    ckpt.hf_config                      # a config.json-style dict
+    ckpt.config                         # a ModelConfig
+    ckpt.hf_config                      # the same as a config.json-style dict
     for name, t in ckpt.tensors(): ...  # ("model.layers.0.self_attn.q_proj.weight", fp32 tensor)
-    tok = ckpt.tokenizer()
+    tk, settings, template = ckpt.tokenizer()   # gguf_tokenizer.GGUFTokenizer
+    model = load_model(ckpt, quantizer=...)     # checkpoint/loader.py
 
 The header is parsed here, not by `gguf.GGUFReader`: that reader makes one numpy view per metadata
 item, 20 s for Gemma 3's 262,144-token vocabulary, where this takes 0.3 s. Blocks are dequantized by
@@ -29,9 +33,13 @@ import numpy as np
 import torch
 from gguf.quants import dequantize
 
+from ..model import Transformer, families
+from ..model.config import ModelConfig
+from ..quant.apply import StreamingQuantizer
+from .gguf_tokenizer import GGUFTokenizer, build_tokenizer
+from .loader import load
 from .safetensors_io import CheckpointError
 
-ARCHITECTURES = ("llama", "phi2", "gemma3")
 # The ggml types read (dequantized by gguf.quants): type id -> name, as in gguf.GGMLQuantizationType.
 TYPES = {0: "F32", 1: "F16", 30: "BF16", 8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1",
          12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
@@ -126,8 +134,8 @@ def _parse(path: str) -> tuple[dict, list[_Tensor]]:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
 
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"{path}: unsupported architecture {arch!r}; slm reads {', '.join(ARCHITECTURES)}")
+    if arch not in families.gguf_archs():
+        raise CheckpointError(f"{path}: unsupported architecture {arch!r}; slm reads {', '.join(families.gguf_archs())}")
     align = meta.get("general.alignment", 32)
     if not isinstance(align, int) or align <= 0 or align & (align - 1):
         raise CheckpointError(f"{path}: corrupt GGUF header (general.alignment is {align!r})")
@@ -184,30 +192,8 @@ def _read_header(path: str, h: _Header) -> tuple[dict, list[tuple]]:
 
 
 # -- names -------------------------------------------------------------------------------------
-_TOP = {"token_embd": "model.embed_tokens", "output": "lm_head", "output_norm": "model.norm"}
-_LLAMA = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
-          "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-# GGUF name -> Hugging Face name, per architecture: top-level tensors, and those of blk.N -> model.layers.N.
-_NAMES = {
-    "llama": (_TOP, {**_LLAMA, "ffn_norm": "post_attention_layernorm"}),
-    "phi2": ({**_TOP, "output_norm": "model.final_layernorm"},
-             {**_LLAMA, "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.dense",
-              "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}),
-    "gemma3": (_TOP, {**_LLAMA, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-                      "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-                      "post_ffw_norm": "post_feedforward_layernorm"}),
-}
-_NAME = re.compile(r"^(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)$")
-
-
-def _hf_name(arch: str, name: str) -> str | None:
-    m = _NAME.match(name)
-    top, layer = _NAMES[arch]
-    hf = m and (top.get(m[2]) if m[1] is None else layer.get(m[2]))
-    if not hf:
-        return None
-    return f"{hf}.{m[3]}" if m[1] is None else f"model.layers.{m[1]}.{hf}.{m[3]}"
+# Phi-2 conversions from its original layout store Q, K and V stacked by rows in one tensor.
+_QKV = re.compile(r"^blk\.(\d+)\.attn_qkv\.(weight|bias)$")
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -219,22 +205,34 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 # -- the checkpoint ----------------------------------------------------------------------------
 class GGUFCheckpoint:
-    """A checked GGUF file: its Hugging Face config and tokenizer, and its tensors on demand."""
+    """A checked GGUF file: its family, config and tokenizer, and its tensors on demand."""
 
     def __init__(self, path: str, metadata: dict, tensors: list[_Tensor]):
         self.path = path
         self.metadata = metadata
         self.architecture: str = metadata["general.architecture"]
+        arch = self.architecture
+        family = families.by_gguf_arch(arch, lambda key: bool(metadata.get(f"{arch}.{key}")))
+        if family is None:
+            raise CheckpointError(f"{path}: no family of slm reads architecture {arch!r} with this metadata")
+        self.family: families.Family = family
         self._tensors = tensors
-        self._tokenizer = None
+        self._tokenizer: GGUFTokenizer | None = None
         for t in tensors:  # refuse an unknown tensor now, not after loading half the model
-            if _hf_name(self.architecture, t.name) is None:
-                raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {self.architecture} model")
-        self.hf_config: dict = _hf_config(self)
+            if not self._known(t.name):
+                raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {arch} model")
+        self.config: ModelConfig = _config(self)
+        self.hf_config: dict = self.config.to_hf()
         self.generation_config: dict = {k: self.hf_config[k] for k in ("bos_token_id", "eos_token_id")}
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({self.path!r}, {self.architecture}, {len(self._tensors)} tensors)"
+
+    def _known(self, name: str) -> bool:
+        m = _QKV.match(name)
+        if m:
+            return all(self.family.hf_from_gguf(f"blk.{m[1]}.attn_{x}.{m[2]}") for x in "qkv")
+        return name.endswith((".weight", ".bias")) and self.family.hf_from_gguf(name) is not None
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, float32 CPU tensor in Hugging Face layout), one tensor at a time."""
@@ -251,12 +249,12 @@ class GGUFCheckpoint:
                 w, blocks = self._read(f, t, raw)
                 yield from self._convert(t.name, w, None if blocks is None else (t.type, blocks))
 
-    def tokenizer(self):
-        """The tokenizer the metadata describes, as slm.runtime.tokenizer.Tokenizer (built once)."""
+    def tokenizer(self) -> GGUFTokenizer:
+        """The tokenizer the metadata describes: (tokenizers.Tokenizer, settings, chat template),
+        built once; runtime.tokenizer.Tokenizer(*parts) is slm's tokenizer of it."""
         if self._tokenizer is None:
-            self._tokenizer = _build_tokenizer(self)
+            self._tokenizer = build_tokenizer(self.metadata, self.path, self.family.gguf_ranks_by_order)
         return self._tokenizer
-
     def _read(self, f, t: _Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the fp32 tensor, and with raw its bytes as uint8 [rows, bytes per row], else None)"""
         shape = t.shape or (1,)
@@ -279,26 +277,30 @@ class GGUFCheckpoint:
 
     def _convert(self, name: str, w: torch.Tensor, blocks: tuple[int, torch.Tensor] | None = None
                  ) -> Iterator[tuple[str, torch.Tensor, tuple[int, torch.Tensor] | None]]:
-        arch, cfg, hf = self.architecture, self.hf_config, _hf_name(self.architecture, name)
-        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
-            heads = cfg["num_attention_heads"] if ".attn_q." in name else cfg["num_key_value_heads"]
-            if w.shape[0] % (2 * heads):
-                raise CheckpointError(f"{self.path}: tensor {name!r} has {w.shape[0]} rows, not {heads} heads")
-            w = _unpermute(w, heads)
-            if blocks is not None:  # a row permutation: whole rows of blocks move with it
-                blocks = (blocks[0], _unpermute(blocks[1], heads).contiguous())
-        if arch == "gemma3" and name.endswith("norm.weight"):
-            w -= 1.0  # llama.cpp bakes Gemma's RMSNorm scale (1 + w) into the file; Hugging Face stores w
-        if ".attn_qkv." in name:  # Phi-2 converted from its original layout: q, k, v stacked by rows
-            head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-            q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+        """(Hugging Face name, tensor, blocks) of one GGUF tensor, llama.cpp's conventions undone."""
+        cfg, family = self.config, self.family
+        m = _QKV.match(name)
+        if m:  # Q, K and V stacked by rows: three tensors
+            q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
             if w.shape[0] != q + 2 * kv:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has {w.shape[0]} rows, not {q} + 2 x {kv}")
-            for part, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, None))):
-                yield (hf.replace("qkv_proj", part), w[rows].clone(),
-                       None if blocks is None else (blocks[0], blocks[1][rows].contiguous()))
+            parts = [(f"blk.{m[1]}.attn_{x}.{m[2]}", rows) for x, rows in
+                     (("q", slice(0, q)), ("k", slice(q, q + kv)), ("v", slice(q + kv, None)))]
+            pieces = [(part, w[rows].clone(), None if blocks is None else (blocks[0], blocks[1][rows].contiguous()))
+                      for part, rows in parts]
         else:
-            yield hf, w, blocks
+            pieces = [(name, w, blocks)]
+        for name, w, blocks in pieces:
+            if family.gguf_permute_qk and (".attn_q." in name or ".attn_k." in name):
+                heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
+                if w.shape[0] % (2 * heads):
+                    raise CheckpointError(f"{self.path}: tensor {name!r} has {w.shape[0]} rows, not {heads} heads")
+                w = _unpermute(w, heads)
+                if blocks is not None:  # a row permutation: whole rows of blocks move with it
+                    blocks = (blocks[0], _unpermute(blocks[1], heads).contiguous())
+            if family.gguf_norm_plus_one and name.endswith("norm.weight"):
+                w -= 1.0  # llama.cpp bakes the RMSNorm scale (1 + w) into the file; Hugging Face stores w
+            yield family.hf_from_gguf(name), w, blocks
 
 
 def read_gguf(path: str) -> GGUFCheckpoint:
@@ -312,8 +314,10 @@ def _f32(x) -> float:
     return float(str(np.float32(x)))
 
 
-def _hf_config(c: GGUFCheckpoint) -> dict:
-    arch, meta, names = c.architecture, c.metadata, {t.name: t.shape for t in c._tensors}
+def _config(c: GGUFCheckpoint) -> ModelConfig:
+    """The ModelConfig the metadata describes. Common to every architecture but for what the
+    family's record adds (its `gguf_read`); refused with a CheckpointError if corrupt."""
+    arch, meta, names, family = c.architecture, c.metadata, {t.name: t.shape for t in c._tensors}, c.family
 
     def m(key: str, default=KeyError):
         value = meta.get(f"{arch}.{key}", default)
@@ -325,162 +329,55 @@ def _hf_config(c: GGUFCheckpoint) -> dict:
     tokens = meta.get("tokenizer.ggml.tokens")
     if "token_embd.weight" not in names and not tokens:
         raise CheckpointError(f"{c.path}: no token_embd.weight and no tokenizer.ggml.tokens to size the vocabulary")
-    cfg = {
+    sizes = {
         "vocab_size": names["token_embd.weight"][0] if "token_embd.weight" in names else len(tokens),
         "hidden_size": m("embedding_length"),
         "intermediate_size": m("feed_forward_length"),
-        "num_hidden_layers": m("block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": m("attention.head_count_kv", heads),
-        "max_position_embeddings": m("context_length"),
+        "num_layers": m("block_count"),
+        "num_heads": heads,
+        "num_kv_heads": m("attention.head_count_kv", heads),
+        "max_seq_len": m("context_length"),
     }
     if m("attention.key_length", None):
-        cfg["head_dim"] = m("attention.key_length")
-    for key, value in cfg.items():
+        sizes["head_dim"] = m("attention.key_length")
+    for key, value in sizes.items():
         if not isinstance(value, int) or value <= 0:
             raise CheckpointError(f"{c.path}: corrupt metadata: {key} would be {value!r}")
-    if m("rope.scaling.type", "none") != "none":  # passed on, so that a reader can refuse it
-        cfg["rope_scaling"] = {"rope_type": m("rope.scaling.type"), "factor": _f32(m("rope.scaling.factor", 1.0))}
-    if arch == "llama":
-        window = m("attention.sliding_window", None)  # llama.cpp writes Mistral as llama
-        cfg.update(model_type="mistral" if window else "llama",
-                   architectures=["MistralForCausalLM" if window else "LlamaForCausalLM"], hidden_act="silu",
-                   rms_norm_eps=_f32(m("attention.layer_norm_rms_epsilon")), rope_theta=_f32(m("rope.freq_base", 1e4)),
-                   attention_bias="blk.0.attn_q.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names)
-        if window:
-            cfg["sliding_window"] = window
-    elif arch == "phi2":
-        head_dim = cfg["hidden_size"] // heads
-        cfg.update(model_type="phi", architectures=["PhiForCausalLM"], hidden_act="gelu_new", qk_layernorm=False,
-                   layer_norm_eps=_f32(m("attention.layer_norm_epsilon")), rope_theta=_f32(m("rope.freq_base", 1e4)),
-                   partial_rotary_factor=m("rope.dimension_count", head_dim) / head_dim)
-    elif arch == "gemma3":
-        head_dim = m("attention.key_length", cfg["hidden_size"] // heads)
-        pattern = m("attention.sliding_window_pattern", 6)
-        if isinstance(pattern, list):  # one flag per layer: true = sliding window
-            layer_types = ["sliding_attention" if swa else "full_attention" for swa in pattern]
-        else:  # llama.cpp's Gemma 3: every 6th layer attends globally
-            layer_types = ["full_attention" if pattern and (i + 1) % pattern == 0 else "sliding_attention"
-                           for i in range(cfg["num_hidden_layers"])]
-        cfg.update(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=head_dim,
-                   rms_norm_eps=_f32(m("attention.layer_norm_rms_epsilon")), rope_theta=_f32(m("rope.freq_base", 1e6)),
-                   rope_local_base_freq=10000.0, sliding_window=m("attention.sliding_window"),
-                   layer_types=layer_types, query_pre_attn_scalar=head_dim, hidden_activation="gelu_pytorch_tanh",
-                   final_logit_softcapping=None, attn_logit_softcapping=None)
-    cfg["tie_word_embeddings"] = "output.weight" not in names
-    for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
-        cfg[f"{key}_token_id"] = meta.get(f"tokenizer.ggml.{gguf_key}_token_id")
-    return cfg
+    kw = dict(name=os.path.splitext(os.path.basename(c.path))[0], family=family.name, **sizes)
+    try:
+        rms = family.switches.get("norm", "rmsnorm") == "rmsnorm"
+        kw["norm_eps"] = _f32(m("attention.layer_norm_rms_epsilon" if rms else "attention.layer_norm_epsilon"))
+        if m("rope.freq_base", None) is not None:
+            kw["rope_theta"] = _f32(m("rope.freq_base"))
+        if m("rope.dimension_count", None) is not None:
+            kw["partial_rotary_factor"] = m("rope.dimension_count") / (kw.get("head_dim") or kw["hidden_size"] // heads)
+        scaling = m("rope.scaling.type", "none")
+        if scaling == "linear":
+            kw["rope_scaling_factor"] = _f32(m("rope.scaling.factor", 1.0))
+        elif scaling != "none":
+            raise CheckpointError(f"{c.path}: rope scaling {scaling!r} is not supported yet")
+        if family.carries("sliding_window") and m("attention.sliding_window", None):
+            kw["sliding_window"] = m("attention.sliding_window")
+        if family.carries("attention_bias"):
+            kw["attention_bias"] = "blk.0.attn_q.bias" in names or "blk.0.attn_qkv.bias" in names
+        if family.carries("mlp_bias"):
+            kw["mlp_bias"] = "blk.0.ffn_up.bias" in names
+        kw["tie_embeddings"] = "output.weight" not in names
+        for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+            kw[f"{key}_token_id"] = meta.get(f"tokenizer.ggml.{gguf_key}_token_id")
+        if family.gguf_read:
+            family.gguf_read(m, kw)
+        return ModelConfig(**kw)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, ArithmeticError) as e:  # ConfigError among them; a value of the wrong type
+        raise CheckpointError(f"{c.path}: corrupt or unsupported metadata ({e})") from None
 
 
-# -- tokenizer ---------------------------------------------------------------------------------
-_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-
-# Byte-level vocabularies: the split before byte-level BPE, by tokenizer.ggml.pre. None: ByteLevel's own (GPT-2).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {None: None, "default": None, "gpt-2": None, "phi-2": None,
-           "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, the alphabet byte-level vocabularies are spelled in."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
-
-
-def _spm_merges(tokens: list[str], vocab: dict[str, int], rank) -> list[tuple[str, str]]:
-    """The BPE merges a SentencePiece vocabulary implies: every split of a token into two tokens,
-    best-ranked token first, longer left piece first -- transformers' `generate_merges` order, found
-    with one dict lookup per split instead of its per-token sorts."""
-    found = []
-    for i, tok in enumerate(tokens):
-        for k in range(len(tok) - 1, 0, -1):
-            left = tok[:k]
-            if left in vocab and tok[k:] in vocab:
-                found.append((rank[i], left, tok[k:]))
-    found.sort(key=lambda x: (-x[0], -len(x[1]), -len(x[2])))  # stable: ties keep vocabulary order
-    return [(left, right) for _, left, right in found]
-
-
-def _build_tokenizer(c: GGUFCheckpoint):
-    from tokenizers import AddedToken, Regex, Tokenizer as Tk, decoders, models, normalizers, pre_tokenizers, processors
-
-    from ..runtime.tokenizer import Tokenizer
-
-    meta, path = c.metadata, c.path
-    kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
-    if kind not in ("llama", "gpt2") or not tokens:
-        raise CheckpointError(f"{path}: cannot build a tokenizer from tokenizer.ggml.model {kind!r}; slm reads "
-                              "'llama' (SentencePiece) and 'gpt2' (byte-level BPE) vocabularies")
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    named = {}
-    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if i is not None and 0 <= i < len(tokens):
-            named[name] = tokens[i]
-
-    if kind == "llama":
-        # llama.cpp writes a token of spaces with real spaces where SentencePiece means U+2581, the
-        # character every space becomes before BPE: respell them, or they could never match.
-        spelled = [t.replace(" ", "\u2581") if " " in t and not t.strip() else t for t in tokens]
-        vocab = {t: i for i, t in enumerate(spelled)}
-        # A merge ranks as the token it makes, by score. Gemma's scores do not follow its merge order,
-        # its vocabulary order does (and serves for a file without scores, too).
-        rank = meta.get("tokenizer.ggml.scores") or []
-        if c.architecture.startswith("gemma") or len(rank) != len(tokens):
-            rank = range(0, -len(tokens), -1)
-        unk = named.get("unk_token", "<unk>" if "<unk>" in vocab else None)
-        tk = Tk(models.BPE(vocab, _spm_merges(spelled, vocab, rank), unk_token=unk, fuse_unk=True, byte_fallback=True))
-        dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-        if meta.get("tokenizer.ggml.add_space_prefix", True):  # Llama 2: "Hi" is encoded as "▁Hi"
-            tk.pre_tokenizer = pre_tokenizers.Metaspace("\u2581", prepend_scheme="first", split=False)
-            dec.append(decoders.Strip(" ", 1, 0))
-        else:  # Gemma
-            tk.normalizer = normalizers.Replace(" ", "\u2581")
-        tk.decoder = decoders.Sequence(dec)
-        default_bos = True  # what llama.cpp does for SentencePiece vocabularies that do not say
-    else:
-        pre = meta.get("tokenizer.ggml.pre")
-        if pre not in _SPLITS:
-            raise CheckpointError(f"{path}: unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre); slm knows "
-                                  f"{', '.join(p for p in _SPLITS if p)}")
-        spelling = _bytes_to_unicode()
-        alphabet = set(spelling.values())
-        # Added tokens outside the byte alphabet (runs of real spaces) are respelled as their bytes.
-        spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()) for t in tokens]
-        vocab = {t: i for i, t in enumerate(spelled)}
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        tk = Tk(models.BPE(vocab, merges, fuse_unk=False))
-        if _SPLITS[pre]:
-            tk.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        else:
-            tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tk.decoder = decoders.ByteLevel()
-        default_bos = False
-
-    # Control tokens (<bos>, <start_of_turn>) are special, user-defined ones (<b>, "\n\n") plain added
-    # tokens: llama.cpp matches both whole in the text, so BPE must not cut them up. A token respelled
-    # above is no longer in the vocabulary under its file spelling, and is left to BPE, as transformers does.
-    special = [t for t, ty in zip(tokens, types) if ty == _CONTROL and t in vocab]
-    special += [t for t in named.values() if t in vocab and t not in special]
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    tk.add_tokens([AddedToken(t, special=False, normalized=False)
-                   for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab])
-
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)) and named.get("bos_token") in vocab
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and named.get("eos_token") in vocab
-    if add_bos or add_eos:  # added by the post-processor, so the saved tokenizer.json does it too
-        first = [named["bos_token"]] if add_bos else []
-        last = [named["eos_token"]] if add_eos else []
-        single = " ".join(first + ["$A"] + last)
-        pair = " ".join([single] + [f"{t}:1" for t in first] + ["$B:1"] + [f"{t}:1" for t in last])
-        tk.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=[(t, vocab[t]) for t in dict.fromkeys(first + last)])
-
-    # Without tokenizer.chat_template (Gemma 3 270M has none) Tokenizer picks a format from the vocabulary.
-    config = {**named, "add_bos_token": add_bos, "add_eos_token": add_eos}
-    return Tokenizer(tk, config, meta.get("tokenizer.chat_template"))
+def load_model(ckpt: GGUFCheckpoint, dtype: torch.dtype | None = None, device=None,
+               quantizer: StreamingQuantizer | None = None) -> Transformer:
+    """The model of a GGUF file (checkpoint/loader.py). With a quantizer, the tensors stored in
+    blocks it keeps (`keeps_blocks`) reach it as they are, beside their fp32 values."""
+    keep = quantizer.keeps_blocks if quantizer is not None else (lambda qtype: False)
+    tensors = ((ckpt.path, name, t.shape, t, blocks) for name, t, blocks in ckpt.tensors_and_blocks(keep))
+    return load(ckpt.config, tensors, ckpt.path, dtype, device, quantizer, config_name="the GGUF metadata")

@@ -2,10 +2,11 @@
 
     write_gguf(lm, "model.gguf", dtype="q8_0")     # f32 | f16 | q8_0
 
-Architectures: Llama 2 / Orca 2 and Mistral as llama.cpp's `llama`, Phi-2 as `phi2`. Tensors get
-llama.cpp's names and conventions (Q/K rows permuted for its interleaved rotary pairs), the
-tokenizer (byte-level BPE as `gpt2`, SentencePiece-style BPE as `llama`) and the chat template go
-into the metadata. Norms and biases stay f32, as llama.cpp's own converter keeps them. A quantized
+Architectures: those of the families whose record says so (model/families.py, `gguf_export`):
+Llama 2 / Orca 2 and Mistral as llama.cpp's `llama`, Phi-2 as `phi2`. Tensors get the family's
+GGUF names and llama.cpp's conventions for it (Q/K rows permuted for its interleaved rotary pairs,
+norms stored as 1 + w), the tokenizer (byte-level BPE as `gpt2`, SentencePiece-style BPE as
+`llama`) and the chat template go into the metadata. Norms and biases stay f32, as llama.cpp's own converter keeps them. A quantized
 model is dequantized layer by layer first. Written with the `gguf` package to a temporary file
 that replaces `path` when complete.
 """
@@ -20,32 +21,22 @@ import gguf
 import numpy as np
 import torch
 
+from ..model import families
+from .hf import _dequantized_tensors
 from .safetensors_io import CheckpointError
 
 DTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
           "q8_0": gguf.GGMLQuantizationType.Q8_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-ARCH = {"llama": "llama", "mistral": "llama", "phi": "phi2"}
-
-_TOP = {"model.embed_tokens": "token_embd", "lm_head": "output", "model.norm": "output_norm",
-        "model.final_layernorm": "output_norm"}
-_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-          "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-          "self_attn.o_proj": "attn_output", "self_attn.dense": "attn_output",
-          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-          "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(family: families.Family, hf: str) -> str:
     """Hugging Face tensor name -> llama.cpp's (model.layers.3.mlp.fc1.bias -> blk.3.ffn_up.bias)."""
-    base, _, kind = hf.rpartition(".")
-    if base in _TOP:
-        return f"{_TOP[base]}.{kind}"
-    parts = base.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER:
-        return f"blk.{parts[2]}.{_LAYER[parts[3]]}.{kind}"
-    raise CheckpointError(f"no GGUF name for tensor {hf!r}")
+    name = family.gguf_name(hf)
+    if name is None:
+        raise CheckpointError(f"no GGUF name for tensor {hf!r}")
+    return name
 
 
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -98,20 +89,20 @@ def _tokenizer(w: gguf.GGUFWriter, tok) -> None:
 
 def write_gguf(lm, path: str, dtype: str = "f32") -> None:
     """Write `lm` (an slm.LM: model, tokenizer) as a GGUF file at path."""
-    from .hf import _dequantized_tensors
-
     if dtype not in DTYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; supported: {', '.join(DTYPES)}")
     cfg = lm.model.config
-    if cfg.family not in ARCH:
-        raise ValueError(f"GGUF export supports the Llama, Mistral and Phi families, not {cfg.family!r}")
-    arch = ARCH[cfg.family]
+    family = families.get(cfg.family)
+    if not (family.gguf_export and family.gguf_arch):
+        titles = [f.title for f in families.all_families() if f.gguf_export and f.gguf_arch]
+        listed = ", ".join(titles[:-1]) + " and " + titles[-1] if len(titles) > 1 else "".join(titles)
+        raise ValueError(f"GGUF export supports the {listed} families, not {cfg.family!r}")
     tmp_dir = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(tmp_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=tmp_dir)
     os.close(fd)
     try:
-        w = gguf.GGUFWriter(tmp, arch)
+        w = gguf.GGUFWriter(tmp, family.gguf_arch)
         w.add_name(cfg.name)
         w.add_context_length(cfg.max_seq_len)
         w.add_embedding_length(cfg.hidden_size)
@@ -135,12 +126,14 @@ def write_gguf(lm, path: str, dtype: str = "f32") -> None:
             for hf, t in tensors.items():
                 if cfg.tie_embeddings and hf == "lm_head.weight":
                     continue
-                name = gguf_name(hf)
+                name = gguf_name(family, hf)
                 t = t.float()
-                if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+                if family.gguf_permute_qk and name.endswith(("attn_q.weight", "attn_q.bias")):
                     t = _permute(t, cfg.num_heads)
-                elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+                elif family.gguf_permute_qk and name.endswith(("attn_k.weight", "attn_k.bias")):
                     t = _permute(t, cfg.num_kv_heads)
+                if family.gguf_norm_plus_one and name.endswith("norm.weight"):
+                    t = t + 1.0  # llama.cpp stores the RMSNorm scale 1 + w
                 a = t.contiguous().numpy()
                 if t.dim() < 2 or dtype == "f32" or (dtype == "q8_0" and a.shape[-1] % 32):
                     w.add_tensor(name, a)

@@ -1,7 +1,8 @@
 """Model configuration: one dataclass for every family, and a registry of named models.
 
 Each registry entry cites the upstream `config.json` it was copied from, so a reader can check
-every number. `ModelConfig.from_hf` / `to_hf` translate to and from Hugging Face `config.json`.
+every number. `ModelConfig.from_hf` / `to_hf` translate to and from Hugging Face `config.json`;
+what differs between families comes from their records in `families.py`.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-FAMILIES = ("llama", "mistral", "phi", "gemma3")
-# Hugging Face model_type -> our family
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "phi": "phi", "gemma3_text": "gemma3"}
+from . import families
+from .families import FAMILIES  # the family names (a live view of families' registry)
 
 
 class ConfigError(ValueError):
@@ -30,7 +30,7 @@ MAX_PARAMS = 10 ** 13
 @dataclass
 class ModelConfig:
     name: str = "custom"
-    family: str = "llama"  # llama (Llama 2, Orca 2, our presets) | mistral | phi | gemma3
+    family: str = "llama"  # a name in families.FAMILIES: llama (Llama 2, Orca 2, our presets) | mistral | phi | gemma3
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -51,7 +51,7 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
-    # Architecture switches derived from the family (see __post_init__).
+    # Architecture switches, some fixed by the family (its record's `switches`, see __post_init__).
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight), computed in fp32
     qk_norm: bool = False  # Gemma 3: RMSNorm on each query and key head before rope
@@ -65,14 +65,11 @@ class ModelConfig:
     source: str = ""  # where the numbers come from
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
+        family = families.get(self.family)
+        if family is None:
             raise ConfigError(f"unknown model family {self.family!r}; slm supports {', '.join(FAMILIES)}")
-        if self.family == "phi":
-            self.norm, self.mlp, self.parallel_block = "layernorm", "gelu", True
-            self.attention_bias = self.mlp_bias = self.lm_head_bias = True
-        if self.family == "gemma3":
-            self.norm_plus_one = self.qk_norm = self.sandwich_norm = self.embed_scale = True
-            self.mlp = "geglu"
+        for attr, value in family.switches.items():
+            setattr(self, attr, value)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_heads
         self.validate()
@@ -147,9 +144,9 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict, name: str = "custom") -> "ModelConfig":
         mt = hf.get("model_type")
-        if mt not in HF_MODEL_TYPES:
-            raise ConfigError(f"unsupported model_type {mt!r}; slm supports {', '.join(HF_MODEL_TYPES)}")
-        family = HF_MODEL_TYPES[mt]
+        family = families.by_model_type(mt) if isinstance(mt, str) else None
+        if family is None:
+            raise ConfigError(f"unsupported model_type {mt!r}; slm supports {', '.join(families.model_types())}")
         # transformers >= 5 nests rope settings under rope_parameters (per layer type for Gemma 3);
         # older files keep them on top, or under rope_scaling.
         rope = hf.get("rope_parameters") or {}
@@ -163,7 +160,7 @@ class ModelConfig:
             heads = hf["num_attention_heads"]
             kw = dict(
                 name=name,
-                family=family,
+                family=family.name,
                 vocab_size=hf["vocab_size"],
                 hidden_size=hf["hidden_size"],
                 intermediate_size=hf["intermediate_size"],
@@ -176,40 +173,30 @@ class ModelConfig:
                 rope_scaling_factor=float(scaling.get("factor", 1.0)) if rope_type == "linear" else 1.0,
                 partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
                 norm_eps=float(hf.get("rms_norm_eps", hf.get("layer_norm_eps", 1e-5))),
-                sliding_window=hf.get("sliding_window") if family in ("mistral", "gemma3") else None,
-                tie_embeddings=bool(hf.get("tie_word_embeddings", family == "gemma3")),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
                 pad_token_id=hf.get("pad_token_id"),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
-        if family == "phi" and hf.get("qk_layernorm"):
-            raise ConfigError("Phi with qk_layernorm=true is not supported")
-        if family in ("llama", "mistral"):
-            kw["attention_bias"] = bool(hf.get("attention_bias", False))
-            kw["mlp_bias"] = bool(hf.get("mlp_bias", False))
-            act = hf.get("hidden_act", "silu")
-            if act != "silu":
-                raise ConfigError(f"hidden_act {act!r} is not supported for {mt}")
-        if family == "gemma3":
-            for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
-                if hf.get(key):
-                    raise ConfigError(f"{key}={hf[key]!r} is not supported")
-            pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
-            kw["layer_types"] = hf.get("layer_types") or [
-                "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(kw["num_layers"])]
-            kw["rope_local_theta"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
-            kw["query_pre_attn_scalar"] = float(hf.get("query_pre_attn_scalar", kw["head_dim"] or 256))
-            kw["attention_bias"] = bool(hf.get("attention_bias", False))
+        for f in family.hf_fields:
+            if f.refuses(hf):
+                raise ConfigError(f"{f.key}={hf[f.key]!r} is not supported for model_type {mt!r} "
+                                  f"(slm runs {f.key}={f.value!r})")
+            if f.attr and hf.get(f.key) is not None:
+                kw[f.attr] = f.read(hf[f.key]) if f.read else hf[f.key]
+        if local.get("rope_theta") is not None:  # the sliding-window layers' own rope base
+            kw["rope_local_theta"] = float(local["rope_theta"])
+        if family.hf_read:
+            family.hf_read(hf, kw)
         return cls(**kw)
 
     def to_hf(self) -> dict:
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi": "PhiForCausalLM",
-                "gemma3": "Gemma3ForCausalLM"}[self.family]
+        family = families.get(self.family)
         hf = {
-            "architectures": [arch],
-            "model_type": "gemma3_text" if self.family == "gemma3" else self.family,
+            "architectures": [family.hf_architecture],
+            "model_type": family.hf_model_types[0],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -227,29 +214,16 @@ class ModelConfig:
         if self.rope_scaling_factor != 1.0:
             full.update(rope_type="linear", factor=self.rope_scaling_factor)
             hf["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_scaling_factor}
-        hf["rope_parameters"] = full
-        if self.family == "phi":
-            hf.update(hidden_act="gelu_new", layer_norm_eps=self.norm_eps, qk_layernorm=False,
-                      partial_rotary_factor=self.partial_rotary_factor, resid_pdrop=0.0, embd_pdrop=0.0)
+        if family.carries("partial_rotary_factor"):
             full["partial_rotary_factor"] = self.partial_rotary_factor
-        else:
-            hf.update(rms_norm_eps=self.norm_eps, head_dim=self.head_dim, attention_bias=self.attention_bias)
-        if self.family in ("llama", "mistral"):
-            hf.update(hidden_act="silu", mlp_bias=self.mlp_bias)
-        if self.family == "mistral":
-            hf["sliding_window"] = self.sliding_window
-        if self.family == "gemma3":
-            hf.update(hidden_activation="gelu_pytorch_tanh", sliding_window=self.sliding_window,
-                      layer_types=self.layer_types, query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar),
-                      rope_local_base_freq=self.rope_local_theta, final_logit_softcapping=None,
-                      attn_logit_softcapping=None, use_bidirectional_attention=False)
+        hf["rope_parameters"] = full
+        if self.rope_local_theta is not None:  # rope per layer type: the sliding-window layers' own base
             hf["rope_parameters"] = {"full_attention": full, "sliding_attention": {
                 "rope_type": "default", "rope_theta": self.rope_local_theta}}
+        for f in family.hf_fields:
+            value = getattr(self, f.attr) if f.attr else f.value
+            hf[f.key] = f.write(value) if f.write else value
         return hf
-
-
-def _int_if_whole(x):
-    return int(x) if x is not None and float(x).is_integer() else x  # transformers' strict configs want ints
 
 
 # -- the registry ------------------------------------------------------------------------------

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 
 from .. import kernels
-from .layers import _CHUNK, MAX_DIRECT, QK, QuantLinear, _reference
+from .layers import _CHUNK, MAX_DIRECT, QK, QuantLinear, _InputGrad, _reference
 
 # ggml type id -> (name, weights per block, bytes per block): the formats the kernel runs
 BLOCKS = {8: ("Q8_0", 32, 34), 6: ("Q5_0", 32, 22), 12: ("Q4_K", 256, 144), 14: ("Q6_K", 256, 210)}
@@ -98,8 +99,6 @@ def dequantize_blocks(blocks: torch.Tensor, types: tuple[int, ...], part_rows: t
     ids = ids.reshape(-1).to(torch.int64)
     if kernels.cpu_ops() is not None and blocks.is_cpu:
         return torch.ops.slm_cpu.dequantize_gguf(blocks, list(types), list(part_rows), K, ids.contiguous())
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
     N = sum(part_rows)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= N):
         raise IndexError(f"row ids out of range for a table of {N} rows")
@@ -168,7 +167,6 @@ class GGUFLinear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks, bias = self._buffers["qweight"], self._parameters["bias"]
         if x.requires_grad and torch.is_grad_enabled():
-            from .layers import _InputGrad
             return _InputGrad.apply(x, self)
         K = self.in_features
         if kernels.cpu_ops() is not None and x.is_cpu:

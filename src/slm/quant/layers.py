@@ -8,9 +8,12 @@ At batch 1 a decode step reads every weight once, so its speed is set by the byt
 
 against 4 bytes in fp32. Activations stay in fp32.
 
-    from slm.quant.layers import quantize_model
+    from slm.quant.apply import quantize_model
     quantize_model(lm.model, "int4", group_size=32)   # every nn.Linear with in_features % 32 == 0,
                                                       # and the token embedding
+
+This module holds the formats and the layers; `apply.py` puts them into a model (and
+`gguf_layers.py` holds layers that keep a GGUF file's own blocks).
 
 The token embedding (`QuantEmbedding`) gathers the ids' rows and dequantizes only those. An untied
 table becomes int8 with one fp32 scale per row; a table tied to the LM head is stored once, as the
@@ -25,17 +28,13 @@ int4 one needs bf16 activations to be competitive, which this CPU emulates); see
 benchmarks/int8_matvec.py. Elsewhere (other devices, no compiler, gradients wanted) a
 dequantize-then-matmul PyTorch path gives the same numbers.
 
-Models are quantized while they load (`slm.load(path, quantize="int4")`): `StreamingQuantizer`
+Models are quantized while they load (`slm.load(path, quantize="int4")`): `apply.StreamingQuantizer`
 gives each linear layer, and the embedding, fp32 storage only while its tensors arrive and
 quantizes it (in chunks of rows) as soon as it is complete, so peak memory stays near the
 quantized size; afterwards the heap pages those fp32 tensors occupied are handed back to the OS.
 """
 
 from __future__ import annotations
-
-import ctypes
-import fnmatch
-from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -48,8 +47,6 @@ QK = 32  # the kernels' block: group sizes and in_features are multiples of it
 # streaming kernel runs at ~80 GFLOP/s on 2 cores, as fast as this CPU's fp32 GEMM up to ~64 rows.
 MAX_DIRECT = 64
 _CHUNK = 8192  # weight rows quantized / dequantized at a time, to bound temporary memory
-MODES = ("int8", "int4")
-DEFAULT_GROUP = {"int8": None, "int4": 32}  # None: one scale per output channel
 
 
 def _group(K: int, group_size: int | None) -> int:
@@ -341,245 +338,11 @@ class QuantEmbedding(nn.Module):
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
 
 
-def check_mode(mode: str, group_size: int | None = None) -> tuple[str, int | None]:
-    """(mode, group size) with the mode's default group size filled in; ValueError if unknown."""
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization mode {mode!r}; supported: {', '.join(MODES)}")
-    if group_size is None:
-        group_size = DEFAULT_GROUP[mode]
-    if group_size is not None and (group_size <= 0 or group_size % QK):
-        raise ValueError(f"group size must be a positive multiple of {QK}, got {group_size}")
-    return mode, group_size
-
-
-def layer_group(mode: str, in_features: int, group_size: int | None) -> int | None | bool:
-    """The group size a layer of in_features gets (None: per channel), or False if it stays in
-    floating point (in_features not a multiple of 32). A group that does not divide in_features
-    falls back to 32."""
-    if in_features % QK:
-        return False
-    if group_size is None:
-        return None if mode == "int8" else QK
-    return group_size if in_features % group_size == 0 else QK
-
-
-def quantize_linear(linear: nn.Linear, mode: str = "int8", group_size: int | None = None) -> nn.Module:
-    """The quantized replacement of one nn.Linear, or the layer itself where it cannot be quantized."""
-    mode, group_size = check_mode(mode, group_size)
-    g = layer_group(mode, linear.in_features, group_size)
-    if g is False:
-        return linear
-    return LAYERS[mode].from_linear(linear, g)
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(name == p or fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
-
-
-def _linear_names(model: nn.Module, skip: Iterable[str]) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _matches(n, skip)]
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
     from ..accel import decoder  # skeleton: moves to accel
     decoder.forget(model)  # a decode-step decoder built earlier would keep the old weights alive
-
-
-def _tied_head(model: nn.Module) -> nn.Linear | None:
-    """The model's LM head if it shares the embedding's table (a Transformer with tied embeddings)."""
-    embed, head = getattr(model, "embed", None), getattr(model, "lm_head", None)
-    if isinstance(embed, nn.Embedding) and isinstance(head, nn.Linear) and head.weight is embed.weight:
-        return head
-    return None
-
-
-def _quantizes_embedding(model: nn.Module, mode: str, group_size: int | None, skip: tuple) -> bool:
-    """Whether quantize_embedding replaces `model.embed` (whose weight may still be on meta)."""
-    embed = getattr(model, "embed", None)
-    if not isinstance(embed, nn.Embedding) or _matches("embed", skip):
-        return False
-    head = _tied_head(model)
-    if head is not None:  # quantized as the head is, or not at all: one table serves both
-        return not _matches("lm_head", skip) and layer_group(mode, head.in_features, group_size) is not False
-    return embed.embedding_dim % QK == 0
-
-
-@torch.no_grad()
-def quantize_embedding(model: nn.Module, mode: str = "int8", group_size: int | None = None,
-                       skip: Iterable[str] = ()) -> None:
-    """Replace, in place, `model.embed` (an nn.Embedding) by a QuantEmbedding. An LM head tied to
-    it is quantized in `mode` first and the embedding reads the head's table; an untied table
-    becomes int8 with one scale per row. Left as it is: `embed` in skip, a tied head in skip or
-    too narrow to quantize (the fp32 table then serves both), a width not a multiple of 32."""
-    mode, group_size = check_mode(mode, group_size)
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    if not _quantizes_embedding(model, mode, group_size, skip) or model.embed.weight.is_meta:
-        return
-    embed, head = model.embed, _tied_head(model)
-    if head is not None:
-        model.lm_head = quantize_linear(head, mode, group_size)
-        model.embed = QuantEmbedding(embed.num_embeddings, embed.embedding_dim, tied_to=model.lm_head)
-    else:
-        model.embed = QuantEmbedding.from_embedding(embed)
-    # the fp32 table is freed with the caller's last reference to the old module
-
-
-@torch.no_grad()
-def quantize_model(model: nn.Module, mode: str = "int8", skip: Iterable[str] = (),
-                   group_size: int | None = None) -> nn.Module:
-    """Replace, in place, every nn.Linear whose in_features is a multiple of 32 by an Int8Linear
-    or Int4Linear, one layer at a time so the fp32 weights are freed as it goes, and the token
-    embedding `embed` by a QuantEmbedding (quantize_embedding: int8 rows, or the tied head's table).
-
-    group_size: int8 default per output channel, int4 default 32. skip: module names
-    (`lm_head`, `embed`), prefixes (`blocks.0`) or fnmatch patterns (`*.down_proj`) to leave in
-    floating point. Returns the model."""
-    mode, group_size = check_mode(mode, group_size)
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    quantize_embedding(model, mode, group_size, skip)  # first: it decides how a tied head is shared
-    for name in _linear_names(model, skip):  # names only: no references kept
-        linear = model.get_submodule(name)
-        if linear.weight.is_meta:
-            continue
-        _set_module(model, name, quantize_linear(linear, mode, group_size))
-        del linear  # the last reference to an untied weight: freed here
-    model.quantization = quant_config(mode, group_size)
-    _trim_heap()
-    return model
-
-
-def _trim_heap() -> None:
-    """Return the heap pages that quantizing freed to the OS. glibc serves blocks below its mmap
-    threshold (raised up to 32 MB as larger blocks are freed) from the heap, and the small
-    quantized scales allocated between the freed temporaries keep it from shrinking on its own:
-    for Phi-2 in int8, 0.5 GiB of resident memory held nothing. Elsewhere (no glibc) a no-op."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def quant_config(mode: str, group_size: int | None) -> dict:
-    """The `quantization_config` entry of a quantized checkpoint's config.json."""
-    return {"quant_method": "slm", "bits": int(mode[3:]), "group_size": group_size}
-
-
-def mode_of(quantization_config: dict) -> tuple[str, int | None]:
-    if quantization_config.get("quant_method") != "slm" or quantization_config.get("bits") not in (4, 8):
-        raise ValueError(f"unsupported quantization_config {quantization_config!r} (slm reads its own: "
-                         "quant_method 'slm', bits 8 or 4)")
-    return check_mode(f"int{quantization_config['bits']}", quantization_config.get("group_size"))
-
-
-class StreamingQuantizer:
-    """Quantizes a model's linear layers and token embedding while they are filled from a checkpoint.
-
-    The model is built with those weights on the meta device (hf.new_empty_model(...,
-    lazy_weights=True)). `storage(name)` gives such a weight real storage when its first tensor
-    arrives (fp32 for a weight this quantizes, else the model's dtype); `written(name, rows)`
-    counts the rows written, and once the weight is complete the layer (or the embedding, and a
-    head tied to it) is quantized and its fp32 storage dropped. `finish()` quantizes what is left."""
-
-    def __init__(self, model: nn.Module, mode: str, group_size: int | None = None, skip: Iterable[str] = ()):
-        self.model, self.skip = model, tuple(skip)
-        self.mode, self.group_size = check_mode(mode, group_size)
-        self._left: dict[str, int] = {}
-        self._blocks: dict[str, list[tuple[int, int, torch.Tensor]]] = {}  # param -> [(first row, type, blocks)]
-
-    def blocks(self, param: str, row0: int, qtype: int, data: torch.Tensor) -> None:
-        """A GGUF tensor's blocks (ggml type, uint8 [rows, bytes]) for rows row0.. of `param`: when
-        they cover the whole weight in formats the kernels run, the layer keeps them as they are
-        (quantize_gguf.GGUFLinear) instead of quantizing the fp32 rows."""
-        from .gguf_layers import supported
-        mod_name = param.rpartition(".")[0]
-        mod = self.model.get_submodule(mod_name)
-        width = mod.embedding_dim if isinstance(mod, nn.Embedding) else getattr(mod, "in_features", 0)
-        if self.wants(param) and supported(qtype, width):
-            self._blocks.setdefault(param, []).append((row0, qtype, data))
-
-    def _from_blocks(self, param: str) -> bool:
-        """Replace the layer of `param` (a complete weight) by a GGUFLinear over its blocks, if it has
-        them for every row; True if it did."""
-        parts = sorted(self._blocks.pop(param, []), key=lambda p: p[0])
-        name = param.rpartition(".")[0]
-        mod = self.model.get_submodule(name)
-        if not parts or sum(p[2].shape[0] for p in parts) != mod.weight.shape[0]:
-            return False
-        merged: list[tuple[int, torch.Tensor]] = []  # neighbouring parts of one type become one
-        for _, t, data in parts:
-            if merged and merged[-1][0] == t:
-                merged[-1] = (t, torch.cat([merged[-1][1], data]))
-            else:
-                merged.append((t, data))
-        if name == "embed":
-            head = _tied_head(self.model)
-            if head is None:  # an untied table: slm's int8 rows (the lookup reads a few rows a step)
-                return False
-            self.model.lm_head = _gguf_linear(head, merged)
-            self.model.embed = QuantEmbedding(mod.num_embeddings, mod.embedding_dim, tied_to=self.model.lm_head)
-        else:
-            _set_module(self.model, name, _gguf_linear(mod, merged))
-        return True
-
-    def wants(self, param: str) -> bool:
-        """Whether `param` (ours, e.g. blocks.0.attn.qkv_proj.weight) is a weight this quantizes."""
-        mod_name, _, attr = param.rpartition(".")
-        if attr != "weight" or _matches(mod_name, self.skip):
-            return False
-        mod = self.model.get_submodule(mod_name)
-        if isinstance(mod, nn.Embedding) and mod is getattr(self.model, "embed", None):
-            return _quantizes_embedding(self.model, self.mode, self.group_size, self.skip)
-        return isinstance(mod, nn.Linear) and layer_group(self.mode, mod.in_features, self.group_size) is not False
-
-    def storage(self, param: str, source: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight's storage, made now if it is still on meta. source: the whole weight, already
-        in fp32 memory (a GGUF reader's), becomes the storage itself when this quantizes it."""
-        mod = self.model.get_submodule(param.rpartition(".")[0])
-        old = mod.weight
-        if old.is_meta:
-            wanted = self.wants(param)
-            dtype, device = torch.float32 if wanted else self.model.dtype, self.model.device
-            if wanted and source is not None and source.shape == old.shape and source.dtype == dtype \
-                    and source.device == device:
-                new = nn.Parameter(source, requires_grad=False)
-            else:
-                new = nn.Parameter(torch.empty(old.shape, dtype=dtype, device=device), requires_grad=False)
-            for m in self.model.modules():  # every module sharing it: a tied head and embedding stay tied
-                if m._parameters.get("weight") is old:
-                    m.weight = new
-            if wanted:
-                self._left[param] = old.shape[0]
-        return mod.weight
-
-    def written(self, param: str, rows: int) -> None:
-        if param not in self._left:
-            return
-        self._left[param] -= rows
-        if self._left[param] == 0:
-            del self._left[param]
-            name = param.rpartition(".")[0]
-            with torch.no_grad():
-                if self._from_blocks(param):  # a GGUF file's blocks, kept as they are
-                    return
-                if name == "embed":
-                    quantize_embedding(self.model, self.mode, self.group_size, self.skip)
-                else:
-                    _set_module(self.model, name, quantize_linear(self.model.get_submodule(name), self.mode,
-                                                                  self.group_size))
-
-    def finish(self) -> nn.Module:
-        return quantize_model(self.model, self.mode, self.skip, self.group_size)
-
-
-def _gguf_linear(linear: nn.Linear, parts: list) -> nn.Module:
-    """A GGUFLinear over a file's blocks (parts: (ggml type, uint8 rows)) in place of `linear`."""
-    from .gguf_layers import GGUFLinear
-    layer = GGUFLinear(linear.in_features, parts, bias=linear.bias is not None, device=linear.weight.device)
-    if linear.bias is not None:
-        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-    return layer
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -9,11 +9,12 @@ from collections.abc import Iterator
 import torch
 
 from ..accel import accelerate
-from ..checkpoint import hf
-from ..model.config import ConfigError, ModelConfig
-from .generate import Sampling, generate_ids, stream_text
+from ..checkpoint import gguf, hf
 from ..model import Transformer
+from ..model.config import ModelConfig
+from ..quant.apply import StreamingQuantizer
 from ..settings import cache_dir
+from .generate import Sampling, generate_ids, stream_text
 from .tokenizer import Tokenizer
 
 
@@ -90,6 +91,10 @@ def default_model_path() -> str:
     return str(pkg.assemble(cache_dir(pkg.MODEL_NAME)))
 
 
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
 def load(path: str | None = None, dtype: torch.dtype | str | None = None,
          device: str | torch.device | None = None, quantize: str | None = None,
          group_size: int | None = None, file_blocks: bool = True) -> LM:
@@ -103,50 +108,32 @@ def load(path: str | None = None, dtype: torch.dtype | str | None = None,
     in those blocks, byte for byte, whichever the mode (int4 does not round the file's 5-, 6- and
     8-bit tensors down to 4 bits; int8 does not round its 4-bit ones again); only its other tensors
     (F32, F16, other block types) become int8 or int4. file_blocks=False requantizes every tensor
-    from fp32 to the mode instead (what a folder saved with `slm quantize` holds)."""
-    if quantize:
-        from ..quant.layers import check_mode
-        check_mode(quantize, group_size)
-    lm = _load(path, dtype, device, quantize, group_size, file_blocks)
+    from fp32 to the mode instead (what a folder saved with `slm quantize` holds).
+
+    The options are checked here, once, before any file is opened: the dtype name, and the
+    quantization mode and group size by the one quantizer made for the loader."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    quantizer = StreamingQuantizer(None, quantize, group_size, file_blocks=file_blocks) if quantize else None
+    lm = _load(path, dtype, device, quantizer)
     accelerate(lm.model)
     return lm
 
 
-def _load(path, dtype, device, quantize=None, group_size=None, file_blocks=True) -> LM:
-    if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+def _load(path, dtype: torch.dtype | None, device, quantizer: StreamingQuantizer | None) -> LM:
     if path is None:
         path = default_model_path()
         print(f"slm: no model given, using the default {DEFAULT_MODEL} (Google's base model, Q4_K_M GGUF) "
               f"from {path}", file=sys.stderr)
     path = os.fspath(path)
     if os.path.isfile(path):
-        return _load_gguf(path, dtype, device, quantize, group_size, file_blocks)
-    model = hf.load_model(path, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
+        ckpt = gguf.read_gguf(path)
+        model = gguf.load_model(ckpt, dtype, device, quantizer)
+        return LM(model, Tokenizer(*ckpt.tokenizer()), ckpt.generation_config)
+    model = hf.load_model(path, dtype, device, quantizer)
     tokenizer = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     gen_path = os.path.join(path, "generation_config.json")
     gen = hf.read_json(gen_path) if os.path.exists(gen_path) else {}
     return LM(model, tokenizer, gen)
-
-
-def _load_gguf(path: str, dtype, device, quantize=None, group_size=None, file_blocks=True) -> LM:
-    from ..checkpoint.gguf import read_gguf
-    ckpt = read_gguf(path)
-    try:
-        cfg = ModelConfig.from_hf(ckpt.hf_config, name=os.path.splitext(os.path.basename(path))[0])
-    except ConfigError as e:
-        raise hf.CheckpointError(f"{path}: {e}") from None
-    model = hf.new_empty_model(cfg, dtype, device, lazy_weights=bool(quantize))
-    quantizer = None
-    if quantize:
-        from ..quant.layers import StreamingQuantizer
-        quantizer = StreamingQuantizer(model, quantize, group_size)
-    keep = lambda qtype: False  # noqa: E731
-    if quantize and file_blocks:
-        from ..quant.gguf_layers import BLOCKS
-        keep = BLOCKS.__contains__
-    tensors = ((path, name, t.shape, t, blocks) for name, t, blocks in ckpt.tensors_and_blocks(keep))
-    with torch.no_grad():
-        hf.fill_model(model, tensors, path, config_name="the GGUF metadata", quantizer=quantizer)
-    return LM(model, ckpt.tokenizer(), ckpt.generation_config)
