@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from ..runtime.sampling import OPENAI_DEFAULT_TEMPERATURE
 from .engine import Engine, Params, QueueFull, deltas
 from .engine import Request as EngineRequest
 
@@ -176,10 +177,12 @@ def create_app(lm, model_name: str, api_key: str | None = None, local_only: bool
                            param="max_tokens", code="context_length_exceeded")
         if (body.n or 1) > engine.max_batch:
             raise APIError(400, f"n: at most {engine.max_batch} on this server", param="n")
-        return Params(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-                      top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
-                      logprobs=logprobs, presence_penalty=body.presence_penalty or 0.0,
-                      frequency_penalty=body.frequency_penalty or 0.0, logit_bias=body.logit_bias)
+        # omitted fields: OpenAI's defaults (temperature 1, see runtime/sampling.py), else slm's
+        given = {k: v for k, v in dict(top_p=body.top_p, seed=body.seed, presence_penalty=body.presence_penalty,
+                                       frequency_penalty=body.frequency_penalty,
+                                       logit_bias=body.logit_bias).items() if v is not None}
+        temperature = OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+        return Params(max_tokens=max_tokens, logprobs=logprobs, stop=stop, temperature=temperature, **given)
 
     def submit(prompts: list[list[int]], ps: list[Params], n: int) -> list[EngineRequest]:
         queue = asyncio.Queue()
