@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from .sampling import Row, Sampling, apply_repetition_penalty, sample, sample_rows  # noqa: F401 (re-exported)
+from .tokenizer import Detokenizer
 
 
 @torch.inference_mode()
@@ -55,21 +56,15 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, sampling:
 
 def stream_text(tokenizer, tokens: Iterator[int | None], stop: list[str], eos_ids: set[int]) -> Iterator[str]:
     """Text chunks for one sequence of tokens, ending at EOS or before the first stop string."""
-    step = tokenizer.decode_stream()
-    text, sent = "", 0
-    hold = max((len(x) for x in stop), default=1) - 1  # a stop string may still be forming
+    text = Detokenizer(tokenizer, stop)
     for t in tokens:
         if t is None or t in eos_ids:
             break
-        text += step(t)
-        cut = min((i for i in (text.find(x, max(0, sent - hold)) for x in stop) if i >= 0), default=-1)
-        if cut >= 0:
-            if cut > sent:
-                yield text[sent:cut]
+        out, stopped = text.add(t)
+        if out:
+            yield out
+        if stopped:
             return
-        safe = len(text) - hold
-        if safe > sent:
-            yield text[sent:safe]
-            sent = safe
-    if len(text) > sent:
-        yield text[sent:]
+    rest = text.flush()
+    if rest:
+        yield rest

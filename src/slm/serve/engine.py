@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..model import RowKVCache
 from ..runtime.sampling import Row, Sampling, sample_rows
+from ..runtime.tokenizer import Detokenizer
 
 log = logging.getLogger("slm.serve")
 
@@ -102,35 +103,6 @@ async def deltas(reqs: list[Request]):
             yield d
 
 
-class _Text:
-    """Incremental detokenization with stop strings, as generate.stream_text but pushed a token at
-    a time: text that may still become a stop string is held back."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.step, self.stop = tokenizer.decode_stream(), stop
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.text, self.sent = "", 0
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """-> (text safe to send, whether a stop string ended the text)"""
-        self.text += self.step(token)
-        cut = min((i for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0),
-                  default=-1)
-        if cut >= 0:
-            out, self.text = self.text[self.sent:cut], self.text[:cut]
-            self.sent = len(self.text)
-            return out, True
-        safe = len(self.text) - self.hold
-        if safe <= self.sent:
-            return "", False
-        out, self.sent = self.text[self.sent:safe], safe
-        return out, False
-
-    def flush(self) -> str:
-        out, self.sent = self.text[self.sent:], len(self.text)
-        return out
-
-
 class _Seq:
     """One choice of a request, living in one cache row."""
 
@@ -139,7 +111,7 @@ class _Seq:
         self.req, self.index, self.row = req, index, row
         self.pos = len(req.prompt_ids)  # position of the next token fed to the model
         self.tokens: list[int] = []
-        self.text = _Text(tokenizer, p.stop)
+        self.text = Detokenizer(tokenizer, p.stop)
         # One generator per choice: a seeded request samples the same tokens alone or in a batch.
         self.sampler = Row(p, vocab, device, prompt=req.prompt_ids, index=index)
         if self.sampler.gen is None:  # no seed: fresh entropy (not torch's global generator, the same
