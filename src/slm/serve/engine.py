@@ -114,8 +114,8 @@ class _Seq:
         self.text = Detokenizer(tokenizer, p.stop)
         # One generator per choice: a seeded request samples the same tokens alone or in a batch.
         self.sampler = Row(p, vocab, device, prompt=req.prompt_ids, index=index)
-        if self.sampler.gen is None:  # no seed: fresh entropy (not torch's global generator, the same
-            self.sampler.gen = torch.Generator(device=device)  # in every process that does not set it)
+        if self.sampler.gen is None:  # no seed: one of its own from fresh entropy, off the global one
+            self.sampler.gen = torch.Generator(device=device)
             self.sampler.gen.seed()
 
 
