@@ -3,7 +3,14 @@ the same seeds; and the CLI built from the config dataclasses shows every defaul
 
 import torch
 
-from slm.runtime.sampling import DEFAULT_TEMPERATURE, Row, Sampling, apply_repetition_penalty, sample, sample_rows
+from slm.runtime.sampling import (
+    DEFAULT_TEMPERATURE,
+    Row,
+    Sampling,
+    apply_repetition_penalty,
+    sample,
+    sample_rows,
+)
 
 V = 50
 SETTINGS = [Sampling(temperature=1.0, seed=1), Sampling(temperature=0.7, top_k=5, seed=2),
@@ -66,3 +73,73 @@ def test_draws_only_kept_tokens():
 def test_one_default_temperature():
     from slm.serve.engine import Params
     assert Sampling().temperature == DEFAULT_TEMPERATURE == Params(max_tokens=1).temperature
+
+
+# -- the CLI's flags ---------------------------------------------------------------------------
+def leaf_parsers(parser=None, words=()):
+    """(words, parser) of every command of `slm`."""
+    import argparse
+
+    from slm.cli import build_parser
+    parser = parser or build_parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield " ".join(words), parser
+    for sub in subs:
+        for name, p in sub.choices.items():
+            yield from leaf_parsers(p, (*words, name))
+
+
+def options(parser):
+    return [a for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def test_every_flag_of_every_command_has_help():
+    from slm.cli import COMMANDS
+    leaves = dict(leaf_parsers())
+    assert sorted(leaves) == sorted(COMMANDS)
+    missing = [f"slm {words} {a.option_strings[0]}" for words, p in leaves.items() for a in options(p)
+               if not (a.help or "").strip()]
+    assert not missing, missing
+
+
+def test_help_shows_each_default():
+    for words, p in leaf_parsers():
+        text = " ".join(p.format_help().split())
+        for a in options(p):
+            if a.default is not None and a.default is not False and a.default != []:
+                assert f"default: {a.default}" in text or str(a.default) in (a.help or ""), \
+                    f"slm {words} {a.option_strings[0]}: default {a.default!r} not in --help"
+
+
+def test_flag_defaults_are_the_dataclasses():
+    from slm.cli.finetune import FINETUNE
+    from slm.cli.flags import defaults
+    from slm.cli.run import SAMPLING
+    from slm.cli.serve import SERVE
+    from slm.cli.train import TRAIN
+    from slm.finetune.sft import FinetuneConfig
+    from slm.runtime.lm import LM
+    from slm.serve.app import ServeConfig
+    from slm.train.loop import TrainConfig
+    leaves = dict(leaf_parsers())
+    for words, source, table in (("train", TrainConfig, TRAIN), ("finetune", FinetuneConfig, FINETUNE),
+                                 ("generate", Sampling, SAMPLING), ("chat", Sampling, SAMPLING),
+                                 ("serve", ServeConfig, SERVE), ("generate", LM.stream, [("max_new_tokens",)]),
+                                 ("chat", LM.chat, [("max_new_tokens",)]),
+                                 ("data distill", Sampling, [("temperature",)])):
+        parsed = {a.dest: a.default for a in options(leaves[words])}
+        want = defaults(source)
+        assert {row[0]: parsed[row[0]] for row in table} == {row[0]: want.get(row[0]) for row in table}, words
+    assert {a.dest: a.default for a in options(leaves["generate"])}["temperature"] == DEFAULT_TEMPERATURE
+
+
+def test_building_one_command_imports_only_its_module():
+    import subprocess
+    import sys
+    code = ("import sys; from slm.cli import build_parser; build_parser(['generate']).parse_args(['generate', "
+            "'--prompt', 'x']); print(sorted(m for m in ('slm.train.loop', 'slm.finetune.sft', 'slm.serve.app', "
+            "'slm.cli.train', 'slm.cli.run') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['slm.cli.run']"

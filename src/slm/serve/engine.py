@@ -120,7 +120,7 @@ class _Seq:
 
 
 class Engine:
-    def __init__(self, lm, max_batch: int = 16, max_len: int | None = None, max_waiting: int = 256):
+    def __init__(self, lm, max_batch: int, max_len: int | None = None, max_waiting: int = 256):
         if lm.tokenizer is None:
             raise ValueError("serving needs a tokenizer: load a folder with tokenizer.json or a .gguf file")
         self.model, self.tokenizer, self.eos_ids = lm.model, lm.tokenizer, lm.eos_ids
