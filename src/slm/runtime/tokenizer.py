@@ -141,6 +141,37 @@ class Tokenizer:
         return self._prepend_bos or (self.bos_id is not None and self.tk.encode("a").ids[:1] == [self.bos_id])
 
 
+class Detokenizer:
+    """Incremental detokenization with stop strings, a token at a time (`generate.stream_text` and
+    the server's engine): text that may still become a stop string, and incomplete UTF-8, are held
+    back until the next tokens settle them."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.step, self.stop = tokenizer.decode_stream(), stop
+        self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
+        self.text, self.sent = "", 0  # the text so far, and how much of it has been handed out
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """-> (text safe to hand out, whether a stop string ended the text)"""
+        self.text += self.step(token)
+        cut = min((i for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            out, self.text = self.text[self.sent:cut], self.text[:cut]
+            self.sent = len(self.text)
+            return out, True
+        safe = len(self.text) - self.hold
+        if safe <= self.sent:
+            return "", False
+        out, self.sent = self.text[self.sent:safe], safe
+        return out, False
+
+    def flush(self) -> str:
+        """The text held back, at the end of the sequence."""
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
 # Special tokens of tokenizers trained by slm: one document separator that also serves as BOS/EOS
 # (as GPT-2's), padding, and ChatML turn markers for chat fine-tuning.
 EOT, PAD = "<|endoftext|>", "<|pad|>"

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -28,6 +29,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from ..runtime.sampling import OPENAI_DEFAULT_TEMPERATURE
 from .engine import Engine, Params, QueueFull, deltas
 from .engine import Request as EngineRequest
 
@@ -100,9 +102,23 @@ class ChatRequest(_Common):
 
 
 # -- the app -----------------------------------------------------------------------------------
-def create_app(lm, model_name: str, api_key: str | None = None, local_only: bool = True, max_batch: int = 16,
-               context: int | None = None, log_prompts: bool = False, max_body: int = MAX_BODY) -> FastAPI:
-    engine = Engine(lm, max_batch=max_batch, max_len=context)
+@dataclass
+class ServeConfig:
+    """How the server serves (`slm serve`'s flags take their defaults from here)."""
+    host: str = "127.0.0.1"  # a non-loopback address needs an API key
+    port: int = 8000
+    api_key: str | None = None  # required as "Authorization: Bearer KEY" on /v1/
+    name: str | None = None  # the model id clients send; None: the model's folder or file name
+    max_batch: int = 16  # sequences decoded together (KV cache rows)
+    context: int | None = 4096  # tokens per sequence, capped by the model's; None: the model's
+    log_prompts: bool = False  # log prompts and outputs too, not only token counts
+    max_body: int = MAX_BODY  # bytes of request JSON
+
+
+def create_app(lm, model_name: str, config: ServeConfig | None = None, local_only: bool = True) -> FastAPI:
+    c = config or ServeConfig()
+    api_key, log_prompts, max_body = c.api_key, c.log_prompts, c.max_body
+    engine = Engine(lm, max_batch=c.max_batch, max_len=c.context)
     tok = lm.tokenizer
     created = int(time.time())
 
@@ -176,10 +192,12 @@ def create_app(lm, model_name: str, api_key: str | None = None, local_only: bool
                            param="max_tokens", code="context_length_exceeded")
         if (body.n or 1) > engine.max_batch:
             raise APIError(400, f"n: at most {engine.max_batch} on this server", param="n")
-        return Params(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-                      top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
-                      logprobs=logprobs, presence_penalty=body.presence_penalty or 0.0,
-                      frequency_penalty=body.frequency_penalty or 0.0, logit_bias=body.logit_bias)
+        # omitted fields: OpenAI's defaults (temperature 1, see runtime/sampling.py), else slm's
+        given = {"top_p": body.top_p, "seed": body.seed, "presence_penalty": body.presence_penalty,
+                 "frequency_penalty": body.frequency_penalty, "logit_bias": body.logit_bias}
+        temperature = OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+        return Params(max_tokens=max_tokens, logprobs=logprobs, stop=stop, temperature=temperature,
+                      **{k: v for k, v in given.items() if v is not None})
 
     def submit(prompts: list[list[int]], ps: list[Params], n: int) -> list[EngineRequest]:
         queue = asyncio.Queue()
@@ -437,11 +455,12 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-        name: str | None = None, max_batch: int = 16, context: int | None = None, log_prompts: bool = False,
-        dtype=None, device=None, quantize=None, group_size=None, on_load=None) -> None:
+def run(model: str | None = None, config: ServeConfig | None = None, dtype=None, device=None, quantize=None,
+        group_size=None, on_load=None) -> None:
+    c = config or ServeConfig()
+    host, port, name = c.host, c.port, c.name
     local = is_loopback(host)
-    if not local and not api_key:
+    if not local and not c.api_key:
         raise ValueError(f"refusing to listen on {host}, which is not a loopback address, without an API key: "
                          "pass --api-key KEY (or set SLM_API_KEY), or keep the default --host 127.0.0.1")
     import uvicorn
@@ -453,8 +472,7 @@ def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api
     if name is None:
         name = DEFAULT_MODEL if model is None else os.path.basename(os.path.normpath(model))
         name = name[:-5] if name.endswith(".gguf") else name
-    app = create_app(lm, name, api_key=api_key, local_only=local, max_batch=max_batch, context=context,
-                     log_prompts=log_prompts)
+    app = create_app(lm, name, c, local_only=local)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("slm serve: %(message)s"))
     log.addHandler(handler)
@@ -462,6 +480,6 @@ def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api
     log.propagate = False
     shown = f"[{host}]" if ":" in host else host
     print(f"slm serve: {name} at http://{shown}:{port}/ (API: http://{shown}:{port}/v1, "
-          f"{max_batch} sequences at once, context {app.state.engine.max_len}"
-          f"{', prompts logged' if log_prompts else ''})", file=sys.stderr, flush=True)
+          f"{c.max_batch} sequences at once, context {app.state.engine.max_len}"
+          f"{', prompts logged' if c.log_prompts else ''})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)

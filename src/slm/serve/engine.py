@@ -22,21 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from ..model import RowKVCache
+from ..runtime.sampling import Row, Sampling, sample_rows
+from ..runtime.tokenizer import Detokenizer
 
 log = logging.getLogger("slm.serve")
 
 
-@dataclass
-class Params:
+@dataclass(kw_only=True)
+class Params(Sampling):
+    """A request's sampling settings (runtime.sampling's defaults; the API fills in OpenAI's), how
+    many tokens it may generate, and the logprobs it wants."""
     max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
     logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] | None = None
 
 
 @dataclass
@@ -106,35 +103,6 @@ async def deltas(reqs: list[Request]):
             yield d
 
 
-class _Text:
-    """Incremental detokenization with stop strings, as generate.stream_text but pushed a token at
-    a time: text that may still become a stop string is held back."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.step, self.stop = tokenizer.decode_stream(), stop
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.text, self.sent = "", 0
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """-> (text safe to send, whether a stop string ended the text)"""
-        self.text += self.step(token)
-        cut = min((i for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0),
-                  default=-1)
-        if cut >= 0:
-            out, self.text = self.text[self.sent:cut], self.text[:cut]
-            self.sent = len(self.text)
-            return out, True
-        safe = len(self.text) - self.hold
-        if safe <= self.sent:
-            return "", False
-        out, self.sent = self.text[self.sent:safe], safe
-        return out, False
-
-    def flush(self) -> str:
-        out, self.sent = self.text[self.sent:], len(self.text)
-        return out
-
-
 class _Seq:
     """One choice of a request, living in one cache row."""
 
@@ -143,19 +111,16 @@ class _Seq:
         self.req, self.index, self.row = req, index, row
         self.pos = len(req.prompt_ids)  # position of the next token fed to the model
         self.tokens: list[int] = []
-        self.text = _Text(tokenizer, p.stop)
+        self.text = Detokenizer(tokenizer, p.stop)
         # One generator per choice: a seeded request samples the same tokens alone or in a batch.
-        self.gen = torch.Generator(device=device)
-        if p.seed is not None:
-            self.gen.manual_seed((p.seed + index) % 2**64)
-        else:
-            self.gen.seed()
-        self.counts = torch.zeros(vocab, device=device) if p.presence_penalty or p.frequency_penalty else None
-        self.plain = p.temperature == 0 and self.counts is None and not p.logit_bias and p.logprobs is None
+        self.sampler = Row(p, vocab, device, prompt=req.prompt_ids, index=index)
+        if self.sampler.gen is None:  # no seed: one of its own from fresh entropy, off the global one
+            self.sampler.gen = torch.Generator(device=device)
+            self.sampler.gen.seed()
 
 
 class Engine:
-    def __init__(self, lm, max_batch: int = 16, max_len: int | None = None, max_waiting: int = 256):
+    def __init__(self, lm, max_batch: int, max_len: int | None = None, max_waiting: int = 256):
         if lm.tokenizer is None:
             raise ValueError("serving needs a tokenizer: load a folder with tokenizer.json or a .gguf file")
         self.model, self.tokenizer, self.eos_ids = lm.model, lm.tokenizer, lm.eos_ids
@@ -275,54 +240,22 @@ class Engine:
 
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
         """Sample one token for each sequence from its row of logits and send what it produced."""
-        toks = logits.argmax(-1)[rows].tolist() if any(s.plain for s in seqs) else [0] * len(seqs)
+        x = logits if rows == list(range(logits.shape[0])) else logits[rows]
+        toks = sample_rows(x, [s.sampler for s in seqs])
         lps: list[TokenLogprob | None] = [None] * len(seqs)
-        rest = [i for i, s in enumerate(seqs) if not s.plain]
-        if rest:  # the rows that sample, or adjust logits, or want logprobs: all together
-            raw = logits[[rows[i] for i in rest]].float()
-            x = raw.clone()
-            for j, i in enumerate(rest):
-                p, counts = seqs[i].req.params, seqs[i].counts
-                for t, b in (p.logit_bias or {}).items():
-                    x[j, t] += b
-                if counts is not None:  # OpenAI's penalties, over the tokens generated so far
-                    x[j] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-            picked = self._sample(x, [seqs[i] for i in rest])
-            # logprobs are the model's own distribution (raw logits), as vLLM reports by default
-            logp = F.log_softmax(raw, -1) if any(seqs[i].req.params.logprobs is not None for i in rest) else None
-            for j, i in enumerate(rest):
-                toks[i] = picked[j]
-                if seqs[i].req.params.logprobs is not None:
-                    lps[i] = self._logprob(logp[j], picked[j], seqs[i].req.params.logprobs, seqs[i])
+        want = [i for i, s in enumerate(seqs) if s.req.params.logprobs is not None]
+        if want:  # logprobs are the model's own distribution (raw logits), as vLLM reports by default
+            logp = F.log_softmax(x[want].float(), -1)
+            for j, i in enumerate(want):
+                lps[i] = self._logprob(logp[j], toks[i], seqs[i].req.params.logprobs, seqs[i])
         out: dict[Request, list[Delta]] = {}
         for s, tok, lp in zip(seqs, toks, lps):
             self.generated += 1
             s.tokens.append(tok)
             s.req.completion_tokens[s.index] += 1
-            if s.counts is not None:
-                s.counts[tok] += 1
             out.setdefault(s.req, []).append(self._delta(s, tok, lp))
         for req, deltas in out.items():
             req._push(deltas)
-
-    def _sample(self, x: torch.Tensor, seqs: list[_Seq]) -> list[int]:
-        """Temperature and top-p for many rows at once (as generate.sample does for one), each row
-        drawing its uniform number from its own generator. Rows at temperature 0 take the argmax."""
-        tok = x.argmax(-1)
-        temps = torch.tensor([s.req.params.temperature for s in seqs], device=x.device)
-        hot = (temps > 0).nonzero()[:, 0].tolist()
-        if hot:
-            top_p = torch.tensor([seqs[i].req.params.top_p for i in hot], device=x.device)
-            probs = (x[hot] / temps[hot, None]).softmax(-1)
-            idx = None
-            if (top_p < 1).any():  # keep the smallest set of tokens whose probability reaches top_p
-                probs, idx = probs.sort(-1, descending=True)
-                probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0)
-            cdf = probs.cumsum(-1)
-            u = torch.cat([torch.rand(1, generator=seqs[i].gen, device=x.device) for i in hot]) * cdf[:, -1]
-            pick = torch.searchsorted(cdf, u[:, None]).clamp(max=cdf.shape[1] - 1)
-            tok[hot] = (idx.gather(1, pick) if idx is not None else pick)[:, 0]
-        return tok.tolist()
 
     def _delta(self, s: _Seq, tok: int, lp: TokenLogprob | None) -> Delta:
         d = Delta(s.req.first_index + s.index, logprobs=[lp] if lp else [])

@@ -1,0 +1,145 @@
+"""The one sampler (runtime/sampling.py): many rows at once draw what each row draws alone, under
+the same seeds; and the CLI built from the config dataclasses shows every default and helps every flag."""
+
+import torch
+
+from slm.runtime.sampling import (
+    DEFAULT_TEMPERATURE,
+    Row,
+    Sampling,
+    apply_repetition_penalty,
+    sample,
+    sample_rows,
+)
+
+V = 50
+SETTINGS = [Sampling(temperature=1.0, seed=1), Sampling(temperature=0.7, top_k=5, seed=2),
+            Sampling(temperature=1.3, top_p=0.8, seed=3), Sampling(temperature=0.0, seed=4),
+            Sampling(temperature=0.9, top_k=10, top_p=0.9, seed=5), Sampling(temperature=1.0, seed=1)]
+
+
+def test_rows_at_once_equal_each_row_alone():
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(len(SETTINGS), V, generator=g) * 3 for _ in range(40)]
+    for x in steps:
+        x[5] = x[0]
+    rows = [Row(s, V, "cpu") for s in SETTINGS]
+    batched = [sample_rows(x, rows) for x in steps]
+    for i, s in enumerate(SETTINGS):
+        gen = torch.Generator().manual_seed(s.seed)
+        alone = [int(sample(x[i:i + 1], s, gen)) for x in steps]
+        assert [b[i] for b in batched] == alone
+    assert [b[0] for b in batched] == [b[5] for b in batched]  # same seed, same logits: same draws
+    assert [b[0] for b in batched] != [b[1] for b in batched]
+    assert [b[3] for b in batched] == [int(x[3].argmax()) for x in steps]
+
+
+def test_rows_with_penalties_do_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(1)
+    steps = [torch.randn(3, V, generator=g) for _ in range(30)]
+    settings = [Sampling(presence_penalty=0.5, frequency_penalty=1.0), Sampling(repetition_penalty=1.5, seed=3,
+                                                                                 temperature=0.8),
+                Sampling(logit_bias={7: 5.0}, temperature=0.5, seed=9)]
+    rows = [Row(s, V, "cpu", prompt=[1, 2, 3], index=i) for i, s in enumerate(settings)]
+    batched = [sample_rows(x, rows) for x in steps]
+    for i, s in enumerate(settings):
+        row = Row(s, V, "cpu", prompt=[1, 2, 3], index=i)
+        assert [b[i] for b in batched] == [sample_rows(x[i:i + 1], [row])[0] for x in steps]
+    assert sum(b[2] == 7 for b in batched) > 20  # the bias shows
+
+
+def test_openai_penalties_and_repetition_penalty_by_hand():
+    logits = torch.randn(1, V)
+    row = Row(Sampling(presence_penalty=0.7, frequency_penalty=1.3), V, "cpu")
+    counts = torch.zeros(V)
+    for _ in range(10):
+        t = int((logits[0] - 1.3 * counts - 0.7 * (counts > 0).float()).argmax())
+        assert sample_rows(logits, [row]) == [t]
+        counts[t] += 1
+    row = Row(Sampling(repetition_penalty=1.3), V, "cpu", prompt=[4, 4, 9])
+    x = logits.clone()
+    row.adjust(x[0])
+    assert torch.equal(x, apply_repetition_penalty(logits, torch.tensor([[4, 9]]), 1.3))
+
+
+def test_draws_only_kept_tokens():
+    logits = torch.tensor([[3.0, 2.0, 1.0, -5.0, 0.5]])
+    gen = torch.Generator().manual_seed(0)
+    for s, kept in ((Sampling(temperature=1.0, top_k=2), {0, 1}), (Sampling(temperature=1.0, top_p=0.8), {0, 1}),
+                    (Sampling(temperature=1e-30), {0}), (Sampling(temperature=5e-324), {0})):
+        assert {int(sample(logits, s, gen)) for _ in range(300)} == kept
+
+
+def test_one_default_temperature():
+    from slm.serve.engine import Params
+    assert Sampling().temperature == DEFAULT_TEMPERATURE == Params(max_tokens=1).temperature
+
+
+# -- the CLI's flags ---------------------------------------------------------------------------
+def leaf_parsers(parser=None, words=()):
+    """(words, parser) of every command of `slm`."""
+    import argparse
+
+    from slm.cli import build_parser
+    parser = parser or build_parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield " ".join(words), parser
+    for sub in subs:
+        for name, p in sub.choices.items():
+            yield from leaf_parsers(p, (*words, name))
+
+
+def options(parser):
+    return [a for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def test_every_flag_of_every_command_has_help():
+    from slm.cli import COMMANDS
+    leaves = dict(leaf_parsers())
+    assert sorted(leaves) == sorted(COMMANDS)
+    missing = [f"slm {words} {a.option_strings[0]}" for words, p in leaves.items() for a in options(p)
+               if not (a.help or "").strip()]
+    assert not missing, missing
+
+
+def test_help_shows_each_default():
+    for words, p in leaf_parsers():
+        text = " ".join(p.format_help().split())
+        for a in options(p):
+            if a.default is not None and a.default is not False and a.default != []:
+                assert f"default: {a.default}" in text or str(a.default) in (a.help or ""), \
+                    f"slm {words} {a.option_strings[0]}: default {a.default!r} not in --help"
+
+
+def test_flag_defaults_are_the_dataclasses():
+    from slm.cli.finetune import FINETUNE
+    from slm.cli.flags import defaults
+    from slm.cli.run import SAMPLING
+    from slm.cli.serve import SERVE
+    from slm.cli.train import TRAIN
+    from slm.finetune.sft import FinetuneConfig
+    from slm.runtime.lm import LM
+    from slm.serve.app import ServeConfig
+    from slm.train.loop import TrainConfig
+    leaves = dict(leaf_parsers())
+    for words, source, table in (("train", TrainConfig, TRAIN), ("finetune", FinetuneConfig, FINETUNE),
+                                 ("generate", Sampling, SAMPLING), ("chat", Sampling, SAMPLING),
+                                 ("serve", ServeConfig, SERVE), ("generate", LM.stream, [("max_new_tokens",)]),
+                                 ("chat", LM.chat, [("max_new_tokens",)]),
+                                 ("data distill", Sampling, [("temperature",)])):
+        parsed = {a.dest: a.default for a in options(leaves[words])}
+        want = defaults(source)
+        assert {row[0]: parsed[row[0]] for row in table} == {row[0]: want.get(row[0]) for row in table}, words
+    assert {a.dest: a.default for a in options(leaves["generate"])}["temperature"] == DEFAULT_TEMPERATURE
+
+
+def test_building_one_command_imports_only_its_module():
+    import subprocess
+    import sys
+    code = ("import sys; from slm.cli import build_parser; build_parser(['generate']).parse_args(['generate', "
+            "'--prompt', 'x']); print(sorted(m for m in ('slm.train.loop', 'slm.finetune.sft', 'slm.serve.app', "
+            "'slm.cli.train', 'slm.cli.run') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['slm.cli.run']"
