@@ -5,9 +5,9 @@ swapped in beside these modules and are held equal to them by tests.
 """
 
 from .config import FAMILIES, REGISTRY, ConfigError, ModelConfig, get_config, memory_table
-from .transformer import (MLP, Attention, Block, KVCache, Linear, RMSNorm, RowKVCache, Transformer, apply_rope,
-                          make_norm, rope_tables)
+from .kv_cache import AttentionPlan, KVCache, RowKVCache, causal_mask
+from .transformer import MLP, Attention, Block, Linear, RMSNorm, Transformer, apply_rope, make_norm, rope_tables
 
-__all__ = ["FAMILIES", "REGISTRY", "ConfigError", "ModelConfig", "get_config", "memory_table", "MLP", "Attention",
-           "Block", "KVCache", "Linear", "RMSNorm", "RowKVCache", "Transformer", "apply_rope", "make_norm",
-           "rope_tables"]
+__all__ = ["FAMILIES", "REGISTRY", "ConfigError", "ModelConfig", "get_config", "memory_table", "AttentionPlan",
+           "KVCache", "RowKVCache", "causal_mask", "MLP", "Attention", "Block", "Linear", "RMSNorm", "Transformer",
+           "apply_rope", "make_norm", "rope_tables"]
