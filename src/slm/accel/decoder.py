@@ -12,6 +12,10 @@ it knows (nn.Linear or cpu_decode's Linear in fp32, Int8Linear, Int4Linear, GGUF
 LayerNorm). Anything else keeps the module path, which gives the same logits (tests/test_decoder.py
 holds the two together, and test_accel.py both to the reference model). Longer prompts go to the
 modules' GEMMs. `SLM_NO_DECODER=1` turns it off.
+
+A decoder holds the weights it was built from. It is kept per model while they stay the same, and
+dropped as soon as a module it was built from is freed (a layer replaced by quantize_model or
+merge_lora), so that the old weights go at once.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ..settings import switch
 from . import cpu_decode, cpu_train
 
 _MLP = {"swiglu": 0, "geglu": 1, "gelu": 2}
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, decoder)
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, decoder, finalizers)
 _LINEARS = (nn.Linear.forward, cpu_decode.Linear.forward)  # forwards that compute F.linear
 _NORMS = (reference.RMSNorm, cpu_train.RMSNorm, cpu_decode.RMSNorm)  # the reference RMSNorm and its accelerators
 
@@ -180,14 +184,27 @@ def build(model):
     dec = torch.classes.slm_q8.Decoder(dims, [float(scale), float(cfg.hidden_size ** 0.5) if cfg.embed_scale else 0.0])
     for name, args in calls:
         getattr(dec, name)(*args)
-    _DECODERS[model] = (key, dec)
+    _DECODERS[model] = (key, dec, _watch(model))
     return dec
 
 
+def _watch(model) -> list:
+    """Finalizers that forget model's decoder as soon as one of its modules now is freed."""
+    ref = weakref.ref(model)
+
+    def drop():
+        m = ref()
+        if m is not None:
+            forget(m)
+    return [weakref.finalize(m, drop) for m in model.modules()]
+
+
 def forget(model) -> None:
-    """Drop the decoder kept for model, and with it its references to the weights (called when
-    layers are replaced, so that the old weights are freed at once)."""
-    _DECODERS.pop(model, None)
+    """Drop the decoder kept for model, and with it its references to the weights."""
+    entry = _DECODERS.pop(model, None)
+    if entry is not None:
+        for f in entry[2]:
+            f.detach()
 
 
 def first_position(cache, pos: torch.Tensor | None, T: int) -> int | None:

@@ -383,8 +383,6 @@ def _linear_names(model: nn.Module, skip: Iterable[str]) -> list[str]:
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
-    from ..accel import decoder  # skeleton: moves to accel
-    decoder.forget(model)  # a decode-step decoder built earlier would keep the old weights alive
 
 
 def _tied_head(model: nn.Module) -> nn.Linear | None:
