@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from .accel import accelerate
 from .model.config import get_config
 from .quant.apply import StreamingQuantizer
 from .quant.layers import weight_bytes
@@ -50,7 +51,7 @@ def random_model(preset: str, quantize: str | None = None, group_size: int | Non
                 w.normal_(0.0, 0.02, generator=g)
                 quantizer.written(name, w.shape[0])
         quantizer.finish()
-    return model.eval()
+    return accelerate(model.eval())  # the decoding kernels, as slm.load gives them
 
 
 @torch.no_grad()

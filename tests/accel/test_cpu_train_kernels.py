@@ -1,7 +1,7 @@
-"""The CPU training step's C++ kernels (kernels/cpu_train.py, cpu/train.cpp) against PyTorch's ops: values and
+"""The CPU training step's C++ kernels (accel/cpu_train.py, kernels/cpu/train.cpp) against PyTorch's ops: values and
 gradients of the GLU, of the rotation with the Q/K/V split and of causal attention, then a whole
 model's loss and every parameter gradient through train/loop.py's loss_function, with the kernels
-and without."""
+and in the reference model."""
 
 import pytest
 import torch
@@ -77,19 +77,14 @@ def test_attention_matches_sdpa(B, T, H, KV, D):
     assert "_Attention" not in type(fallback.grad_fn).__name__ and torch.allclose(fallback, ref)
 
 
-_KERNELS = ("glu", "rope_qkv", "attend")  # what loss_function sets on the modules
-
-
 def _loss_and_grads(model, x, y, on: bool):
+    from slm.accel import unaccelerate
     from slm.train.loop import loss_function
-    loss_fn = loss_function(model, model, torch.device("cpu"))
-    mods = [m for m in model.modules() if any(hasattr(m, name) for name in _KERNELS)]
-    used = sum(getattr(m, name, None) is not None for m in mods for name in _KERNELS)
-    if not on:
-        for m in mods:
-            for name in _KERNELS:
-                if hasattr(m, name):
-                    setattr(m, name, None)
+    loss_fn = loss_function(model, model, torch.device("cpu"))  # swaps in cpu_train's modules
+    # kernels the modules call: one in each MLP (glu), two in each attention (rope_qkv, attention)
+    used = sum(isinstance(m, cpu_train.MLP) + 2 * isinstance(m, cpu_train.Attention) for m in model.modules())
+    if not on:  # the reference model (the loss keeps its fused head)
+        unaccelerate(model)
     model.zero_grad(set_to_none=True)
     loss = loss_fn(x, y)
     loss.backward()
@@ -115,14 +110,14 @@ def test_model_loss_and_gradients_with_and_without_kernels():
 def test_rms_norm_matches_torch(plus_one):
     from slm.model import RMSNorm
     torch.manual_seed(0)
-    norm = RMSNorm(20, 1e-5, plus_one)  # 20: a tail after groups of 8
+    norm = cpu_train.RMSNorm(20, 1e-5, plus_one)  # 20: a tail after groups of 8
     with torch.no_grad():
         norm.weight.normal_()
     x = (torch.randn(3, 5, 20) * 2).requires_grad_()
     dy = torch.randn(3, 5, 20)
     ours = norm(x)  # grad enabled on the CPU in fp32: the C++ kernel
     g_ours = torch.autograd.grad(ours, (x, norm.weight), dy)
-    ref = norm._reference(x)
+    ref = RMSNorm.forward(norm, x)  # the reference module's forward, same weights
     g_ref = torch.autograd.grad(ref, (x, norm.weight), dy)
     assert "_RMSNorm" in type(ours.grad_fn).__name__ or "_RMSNorm" in str(ours.grad_fn.next_functions)
     assert torch.allclose(ours, ref, atol=1e-5)

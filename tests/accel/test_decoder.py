@@ -130,7 +130,7 @@ def test_generation_is_unchanged(checkpoint, monkeypatch):
 
 def test_rebuilt_when_the_weights_change(checkpoint, monkeypatch):
     """Quantizing after a generation replaces the layers: the next step must see the new ones."""
-    from slm.quant.layers import quantize_model
+    from slm.quant.apply import quantize_model
     lm = slm.load(checkpoint)
     ids = lm.tokenizer.encode("Once upon a time")[:5]
     decode(lm.model, ids, 3)

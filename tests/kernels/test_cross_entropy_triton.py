@@ -2,7 +2,8 @@
 (slm/kernels/cross_entropy.py) against F.cross_entropy, with and without the head fused in,
 SwiGLU/GeGLU (slm/kernels/glu.py) against F.silu/F.gelu, and rotary embedding with the Q/K/V split
 (slm/kernels/rope.py) against model.apply_rope; loss and gradients, bf16 and fp32,
-ignored targets, several blocks per row; then a whole model's loss and gradients with both.
+ignored targets, several blocks per row; then a whole model's loss and gradients with both
+(slm/accel/gpu_train.py's modules) against the reference model's.
 Without a GPU the kernels run under Triton's interpreter, in a fresh process (the interpreter must
 be chosen before Triton is imported)."""
 
@@ -119,7 +120,7 @@ for dtype in (torch.float32, torch.bfloat16):
 
 # A whole model: the loss and every gradient, plain against the Triton SwiGLU, rope and fused head
 import slm
-from slm.model import MLP, Attention
+from slm.accel import gpu_train, swap
 from slm.train.loop import lm_loss
 cfg = slm.ModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=150, num_layers=2, num_heads=4,
                       num_kv_heads=2, max_seq_len=64, tie_embeddings=True)
@@ -128,12 +129,9 @@ model = slm.Transformer(cfg).to(device)
 model.init_weights()
 x, y = torch.randint(0, 1000, (2, 2, 32), device=device)
 results = []
-for triton_parts in (False, True):
-    for m in model.modules():
-        if isinstance(m, MLP):
-            m.glu = glu.glu if triton_parts else None
-        if isinstance(m, Attention):
-            m.rope_qkv = rope.rope_qkv if triton_parts else None
+for triton_parts in (False, True):  # the reference model, then with the Triton MLP and Attention
+    if triton_parts:
+        swap(model.modules(), gpu_train.classes(model, ("glu", "rope")))
     head_loss = ce.linear_cross_entropy if triton_parts else None
     loss_fn = lambda x, y: lm_loss(model, x, y, fuse_head=True, head_loss=head_loss)
     if device == "cuda" and triton_parts:  # one compiled graph, as Trainer runs it
@@ -158,19 +156,15 @@ import logging, torch, slm
 import torch._functorch.config as functorch_config
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-import slm.kernels.cross_entropy as ce, slm.kernels.glu as glu, slm.kernels.rope as rope
-from slm.model import MLP, Attention
+import slm.kernels.cross_entropy as ce
+from slm.accel import gpu_train, swap
 from slm.train.loop import lm_loss
 functorch_config.force_non_lazy_backward_lowering = True  # trace the backward at once, not at its first run
 logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)  # no GPU to inspect kernels
 cfg = slm.ModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=150, num_layers=2, num_heads=4,
                       num_kv_heads=2, max_seq_len=64, tie_embeddings=True)
 model = slm.Transformer(cfg)
-for m in model.modules():
-    if isinstance(m, MLP):
-        m.glu = glu.glu
-    if isinstance(m, Attention):
-        m.rope_qkv = rope.rope_qkv
+swap(model.modules(), gpu_train.classes(model, ("glu", "rope")))  # the Triton MLP and Attention
 graphs = {}
 
 class Traced(Exception):

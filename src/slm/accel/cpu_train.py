@@ -1,9 +1,8 @@
-"""The CPU training step's work outside the big matmuls in C++ (cpu/train.cpp), with autograd: the MLP's
-GLU, the rotary embedding with the Q/K/V split, RMSNorm, and causal attention. The GPU has Triton
-versions of the first two (glu.py, rope.py); these take the same arguments, so train/loop.py sets
-either on the model the same way (`MLP.glu`, `Attention.rope_qkv`); on the CPU it also sets
-`attention` as `Attention.attend`. model.RMSNorm calls `rms_norm` itself whenever autograd is on
-for fp32 CPU input.
+"""The CPU training step's work outside the big matmuls in C++ (kernels/cpu/train.cpp), with autograd: the MLP's
+GLU, the rotary embedding with the Q/K/V split, RMSNorm, and causal attention; and the modules that
+call them, subclasses of the reference modules that `slm.accel.accelerate_training` swaps in when
+a model trains on the CPU (train/loop.py's loss_function). The GPU has Triton versions of the first
+two (gpu_train.py), which take the same arguments.
 
 Why: in PyTorch's autograd each is a string of passes over [tokens, width] tensors. SwiGLU is
 silu, a product, then backward silu's derivative, two products and a concatenation; the rotation
@@ -15,7 +14,8 @@ PyTorch's ops and take ~40 ms here (README, Training). Attention: PyTorch's CPU 
 `python benchmarks/cpu_train_kernels.py` measures each piece).
 
 fp32 on the CPU only; anything else, torch.compile, or no kernels (no compiler, SLM_NO_KERNELS=1)
-takes the PyTorch path, with the same results.
+takes the PyTorch path, with the same results (tests/test_cpu_train_kernels.py holds them to the
+reference model).
 """
 
 from __future__ import annotations
@@ -23,15 +23,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import model as reference
 from ..kernels import fused_op
+from ..model import apply_rope
 
-__all__ = ["attention", "glu", "rms_norm", "rope_qkv", "supports"]
+__all__ = ["attention", "glu", "rms_norm", "rope_qkv", "supports", "RMSNorm", "MLP", "Attention"]
 
 
 def supports(cfg) -> bool:
     """Whether rope_qkv can stand in for the rotation and split of a model of ModelConfig `cfg`:
     full rotation (not Phi's partial one) and no q/k norms (not Gemma's)."""
-    return not cfg.qk_norm and cfg.rotary_dim == cfg.head_dim and cfg.head_dim % 2 == 0
+    return _supports(cfg.qk_norm, cfg.rotary_dim, cfg.head_dim)
+
+
+def _supports(qk_norm: bool, rotary_dim: int, head_dim: int) -> bool:
+    return not qk_norm and rotary_dim == head_dim and head_dim % 2 == 0
 
 
 def _fast(*xs: torch.Tensor) -> bool:
@@ -87,7 +93,7 @@ class _RopeQKV(torch.autograd.Function):
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
              kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv [B, T, (heads + 2 kv_heads) * D] -> Q [B, T, heads, D] and K [B, T, kv_heads, D] rotated by
-    cos/sin ([B or 1, 1, T, D], as model.Transformer.rope gives them) and V [B, T, kv_heads, D], with
+    cos/sin ([B or 1, 1, T, D], as Transformer.run_blocks passes them to each block) and V [B, T, kv_heads, D], with
     their gradients."""
     B, T, width = qkv.shape
     D = width // (heads + 2 * kv_heads)
@@ -95,7 +101,6 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
         raise ValueError(f"rope_qkv needs [B, T, (heads + 2 kv_heads) * D] and full rotation; got "
                          f"{tuple(qkv.shape)}, {heads}+2x{kv_heads} heads, rotary dim {cos.shape[-1]}")
     if not _fast(qkv, cos, sin) or fused_op("rope_qk_train") is None:
-        from ..model import apply_rope
         x = qkv.view(B, T, heads + 2 * kv_heads, D)
         qk = apply_rope(x[:, :, :heads + kv_heads].transpose(1, 2), cos, sin).transpose(1, 2)
         return qk[:, :, :heads], qk[:, :, heads:], x[:, :, heads + kv_heads:]
@@ -151,3 +156,39 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         return y.transpose(1, 2)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _Attention.apply(q, k, v, scale)
+
+
+# -- the modules that call them ----------------------------------------------------------------
+class RMSNorm(reference.RMSNorm):
+    """With autograd on: one C++ pass each way (rms_norm); the reference everywhere else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            y = rms_norm(x, self.weight, self.eps, self.plus_one)
+            if y is not None:
+                return y
+        return super().forward(x)
+
+
+class MLP(reference.MLP):
+    """The gated MLP's act(gate) * up in one C++ pass each way (glu)."""
+
+    def glu(self, h: torch.Tensor) -> torch.Tensor:
+        return glu(h, self.act != "swiglu")
+
+
+class Attention(reference.Attention):
+    """The rotation with the Q/K/V split (rope_qkv, where it stands in: see supports) and causal
+    attention (attention) in C++, one pass each way."""
+
+    def rotated_qkv(self, x, cos, sin):
+        if not _supports(self.qk_norm, cos.shape[-1], self.head_dim):
+            return super().rotated_qkv(x, cos, sin)
+        q, k, v = rope_qkv(self.qkv_proj(x), cos, sin, self.n_heads, self.n_kv)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(self, q, k, v, plan):
+        if not plan.causal or plan.mask is not None:
+            return super().attend(q, k, v, plan)
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale).transpose(1, 2)

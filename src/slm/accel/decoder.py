@@ -2,15 +2,20 @@
 
 At batch 1 a small model's token is mostly overhead: make demo's 2M-parameter model ran ~150 module
 calls and ATen ops a token, ~1.0-1.7 ms, around ~0.2 ms of arithmetic, where llama.cpp takes ~0.5 ms.
-`Transformer.forward` therefore hands one sequence's step (a new token, or a prompt of up to
-MAX_TOKENS) to `step_for(model, cache)`, which runs the same kernels as the modules (products,
-norms, rope, attention: cpu/decoder.cpp's `Decoder.step`) in one call and writes the cache as
-`KVCache.plan/update` would. It applies when the step is plain: a batch-1 KVCache without padding
-or row 0 of the serving engine's RowKVCache, fp32 on the CPU, no autograd or autocast, no hooks
-(explain watches modules), and every layer one it knows (nn.Linear or slm's Linear in fp32,
-Int8Linear, Int4Linear, GGUFLinear; RMSNorm or LayerNorm). Anything else keeps the module path,
-which gives the same logits (tests/accel/test_decoder.py holds the two together). Longer prompts go to
-the modules' GEMMs. `SLM_NO_DECODER=1` turns it off.
+`slm.accel.accelerate` therefore gives the model this module's `Transformer`, whose forward hands
+one sequence's step (a new token, or a prompt of up to MAX_TOKENS) to `step_for(model, cache)`,
+which runs the same kernels as the modules (products, norms, rope, attention: cpu/decoder.cpp's
+`Decoder.step`) in one call and writes the cache as `KVCache.plan/update` would. It applies when
+the step is plain: a batch-1 KVCache without padding or row 0 of the serving engine's RowKVCache,
+fp32 on the CPU, no autograd or autocast, no hooks (explain watches modules), and every layer one
+it knows (nn.Linear or cpu_decode's Linear in fp32, Int8Linear, Int4Linear, GGUFLinear; RMSNorm or
+LayerNorm). Anything else keeps the module path, which gives the same logits (tests/accel/test_decoder.py
+holds the two together, and tests/accel/test_accel.py both to the reference model). Longer prompts go to the
+modules' GEMMs. `SLM_NO_DECODER=1` turns it off.
+
+A decoder holds the weights it was built from. It is kept per model while they stay the same, and
+dropped as soon as a module it was built from is freed (a layer replaced by quantize_model or
+merge_lora), so that the old weights go at once.
 """
 
 from __future__ import annotations
@@ -20,19 +25,44 @@ import weakref
 import torch
 import torch.nn as nn
 
-from ..quant.layers import MAX_DIRECT as MAX_TOKENS  # the quantized layers' direct path, as the modules run it
+from .. import model as reference
 from ..kernels import cpu_ops
 from ..kernels.abi import BlockKind, Layout, LinearRole, MlpKind, ModelLinearRole, ModelNormRole, NormKind, NormRole
+from ..model import KVCache, RowKVCache
+from ..quant.gguf_layers import GGUFLinear
+from ..quant.layers import MAX_DIRECT as MAX_TOKENS  # the quantized layers' direct path, as the modules run it
+from ..quant.layers import Int4Linear, Int8Linear, QuantEmbedding
 from ..settings import switch
+from . import cpu_decode, cpu_train
 
 _MLP = {"swiglu": MlpKind.SWIGLU, "geglu": MlpKind.GEGLU, "gelu": MlpKind.GELU}
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, decoder)
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, decoder, finalizers)
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its step function, or False
+_LINEARS = (nn.Linear.forward, cpu_decode.Linear.forward)  # forwards that compute F.linear
+_NORMS = (reference.RMSNorm, cpu_train.RMSNorm, cpu_decode.RMSNorm)  # the reference RMSNorm and its accelerators
+
+
+class Transformer(reference.Transformer):
+    """The reference model, whose forward hands a plain batch-1 step to the decoder (step_for)."""
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, last_only: bool = False,
+                return_hidden: bool = False) -> torch.Tensor:
+        B, T = input_ids.shape
+        if B == 1 and cache is not None and T <= MAX_TOKENS and attention_mask is None \
+                and not return_hidden and input_ids.is_cpu and not torch.is_grad_enabled() \
+                and not torch.is_autocast_enabled("cpu"):
+            first = first_position(cache, pos, T)  # None: not a plain step
+            step = step_for(self, cache) if first is not None else None
+            if step is not None:  # the whole step in one C++ call
+                logits = step(input_ids[0].tolist(), first, last_only)
+                cache.seen += T
+                return logits
+        return super().forward(input_ids, cache, pos, attention_mask, last_only, return_hidden)
 
 
 def _linear(m: nn.Module):
     """(layout, tensors, bias, types, rows, in_features) for the C++ Lin, or None."""
-    from ..quant.layers import Int4Linear, Int8Linear
-    from ..quant.gguf_layers import GGUFLinear
     bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return None
@@ -43,8 +73,7 @@ def _linear(m: nn.Module):
         return Layout.INT8, [m.qweight, m.scales], bias, [], [], m.in_features
     if t is Int4Linear and m.scales.dtype == torch.float16 and m.mins.dtype == torch.float16:
         return Layout.INT4, [m.qweight, m.scales, m.mins], bias, [], [], m.in_features
-    if isinstance(m, nn.Linear) and type(m).forward in (nn.Linear.forward, _model().Linear.forward) \
-            and m.weight.dtype == torch.float32:
+    if isinstance(m, nn.Linear) and type(m).forward in _LINEARS and m.weight.dtype == torch.float32:
         return _fp32(m.weight, bias)
     return None  # LoRA wrappers, other dtypes, other layer types
 
@@ -62,24 +91,18 @@ def _norm(m: nn.Module | None):
     """(kind, weight, bias, eps, plus_one) for the C++ Norm, or None."""
     if m is None:
         return NormKind.NONE, None, None, 0.0, False
-    model = _model()
-    if type(m) is model.RMSNorm and m.weight.dtype == torch.float32:
+    if type(m) in _NORMS and m.weight.dtype == torch.float32:
         return NormKind.RMS, m.weight.detach(), None, float(m.eps), bool(m.plus_one)
     if type(m) is nn.LayerNorm and m.weight is not None and m.weight.dtype == torch.float32 and len(m.normalized_shape) == 1:
         return NormKind.LAYER, m.weight.detach(), m.bias.detach() if m.bias is not None else None, float(m.eps), False
     return None
 
 
-def _model():
-    from .. import model
-    return model
-
-
 def _spec(model) -> list | None:
     """Everything the C++ decoder needs, as (method, args) calls, or None if a part is not one it runs."""
     cfg = model.config
     if cfg.mlp not in _MLP or model.dtype != torch.float32 or \
-            (cfg.qk_norm and type(model.blocks[0].attn.q_norm) is not _model().RMSNorm):
+            (cfg.qk_norm and type(model.blocks[0].attn.q_norm) not in _NORMS):
         return None
     calls = []
 
@@ -95,7 +118,6 @@ def _spec(model) -> list | None:
     def norm(i, role, m):
         return add("set_norm", _norm, i, role, m)
 
-    from ..quant.layers import QuantEmbedding
     emb = model.embed
     if type(emb) is nn.Embedding and emb.weight.dtype == torch.float32 and _fp32(emb.weight, None) is not None:
         calls.append(("set_linear", (-1, ModelLinearRole.EMBED, *_fp32(emb.weight, None))))
@@ -123,16 +145,9 @@ def _spec(model) -> list | None:
             and lin(i, LinearRole.DOWN, mlp.down_proj)
         if not ok:
             return None
-        cos, sin = _rope_table(model, i)
+        cos, sin = model.rope_table(i, torch.device("cpu"), torch.float32)
         calls.append(("set_rope", (i, cos, sin)))
     return calls
-
-
-def _rope_table(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This layer's cos and sin for every position [max_seq_len, rotary_dim], as model.rope keeps them."""
-    theta, scale = model._layer_rope[layer]
-    model.rope(torch.zeros(1, 1, dtype=torch.long), torch.float32, theta, scale)  # builds the table once
-    return model._rope[(torch.device("cpu"), torch.float32, theta, scale)]
 
 
 def _key(model) -> tuple | None:
@@ -176,21 +191,33 @@ def build(model):
     dec = torch.classes.slm_cpu.Decoder(dims, [float(scale), float(cfg.hidden_size ** 0.5) if cfg.embed_scale else 0.0])
     for name, args in calls:
         getattr(dec, name)(*args)
-    _DECODERS[model] = (key, dec)
+    _DECODERS[model] = (key, dec, _watch(model))
     return dec
 
 
+def _watch(model) -> list:
+    """Finalizers that forget model's decoder as soon as one of its modules now is freed."""
+    ref = weakref.ref(model)
+
+    def drop():
+        m = ref()
+        if m is not None:
+            forget(m)
+    return [weakref.finalize(m, drop) for m in model.modules()]
+
+
 def forget(model) -> None:
-    """Drop the decoder kept for model, and with it its references to the weights (called when
-    layers are replaced, so that the old weights are freed at once)."""
-    _DECODERS.pop(model, None)
+    """Drop the decoder kept for model, and with it its references to the weights."""
+    entry = _DECODERS.pop(model, None)
+    if entry is not None:
+        for f in entry[2]:
+            f.detach()
 
 
 def first_position(cache, pos: torch.Tensor | None, T: int) -> int | None:
     """The position of the first of T new tokens of one sequence if the step is plain, else None.
     A KVCache without padding whose tokens follow what it holds (pos None, or those positions); or
     row 0 of a RowKVCache (the serving engine's when one request runs) taking one token."""
-    from ..model import KVCache, RowKVCache
     if type(cache) is KVCache:
         seen = cache.seen
         if cache.padded or seen + T > cache.max_len:
@@ -212,7 +239,7 @@ def step_for(model, cache):
     """A function (tokens, position of the first, last_only) -> logits [1, T or 1, V] that runs the
     step for this model and row 0 of this cache, or None where the module path must run it.
     Decided once per cache."""
-    fn = cache.__dict__.get("_step")
+    fn = _STEPS.get(cache)
     if fn is not None:
         return fn or None
     fn = False
@@ -227,5 +254,5 @@ def step_for(model, cache):
             def fn(tokens: list[int], seen: int, last_only: bool, dec=dec, ks=ks, vs=vs, pos=pos,
                    rolling=rolling) -> torch.Tensor:
                 return dec.step(tokens, seen, ks, vs, pos, rolling, last_only)
-    cache._step = fn
+    _STEPS[cache] = fn
     return fn or None

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..model import Transformer, apply_rope
+from ..model import Transformer
 
 ATTN_DETAIL = ("attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern")
 
@@ -85,17 +85,11 @@ def _wanted(names) -> Callable[[str], bool]:
 
 def attention_detail(attn, x, cos, sin, plan) -> dict[str, torch.Tensor]:
     """q, k, v, masked scores and the softmax pattern of one Attention module on input x, with the
-    mask plan the model built for this forward. Mirrors Attention.forward up to the product with V."""
-    B, T, _ = x.shape
+    mask plan the model built for this forward: the layer's own rotated q, k, v (Attention.rotated_qkv)
+    and the softmax that Attention.attend takes over them, written out."""
+    T = x.shape[1]
     H, KV = attn.n_heads, attn.n_kv
-    qkv = attn.qkv_proj(x).view(B, T, H + 2 * KV, attn.head_dim).transpose(1, 2)
-    v = qkv[:, H + KV:]
-    if attn.qk_norm:
-        q = apply_rope(attn.q_norm(qkv[:, :H]), cos, sin)
-        k = apply_rope(attn.k_norm(qkv[:, H:H + KV]), cos, sin)
-    else:
-        qk = apply_rope(qkv[:, :H + KV], cos, sin)
-        q, k = qk[:, :H], qk[:, H:]
+    q, k, v = attn.rotated_qkv(x, cos, sin)
     scale = attn.scale if attn.scale is not None else attn.head_dim ** -0.5
     kk = k.float().repeat_interleave(H // KV, dim=1)  # GQA: query head h reads KV head h // (H / KV)
     scores = q.float() @ kk.transpose(-1, -2) * scale

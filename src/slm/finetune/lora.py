@@ -247,15 +247,19 @@ def load_adapter(model: Transformer, adapter_dir: str) -> list[str]:
 @torch.no_grad()
 def merge_lora(model: Transformer) -> Transformer:
     """Fold every adapter into its base weight, in place: each LoRALinear becomes an fp32
-    nn.Linear holding W + (alpha / r) B A (a quantized base is dequantized first)."""
-    from ..model import Linear
+    nn.Linear holding W + (alpha / r) B A (a quantized base is dequantized first), accelerated as
+    the model's other layers are."""
+    from ..accel import accelerate, accelerated
+    fast = accelerated(model)
     for name, layer in lora_layers(model).items():
         base = layer.base
-        merged = Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         merged.weight = nn.Parameter(layer.merged_weight().to(model.dtype))
         if base.bias is not None:
             merged.bias = nn.Parameter(base.bias.detach().clone())
         _set_module(model, name, merged)
+    if fast:
+        accelerate(model)
     if hasattr(model, "lora"):
         del model.lora
     return model

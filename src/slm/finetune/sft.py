@@ -36,7 +36,6 @@ import torch.utils.checkpoint
 from tqdm import tqdm
 
 from ..model import Transformer
-from ..model.transformer import _Plan  # skeleton: packed_forward moves onto the public API
 from ..runtime.tokenizer import Tokenizer
 from ..train.loop import lr_at, plot_metrics
 from ..train.loss import fused_linear_cross_entropy
@@ -186,24 +185,10 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int 
 # -- model -------------------------------------------------------------------------------------
 def packed_forward(model: Transformer, ids: torch.Tensor, pos: torch.Tensor, doc: torch.Tensor,
                    checkpoint: bool = False) -> torch.Tensor:
-    """The final hidden states [B, T, d] of packed rows: the model's forward pass with each
-    conversation attending only to itself, at its own positions (Transformer.forward's steps
-    with a block-diagonal mask). checkpoint: recompute each block in backward (less memory)."""
-    cfg = model.config
-    x = model.embeddings(ids)
-    ropes = {r: model.rope(pos, x.dtype, *r) for r in set(model._layer_rope)}
-    same = (doc[:, :, None] == doc[:, None, :]) & (pos[:, None, :] <= pos[:, :, None])
-    plans = {}
-    for i, block in enumerate(model.blocks):
-        w = cfg.layer_window(i)
-        if w not in plans:
-            mask = same & (pos[:, :, None] - pos[:, None, :] < w) if w else same
-            plans[w] = _Plan(mask=mask[:, None])
-        args = (x, *ropes[model._layer_rope[i]], plans[w], None)
-        if checkpoint and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        else:
-            x = block(*args)
+    """The final hidden states [B, T, d] of packed rows: the model's blocks with each conversation
+    attending only to itself, at its own positions (Transformer.plans with documents: a
+    block-diagonal causal mask). checkpoint: recompute each block in backward (less memory)."""
+    x = model.run_blocks(model.embeddings(ids), pos, model.plans(pos, documents=doc), checkpoint=checkpoint)
     return model.norm(x)
 
 

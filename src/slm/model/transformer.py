@@ -1,6 +1,9 @@
-"""The one decoder-only transformer behind every family `slm` runs.
+"""The one decoder-only transformer behind every family `slm` runs: the reference model.
 
-Read top to bottom: norms, rotary embeddings, the KV cache, attention, MLP, block, model.
+Read top to bottom: norms, rotary embeddings, attention, MLP, block, model (the KV cache and the
+attention plans are in kv_cache.py). Nothing here calls a kernel: `slm.accel` swaps faster
+subclasses of these modules in at load or train time, each held equal to them by a test.
+
 The families differ only in switches on `ModelConfig`:
 
     Llama 2 / Orca 2   RMSNorm, SwiGLU MLP, full rotary, multi-head attention
@@ -18,24 +21,14 @@ family's Hugging Face names, splitting the fused QKV and gate/up matrices.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
-from .. import kernels
 from .config import ModelConfig
-
-
-def _decoder():  # skeleton only: the accelerators move out of the reference model
-    from ..accel import decoder
-    return decoder
-
-
-def _cpu_train():
-    from ..accel import cpu_train
-    return cpu_train
+from .kv_cache import AttentionPlan, KVCache, causal_mask
 
 
 # -- normalisation -----------------------------------------------------------------------------
@@ -46,40 +39,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and x.dtype == torch.float32:
-            if not torch.is_grad_enabled():
-                op = kernels.rms_norm_op()  # one fused call: decoding runs many small norms
-                if op is not None:
-                    return op(x.contiguous(), self.weight, self.eps, self.plus_one)
-            else:  # training: one C++ pass each way, with its own backward
-                y = _cpu_train().rms_norm(x, self.weight, self.eps, self.plus_one)
-                if y is not None:
-                    return y
-        return self._reference(x)
-
-    def _fused(self, x: torch.Tensor, name: str):
-        """The fused kernel `name` if it applies to x (fp32 on the CPU, no autograd), else None.
-        Not while hooks watch this norm (explain's capture): a fused call would skip them."""
-        if x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled() \
-                and not (self._forward_hooks or self._forward_pre_hooks):
-            return kernels.fused_op(name)
-        return None
-
-    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """residual + self(x), in one call where the kernels run it."""
-        op = self._fused(x, "rms_norm_add")
-        if op is not None and residual.dtype == torch.float32 and residual.shape == x.shape:
-            return op(x.contiguous(), self.weight, self.eps, self.plus_one, residual.contiguous())
-        return residual + self(x)
-
-    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """apply_rope(self(x), cos, sin) for x [B, H, T, head_dim], in one call where it can."""
-        op = self._fused(x, "rms_norm_rope")
-        if op is not None and cos.dtype == torch.float32 and cos.shape[1] == 1:
-            return op(x.contiguous(), self.weight, self.eps, self.plus_one, cos.contiguous(), sin.contiguous())
-        return apply_rope(self(x), cos, sin)
-
-    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         # Written out: on CPU, F.rms_norm decomposes into twice as many small kernels.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -116,139 +75,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([rot * cos + rot.roll(rd // 2, -1) * sin, rest], -1)
 
 
-# -- KV cache ----------------------------------------------------------------------------------
-@dataclass
-class _Plan:
-    """How one forward step reads and writes the cache for layers of one window size."""
-    mask: torch.Tensor | None = None  # bool [B, 1, T, S]; None with causal=False: attend to all keys
-    causal: bool = False
-    write: slice | torch.Tensor | tuple | None = None  # cache slots receiving the new keys (RowKVCache: rows, slots)
-    read: int = 0  # leading slots to attend over
-    concat: bool = False  # rolling prefill: attend over old slots + all new keys, keep the newest
-
-
-def _mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean [B, 1, T, S] mask from absolute positions (-1 marks padding or an empty slot)."""
-    q, k = qpos[:, :, None], kpos[:, None, :]
-    ok = (k >= 0) & (k <= q)
-    if window is not None:
-        ok &= q - k < window
-    ok |= q < 0  # padding queries attend everywhere: finite garbage, never read, never NaN
-    return ok[:, None]
-
-
-class KVCache:
-    """Keys and values of earlier tokens, preallocated per layer.
-
-    Layers with a sliding window keep a rolling buffer of `window` slots, so a long generation
-    with Mistral uses bounded memory. `pos` records the absolute position held by each slot
-    (-1: empty or padding); masks are built from it, which also handles left-padded batches.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
-        self.max_len, self.seen, self.padded = max_len, 0, False
-        self.windows = [w if w and w < max_len else None for w in map(cfg.layer_window, range(cfg.num_layers))]
-        self.size = {w: (w if w else max_len) for w in set(self.windows)}
-        self.pos = {w: torch.full((batch, s), -1, dtype=torch.long, device=device) for w, s in self.size.items()}
-        shape = lambda w: (batch, cfg.num_kv_heads, self.size[w], cfg.head_dim)  # noqa: E731
-        self.k = [torch.zeros(shape(w), device=device, dtype=dtype) for w in self.windows]
-        self.v = [torch.zeros(shape(w), device=device, dtype=dtype) for w in self.windows]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def plan(self, window: int | None, qpos: torch.Tensor) -> _Plan:
-        L, T, S, pos = self.seen, qpos.shape[1], self.size[window], self.pos[window]
-        if window is None:  # one slot per position
-            pos[:, L:L + T] = qpos
-            kpos = pos[:, :L + T]
-            if T == 1 and not self.padded:
-                mask, causal = None, False
-            elif L == 0 and not self.padded:
-                mask, causal = None, True
-            else:
-                mask, causal = _mask(qpos, kpos, None), False
-            return _Plan(mask, causal, slice(L, L + T), L + T)
-        if T == 1:  # rolling decode step: the slot overwritten is the one leaving the window
-            slot = L % S
-            pos[:, slot] = qpos[:, 0]
-            read = min(L + 1, S)
-            mask = _mask(qpos, pos[:, :read], window) if self.padded else None
-            return _Plan(mask, False, slice(slot, slot + 1), read)
-        # Rolling prefill: earlier queries of this chunk still need the keys later ones overwrite.
-        read, keep = min(L, S), min(T, S)
-        kpos = torch.cat([pos[:, :read], qpos], 1)
-        slots = torch.arange(L + T - keep, L + T, device=qpos.device) % S
-        pos[:, slots] = qpos[:, T - keep:]
-        if L == 0 and T <= window and not self.padded:
-            return _Plan(None, True, slots, read, concat=True)
-        return _Plan(_mask(qpos, kpos, window), False, slots, read, concat=True)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: _Plan):
-        """Store the new keys/values and return the keys/values to attend over."""
-        K, V = self.k[layer], self.v[layer]
-        if plan.concat:
-            keys, vals = torch.cat([K[:, :, :plan.read], k], 2), torch.cat([V[:, :, :plan.read], v], 2)
-            n = len(plan.write)
-            K[:, :, plan.write], V[:, :, plan.write] = k[:, :, -n:], v[:, :, -n:]
-            return keys, vals
-        K[:, :, plan.write], V[:, :, plan.write] = k, v
-        return K[:, :, :plan.read], V[:, :, :plan.read]
-
-
-class RowKVCache(KVCache):
-    """A cache whose rows advance independently, for serving many requests in one batch
-    (continuous batching, `slm.serve.engine`). Row b keeps position p in slot p % size, so a
-    decode step writes one slot per row at that row's own position, and masks come from `pos`.
-
-    A request's prompt is prefilled in an ordinary batch-1 KVCache and copied in with `load_row`.
-    Steps take one token per row (position -1 marks an idle row) and may cover only the first
-    rows: idle rows at the end cost nothing."""
-
-    # No length shared by all rows: positions are passed to every forward and kept per row in `pos`.
-    seen = property(lambda self: 0, lambda self, value: None)
-
-    def load_row(self, row: int, src: KVCache) -> None:
-        """Copy a batch-1 cache, filled from position 0 without padding, into `row`. Both keep
-        position p in slot p % size (src.size <= self.size, or both the same window)."""
-        for w in self.pos:
-            self.pos[w][row] = -1
-        for i, (w, w_src) in enumerate(zip(self.windows, src.windows)):
-            n = src.size[w_src]
-            self.k[i][row, :, :n], self.v[i][row, :, :n] = src.k[i][0], src.v[i][0]
-            self.pos[w][row, :n] = src.pos[w_src][0]
-
-    def plan(self, window: int | None, qpos: torch.Tensor) -> _Plan:
-        if qpos.shape[1] != 1:
-            raise ValueError("a RowKVCache steps one token per row; prefill in a KVCache and load_row it")
-        B, S = qpos.shape[0], self.size[window]
-        rows, slots = torch.arange(B, device=qpos.device), qpos[:, 0] % S  # an idle row (-1) -> last slot
-        pos = self.pos[window][:B]
-        pos[rows, slots] = qpos[:, 0]
-        read = min(int(qpos.max()) + 1, S)  # slots past the furthest row hold nothing yet
-        return _Plan(_mask(qpos, pos[:, :read], window), False, (rows, slots), read)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: _Plan):
-        K, V, B = self.k[layer], self.v[layer], k.shape[0]
-        K[plan.write[0], :, plan.write[1]], V[plan.write[0], :, plan.write[1]] = k[:, :, 0], v[:, :, 0]
-        return K[:B, :, :plan.read], V[:B, :, :plan.read]
-
-
 # -- attention and MLP -------------------------------------------------------------------------
-class Linear(nn.Linear):
-    """nn.Linear; when decoding (one row of x, fp32, on the CPU, no autograd) the product goes to
-    slm's AVX2 matrix-vector kernel, which streams small matrices from memory faster than MKL
-    (benchmarks/int8_matvec.py). Everything else is F.linear."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1] and x.is_cpu and x.dtype == torch.float32 and self.weight.is_contiguous() \
-                and not torch.is_grad_enabled():
-            op = kernels.matvec_f32_op()
-            if op is not None:
-                return op(x.contiguous(), self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -256,59 +83,38 @@ class Attention(nn.Module):
         d, bias = cfg.hidden_size, cfg.attention_bias
         self.split = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
         # Q, K and V in one matrix: one matmul instead of three (checkpoints keep them apart).
-        self.qkv_proj = Linear(d, sum(self.split), bias=bias)
-        self.o_proj = Linear(self.split[0], d, bias=bias)
+        self.qkv_proj = nn.Linear(d, sum(self.split), bias=bias)
+        self.o_proj = nn.Linear(self.split[0], d, bias=bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm, self.k_norm = make_norm(cfg, cfg.head_dim), make_norm(cfg, cfg.head_dim)
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
-        self.rope_qkv = None  # training may set kernels.rope's (GPU) or kernels.cpu_train's here (train/loop.py)
-        self.attend = None  # and kernels.cpu_train.attention here on the CPU: causal, [B, T, heads, D] in and out
 
-    def forward(self, x, cos, sin, plan: _Plan, cache: KVCache | None):
+    def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The queries [B, heads, T, head_dim], keys and values [B, kv_heads, T, head_dim] of x
+        [B, T, hidden], queries and keys normalised (Gemma 3's QK-norm) and rotated by cos/sin."""
         B, T, _ = x.shape
-        if T == 1 and type(cache) is KVCache and plan.mask is None and not plan.causal and not plan.concat \
-                and isinstance(plan.write, slice) and x.is_cpu and x.dtype == torch.float32 \
-                and not torch.is_grad_enabled() and (not self.qk_norm or isinstance(self.q_norm, RMSNorm)):
-            op = kernels.fused_op("attn_step")  # the whole step between the two products, in one call
-            K, V = cache.k[self.layer], cache.v[self.layer]
-            if op is not None and K.is_contiguous() and V.is_contiguous() and cos.dtype == torch.float32:
-                qw, kw = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
-                eps, plus_one = (self.q_norm.eps, self.q_norm.plus_one) if self.qk_norm else (0.0, False)
-                y = op(self.qkv_proj(x).contiguous(), qw, kw, eps, plus_one, cos.contiguous(), sin.contiguous(), K, V,
-                       plan.write.start, plan.read, self.scale if self.scale is not None else self.head_dim ** -0.5,
-                       self.n_heads)
-                return self.o_proj(y)
-        H = self.n_heads
-        if self.rope_qkv is not None and cache is None:  # training: Triton or C++, one pass each way
-            q, k, v = [t.transpose(1, 2) for t in self.rope_qkv(self.qkv_proj(x), cos, sin, H, self.n_kv)]
-        else:
-            qkv = self.qkv_proj(x).view(B, T, H + 2 * self.n_kv, self.head_dim).transpose(1, 2)
-            v = qkv[:, H + self.n_kv:]
-            if self.qk_norm:  # Gemma 3: normalise each head, then rotate
-                if isinstance(self.q_norm, RMSNorm):
-                    q, k = self.q_norm.rope(qkv[:, :H], cos, sin), self.k_norm.rope(qkv[:, H:H + self.n_kv], cos, sin)
-                else:
-                    q = apply_rope(self.q_norm(qkv[:, :H]), cos, sin)
-                    k = apply_rope(self.k_norm(qkv[:, H:H + self.n_kv]), cos, sin)
-            else:
-                qk = apply_rope(qkv[:, :H + self.n_kv], cos, sin)  # Q and K heads rotated together
-                q, k = qk[:, :H], qk[:, H:]
-        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
-        if self.attend is not None and cache is None and plan.causal and plan.mask is None:
-            y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
-            return self.o_proj(y.reshape(B, T, -1))
+        H, KV = self.n_heads, self.n_kv
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)
+        v = qkv[:, H + KV:]
+        if self.qk_norm:  # Gemma 3: normalise each head, then rotate
+            return apply_rope(self.q_norm(qkv[:, :H]), cos, sin), apply_rope(self.k_norm(qkv[:, H:H + KV]), cos, sin), v
+        qk = apply_rope(qkv[:, :H + KV], cos, sin)  # Q and K heads rotated together
+        return qk[:, :H], qk[:, H:], v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """Each query's softmax-weighted sum of the values [B, heads, T, head_dim], over the keys
+        the plan lets it see (grouped-query: query head h reads key/value head h // (heads / kv_heads))."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.causal,
+                                              scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+
+    def forward(self, x, cos, sin, plan: AttentionPlan, cache: KVCache | None):
+        B, T, _ = x.shape
+        q, k, v = self.rotated_qkv(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, plan)
-        op = None
-        if T == 1 and plan.mask is None and not plan.causal and q.is_cpu and q.dtype == torch.float32 \
-                and not torch.is_grad_enabled():
-            op = kernels.fused_op("attn_decode")  # one query a sequence: ~5 us where SDPA takes ~50
-        if op is not None:
-            y = op(q.contiguous(), k, v, scale)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.causal,
-                                               scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+        y = self.attend(q, k, v, plan)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -318,24 +124,20 @@ class MLP(nn.Module):
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gated, self.act = cfg.mlp != "gelu", cfg.mlp
         if self.gated:  # gate and up projections in one matrix, as Q/K/V above
-            self.gate_up_proj = Linear(d, 2 * f, bias=bias)
+            self.gate_up_proj = nn.Linear(d, 2 * f, bias=bias)
         else:
-            self.up_proj = Linear(d, f, bias=bias)
-        self.down_proj = Linear(f, d, bias=bias)
-        self.glu = None  # training may set kernels.glu's (GPU) or kernels.cpu_train's here (train/loop.py)
+            self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def glu(self, h: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up for h = [gate | up]: SwiGLU (act SiLU) or GeGLU (GELU, tanh approximation)."""
+        gate, up = h.chunk(2, -1)
+        gate = F.silu(gate) if self.act == "swiglu" else F.gelu(gate, approximate="tanh")
+        return gate * up
 
     def forward(self, x):
         if self.gated:
-            h = self.gate_up_proj(x)
-            if self.glu is not None:  # Triton or C++: one read of gate and up each way
-                return self.down_proj(self.glu(h, self.act != "swiglu"))
-            if self.act != "swiglu" and h.is_cpu and h.dtype == torch.float32 and not torch.is_grad_enabled():
-                op = kernels.fused_op("gelu_tanh_mul")
-                if op is not None:
-                    return self.down_proj(op(h.contiguous()))
-            gate, up = h.chunk(2, -1)
-            gate = F.silu(gate) if self.act == "swiglu" else F.gelu(gate, approximate="tanh")  # SwiGLU | GeGLU
-            return self.down_proj(gate * up)
+            return self.down_proj(self.glu(self.gate_up_proj(x)))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # Phi's gelu_new
 
 
@@ -356,9 +158,6 @@ class Block(nn.Module):
             h = self.attn_norm(x)
             return self.attn(h, cos, sin, plan, cache) + self.mlp(h) + x
         if self.sandwich:  # Gemma 3: each branch normalised on the way in and on the way out
-            if isinstance(self.post_attn_norm, RMSNorm):  # x + norm(branch) in one call where it can
-                x = self.post_attn_norm.add_to(x, self.attn(self.attn_norm(x), cos, sin, plan, cache))
-                return self.post_mlp_norm.add_to(x, self.mlp(self.mlp_norm(x)))
             x = x + self.post_attn_norm(self.attn(self.attn_norm(x), cos, sin, plan, cache))
             return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         x = x + self.attn(self.attn_norm(x), cos, sin, plan, cache)
@@ -367,6 +166,10 @@ class Block(nn.Module):
 
 # -- the model ---------------------------------------------------------------------------------
 class Transformer(nn.Module):
+    """input ids -> logits. `forward` is embeddings(), then plans() and run_blocks(), then the final
+    norm and the LM head; code that runs the blocks its own way (packed fine-tuning, explain)
+    calls those steps itself."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -395,15 +198,15 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def rope(self, pos: torch.Tensor, dtype: torch.dtype, theta: float, scale: float):
-        key = (pos.device, dtype, theta, scale)
+    def rope_table(self, layer: int, device=None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [max_seq_len, rotary_dim] of layer's rotary embedding (its base and scaling,
+        rope_tables' layout) for every position, built once per device and dtype and kept."""
+        theta, scale = self._layer_rope[layer]
+        key = (torch.device(device) if device is not None else self.device, dtype, theta, scale)
         if key not in self._rope:
-            cfg = self.config
-            cos, sin = rope_tables(cfg.rotary_dim, cfg.max_seq_len, theta, scale, pos.device)
+            cos, sin = rope_tables(self.config.rotary_dim, self.config.max_seq_len, theta, scale, key[0])
             self._rope[key] = (cos.to(dtype), sin.to(dtype))
-        cos, sin = self._rope[key]
-        p = pos.clamp(min=0)
-        return cos[p].unsqueeze(1), sin[p].unsqueeze(1)
+        return self._rope[key]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -440,15 +243,6 @@ class Transformer(nn.Module):
         the cache holds. attention_mask (1 = token, 0 = padding) is the Hugging Face way to say
         the same for a left-padded batch."""
         B, T = input_ids.shape
-        if B == 1 and cache is not None and T <= _decoder().MAX_TOKENS and attention_mask is None \
-                and not return_hidden and input_ids.is_cpu and not torch.is_grad_enabled() \
-                and not torch.is_autocast_enabled("cpu"):
-            first = _decoder().first_position(cache, pos, T)  # None: not a plain step
-            step = _decoder().step_for(self, cache) if first is not None else None
-            if step is not None:  # the whole step in one C++ call
-                logits = step(input_ids[0].tolist(), first, last_only)
-                cache.seen += T
-                return logits
         start = cache.seen if cache is not None else 0
         padded = None if pos is not None or attention_mask is not None else False  # None: look at pos
         if pos is None and attention_mask is not None:
@@ -461,11 +255,7 @@ class Transformer(nn.Module):
         x = self.embeddings(input_ids)
         if self.autocast_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        ropes = {r: self.rope(pos, x.dtype, *r) for r in set(self._layer_rope)}
-        plans = self._plans(pos, cache, padded)
-        for i, block in enumerate(self.blocks):
-            w = cache.windows[i] if cache is not None else self._window(i, T)
-            x = block(x, *ropes[self._layer_rope[i]], plans[w], cache)
+        x = self.run_blocks(x, pos, self.plans(pos, cache, padded=padded), cache)
         if cache is not None:
             cache.seen += T
         if last_only:
@@ -473,18 +263,49 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 
+    def run_blocks(self, x: torch.Tensor, pos: torch.Tensor, plans: dict, cache: KVCache | None = None,
+                   checkpoint: bool = False) -> torch.Tensor:
+        """The residual stream x [B, T, d] through every block, the tokens at positions pos [B, T]
+        (-1: padding), each layer attending as `plans` (from `plans()`) says. checkpoint: keep only
+        each block's input for backward and recompute the rest there (less memory)."""
+        T = x.shape[1]
+        p = pos.clamp(min=0)
+        ropes = {}
+        for i, block in enumerate(self.blocks):
+            r = self._layer_rope[i]
+            if r not in ropes:  # the layers share one or two tables (Gemma: local and global)
+                cos, sin = self.rope_table(i, x.device, x.dtype)
+                ropes[r] = cos[p].unsqueeze(1), sin[p].unsqueeze(1)
+            w = cache.windows[i] if cache is not None else self._window(i, T)
+            args = (x, *ropes[r], plans[w], cache)
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
+        return x
+
     def _window(self, layer: int, T: int) -> int | None:
         w = self.config.layer_window(layer)
         return w if w and w < T else None
 
-    def _plans(self, pos: torch.Tensor, cache: KVCache | None, padded: bool | None = None) -> dict:
+    def plans(self, pos: torch.Tensor, cache: KVCache | None = None, documents: torch.Tensor | None = None,
+              padded: bool | None = None) -> dict:
+        """How each layer attends in a forward over tokens at positions pos [B, T] (-1: padding):
+        {window: AttentionPlan}, as run_blocks looks them up. With a cache, the plans also say
+        where the new keys go (and the cache records pos). Without one, documents [B, T] may give
+        each token's document in a row of packed documents: a token then sees only the earlier
+        tokens of its own (a block-diagonal causal mask), as packed fine-tuning needs. padded:
+        whether pos holds -1s, if the caller knows (saves a device sync)."""
         T = pos.shape[1]
         if cache is None:
+            windows = {self._window(i, T) for i in range(self.config.num_layers)}
+            if documents is not None:
+                same = (documents[:, :, None] == documents[:, None, :])[:, None]
+                return {w: AttentionPlan(mask=causal_mask(pos, pos, w) & same) for w in windows}
             if padded is None:  # a device sync (and a graph break under torch.compile): only when needed
                 padded = bool((pos < 0).any()) if T > 1 else False
-            windows = {self._window(i, T) for i in range(self.config.num_layers)}
-            return {w: _Plan(causal=True) if w is None and not padded else _Plan(mask=_mask(pos, pos, w))
-                    for w in windows}
+            return {w: AttentionPlan(causal=True) if w is None and not padded else
+                    AttentionPlan(mask=causal_mask(pos, pos, w)) for w in windows}
         if T > 1 and cache.seen == 0:
             cache.padded = bool((pos < 0).any())
         return {w: cache.plan(w, pos) for w in cache.size}

@@ -341,8 +341,6 @@ LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
-    from ..accel import decoder  # skeleton: moves to accel
-    decoder.forget(model)  # a decode-step decoder built earlier would keep the old weights alive
 
 
 def weight_bytes(model: nn.Module) -> int:

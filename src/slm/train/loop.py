@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..accel import accelerate_training
 from ..checkpoint import hf
 from ..checkpoint.safetensors_io import CheckpointError
 from ..model.config import ModelConfig
@@ -40,7 +41,7 @@ from ..data.prepare import load_meta, load_tokens
 from ..footprint import track
 from ..footprint.devices import peak_flops  # noqa: F401 (re-exported: benchmarks import it from here)
 from ..footprint.flops import flops_per_token
-from ..model import MLP, Attention, Transformer
+from ..model import Transformer
 from ..runtime.tokenizer import Tokenizer
 from .loss import fused_linear_cross_entropy
 from . import distributed
@@ -149,49 +150,29 @@ def lm_loss(model: Transformer, x, y, forward=None, autocast=None, fuse_head: bo
 
 
 def loss_function(model: Transformer, forward, device: torch.device, compile: bool = False, fsdp: bool = False):
-    """(x, y) -> the mean next-token loss, as Trainer computes it. On the CPU the LM head is fused
-    into the cross-entropy (loss.py: no logits tensor, less memory traffic), and the GLU, the
-    rotary embedding and causal attention run as C++ kernels (kernels/cpu_train.py). On a GPU: bf16
+    """(x, y) -> the mean next-token loss, as Trainer computes it, with the model's training
+    accelerators swapped in (slm.accel.accelerate_training). On the CPU the LM head is fused into
+    the cross-entropy (loss.py: no logits tensor, less memory traffic), and the GLU, the rotary
+    embedding, RMSNorm and causal attention run as C++ kernels (accel/cpu_train.py). On a GPU: bf16
     autocast, a bf16 residual stream, the plain head and the Triton cross-entropy over the bf16
-    logits (kernels/cross_entropy.py), all of which torch.compile keeps in one graph with the
-    model. SLM_TRITON=linear_ce,glu,rope also fuses the head into that cross-entropy (not under
-    FSDP), and runs SwiGLU (kernels/glu.py) and rotary embedding with the Q/K/V split
-    (kernels/rope.py) in Triton, until a GPU measurement makes them the default.
-    With `compile` the whole loss (forward, head and cross-entropy) is compiled, not the model
-    alone."""
+    logits (accel/gpu_train.py), all of which torch.compile keeps in one graph with the model.
+    SLM_TRITON=linear_ce,glu,rope also fuses the head into that cross-entropy (not under FSDP), and
+    runs SwiGLU and rotary embedding with the Q/K/V split in Triton, until a GPU measurement makes
+    them the default. With `compile` the whole loss (forward, head and cross-entropy) is compiled,
+    not the model alone."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     fuse = device.type == "cpu" and not fsdp  # FSDP re-shards the head after forward: keep it inside
-    # the last three go on MLP.glu, Attention.rope_qkv and Attention.attend
-    cross_entropy = head_loss = glu_fn = rope_fn = attend_fn = None
+    cross_entropy = head_loss = None
     if device.type == "cuda":
-        # imports Triton: not on the CPU's start-up path
-        from ..kernels import cross_entropy as triton_ce, glu, rope
-        from ..kernels.triton_launch import available
-        if available(device, "ce"):  # reads the bf16 logits in place of an fp32 copy
-            cross_entropy = triton_ce.cross_entropy
-        if available(device, "linear_ce") and not fsdp:
-            fuse, head_loss = True, triton_ce.linear_cross_entropy
-        if available(device, "glu"):
-            glu_fn = glu.glu
-        if available(device, "rope") and rope.supports(model.config):
-            rope_fn = rope.rope_qkv
+        from ..accel import gpu_train  # imports Triton: not on the CPU's start-up path
+        cross_entropy, head_loss = gpu_train.losses(device, fsdp)
+        fuse = fuse or head_loss is not None
         # bf16 residual stream (as modded-nanogpt and llm.c train): +1.6% tokens/s on an H200
         model.autocast_residual = True
         if compile:  # tunes the generated kernels' block sizes: +1.7% on an H200, ~1 min more compiling
             import torch._inductor.config as inductor_config
             inductor_config.coordinate_descent_tuning = True
-    elif device.type == "cpu":  # C++ (kernels/cpu_train.py): one pass each way for the GLU and the
-        from ..accel import cpu_train  # rotation, and causal attention with fewer passes than SDPA's
-        glu_fn, attend_fn = cpu_train.glu, cpu_train.attention
-        if cpu_train.supports(model.config):
-            rope_fn = cpu_train.rope_qkv
-    for m in model.modules():
-        if isinstance(m, MLP) and m.gated and glu_fn is not None:
-            m.glu = glu_fn
-        if isinstance(m, Attention) and rope_fn is not None:
-            m.rope_qkv = rope_fn
-        if isinstance(m, Attention) and attend_fn is not None:
-            m.attend = attend_fn
+    accelerate_training(model, device)
 
     def loss(x, y):
         return lm_loss(model, x, y, forward, autocast, fuse_head=fuse, cross_entropy=cross_entropy,
