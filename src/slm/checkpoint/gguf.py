@@ -255,6 +255,7 @@ class GGUFCheckpoint:
         if self._tokenizer is None:
             self._tokenizer = build_tokenizer(self.metadata, self.path, self.family.gguf_ranks_by_order)
         return self._tokenizer
+
     def _read(self, f, t: _Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the fp32 tensor, and with raw its bytes as uint8 [rows, bytes per row], else None)"""
         shape = t.shape or (1,)
