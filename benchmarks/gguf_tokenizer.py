@@ -11,6 +11,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from slm.checkpoint.gguf import read_gguf  # noqa: E402
 from slm.runtime.lm import default_model_path  # noqa: E402
+from slm.runtime.tokenizer import Tokenizer  # noqa: E402
 
 TEXT = "Once upon a time, there was a little girl.\n\n  She counted 12 apples â€” and 3 pears! <start_of_turn>user"
 
@@ -18,7 +19,7 @@ TEXT = "Once upon a time, there was a little girl.\n\n  She counted 12 apples â€
 def main() -> None:
     path = default_model_path()
     t = time.perf_counter()
-    ours = read_gguf(path).tokenizer()
+    ours = Tokenizer(*read_gguf(path).tokenizer())
     t_ours = time.perf_counter() - t
     from transformers import AutoTokenizer
     t = time.perf_counter()
