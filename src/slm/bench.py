@@ -17,6 +17,7 @@ import time
 import torch
 
 from .accel import accelerate
+from .checkpoint.loader import new_empty_model
 from .model.config import get_config
 from .quant.apply import StreamingQuantizer
 from .quant.layers import weight_bytes
@@ -31,7 +32,6 @@ def _rss() -> int:
 def random_model(preset: str, quantize: str | None = None, group_size: int | None = None, seed: int = 0):
     """The preset's architecture with N(0, 0.02) weights, quantized layer by layer (the embedding
     too) by the quantizer that quantizes checkpoints while they load."""
-    from .checkpoint.loader import new_empty_model
     cfg = get_config(preset)
     model = new_empty_model(cfg, torch.float32, "cpu", lazy_weights=bool(quantize))
     g = torch.Generator().manual_seed(seed)

@@ -21,6 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..runtime.tokenizer import EOT, Tokenizer, train_tokenizer
+from .scrub import scrub_text
+from .synth import write_corpus
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
@@ -110,7 +112,6 @@ def prepare(data: str, tokenizer: Tokenizer, out: str, field: str = "text", val_
             batch_docs: int = 2048, progress: bool = True, scrub_pii: bool = False) -> dict:
     """scrub_pii: replace e-mail addresses, phone numbers, card numbers, ... by [EMAIL], [PHONE], ...
     (data/scrub.py) before tokenizing; meta.json counts them under "pii_redacted"."""
-    from .scrub import scrub_text
     train_files, val_files = input_files(data)
     pii: Counter = Counter()
     eot = tokenizer.token_id(EOT) if tokenizer.token_id(EOT) is not None else tokenizer.eos_id
@@ -208,7 +209,6 @@ def build_synthetic(root: str, n_docs: int, vocab_size: int, seed: int = 0, prog
     """The built-in corpus, end to end: synthesize text into root/text, train a tokenizer on its
     training split (root/tokenizer), and write token shards (root/tokens). Reused when present.
     Returns (tokens folder, tokenizer folder)."""
-    from .synth import write_corpus
     text, tok_dir, tokens = (os.path.join(root, d) for d in ("text", "tokenizer", "tokens"))
     if not os.path.exists(os.path.join(tokens, "meta.json")):
         write_corpus(text, n_docs, seed=seed)

@@ -20,6 +20,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..data.probes import probes
+
 FORMATS = ("hellaswag", "piqa", "arc", "winogrande")
 
 
@@ -102,7 +104,6 @@ def load_task(path: str, fmt: str | None = None) -> list[Doc]:
     """Items of a task: `builtin`, or a .jsonl file (one JSON object per line; a .json file
     holding a list also works) in the field layout of fmt."""
     if path == "builtin":
-        from ..data.probes import probes
         return [Doc(p["context"], p["choices"], p["gold"], kind=p["kind"]) for p in probes()]
     fmt = check_format(fmt)
     if not os.path.isfile(path):

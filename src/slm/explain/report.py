@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..runtime.lm import load
+
 from .attribution import Attribution, attribute
 from .capture import model_of, run_with_cache
 from .lens import LogitLens, logit_lens
@@ -323,7 +325,6 @@ def write_report(ex: Explanation, out: str, figures: bool = True) -> list[str]:
 
 def explain_cli(model: str | None, prompt: str, out: str, target=None, contrast=None, layers=None, top_k=5,
                 steps=64, baseline="pad", figures: bool = True) -> list[str]:
-    from ..runtime.lm import load
     _check_out(out)  # before minutes of work
     lm = load(model, dtype=torch.float32)  # attribution takes gradients in fp32
     name = os.path.basename(os.path.normpath(model)) if model else "gemma-3-270m"

@@ -29,6 +29,8 @@ import urllib.request
 
 from tqdm import tqdm
 
+from ..runtime.lm import load
+
 from .prompts import builtin_prompts, is_correct
 from .sft import jsonl_records
 
@@ -108,7 +110,6 @@ class LocalTeacher:
     """A model loaded by slm, replying through its chat template."""
 
     def __init__(self, path: str, quantize: str | None = None):
-        from .. import load
         self.lm = load(path, quantize=quantize)
         self.name = os.path.basename(os.path.normpath(path))
 

@@ -30,9 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..accel import accelerate, accelerated
 from ..checkpoint import hf
 from ..model import Transformer
-from ..quant.layers import _set_module
+from ..quant.layers import QuantLinear, _set_module
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -100,7 +101,6 @@ class LoRALinear(nn.Module):
 
 def _layout(model: Transformer) -> dict[str, list[tuple[str, slice]]]:
     """Each linear layer inside a block (our name) -> its parts: (Hugging Face module name, rows)."""
-    from ..quant.layers import QuantLinear
     out: dict[str, list[tuple[str, slice]]] = {}
     for hf_tensor, (ours, rows) in hf.hf_layout(model).items():
         mod_name, _, kind = ours.rpartition(".")
@@ -249,7 +249,6 @@ def merge_lora(model: Transformer) -> Transformer:
     """Fold every adapter into its base weight, in place: each LoRALinear becomes an fp32
     nn.Linear holding W + (alpha / r) B A (a quantized base is dequantized first), accelerated as
     the model's other layers are."""
-    from ..accel import accelerate, accelerated
     fast = accelerated(model)
     for name, layer in lora_layers(model).items():
         base = layer.base
@@ -267,7 +266,6 @@ def merge_lora(model: Transformer) -> Transformer:
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; quantized weights count as their number of weights."""
-    from ..quant.layers import QuantLinear
     seen, total, train = set(), 0, 0
     for p in model.parameters():
         if id(p) not in seen:

@@ -36,6 +36,7 @@ import torch.utils.checkpoint
 from tqdm import tqdm
 
 from ..model import Transformer
+from ..runtime.lm import load
 from ..runtime.tokenizer import Tokenizer
 from ..train.loop import lr_at, plot_metrics
 from ..train.loss import fused_linear_cross_entropy
@@ -283,7 +284,6 @@ def evaluate(model: Transformer, rows: Packed, batch_size: int) -> float:
 
 def prepare_model(c: FinetuneConfig):
     """Load the model (quantized if asked) and make the right parameters trainable."""
-    from .. import load
     lm = load(c.model, dtype=torch.float32, quantize=c.quantize, group_size=c.group_size)
     if lm.tokenizer is None:
         raise ValueError(f"{c.model}: has no tokenizer (tokenizer.json); fine-tuning needs its chat template")

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer as _Tk
 from tokenizers.decoders import DecodeStream
 
 from ..checkpoint.safetensors_io import CheckpointError
+from ..checkpoint.hf import read_json
 
 # Used when a checkpoint brings no chat template: ChatML, as Orca 2 and many small models use.
 CHATML = (
@@ -71,7 +72,6 @@ class Tokenizer:
         config = {}
         tc = os.path.join(path, "tokenizer_config.json")
         if os.path.exists(tc):
-            from ..checkpoint.hf import read_json
             config = read_json(tc)
         template = None
         jinja_file = os.path.join(path, "chat_template.jinja")

@@ -29,6 +29,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from ..runtime.lm import DEFAULT_MODEL, load
 from ..runtime.sampling import OPENAI_DEFAULT_TEMPERATURE
 from .engine import Engine, Params, QueueFull, deltas
 from .engine import Request as EngineRequest
@@ -465,7 +466,6 @@ def run(model: str | None = None, config: ServeConfig | None = None, dtype=None,
                          "pass --api-key KEY (or set SLM_API_KEY), or keep the default --host 127.0.0.1")
     import uvicorn
 
-    from ..runtime.lm import DEFAULT_MODEL, load
     lm = load(model, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
     if on_load is not None:  # e.g. the footprint receipt's token counter
         on_load(lm)

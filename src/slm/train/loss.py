@@ -23,6 +23,8 @@ import threading
 
 import torch
 
+from .. import kernels
+
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -83,7 +85,6 @@ def _scratch(numel: int) -> torch.Tensor:
 def _softmax_xent_op(hidden, weight):
     """slm's C++ softmax-and-gradient kernel (kernels/cpu/train.cpp) where it applies: fp32 on the CPU."""
     if hidden.is_cpu and hidden.dtype == torch.float32 and weight.dtype == torch.float32:
-        from .. import kernels
         return kernels.fused_op("softmax_xent_")
     return None
 
