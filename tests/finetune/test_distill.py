@@ -44,7 +44,7 @@ def teacher_dir(tmp_path_factory, tokenizer_dir):
 
 @pytest.mark.slow
 def test_distill_from_slm_serve_resumes_after_kill(teacher_dir, tmp_path):
-    from test_serve import Server
+    from support.server import Server
     items = builtin_prompts(30, seed=1)
     prompts = tmp_path / "prompts.jsonl"
     with open(prompts, "w") as f:
@@ -145,7 +145,7 @@ def test_bad_distill_inputs(tmp_path, teacher_dir):
     from slm.cli import main as cli
     with pytest.raises(SystemExit):
         cli(["data", "distill", "--teacher", str(tmp_path / "nope"), "--prompts", "builtin", "--out", str(tmp_path / "o")])
-    from test_serve import free_port
+    from support.server import free_port
     with pytest.raises(SystemExit):  # no server there: one line on stderr, exit 1
         cli(["data", "distill", "--teacher", f"http://127.0.0.1:{free_port()}", "--prompts", "builtin",
              "--out", str(tmp_path / "o")])

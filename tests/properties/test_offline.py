@@ -84,7 +84,7 @@ def test_train_generate_eval_export_serve_offline(tmp_path, prepared):
     slm("export", "--model", run_dir, "--format", "hf", "--out", str(tmp_path / "hf"))
     assert os.path.getsize(tmp_path / "m.gguf") > 0 and os.path.exists(tmp_path / "hf" / "config.json")
 
-    from test_serve import Server  # a real `slm serve` process, asked through the openai client (in this process)
+    from support.server import Server  # a real `slm serve` process, asked through the openai client (in this process)
     ckpt = make_checkpoint(str(tmp_path / "ckpt"), "llama", _tokenizer(tmp_path))
     server = Server(ckpt, str(tmp_path / "serve.log"), "--context", "128")
     try:

@@ -136,7 +136,7 @@ def test_quantized_x_error_is_small():
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0], ids=lambda q: q.name)
 def test_load_keeps_the_files_blocks(tmp_path, qtype):
     from support.models import hf_config
-    from test_gguf import gguf_tensors, spm_vocab, write_gguf
+    from support.gguf_files import gguf_tensors, spm_vocab, write_gguf
     from transformers import AutoModelForCausalLM
 
     from slm.quant.layers import Int8Linear, QuantEmbedding
@@ -223,7 +223,7 @@ def test_argmax_rows():
 
 
 def test_save_refuses_blocks_but_dequantizes(tmp_path):
-    from test_gguf import gguf_tensors, spm_vocab, write_gguf
+    from support.gguf_files import gguf_tensors, spm_vocab, write_gguf
     from support.models import hf_config
     from transformers import AutoModelForCausalLM
 

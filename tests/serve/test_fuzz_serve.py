@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from support.models import make_checkpoint
-from test_serve import Server
+from support.server import Server
 
 pytestmark = pytest.mark.slow
 N_REQUESTS = 1000

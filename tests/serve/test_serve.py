@@ -22,64 +22,9 @@ import torch
 
 import slm
 from support.models import chromium, make_checkpoint
+from support.server import Server
 
 CONTEXT = 2048
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model: str, log_path: str, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "slm", "serve", "--model", model, "--port", str(self.port), *args],
-                stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 90
-        while True:
-            try:
-                self.health()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"slm serve did not start:\n{self.log()}")
-                time.sleep(0.2)
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-            r = conn.getresponse()
-            return r.status, r.read()
-        finally:
-            conn.close()
-
-    def health(self) -> dict:
-        status, data = self.request("GET", "/health")
-        assert status == 200
-        return json.loads(data)
-
-    def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
-
-    def log(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
