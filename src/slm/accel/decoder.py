@@ -37,7 +37,6 @@ from . import cpu_decode, cpu_train
 
 _MLP = {"swiglu": MlpKind.SWIGLU, "geglu": MlpKind.GEGLU, "gelu": MlpKind.GELU}
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, decoder, finalizers)
-_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its step function, or False
 _LINEARS = (nn.Linear.forward, cpu_decode.Linear.forward)  # forwards that compute F.linear
 _NORMS = (reference.RMSNorm, cpu_train.RMSNorm, cpu_decode.RMSNorm)  # the reference RMSNorm and its accelerators
 
@@ -239,7 +238,7 @@ def step_for(model, cache):
     """A function (tokens, position of the first, last_only) -> logits [1, T or 1, V] that runs the
     step for this model and row 0 of this cache, or None where the module path must run it.
     Decided once per cache."""
-    fn = _STEPS.get(cache)
+    fn = cache.__dict__.get("_step")
     if fn is not None:
         return fn or None
     fn = False
@@ -254,5 +253,5 @@ def step_for(model, cache):
             def fn(tokens: list[int], seen: int, last_only: bool, dec=dec, ks=ks, vs=vs, pos=pos,
                    rolling=rolling) -> torch.Tensor:
                 return dec.step(tokens, seen, ks, vs, pos, rolling, last_only)
-    _STEPS[cache] = fn
+    cache._step = fn  # the decoder's own note on the cache, read by tests/accel/test_decoder.py too
     return fn or None
