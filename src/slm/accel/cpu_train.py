@@ -9,7 +9,7 @@ silu, a product, then backward silu's derivative, two products and a concatenati
 is two products, a roll (a concatenation) and a sum each way, plus zero-filled gradients for the
 Q/K/V slices; RMSNorm is some ten small ops. Here each is one pass forward and one backward. At the
 stories15M shape (batch 8 x 256) their forward and backward took ~140 ms of a ~1.7 s step in
-PyTorch's ops and take ~40 ms here (README, Training). Attention: PyTorch's CPU flash kernel takes
+PyTorch's ops and take ~40 ms in these kernels (docs/benchmarks.md, cpu_train_kernels). Attention: PyTorch's CPU flash kernel takes
 ~22 ms a layer forward and backward at that shape, cpu/train.cpp's `attn_train` ~15 (its comment says how;
 `python benchmarks/cpu_train_kernels.py` measures each piece).
 

@@ -22,10 +22,10 @@ large as Gemma 3's (262,144 x 640) that is most of the model: gemma-3-270m holds
 weights in int8 and 160 MiB in int4, against 897 and 800 MiB with an fp32 embedding.
 
 The layers run slm's own AVX2 kernels (`slm/kernels/cpu/`, compiled on first use) on the CPU.
-They beat PyTorch's packed kernels here: on this machine's 2 AVX2 cores `_weight_int8pack_mm` and
-`_weight_int4pack_mm_for_cpu` with fp32 activations ran 3-10x slower than slm's kernels (the
-int4 one needs bf16 activations to be competitive, which this CPU emulates); see
-benchmarks/int8_matvec.py. Elsewhere (other devices, no compiler, gradients wanted) a
+They are written because PyTorch's packed kernels lose on the CPUs slm targets: with fp32
+activations on 2 AVX2 cores `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` ran 3-10x
+slower than slm's kernels (the int4 one needs bf16 activations to be competitive, which a CPU
+without native bf16 emulates); benchmarks/int8_matvec.py measures it (docs/benchmarks.md). Elsewhere (other devices, no compiler, gradients wanted) a
 dequantize-then-matmul PyTorch path gives the same numbers.
 
 Models are quantized while they load (`slm.load(path, quantize="int4")`): `apply.StreamingQuantizer`

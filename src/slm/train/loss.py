@@ -13,7 +13,8 @@ idea of Liger-Kernel's fused linear cross-entropy).
 
 In fp32 on the CPU the softmax and gradient are one C++ call per chunk (kernels/cpu/train.cpp
 `softmax_xent_`): one exp per logit, each row's three passes in L2, the mean folded in. PyTorch's
-log_softmax, exp_ and one-hot update took ~110 ms per 1,024 x 32,000 chunk here; the kernel ~20 ms.
+log_softmax, exp_ and one-hot update took ~110 ms per 1,024 x 32,000 chunk on 2 CPU threads, the
+kernel ~20 ms (benchmarks/cpu_train_kernels.py; docs/benchmarks.md).
 """
 
 from __future__ import annotations
