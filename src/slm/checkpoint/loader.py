@@ -92,7 +92,7 @@ def empty_storage(shape: torch.Size, dtype: torch.dtype, device: torch.device) -
     """Storage for a parameter. The LM head (a matrix far taller than wide) is stored column-major:
     at batch 1, MKL's matrix-vector product streams [in, out] 2-3x faster than [out, in]
     (benchmarks/decode.py). The other matrices stay row-major for slm's own one-row kernel
-    (model.Linear). Shape and values are unchanged; only the memory order differs."""
+    (accel.cpu_decode.Linear). Shape and values are unchanged; only the memory order differs."""
     if device.type == "cpu" and len(shape) == 2 and shape[0] >= 16 * shape[1]:
         return torch.empty(shape[1], shape[0], dtype=dtype, device=device).t()
     return torch.empty(shape, dtype=dtype, device=device)
