@@ -34,6 +34,7 @@ from slm.quant.layers import weight_bytes  # noqa: E402
 from results_log import record  # noqa: E402
 
 PROMPT = "Once upon a time, there was a little"
+NO_REPACK = False
 TEXT = ("The history of the city begins with a small settlement on the river. Farmers grew wheat and barley in the "
         "fields around it, and traders brought salt, cloth and tools from the coast. Over the centuries the town "
         "grew into a market, then into a city with walls, a cathedral and a university. Today it is known for its "
@@ -80,8 +81,19 @@ def compare(path: str, modes: list[str], new_tokens: int, repeats: int, threads:
     """Every engine is loaded first, then timed in turns (llama.cpp, then each slm row, `repeats`
     rounds, best of each): on a shared machine the load drifts, and interleaving exposes all rows
     to the same drift."""
-    from llama_cpp import Llama
-    llm = Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+    import llama_cpp
+    defaults = llama_cpp.llama_cpp.llama_model_default_params  # what Llama.__init__ starts from
+
+    def params():
+        p = defaults()
+        if NO_REPACK and hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
     def run_llama():
         out = llm(PROMPT, max_tokens=new_tokens, temperature=0)
@@ -127,12 +139,17 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a .gguf file (default: the real gemma-3-270m Q4_K_M)")
     ap.add_argument("--export", default=None, help="also: export this model folder to q8_0 GGUF and compare")
     ap.add_argument("--modes", nargs="+", default=["int8", "int4"])
+    ap.add_argument("--no-repack", action="store_true",
+                    help="llama.cpp without its run-time weight repacking (use_extra_bufts): "
+                         "llama-cpp-python 0.3.36 crashes in it on these files")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--requantize", action="store_true",
                     help="also run each mode requantized from fp32 (file_blocks=False), the pre-GGUF-block path")
     a = ap.parse_args()
+    global NO_REPACK
+    NO_REPACK = a.no_repack
     torch.set_num_threads(a.threads)
     from slm.runtime.lm import default_model_path
     compare(a.model or default_model_path(), a.modes, a.new_tokens, a.repeats, a.threads, a.requantize)
