@@ -1,4 +1,4 @@
-// The whole-model decode step (decoder.h says what it runs; slm.kernels.decoder builds it).
+// The whole-model decode step (decoder.h says what it runs; slm.accel.decoder builds it).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>

@@ -3,7 +3,7 @@
 // token in ~150 module calls and ops around ~0.2 ms of arithmetic. The step runs exactly the
 // kernels the module path calls (the same products, norms, rope and attention), in the order of
 // model.Block.forward, and writes the KV cache and its positions as KVCache.plan/update do.
-// slm.kernels.decoder builds it from a Transformer and falls back to the modules otherwise.
+// slm.accel.decoder builds it from a Transformer and falls back to the modules otherwise.
 //
 // The members are defined in decoder.cpp, the class is registered in register.cpp.
 #pragma once
