@@ -298,14 +298,13 @@ def test_generate_writes_a_receipt_and_compare_draws_it(model_dir, tmp_path, cap
 
 @pytest.mark.slow
 def test_serve_writes_a_receipt_when_stopped(model_dir, tmp_path):
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+
+    from support.server import free_port
+    port = free_port()
     path = tmp_path / "serve.json"
     proc = subprocess.Popen([sys.executable, "-m", "slm", "serve", "--model", model_dir, "--port", str(port),
                              "--receipt", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
