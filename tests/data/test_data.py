@@ -117,4 +117,4 @@ def test_cli_tokenizer_train_and_prepare(tmp_path):
     assert "train tokens" in r.stdout
     r = run("data", "prepare", "--data", str(tmp_path / "nope.txt"), "--tokenizer", str(tmp_path / "tok"),
             "--out", str(tmp_path / "d"))
-    assert r.returncode == 1 and "slm data: error:" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "slm data prepare: error:" in r.stderr and "Traceback" not in r.stderr

@@ -122,7 +122,7 @@ def test_data_scrub_cli_on_a_folder(tmp_path):
     assert "ann@example.com" in (src / "b.jsonl").read_text()  # the input is untouched
     bad = subprocess.run([sys.executable, "-m", "slm", "data", "scrub", "--input", str(tmp_path / "nope"),
                           "--output", str(dst)], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1 and "slm data: error:" in bad.stderr and "no such file" in bad.stderr
+    assert bad.returncode == 1 and "slm data scrub: error:" in bad.stderr and "no such file" in bad.stderr
 
 
 def test_prepare_scrub_pii(tmp_path):

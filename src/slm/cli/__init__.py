@@ -10,9 +10,7 @@ import importlib
 import os
 import sys
 
-from ..checkpoint.safetensors_io import CheckpointError
-from ..model.config import ConfigError
-from .flags import HelpFormatter
+from .flags import HelpFormatter, Parser
 
 # words: (module, help)
 COMMANDS = {
@@ -43,7 +41,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser of every command; given argv, only the command that argv names gets its flags.
     Building a command's flags imports its module and config dataclass, and running it imports the
     rest inside the command's function: these lazy imports keep `slm --help` fast."""
-    ap = argparse.ArgumentParser(prog="slm", description="Small language models on one ordinary machine.")
+    ap = Parser(prog="slm", description="Small language models on one ordinary machine.")
     sub = ap.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for words, (module, help) in COMMANDS.items():
@@ -70,17 +68,48 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
                "OTEL_SDK_DISABLED": "true"}  # FastAPI's tracing hooks: never export
 
 
+# What a user's input can cause, each said as one line. CheckpointError, ConfigError and DataError
+# are ValueErrors; OSError covers missing files, folders where files go, full disks, ports in use.
+USER_ERRORS = (ValueError, OSError, UnicodeError, RecursionError, MemoryError, OverflowError)
+
+
+def describe(e: BaseException) -> str:
+    """One line for an exception: its message, or for an unexpected kind, that it is a bug."""
+    if isinstance(e, MemoryError):
+        text = f"out of memory{': ' + str(e) if str(e) else ''} (try a smaller batch, context or model)"
+    elif isinstance(e, RecursionError):
+        text = f"input nested too deeply to process ({e})"
+    elif isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    elif isinstance(e, USER_ERRORS):
+        text = str(e) or type(e).__name__
+    else:
+        text = (f"internal error {type(e).__name__}: {e} -- a bug in slm; "
+                f"SLM_DEBUG=1 shows the traceback")
+    return " ".join(text.split())
+
+
+def verb_of(args: argparse.Namespace) -> str:
+    """The command's words: "train", "data synth"."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run one command. Whatever goes wrong ends in one line on stderr, `slm VERB: error: ...`,
+    and exit code 1 (2 for a usage error); SLM_DEBUG=1 lets the traceback through."""
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:  # DataError is a ValueError
-        print(f"slm {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    except Exception as e:
+        if os.environ.get("SLM_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"slm {verb_of(args)}: error: {describe(e)}", file=sys.stderr)
+        sys.exit(1)

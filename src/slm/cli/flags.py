@@ -11,8 +11,47 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
+import sys
 import types
 import typing
+
+
+def finite_float(text: str) -> float:
+    """A float flag's value: NaN and infinity are refused (no flag of slm means them)."""
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(text)
+    return x
+
+
+finite_float.__name__ = "finite number"  # argparse says "invalid finite number value: 'nan'"
+
+
+def at_least(low: float, kind=int):
+    """A type for argparse: a number of `kind` that is >= low."""
+    def parse(text: str):
+        x = finite_float(text) if kind is float else kind(text)
+        if x < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        return x
+    parse.__name__ = f"{kind.__name__} >= {low:g}"
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with the conventions of every slm command: a float flag is finite, and a usage
+    error is one line, `slm VERB: error: ...` (exit code 2), instead of the usage block."""
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("type") is float:
+            kwargs["type"] = finite_float
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -58,6 +97,8 @@ def add_flags(p: argparse.ArgumentParser, source, table: list[tuple]) -> None:
         opts = dict(rest[0]) if rest else {}
         flag = opts.pop("flag", "--" + name.replace("_", "-"))
         kind = _value_type(hints[name])
+        if "min" in opts:  # {"min": 1}: the value must be at least this
+            opts["type"] = at_least(opts.pop("min"), kind)
         if name not in given:
             opts.setdefault("required", True)
         elif kind is bool:
