@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from ..files import read_json_object
 from ..model import Transformer, families
 from ..model.config import ConfigError, ModelConfig
 from ..quant.apply import StreamingQuantizer, mode_of
@@ -27,13 +28,14 @@ from .safetensors_io import CheckpointError, read_header, read_into
 
 
 def read_json(path: str) -> dict:
+    """A JSON object file of a model folder; anything else (missing, a folder, not JSON, nested
+    too deeply, a list or null) is a CheckpointError naming the file."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: file not found")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        return read_json_object(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_config(path: str, hf: dict | None = None) -> ModelConfig:

@@ -124,7 +124,8 @@ def model_flag(p: argparse.ArgumentParser, required: bool = False, help: str | N
 
 def load_flags(p: argparse.ArgumentParser) -> None:
     """How `slm.load` places the model: --dtype, --device, --quantize, --group-size."""
-    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+                   metavar="DTYPE", help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None, help="where the model runs: cpu, cuda, cuda:1, ... (default: cpu)")
     quantize_options(p)
 
@@ -134,7 +135,7 @@ def quantize_options(p: argparse.ArgumentParser, group: bool = True) -> None:
                    help="quantize the linear layers while loading: int8 (one scale per output channel, ~4x fewer "
                         "bytes per token than fp32) or int4 (groups of --group-size, ~6.4x fewer) (default: off)")
     if group:
-        p.add_argument("--group-size", type=int, default=None,
+        p.add_argument("--group-size", type=at_least(1), default=None,
                        help="weights per scale (int4: 32, 64 or 128; default 32)")
 
 

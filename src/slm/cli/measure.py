@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-from .flags import load_flags, model_flag, quantize_options, receipt_flag
+from ..files import output_file
+from .flags import at_least, load_flags, model_flag, quantize_options, receipt_flag
 
 
 def bench_flags(p) -> None:
@@ -14,8 +15,8 @@ def bench_flags(p) -> None:
     p.add_argument("--random-weights", action="store_true", required=True,
                    help="random weights, created (and quantized) one layer at a time")
     quantize_options(p)
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded for the timing")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--new-tokens", type=at_least(1), default=32, help="tokens decoded for the timing")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's)")
 
 
 def bench(a) -> None:
@@ -30,7 +31,7 @@ def cost_flags(p) -> None:
     p.add_argument("--tokens", help="training tokens D (1.4T, 2e12), or 'chinchilla' for 20 per parameter")
     p.add_argument("--gpu", default="a100-80gb-sxm", help="a100-40gb-sxm, a100-80gb-sxm, a100-40gb-pcie, "
                    "a100-80gb-pcie, h100-sxm, h100-pcie, h200, l4, t4, rtx-4090 (looser names work: 'H100 PCIe')")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs training together")
+    p.add_argument("--gpus", type=at_least(1), default=1, help="GPUs training together")
     p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation")
     p.add_argument("--pue", type=float, default=None, help="data-centre overhead (default 1.0 or $SLM_PUE)")
     p.add_argument("--grid", type=float, default=None, help="g CO2 per kWh (default 475, world average, or $SLM_GRID_G_PER_KWH)")
@@ -47,9 +48,12 @@ def _count(text: str) -> float:
     units = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
     t = text.strip().upper().replace(",", "").replace("_", "")
     try:
-        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        n = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
         raise ValueError(f"not a count: {text!r} (use e.g. 2.7e9, 2.7B, 124M, 1.4T)") from None
+    if not 0 < n < float("inf"):
+        raise ValueError(f"a count must be positive and finite, got {text!r}")
+    return n
 
 
 def cost(a) -> None:
@@ -64,6 +68,7 @@ def cost(a) -> None:
         print(validation_markdown(a.mfu))
         return
     if a.compare:
+        output_file(a.out)
         folder = a.receipts or receipts_dir()
         receipts = load_receipts(folder) if a.receipts or os.path.isdir(folder) else []
         rows = compare_chart(receipts, a.out, Rates.resolve(a.pue, a.grid))
@@ -82,7 +87,7 @@ def cost(a) -> None:
     tokens = CHINCHILLA_TOKENS_PER_PARAM * params if a.tokens.lower() == "chinchilla" else _count(a.tokens)
     r = forecast(params, tokens, a.gpu, a.gpus, a.mfu, a.pue, a.grid, a.price)
     if a.json:
-        print(json.dumps(r, indent=2))
+        print(json.dumps(r, indent=2, allow_nan=False))
         return
     rows = [("parameters (N)", f"{params:,.0f}" + (f" ({a.preset}: matmul weights incl. LM head)" if a.preset else "")),
             ("tokens (D)", f"{tokens:,.0f}" + (" (Chinchilla: 20 per parameter)" if a.tokens.lower() == "chinchilla" else "")),
@@ -104,10 +109,10 @@ def eval_flags(p) -> None:
     g.add_argument("--text", help="a UTF-8 text file: rolling-window perplexity (token, word, byte; bits per byte)")
     g.add_argument("--task", help="FILE.jsonl in the layout of --task-format, or 'builtin' (common-sense probes)")
     p.add_argument("--task-format", default=None, help="hellaswag | piqa | arc | winogrande (for a --task file)")
-    p.add_argument("--num-fewshot", type=int, default=0, help="examples drawn from the same file (seeded)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N items (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--max-length", type=int, default=None, help="context in tokens (default: the model's)")
+    p.add_argument("--num-fewshot", type=at_least(0), default=0, help="examples drawn from the same file (seeded)")
+    p.add_argument("--limit", type=at_least(1), default=None, help="score only the first N items (default: all)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="sequences per forward pass")
+    p.add_argument("--max-length", type=at_least(2), default=None, help="context in tokens (default: the model's)")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default 1234)")
     p.add_argument("--no-bos", action="store_true",
                    help="encode tasks without the tokenizer's BOS (lm-eval's default for non-Gemma HF models)")
@@ -126,7 +131,12 @@ def eval(a) -> None:
         read_text,
         write_json,
     )
-    # Read the inputs before the model, so a bad file fails at once.
+    from ..runtime.lm import check_device, check_dtype
+    # Read the inputs and check the output path before the model, so a bad file fails at once.
+    if a.output:
+        output_file(a.output, "--output")
+    check_dtype(a.dtype)
+    check_device(a.device)
     text = read_text(a.text) if a.text else None
     docs = load_task(a.task, a.task_format) if a.task else None
     from ..footprint import track
@@ -153,8 +163,8 @@ def explain_flags(p) -> None:
     p.add_argument("--target", default=None, help="the next token to explain, as text (default: the top prediction)")
     p.add_argument("--contrast", default=None, help="explain logit(target) - logit(contrast) instead (default: none)")
     p.add_argument("--layers", default=None, help="layers whose attention is shown, e.g. 0,5,10-17 (default: all)")
-    p.add_argument("--top-k", type=int, default=5, help="tokens listed per layer and position by the logit lens")
-    p.add_argument("--steps", type=int, default=64, help="integrated-gradients steps")
+    p.add_argument("--top-k", type=at_least(1), default=5, help="tokens listed per layer and position by the logit lens")
+    p.add_argument("--steps", type=at_least(1), default=64, help="integrated-gradients steps")
     p.add_argument("--baseline", default="pad", help="integrated-gradients baseline: pad (default), zeros, or a token")
     p.add_argument("--no-figures", action="store_true", help="only the HTML report, no PNG figures")
 

@@ -22,7 +22,7 @@ SAMPLING = [
 
 def sampling_flags(p, method) -> None:
     """--max-new-tokens (default from LM.<method>), the sampling flags and how to load the model."""
-    add_flags(p, method, [("max_new_tokens", "tokens to generate at most")])
+    add_flags(p, method, [("max_new_tokens", "tokens to generate at most", {"min": 1})])
     add_flags(p, Sampling, SAMPLING)
     load_flags(p)
 
@@ -35,9 +35,20 @@ def generate_flags(p) -> None:
     p.add_argument("--no-receipt-summary", action="store_true", help="write the receipt without printing it")
 
 
+def check_run_args(a) -> None:
+    """What can be checked before the model loads: the sampling settings, dtype and device."""
+    from ..runtime.lm import check_device, check_dtype
+    Sampling(**values(a, SAMPLING))
+    check_dtype(a.dtype)
+    check_device(a.device)
+
+
 def generate(a) -> None:
     from .. import load
     from ..footprint import track
+    from ..runtime.tokenizer import check_text
+    check_text(a.prompt, "--prompt")
+    check_run_args(a)
     with track("generate", path=a.receipt, device=a.device, quiet=a.no_receipt_summary) as receipt:
         lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
         receipt.watch(lm)
@@ -56,6 +67,10 @@ def chat_flags(p) -> None:
 
 def chat(a) -> None:
     from .. import load
+    from ..runtime.tokenizer import check_text
+    if a.system is not None:
+        check_text(a.system, "--system")
+    check_run_args(a)
     lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
     messages = [{"role": "system", "content": a.system}] if a.system else []
     print(f"Chatting with {a.model or 'the default model'}. Empty line or /exit to quit, /reset to start over.",
@@ -67,6 +82,8 @@ def chat(a) -> None:
             line = sys.stdin.readline()
         except KeyboardInterrupt:
             break
+        except UnicodeDecodeError as e:
+            raise ValueError(f"the input is not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
         if not line or line.strip() in ("", "/exit", "/quit"):
             break
         if line.strip() == "/reset":

@@ -12,8 +12,9 @@ log-likelihood of each choice.
 
 from __future__ import annotations
 
-import json
 import os
+
+from .. import files
 
 from .choice import build_requests, evaluate, format_table
 from .loglik import encode_pair, loglikelihoods
@@ -35,9 +36,5 @@ def read_text(path: str) -> str:
 
 
 def write_json(path: str, obj: dict) -> None:
-    """Write atomically: a reader never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write atomically: a reader never sees half a file, and a failure leaves no .tmp behind."""
+    files.write_json(path, obj, indent=1, flag="--output")

@@ -15,12 +15,12 @@ and `builtin`, the common-sense probes of `slm.data.probes`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 
 from ..data.probes import probes
+from ..files import parse_json
 
 FORMATS = ("hellaswag", "piqa", "arc", "winogrande")
 
@@ -108,11 +108,14 @@ def load_task(path: str, fmt: str | None = None) -> list[Doc]:
     fmt = check_format(fmt)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such task file")
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         if path.endswith(".json"):
-            records = [(i + 1, r) for i, r in enumerate(_json(f.read(), path))]
+            whole = parse_json(f.read(), path)
+            if not isinstance(whole, list):
+                raise ValueError(f"{path}: a .json task file holds a list of items, got {type(whole).__name__}")
+            records = [(i + 1, r) for i, r in enumerate(whole)]
         else:
-            records = [(n, _json(line, f"{path}:{n}")) for n, line in enumerate(f, 1) if line.strip()]
+            records = [(n, parse_json(line, f"{path}:{n}")) for n, line in enumerate(f, 1) if line.strip()]
     docs = []
     for where, rec in records:
         if not isinstance(rec, dict):
@@ -124,13 +127,6 @@ def load_task(path: str, fmt: str | None = None) -> list[Doc]:
     if not docs:
         raise ValueError(f"{path}: no items")
     return docs
-
-
-def _json(text: str, where: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
 
 
 def _field(d: dict, key: str):

@@ -4,12 +4,13 @@ Drawn with matplotlib's Agg canvas directly (no pyplot, no global backend switch
 from __future__ import annotations
 
 import io
-import os
 import warnings
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from ..files import atomic_write
 
 
 def _label(token: str) -> str:
@@ -22,10 +23,8 @@ def _save(fig: Figure, path: str, dpi: int) -> str:
     with warnings.catch_warnings():  # tokens in scripts DejaVu Sans lacks: drawn as boxes, no warning
         warnings.simplefilter("ignore", UserWarning)
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(buf.getvalue())
-    os.replace(tmp, path)
     return path
 
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..files import atomic_write, output_file
 from ..runtime.lm import load
+from ..runtime.tokenizer import check_text
 
 from .attribution import Attribution, attribute
 from .capture import model_of, run_with_cache
@@ -296,15 +298,14 @@ vs f(x) - f(baseline) = {a.value:+.4f} - ({a.baseline_value:+.4f}) = {a.value - 
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def _check_out(out: str) -> None:
     if not out.endswith((".html", ".htm")):
         raise ValueError(f"--out {out!r} should end in .html")
+    output_file(out)
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--out: the folder {folder} does not exist")
@@ -326,6 +327,10 @@ def write_report(ex: Explanation, out: str, figures: bool = True) -> list[str]:
 def explain_cli(model: str | None, prompt: str, out: str, target=None, contrast=None, layers=None, top_k=5,
                 steps=64, baseline="pad", figures: bool = True) -> list[str]:
     _check_out(out)  # before minutes of work
+    check_text(prompt, "--prompt")
+    for name, value in (("--target", target), ("--contrast", contrast)):
+        if value is not None:
+            check_text(value, name)
     lm = load(model, dtype=torch.float32)  # attribution takes gradients in fp32
     name = os.path.basename(os.path.normpath(model)) if model else "gemma-3-270m"
     ex = explain(lm, prompt, target, contrast, layers, top_k, steps, baseline, progress=True, model_name=name)

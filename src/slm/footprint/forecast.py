@@ -13,9 +13,11 @@ The default MFU, 0.40, is what well-run A100 training reaches: Llama 2's publish
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
+from ..files import atomic_write
 from .devices import find_gpu
 from .flops import training_flops
 from .receipt import Rates
@@ -28,8 +30,8 @@ def forecast(params: float, tokens: float, gpu: str = "a100-80gb-sxm", gpus: int
              pue: float | None = None, grid: float | None = None, price: float | None = None,
              dtype: str = "bf16", flops: float | None = None) -> dict:
     """The cost of training `params` parameters on `tokens` tokens (or `flops` FLOPs when given)."""
-    if flops is None and not (params > 0 and tokens > 0):
-        raise ValueError(f"params and tokens must be positive, got {params:g} and {tokens:g}")
+    if flops is None and not (0 < params < math.inf and 0 < tokens < math.inf):
+        raise ValueError(f"params and tokens must be positive finite numbers, got {params:g} and {tokens:g}")
     if not 0 < mfu <= 1:
         raise ValueError(f"MFU must be in (0, 1], got {mfu}")
     if not (isinstance(gpus, int) and gpus > 0):
@@ -42,6 +44,9 @@ def forecast(params: float, tokens: float, gpu: str = "a100-80gb-sxm", gpus: int
     gpu_hours = c / (peak * mfu) / 3600
     kwh = gpu_hours * dev.watts / 1000
     price = rates.price if rates.price is not None else dev.price_per_hour
+    if not math.isfinite(c * dev.watts * rates.pue * max(rates.grid, price, 1.0)):
+        raise ValueError(f"{params:g} parameters x {tokens:g} tokens is too large to forecast "
+                         "(the numbers overflow a float)")
     return {
         "params": params, "tokens": tokens, "gpu": dev.key, "gpu_name": dev.name, "gpus": gpus, "mfu": mfu,
         "dtype": dtype, "peak_flops_per_gpu": peak, "flops": c, "gpu_hours": gpu_hours,
@@ -175,8 +180,7 @@ def compare_chart(receipts: list[dict], out: str, rates: Rates | None = None) ->
     fig.suptitle(f"Published training runs (green: energy at 400 W per A100; CO2 as published for Llama 2, else at "
                  f"PUE {rates.pue:g} x {rates.grid:g} g/kWh) and your receipts (orange)")
     fig.tight_layout()
-    tmp = f"{out}.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return rows

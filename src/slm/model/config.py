@@ -87,6 +87,16 @@ class ModelConfig:
                 raise ConfigError(f"{f} must be a positive integer, got {v!r}")
             if v > LIMITS[f]:  # checked before anything is allocated from these numbers
                 raise ConfigError(f"{f} = {v:,} is beyond any real model (at most {LIMITS[f]:,}): a corrupt or hostile config")
+        for f in ("norm_eps", "rope_theta", "partial_rotary_factor", "rope_scaling_factor", "rope_local_theta",
+                  "query_pre_attn_scalar"):
+            v = getattr(self, f)
+            # A zero, negative or NaN epsilon or rope base turns every logit into NaN: refuse it here,
+            # at load, instead of generating empty text.
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                                  or v <= 0):
+                raise ConfigError(f"{f} must be a positive finite number, got {v!r}")
+        if self.partial_rotary_factor > 1:
+            raise ConfigError(f"partial_rotary_factor must be at most 1, got {self.partial_rotary_factor}")
         if self.num_params() > MAX_PARAMS:
             raise ConfigError(f"the config describes {self.num_params():,} parameters, more than {MAX_PARAMS:,}: "
                               "a corrupt or hostile config")
@@ -129,10 +139,11 @@ class ModelConfig:
         return total + (emb if include_embeddings else 0)
 
     def kv_cache_bytes(self, seq_len: int | None = None, bytes_per_el: int = 2) -> int:
+        """Keys and values of seq_len tokens (default: the full context). A sliding-window layer
+        keeps only its window; Gemma 3's full-attention layers keep everything."""
         seq = seq_len or self.max_seq_len
-        if self.sliding_window:
-            seq = min(seq, self.sliding_window)
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * seq * bytes_per_el
+        kept = sum(min(seq, w) if (w := self.layer_window(i)) else seq for i in range(self.num_layers))
+        return 2 * kept * self.num_kv_heads * self.head_dim * bytes_per_el
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -143,6 +154,19 @@ class ModelConfig:
     # -- Hugging Face config.json ---------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict, name: str = "custom") -> "ModelConfig":
+        """The config of a Hugging Face config.json (its contents, a dict); any field of the wrong
+        shape ("rope_theta": "abc", "rope_parameters": [1]) is a ConfigError."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json must hold a JSON object {{...}}, got {type(hf).__name__}")
+        try:
+            return cls._from_hf(hf, name)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, OverflowError, AttributeError) as e:
+            raise ConfigError(f"config.json has a field of the wrong type or value ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_hf(cls, hf: dict, name: str) -> "ModelConfig":
         mt = hf.get("model_type")
         family = families.by_model_type(mt) if isinstance(mt, str) else None
         if family is None:

@@ -47,6 +47,7 @@ class LM:
     # -- generation ----------------------------------------------------------------------------
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, **sampling) -> Iterator[str]:
         """Yield the continuation of one prompt as text, chunk by chunk."""
+        check_max_new_tokens(max_new_tokens)
         s = Sampling(**sampling)
         ids = self._need_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
         steps = (row[0] for row in generate_ids(self.model, [ids], max_new_tokens, s, self.eos_ids))
@@ -56,6 +57,7 @@ class LM:
         """Continue one prompt (returns str) or a batch of prompts decoded together (returns list)."""
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, max_new_tokens, **sampling))
+        check_max_new_tokens(max_new_tokens)
         s = Sampling(**sampling)
         tok = self._need_tokenizer()
         prompts = [tok.encode(p) for p in prompt]
@@ -74,6 +76,43 @@ class LM:
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str, **kw) -> None:
         hf.save_model(self.model, path, tokenizer=self.tokenizer, generation_config=self.generation_config, **kw)
+
+
+def check_max_new_tokens(n) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {n!r}")
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """The device a model is asked to run on, checked before anything is loaded: a name torch
+    knows, and hardware this machine has."""
+    if device is None:
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is available here (PyTorch {torch.__version__}, "
+                             f"{'built without CUDA' if torch.version.cuda is None else 'no GPU found'}); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: Apple's MPS is not available here; use --device cpu")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: slm runs on cpu, cuda or mps")
+    return d
+
+
+def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype is not None and dtype not in DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype}; supported: {', '.join(DTYPES)}")
+    return dtype
 
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -112,10 +151,8 @@ def load(path: str | None = None, dtype: torch.dtype | str | None = None,
 
     The options are checked here, once, before any file is opened: the dtype name, and the
     quantization mode and group size by the one quantizer made for the loader."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    dtype = check_dtype(dtype)
+    check_device(device)
     quantizer = StreamingQuantizer(None, quantize, group_size, file_blocks=file_blocks) if quantize else None
     lm = _load(path, dtype, device, quantizer)
     accelerate(lm.model)

@@ -9,7 +9,7 @@ import os
 from datetime import datetime
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokenizers import Tokenizer as _Tk
 from tokenizers.decoders import DecodeStream
 
@@ -40,8 +40,19 @@ PLAIN_CHAT = (
 
 def _token_str(tok) -> str | None:
     if isinstance(tok, dict):  # older tokenizer_config.json stores AddedToken dicts
-        return tok.get("content")
-    return tok
+        tok = tok.get("content")
+    return tok if isinstance(tok, str) and tok else None
+
+
+def _template_str(template) -> str | None:
+    """A chat_template value: a string, or (transformers' multi-template form) a list of
+    {"name", "template"} of which "default" is the chat one."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"chat_template must be a string, got {type(template).__name__}")
+    return template or None
 
 
 class Tokenizer:
@@ -51,7 +62,7 @@ class Tokenizer:
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token = _token_str(self.config.get("eos_token"))
         self.pad_token = _token_str(self.config.get("pad_token"))
-        self.chat_template = chat_template or self.config.get("chat_template")
+        self.chat_template = chat_template or _template_str(self.config.get("chat_template"))
         self.bos_id = tk.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_id = tk.token_to_id(self.eos_token) if self.eos_token else None
         # Some configs ask for a BOS that tokenizer.json's post-processor does not add itself.
@@ -76,8 +87,11 @@ class Tokenizer:
         template = None
         jinja_file = os.path.join(path, "chat_template.jinja")
         if os.path.exists(jinja_file):
-            with open(jinja_file, encoding="utf-8") as f:
-                template = f.read()
+            try:
+                with open(jinja_file, encoding="utf-8") as f:
+                    template = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{jinja_file}: cannot be read as a UTF-8 chat template ({e})") from None
         return cls(tk, config, template)
 
     def save(self, path: str) -> None:
@@ -100,6 +114,7 @@ class Tokenizer:
         return self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text)
         ids = self.tk.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self._prepend_bos:
             ids = [self.bos_id] + ids
@@ -125,9 +140,22 @@ class Tokenizer:
         if template is None:
             template = (CHATML if self.token_id("<|im_start|>") is not None else
                         GEMMA_CHAT if self.token_id("<start_of_turn>") is not None else PLAIN_CHAT)
-        return _compile(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", pad_token=self.pad_token or "")
+        for m in messages:
+            if isinstance(m["content"], str):
+                check_text(m["content"], "a chat message")
+        try:
+            return _compile(template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", pad_token=self.pad_token or "")
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"the model's chat template is unusable: syntax error at line {e.lineno}: {e.message}") from None
+        except TemplateRefused as e:
+            raise ValueError(f"the model's chat template refused the conversation: {e}") from None
+        except (jinja2.TemplateError, ArithmeticError, MemoryError, RecursionError, TypeError, ValueError,
+                AttributeError, LookupError) as e:
+            # SecurityError (the sandbox refused an operation), runaway arithmetic, a template that
+            # expects fields the messages lack: the template cannot render this conversation.
+            raise ValueError(f"the model's chat template is unusable: {type(e).__name__}: {e}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template writes BOS itself where the model wants one; do not add a second.
@@ -198,14 +226,50 @@ def train_tokenizer(texts, vocab_size: int, min_frequency: int = 2) -> Tokenizer
                      chat_template=CHATML)
 
 
+def check_text(text, what: str = "the text") -> None:
+    """Text for the tokenizer must be a str of valid Unicode: a lone surrogate (what Python makes of
+    non-UTF-8 bytes in a command line or a JSON "\\udc80" escape) cannot be encoded."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 text: {text[e.start]!r} at character {e.start} "
+                         "(non-UTF-8 bytes, or a lone surrogate)") from None
+
+
+class TemplateRefused(jinja2.exceptions.TemplateError):
+    """The template's own raise_exception: it refuses the conversation (e.g. roles that do not
+    alternate), rather than failing."""
+
+
+# A template may build strings, lists and numbers only up to this size: `'a' * 10**10` or
+# `9 ** 9 ** 9` in a hostile template would otherwise take all memory or time.
+MAX_TEMPLATE_VALUE = 1 << 20
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**":
+            if isinstance(left, (int, float)) and isinstance(right, (int, float)) and abs(right) > 64 and abs(left) > 1:
+                raise SecurityError(f"{left} ** {right} is too large for a chat template")
+        elif operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_VALUE:
+                    raise SecurityError(f"a chat template may not build values longer than {MAX_TEMPLATE_VALUE:,}")
+        return super().call_binop(context, operator, left, right)
+
+
 _TEMPLATES: dict[str, jinja2.Template] = {}
 
 
 def _compile(source: str) -> jinja2.Template:
     if source not in _TEMPLATES:
         def raise_exception(msg):
-            raise jinja2.exceptions.TemplateError(msg)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            raise TemplateRefused(msg)
+        env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
         env.globals.update(raise_exception=raise_exception,
                            strftime_now=lambda fmt: datetime.now().strftime(fmt))
         env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
