@@ -116,6 +116,12 @@ CONFIG_CASES = {
     "in bounds, but not these weights": ({"hidden_size": 1 << 14, "intermediate_size": 1 << 16,
                                           "num_hidden_layers": 256}, "but the weight files hold only"),
     "context of true": ({"max_position_embeddings": True}, "max_seq_len must be a positive integer, got True"),
+    # An epsilon that is not positive makes every logit NaN: refused, not an empty reply with exit code 0.
+    "negative norm epsilon": ({"rms_norm_eps": -1e-5}, "norm_eps must be a positive finite number, got -1e-05"),
+    "NaN norm epsilon": ({"rms_norm_eps": float("nan")}, "norm_eps must be a positive finite number, got nan"),
+    "zero norm epsilon": ({"rms_norm_eps": 0}, "norm_eps must be a positive finite number, got 0.0"),
+    "epsilon as a word": ({"rms_norm_eps": "small"}, "a field of the wrong type or value"),
+    "rope settings as a list": ({"rope_parameters": [1, 2]}, "a field of the wrong type or value"),
 }
 
 
@@ -134,6 +140,32 @@ def test_absurd_configs_are_refused(good, tmp_path, case):
     with pytest.raises(CheckpointError) as e:
         slm.load(path)
     assert message in str(e.value) and "config.json" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[]", "expected a JSON object {...}, got list"), ("null", "expected a JSON object {...}, got NoneType"),
+    ("[" * 100_000, "JSON nested too deeply to read"), (b"{\"model_type\": \"ll\xe1ma\"}", "not UTF-8"),
+    (None, "is a folder, not a JSON file")])
+def test_config_json_that_is_not_an_object_is_refused(good, tmp_path, content, message):
+    def write(p):
+        os.remove(p)
+        if content is None:
+            os.mkdir(p)
+        else:
+            open(p, "wb").write(content if isinstance(content, bytes) else content.encode())
+    path = copy_with(good, str(tmp_path / "m"), "config.json", write)
+    with pytest.raises(CheckpointError) as e:
+        slm.load(path)
+    assert message in str(e.value) and "config.json" in str(e.value), str(e.value)
+
+
+def test_gguf_with_a_negative_epsilon_is_refused(good, tmp_path):
+    from slm.checkpoint.gguf_write import write_gguf
+    lm = slm.load(good)
+    lm.model.config.norm_eps = -1e-6  # as a corrupt or hostile file's metadata would say
+    write_gguf(lm, str(tmp_path / "m.gguf"))
+    with pytest.raises(CheckpointError, match="norm_eps must be a positive finite number"):
+        slm.load(str(tmp_path / "m.gguf"))
 
 
 def test_the_cli_says_so_in_one_line(good, tmp_path):

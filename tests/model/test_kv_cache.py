@@ -61,3 +61,20 @@ def test_attention_mask_matches_unpadded(checkpoint):
         b = model(padded, attention_mask=mask)[:, 6:]
     assert torch.isfinite(b).all()
     assert (a - b).abs().max().item() < 1e-4
+
+
+def test_kv_cache_bytes_count_gemma3_global_layers_at_full_context():
+    """Gemma 3's sliding-window layers keep their window, its full-attention layers every token:
+    gemma-3-270m's 3 global layers alone hold 2 x 3 x 1 x 256 x 32,768 x 2 bytes = 96 MiB."""
+    from slm.model.config import get_config
+    cfg = get_config("gemma-3-270m")
+    glob = sum(t == "full_attention" for t in cfg.layer_types)
+    local = cfg.num_layers - glob
+    per_token = 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    assert glob == 3
+    assert cfg.kv_cache_bytes() == per_token * (glob * cfg.max_seq_len + local * cfg.sliding_window)
+    assert cfg.kv_cache_bytes() > 96 * 2**20
+    assert get_config("gemma-3-4b").kv_cache_bytes() > 2.5 * 2**30
+    mistral = get_config("mistral-7b-v0.1")  # every layer windowed
+    assert mistral.kv_cache_bytes() == 2 * mistral.num_layers * mistral.num_kv_heads * mistral.head_dim * \
+        min(mistral.max_seq_len, mistral.sliding_window) * 2

@@ -149,3 +149,77 @@ def test_cli_info(tmp_path, lm):
     lm.save(path)
     r = run_cli("info", "--model", path)
     assert r.returncode == 0 and f"{lm.config.num_params():,}" in r.stdout
+
+
+def test_text_that_is_not_utf8_is_refused(lm):
+    """A lone surrogate is what Python makes of non-UTF-8 bytes on a command line (and of a JSON
+    "\\udc80" escape); the Rust tokenizer cannot take it."""
+    for bad in ("\udcff", "caf\udce9", "a\ud800b"):
+        with pytest.raises(ValueError, match="not valid UTF-8 text"):
+            lm.generate(bad, max_new_tokens=2)
+        with pytest.raises(ValueError, match="a chat message is not valid UTF-8"):
+            lm.chat([{"role": "user", "content": bad}], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, True])
+def test_max_new_tokens_must_be_positive(lm, n):
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        lm.generate("Once", max_new_tokens=n)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        lm.generate(["Once", "Twice"], max_new_tokens=n)
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty", "presence_penalty"])
+def test_nan_sampling_values_are_refused(field):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        Sampling(**{field: float("nan")})
+
+
+TEMPLATES = {  # a hostile or broken chat template -> what the one error line says
+    "{% for %}": "chat template is unusable: syntax error at line 1",
+    "{{ messages.__class__.__mro__[1].__subclasses__() }}": "chat template is unusable: SecurityError",
+    "{{ cycler.__init__.__globals__ }}": "chat template is unusable: SecurityError",
+    "{{ 'x' * 10**10 }}": "chat template is unusable: SecurityError: a chat template may not build values",
+    "{{ [0] * 10**9 }}": "chat template is unusable: SecurityError",
+    "{{ 9 ** 9 ** 9 ** 9 ** 9 }}": "chat template is unusable: SecurityError: a chat template may not compute",
+    "{% for i in range(10**9) %}{% endfor %}": "chat template is unusable: OverflowError",
+    "{{ messages[7].content }}": "chat template is unusable: UndefinedError",
+    "{{ 1 / 0 }}": "chat template is unusable: ZeroDivisionError",
+    "{{ raise_exception('Conversation roles must alternate') }}":
+        "chat template refused the conversation: Conversation roles must alternate",
+}
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_chat_templates_that_fail_say_why(lm, template):
+    tok = lm.tokenizer
+    saved = tok.chat_template
+    tok.chat_template = template
+    try:
+        with pytest.raises(ValueError) as e:
+            lm.chat([{"role": "user", "content": "hi"}], max_new_tokens=2)
+    finally:
+        tok.chat_template = saved
+    assert TEMPLATES[template] in str(e.value), str(e.value)
+
+
+def test_cli_refuses_bad_inputs_before_loading(tmp_path):
+    """None of these loads a model (the path does not exist): each is refused first, in one line."""
+    missing = str(tmp_path / "missing")
+    cases = {
+        ("--prompt", "caf\udce9"): "--prompt is not valid UTF-8 text",
+        ("--temperature", "nan"): "argument --temperature: invalid finite number value: 'nan'",
+        ("--max-new-tokens", "0"): "argument --max-new-tokens: must be at least 1, got 0",
+        ("--max-new-tokens", "-1"): "argument --max-new-tokens: must be at least 1, got -1",
+        ("--dtype", "float99"): "argument --dtype: invalid choice: 'float99'",
+        ("--device", "banana"): "unknown device 'banana'",
+        ("--top-p", "1.5"): "top_p must be in (0, 1]",
+    }
+    if not torch.cuda.is_available():
+        cases[("--device", "cuda")] = "device 'cuda': no CUDA GPU is available here"
+    for (flag, value), message in cases.items():
+        argv = ["generate", "--model", missing, "--prompt", "hi", flag, value]
+        r = subprocess.run([sys.executable, "-m", "slm", *argv], capture_output=True, timeout=120)
+        err = r.stderr.decode("utf-8", "replace")
+        assert r.returncode in (1, 2) and len(err.splitlines()) == 1, err
+        assert err.startswith("slm generate: error: ") and message in err, err

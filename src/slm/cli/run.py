@@ -73,12 +73,15 @@ def chat(a) -> None:
     check_run_args(a)
     lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
     messages = [{"role": "system", "content": a.system}] if a.system else []
-    print(f"Chatting with {a.model or 'the default model'}. Empty line or /exit to quit, /reset to start over.",
-          file=sys.stderr)
+    interactive = sys.stdin.isatty()  # piped input gets the replies alone, without banner and prompts
+    if interactive:
+        print(f"Chatting with {a.model or 'the default model'}. Empty line or /exit to quit, /reset to start over.",
+              file=sys.stderr)
     while True:
         try:
-            sys.stderr.write("> ")
-            sys.stderr.flush()
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
             line = sys.stdin.readline()
         except KeyboardInterrupt:
             break

@@ -5,6 +5,7 @@ Jinja2 in a sandbox, as transformers does."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from datetime import datetime
 
@@ -246,6 +247,7 @@ class TemplateRefused(jinja2.exceptions.TemplateError):
 # A template may build strings, lists and numbers only up to this size: `'a' * 10**10` or
 # `9 ** 9 ** 9` in a hostile template would otherwise take all memory or time.
 MAX_TEMPLATE_VALUE = 1 << 20
+MAX_TEMPLATE_POWER_BITS = 4096
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
@@ -253,8 +255,9 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context, operator, left, right):
         if operator == "**":
-            if isinstance(left, (int, float)) and isinstance(right, (int, float)) and abs(right) > 64 and abs(left) > 1:
-                raise SecurityError(f"{left} ** {right} is too large for a chat template")
+            if isinstance(left, (int, float)) and isinstance(right, (int, float)) and abs(left) > 1 and \
+                    right * math.log2(abs(left)) > MAX_TEMPLATE_POWER_BITS:
+                raise SecurityError("a chat template may not compute numbers that large")
         elif operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_VALUE:
