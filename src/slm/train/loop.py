@@ -188,11 +188,11 @@ def memory_needed(c: TrainConfig, cfg: ModelConfig, device: torch.device, world:
     rows = max(1, c.batch_size // world)
     tokens = rows * c.seq_len
     act_bytes = 2 if device.type == "cuda" else 4
-    params = cfg.num_params()
+    params = cfg.num_params() // (world if c.fsdp else 1)  # FSDP: each process holds 1/world of them
     need = {
         "weights and optimizer state": params * (12 if c.optimizer == "muon" else 16),
         "activations": tokens * cfg.num_layers * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * act_bytes,
-        "batch": rows * (c.seq_len + 1) * 8 * 2,  # the rows as read, and as a tensor
+        "batch": c.batch_size * (c.seq_len + 1) * 8 * 2,  # every process reads the whole batch, then a tensor
     }
     if device.type == "cuda":
         need["logits"] = tokens * cfg.vocab_size * 2 * 2
