@@ -344,8 +344,8 @@ def test_memory_estimate_is_a_lower_bound_that_refuses_only_what_cannot_fit(monk
     monkeypatch.setattr(loop, "available_memory", lambda device: sum(need.values()) + 1)
     loop.check_memory(c, cfg, torch.device("cpu"))
     monkeypatch.setattr(loop, "available_memory", lambda device: sum(need.values()) - 1)
-    with pytest.raises(ValueError, match=r"--batch-size 64 x --seq-len 128 needs at least 0.2 GiB \(activations "
-                                         r"0.1 GiB\), but the machine has 0.2 GiB free"):
+    with pytest.raises(ValueError, match=r"--batch-size 64 x --seq-len 128 needs at least 0.2 GiB \(weights and "
+                                         r"optimizer state 10 MiB, activations 152 MiB\), but the machine has 0.2 GiB free"):
         loop.check_memory(c, cfg, torch.device("cpu"))
     assert loop.available_memory(torch.device("cpu")) > 2**20
 

@@ -213,7 +213,8 @@ def check_memory(c: TrainConfig, cfg: ModelConfig, device: torch.device, world: 
         free = available_memory(dev)
         if free is None or total <= free:
             continue
-        parts = ", ".join(f"{k} {v / GiB:,.1f} GiB" for k, v in need.items() if v >= GiB / 100)
+        parts = ", ".join(f"{k} {v / GiB:,.1f} GiB" if v >= GiB else f"{k} {v / 2**20:,.0f} MiB"
+                          for k, v in need.items() if v >= 2**20)
         where = "the GPU has" if dev.type == "cuda" else "the machine has"
         raise ValueError(f"--batch-size {c.batch_size} x --seq-len {c.seq_len} needs at least {total / GiB:,.1f} GiB "
                          f"({parts}), but {where} {free / GiB:,.1f} GiB free: lower --batch-size (raise "
