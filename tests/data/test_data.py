@@ -1,6 +1,7 @@
 """Tokenizer training and token shards."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -118,3 +119,106 @@ def test_cli_tokenizer_train_and_prepare(tmp_path):
     r = run("data", "prepare", "--data", str(tmp_path / "nope.txt"), "--tokenizer", str(tmp_path / "tok"),
             "--out", str(tmp_path / "d"))
     assert r.returncode == 1 and "slm data prepare: error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    """Run `slm ARGV` in this process: (exit code, stderr)."""
+    from slm.cli import main
+    capsys.readouterr()
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_tokenizer_train_says_when_it_gets_fewer_tokens_than_asked(tmp_path, capsys):
+    """A small corpus runs out of merges: 4,096 asked, fewer given, and the note says so and why."""
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n\n".join(DOCS))
+    code, err = cli(capsys, "tokenizer", "train", "--data", src, "--vocab-size", 4096, "--out", tmp_path / "tok")
+    assert code == 0, err
+    got = Tokenizer.from_dir(str(tmp_path / "tok")).vocab_size
+    assert got < 4096
+    assert f"note: asked for --vocab-size 4,096, got {got:,}: BPE ran out of merges" in err
+    code, err = cli(capsys, "tokenizer", "train", "--data", src, "--vocab-size", 300, "--out", tmp_path / "tok")
+    assert code == 0 and "note:" not in err, err  # got what it asked for: no note
+    for size in (10, 259, 2**40):
+        code, err = cli(capsys, "tokenizer", "train", "--data", src, "--vocab-size", size, "--out", tmp_path / "t2")
+        assert code == 2 and "argument --vocab-size: must be between 260" in err, err
+    (tmp_path / "latin.txt").write_bytes("un café".encode("latin-1"))
+    code, err = cli(capsys, "tokenizer", "train", "--data", tmp_path / "latin.txt", "--out", tmp_path / "t2")
+    assert code == 1 and err.startswith(f"slm tokenizer train: error: {tmp_path / 'latin.txt'}: not UTF-8 text"), err
+    assert not (tmp_path / "t2").exists()
+
+
+def test_text_encodings(tmp_path, tok_dir):
+    """UTF-8 with a BOM and UTF-16/32 with one are read as text; without a BOM, UTF-16 (NUL bytes)
+    and a file no record of which is UTF-8 are one error naming the file; a record with a lone
+    surrogate is skipped and counted (no tokenizer takes it)."""
+    from collections import Counter
+    from slm.data.prepare import read_documents
+    docs = ["first document, café", "second one — 東京"]
+    for name, encoding in [("sig.txt", "utf-8-sig"), ("le.txt", "utf-16"), ("be.txt", "utf-16-be"),
+                           ("u32.txt", "utf-32")]:
+        raw = "\r\n\r\n".join(docs).encode(encoding)
+        if encoding == "utf-16-be":
+            raw = b"\xfe\xff" + raw
+        (tmp_path / name).write_bytes(raw)
+        assert list(read_documents(str(tmp_path / name))) == docs, name
+    rows = b"".join(json.dumps({"text": d}).encode("utf-16-le") + "\n".encode("utf-16-le") for d in docs)
+    (tmp_path / "le.jsonl").write_bytes(b"\xff\xfe" + rows)
+    assert list(read_documents(str(tmp_path / "le.jsonl"))) == docs
+    (tmp_path / "sig.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(json.dumps({"text": d}).encode() for d in docs))
+    assert list(read_documents(str(tmp_path / "sig.jsonl"))) == docs
+    (tmp_path / "nobom.txt").write_bytes("a document".encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"nobom.txt: holds NUL bytes, so it is UTF-16 or UTF-32 text without a byte"):
+        list(read_documents(str(tmp_path / "nobom.txt")))
+    (tmp_path / "latin.txt").write_bytes("un café\n\nà la crème".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.txt: not UTF-8 text \(no record of it decodes\); convert it first"):
+        list(read_documents(str(tmp_path / "latin.txt")))
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin.jsonl: not UTF-8 text"):
+        list(read_documents(str(tmp_path / "latin.jsonl")))
+    (tmp_path / "bad16.txt").write_bytes(b"\xff\xfe" + b"\x00\xd8")  # a lone high surrogate in UTF-16
+    with pytest.raises(DataError, match=r"bad16.txt: starts with a UTF-16-LE byte-order mark but is not UTF-16-LE"):
+        list(read_documents(str(tmp_path / "bad16.txt")))
+    (tmp_path / "sur.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud800 one"}\n')
+    skipped = Counter()
+    assert list(read_documents(str(tmp_path / "sur.jsonl"), skipped=skipped)) == ["ok"]
+    assert skipped == {"lone surrogates (not UTF-8)": 1}
+    meta = prepare(str(tmp_path / "sur.jsonl"), Tokenizer.from_dir(tok_dir), str(tmp_path / "out"), val_every=2,
+                   progress=False)
+    assert meta["skipped"] == {"lone surrogates (not UTF-8)": 1} and meta["train_docs"] == 1
+
+
+def test_prepare_refuses_deep_json_and_leaves_no_partial_shards(tmp_path, tok_dir, capsys):
+    tok = Tokenizer.from_dir(tok_dir)
+    src = tmp_path / "deep.jsonl"
+    lines = [json.dumps({"text": d}) for d in DOCS[:10]] + ['{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"]
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"deep.jsonl:11: JSON nested too deeply to read"):
+        prepare(str(src), tok, str(tmp_path / "out"), batch_docs=4, progress=False)
+    assert os.listdir(tmp_path / "out") == []  # the shards begun are removed
+    src.write_text("\n".join(lines[:10] + ['{"text": ' + "1" * 5000 + "}"]) + "\n")  # too many digits for Python
+    meta = prepare(str(src), tok, str(tmp_path / "out"), progress=False)
+    assert meta["skipped"] == {"malformed JSON": 1}
+    code, err = cli(capsys, "data", "prepare", "--data", tmp_path / "deep.jsonl", "--tokenizer", tok_dir,
+                    "--out", tmp_path / "o2", "--val-every", 1)
+    assert code == 2 and "argument --val-every: must be at least 2, got 1" in err, err
+    with pytest.raises(ValueError, match="--val-every must be an integer of at least 2"):
+        prepare(str(src), tok, str(tmp_path / "o3"), val_every=0, progress=False)
+
+
+def test_a_synthesized_corpus_is_reused_only_for_the_same_recipe(tmp_path):
+    from slm.data.prepare import build_synthetic
+    root = str(tmp_path / "data")
+    tokens, tok = build_synthetic(root, 60, 300, progress=False)
+    stamp = os.path.getmtime(os.path.join(tokens, "train.bin"))
+    assert build_synthetic(root, 60, 300, progress=False) == (tokens, tok)
+    assert os.path.getmtime(os.path.join(tokens, "train.bin")) == stamp  # reused, not rebuilt
+    with pytest.raises(DataError, match=r"holds a corpus synthesized with --n-docs 60 \(now 80\)"):
+        build_synthetic(root, 80, 300, progress=False)
+    with pytest.raises(DataError, match=r"--vocab-size 300 \(now 400\), --seed 0 \(now 1\)"):
+        build_synthetic(root, 60, 400, seed=1, progress=False)

@@ -3,6 +3,7 @@ format checks that keep look-alikes, and `slm data scrub` / `slm data prepare --
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -141,3 +142,73 @@ def test_prepare_scrub_pii(tmp_path):
     text = Tokenizer.from_dir(str(tmp_path / "tok")).decode(ids.tolist())
     assert "[EMAIL]" in text and "@example.com" not in text and "@gmail.com" not in text
     assert find_pii(text) == []
+
+
+def test_scrub_finds_pii_in_json_keys_without_losing_a_value(tmp_path):
+    from slm.data.scrub import scrub_path
+    src = tmp_path / "in.jsonl"
+    rows = [{"ann@example.com": 1, "bob@example.org": 2, "[EMAIL]": 3, "note": "call ann@example.com"},
+            {"users": {"carol@example.net": {"ip": "203.0.113.9"}}, "plain": ["x", {"dave@example.com": None}]}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = scrub_path(str(src), str(tmp_path / "out.jsonl"), progress=False)
+    out = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    assert out[0] == {"[EMAIL]#2": 1, "[EMAIL]#3": 2, "[EMAIL]": 3, "note": "call [EMAIL]"}  # every value kept
+    assert out[1] == {"users": {"[EMAIL]": {"ip": "[IP]"}}, "plain": ["x", {"[EMAIL]": None}]}
+    assert report["redacted"] == {"EMAIL": 5, "IP": 1}
+    assert "example" not in (tmp_path / "out.jsonl").read_text()
+
+
+@pytest.mark.parametrize("encoding, bom", [("utf-8", b"\xef\xbb\xbf"), ("utf-16-le", b"\xff\xfe"),
+                                           ("utf-16-be", b"\xfe\xff"), ("utf-32-le", b"\xff\xfe\x00\x00")])
+def test_scrub_reads_files_with_a_byte_order_mark_and_keeps_their_encoding(tmp_path, encoding, bom):
+    """A UTF-16 file used to be read as UTF-8 and reported "nothing found"; with a BOM it is decoded,
+    scrubbed and written back in its own encoding."""
+    from slm.data.scrub import scrub_path
+    text = "Mail ann@example.com, or call +44 20 7946 0958.\r\n\r\nNothing here: café 東京.\r\n"
+    (tmp_path / "a.txt").write_bytes(bom + text.encode(encoding))
+    line = json.dumps({"text": "from bob@example.org", "ann@example.com": "key"}, ensure_ascii=False) + "\n"
+    (tmp_path / "b.jsonl").write_bytes(bom + line.encode(encoding))
+    report = scrub_path(str(tmp_path), str(tmp_path / "clean"), progress=False)
+    assert report["redacted"] == {"EMAIL": 3, "PHONE": 1}
+    a, b = (tmp_path / "clean" / "a.txt").read_bytes(), (tmp_path / "clean" / "b.jsonl").read_bytes()
+    assert a.startswith(bom) and b.startswith(bom)
+    assert a[len(bom):].decode(encoding) == "Mail [EMAIL], or call [PHONE].\r\n\r\nNothing here: café 東京.\r\n"
+    assert json.loads(b[len(bom):].decode(encoding)) == {"text": "from [EMAIL]", "[EMAIL]": "key"}
+
+
+def test_scrub_refuses_what_it_cannot_read_and_leaves_nothing_behind(tmp_path):
+    from slm.data.scrub import scrub_path
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    cases = {"nobom.txt": ("ann@example.com".encode("utf-16-le"), ": holds NUL bytes, so it is UTF-16 or UTF-32 text "
+                           "without a byte-order mark"),
+             "latin.txt": ("José: jose@example.com\n".encode("latin-1"), ": not UTF-8 text: invalid continuation byte; "
+                           "convert it first"),
+             "deep.jsonl": (b'{"a": "ann@example.com"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n",
+                            ":2: JSON nested too deeply to read")}
+    for name, (raw, message) in cases.items():
+        (src / name).write_bytes(raw)
+        with pytest.raises(ValueError, match=re.escape(f"{src / name}{message}")):
+            scrub_path(str(src / name), str(out / name), progress=False)
+        assert not out.exists() or os.listdir(out) == []  # no output, no .tmp file
+    # the input's own folder as --output would write over the input: refused, input intact
+    (src / "ok.txt").write_text("ann@example.com\n")
+    with pytest.raises(ValueError, match="over the input"):
+        scrub_path(str(src / "ok.txt"), str(src), progress=False)
+    with pytest.raises(ValueError, match="--output must differ from --input"):
+        scrub_path(str(src), str(src), progress=False)
+    assert (src / "ok.txt").read_text() == "ann@example.com\n"
+
+
+def test_data_scrub_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "u16.txt").write_bytes("ann@example.com".encode("utf-16-le"))
+    (tmp_path / "ok.txt").write_text("ann@example.com\n")
+    (tmp_path / "dir").mkdir()
+    for argv, message in [(["--input", tmp_path / "u16.txt", "--output", tmp_path / "o.txt"], "holds NUL bytes"),
+                          (["--input", tmp_path / "ok.txt", "--output", tmp_path / "o.txt", "--report", tmp_path / "dir"],
+                           f"--report {tmp_path / 'dir'} is a folder; give a file name")]:
+        r = subprocess.run([sys.executable, "-m", "slm", "data", "scrub", *map(str, argv)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 1 and r.stderr.startswith("slm data scrub: error: ") and message in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["dir", "ok.txt", "u16.txt"]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -127,3 +131,43 @@ def test_generate_document_api():
     docs = [synth.generate_document(rng) for _ in range(50)]
     assert all(isinstance(d, str) and d for d in docs)
     assert any(d.startswith("Lesson:") for d in docs)
+
+
+def test_write_corpus_refuses_bad_arguments_and_writes_whole_files(tmp_path, monkeypatch):
+    for n in (-5, 0, 1, 2.5, True):
+        with pytest.raises(ValueError, match="--n-docs must be an integer of at least 2"):
+            synth.write_corpus(str(tmp_path / "a"), n_docs=n)
+    with pytest.raises(ValueError, match="--seed must be a non-negative integer"):
+        synth.write_corpus(str(tmp_path / "a"), n_docs=10, seed=-1)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file; give a folder"):
+        synth.write_corpus(str(tmp_path / "f"), n_docs=10)
+    assert sorted(os.listdir(tmp_path)) == ["f"]
+    # a corpus the disk cannot hold is refused before a document is written
+    usage = shutil.disk_usage
+    monkeypatch.setattr(synth.shutil, "disk_usage", lambda path: usage(path)._replace(free=10**6))
+    with pytest.raises(ValueError, match=r"--n-docs 100,000 needs at least 0.0 GB .* has 0.0 GB free"):
+        synth.write_corpus(str(tmp_path / "big"), n_docs=100_000)
+    assert os.listdir(tmp_path / "big") == []
+    monkeypatch.undo()
+
+    def failing(rng):  # the generator fails half-way: no half corpus is left for `data prepare` to read
+        if failing.n == 50:
+            raise MemoryError
+        failing.n += 1
+        return real(rng)
+    real, failing.n = synth.generate_document_with_meta, 0
+    monkeypatch.setattr(synth, "generate_document_with_meta", failing)
+    with pytest.raises(MemoryError):
+        synth.write_corpus(str(tmp_path / "half"), n_docs=100)
+    assert os.listdir(tmp_path / "half") == []
+
+
+def test_data_synth_cli_refuses_bad_numbers(tmp_path):
+    for flags, message in [(["--n-docs", "-5"], "argument --n-docs: must be at least 2, got -5"),
+                           (["--n-docs", "1"], "argument --n-docs: must be at least 2, got 1"),
+                           (["--seed", "-3"], "argument --seed: must be at least 0, got -3")]:
+        r = subprocess.run([sys.executable, "-m", "slm", "data", "synth", "--out", str(tmp_path / "c"), *flags],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("slm data synth: error: " + message), r.stderr
+        assert not (tmp_path / "c").exists()

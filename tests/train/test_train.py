@@ -140,10 +140,32 @@ def test_fsdp_two_processes_follow_one_process_and_resume(tmp_path, prepared, re
     AutoModelForCausalLM.from_pretrained(out)  # the gathered final model is a whole one
 
 
+def cli(capsys, *argv) -> tuple[int, str]:
+    """Run `slm ARGV` in this process: (exit code, stderr)."""
+    from slm.cli import main
+    capsys.readouterr()
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under folder, by relative path, with its bytes."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return out
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--max-steps", "0"], "--max-steps must be a positive integer"),
+    (["--max-steps", "0"], "argument --max-steps: must be at least 1, got 0"),
     (["--lr", "-1"], "--lr must be a positive number"),
-    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr", "nan"], "argument --lr: invalid finite number value: 'nan'"),
     (["--seq-len", "100000"], "fewer than one sequence of --seq-len 100000"),
     (["--max-minutes", "0"], "--max-minutes must be positive"),
 ])
@@ -153,6 +175,192 @@ def test_bad_training_arguments_get_clear_errors(tmp_path, prepared, extra, mess
                         "--tokenizer", tok, *ARGS, *extra], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dim", "0"], "argument --dim: must be at least 1, got 0"),
+    (["--dim", "-64"], "argument --dim: must be at least 1"),
+    (["--layers", "0"], "argument --layers: must be at least 1"),
+    (["--heads", "0"], "argument --heads: must be at least 1"),
+    (["--mlp", "0"], "argument --mlp: must be at least 1"),
+    (["--dim", "100", "--heads", "3"], "--dim 100 must be a multiple of --heads 3"),
+    (["--dim", "60", "--heads", "4"], "the head size must be even"),
+    (["--dim", "10000000"], "hidden_size = 10,000,000 is beyond any real model"),
+    (["--seq-len", "0"], "argument --seq-len: must be at least 1"),
+    (["--batch-size", "-2"], "argument --batch-size: must be at least 1"),
+    (["--max-steps", "0"], "argument --max-steps: must be at least 1"),
+    (["--grad-accum", "0"], "argument --grad-accum: must be at least 1"),
+    (["--eval-every", "0"], "argument --eval-every: must be at least 1"),
+    (["--warmup", "-1"], "argument --warmup: must be at least 0"),
+    (["--seed", "-1"], "argument --seed: must be at least 0"),
+    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--muon-lr", "0"], "--muon-lr must be a positive number"),
+    (["--cooldown", "1.5"], "--cooldown must be in (0, 1]"),
+    (["--n-docs", "-5"], "argument --n-docs: must be at least 2, got -5"),
+    (["--vocab-size", "10"], "argument --vocab-size: must be between 260"),
+    (["--vocab-size", "99999999999"], "argument --vocab-size: must be between 260"),
+    (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--device", "mps"], "--device mps: training runs on cpu or cuda"),
+    (["--resume", "--overwrite"], "give one of them"),
+])
+@pytest.mark.parametrize("with_data", [True, False])
+def test_every_bad_training_flag_is_one_line_before_any_work(tmp_path, prepared, capsys, extra, message, with_data):
+    """Zero, negative and inconsistent sizes are refused (`--dim 0` used to mean "the preset's"),
+    in one line naming the flag, before a corpus is synthesized or a model built: --out stays absent."""
+    data, tok = prepared
+    out = tmp_path / "o"
+    source = ["--data", data, "--tokenizer", tok] if with_data else []
+    code, err = cli(capsys, "train", "--out", out, *source, *extra)
+    assert code in (1, 2) and message in err, err
+    assert err.count("\n") == 1 and err.startswith("slm train: error: "), err
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_refused_for_every_verb(tmp_path, prepared, capsys):
+    data, tok = prepared
+    f = tmp_path / "afile"
+    f.write_bytes(b"keep me")
+    text = tmp_path / "c.txt"
+    text.write_text("one document\n\nanother one\n")
+    for argv in [("train", "--out", f, "--data", data, "--tokenizer", tok),
+                 ("train", "--out", f),
+                 ("data", "synth", "--out", f, "--n-docs", 10),
+                 ("tokenizer", "train", "--data", text, "--out", f),
+                 ("data", "prepare", "--data", text, "--tokenizer", tok, "--out", f)]:
+        code, err = cli(capsys, *argv)
+        verb = " ".join(map(str, argv[:2 if argv[0] != "train" else 1]))
+        assert code == 1 and err == f"slm {verb}: error: --out {f} is a file; give a folder\n", err
+    code, err = cli(capsys, "data", "scrub", "--input", tmp_path / "c.txt", "--output", text, "--report", f / "r.json")
+    assert code == 1 and f"--report {f / 'r.json'}: {f} is a file, not a folder" in err, err
+    assert f.read_bytes() == b"keep me"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "c.txt"]  # nothing else written, no .tmp left
+
+
+def test_a_finished_run_is_never_replaced_without_overwrite(tmp_path, prepared, reference_run, capsys):
+    """`slm train --out DIR` into a finished run used to delete its metrics and replace its
+    checkpoint and model; now it is refused and DIR stays byte for byte the same, and --overwrite
+    replaces the whole run."""
+    import shutil
+    data, tok = prepared
+    out = tmp_path / "r"
+    shutil.copytree(reference_run, out)
+    before = snapshot(out)
+    code, err = cli(capsys, "train", "--out", out, "--data", data, "--tokenizer", tok, *ARGS)
+    assert code == 1 and "already holds a training run" in err and "--resume" in err and "--overwrite" in err, err
+    assert snapshot(out) == before
+    code, err = cli(capsys, "train", "--out", out, "--data", data, "--tokenizer", tok, *ARGS, "--max-steps", "8",
+                    "--log-every", "1", "--warmup", "50", "--schedule", "wsd", "--overwrite")
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert json.load(open(out / "checkpoint" / "trainer_state.json"))["step"] == 8
+    assert slm.load(str(out)).model.config.hidden_size == 64
+    # the default warmup is longer than the run: capped, and said
+    assert "--warmup 50 is more than 1/4 of the 8 steps; warming up over 2" in err
+    lrs = [r["lr"] for r in rows]
+    assert max(lrs) == pytest.approx(2e-3) and lrs[-1] < lrs[3] / 2
+
+
+def test_resume_refuses_a_damaged_or_foreign_checkpoint(tmp_path, prepared, reference_run, capsys):
+    """Another architecture, a truncated optimizer state and a corrupt trainer_state.json each give
+    one line naming the file, and leave the run as it was."""
+    import shutil
+    data, tok = prepared
+    base = ["--data", data, "--tokenizer", tok, *ARGS, "--max-steps", "60", "--resume"]
+
+    def attempt(name, damage, *extra):
+        out = tmp_path / name
+        shutil.copytree(reference_run, out)
+        damage(out / "checkpoint")
+        before = snapshot(out)
+        code, err = cli(capsys, "train", "--out", out, *base, *extra)
+        assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert snapshot(out) == before
+        return err
+
+    err = attempt("dim", lambda c: None, "--dim", "128")
+    assert "trainer_state.json: the checkpoint is of another architecture: hidden_size 64 (this run: 128)" in err
+    err = attempt("layers", lambda c: None, "--layers", "3")
+    assert "num_layers 2 (this run: 3)" in err
+
+    def truncate(c, size):
+        with open(c / "trainer_state.safetensors", "r+b") as f:
+            f.truncate(size)
+    err = attempt("cut", lambda c: truncate(c, os.path.getsize(c / "trainer_state.safetensors") // 2))
+    assert "checkpoint/trainer_state.safetensors: truncated" in err
+    err = attempt("cut-header", lambda c: truncate(c, 20))
+    assert "checkpoint/trainer_state.safetensors: corrupt or truncated" in err
+    err = attempt("json", lambda c: (c / "trainer_state.json").write_text('{"step": 40, "train_'))
+    assert "checkpoint/trainer_state.json: not valid JSON" in err
+    err = attempt("list", lambda c: (c / "trainer_state.json").write_text("[]"))
+    assert "checkpoint/trainer_state.json: expected a JSON object" in err
+    err = attempt("nested", lambda c: (c / "trainer_state.json").write_text("[" * 100_000))
+    assert "checkpoint/trainer_state.json: JSON nested too deeply" in err
+    err = attempt("fields", lambda c: (c / "trainer_state.json").write_text('{"step": "x"}'))
+    assert "checkpoint/trainer_state.json: not a trainer state" in err
+
+
+def test_resume_refuses_optimizer_state_of_other_shapes(tmp_path, prepared):
+    from slm.train.optim import build_optimizers, load_state_tensors, state_tensors
+    cfg = slm.get_config("slm-1m").replace(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
+                                           intermediate_size=128, vocab_size=300)
+    model = slm.Transformer(cfg)
+    opts = build_optimizers(model, "adamw", 1e-3, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    opts[0].step()
+    tensors = state_tensors(opts, names)
+    key = next(k for k in tensors if k.endswith("exp_avg") and tensors[k].dim() == 2)
+    bad = {**tensors, key: torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=f"optimizer state {key} has shape \\[3, 3\\]"):
+        load_state_tensors(opts, names, bad, check_only=True)
+    with pytest.raises(ValueError, match="belongs to no parameter of this model"):
+        load_state_tensors(opts, names, {**tensors, "0.nope.exp_avg": torch.zeros(2)})
+    load_state_tensors(opts, names, tensors)  # its own state goes back in
+
+
+def test_a_batch_that_cannot_fit_is_refused_up_front(tmp_path, prepared, capsys):
+    """--batch-size 1000000000 used to sit at step 0 for minutes building its rows, then fail
+    allocating: the memory it needs is compared with what the machine has before anything starts,
+    with synthesized data before the corpus is written."""
+    import time
+    data, tok = prepared
+    for source in (["--data", data, "--tokenizer", tok], []):
+        t0 = time.time()
+        code, err = cli(capsys, "train", "--out", tmp_path / "o", *source, "--batch-size", "1000000000")
+        assert code == 1 and time.time() - t0 < 30, err
+        assert "--batch-size 1000000000 x --seq-len 256 needs at least" in err and "GiB free" in err, err
+        assert "--grad-accum" in err and not (tmp_path / "o").exists()
+
+
+def test_memory_estimate_is_a_lower_bound_that_refuses_only_what_cannot_fit(monkeypatch):
+    from slm.train import loop
+    c = loop.TrainConfig(out="o", data="", tokenizer="", seq_len=128, batch_size=64)
+    cfg = slm.get_config("slm-1m").replace(vocab_size=300)
+    need = loop.memory_needed(c, cfg, torch.device("cpu"))
+    # one step of this run measured 471 MiB of peak resident growth on the CPU: the estimate stays below
+    assert 100 * 2**20 < sum(need.values()) < 471 * 2**20
+    assert need["activations"] == 64 * 128 * 4 * (4 * 128 + 2 * 352) * 4
+    monkeypatch.setattr(loop, "available_memory", lambda device: sum(need.values()) + 1)
+    loop.check_memory(c, cfg, torch.device("cpu"))
+    monkeypatch.setattr(loop, "available_memory", lambda device: sum(need.values()) - 1)
+    with pytest.raises(ValueError, match=r"--batch-size 64 x --seq-len 128 needs at least 0.2 GiB \(weights and "
+                                         r"optimizer state 10 MiB, activations 152 MiB\), but the machine has 0.2 GiB free"):
+        loop.check_memory(c, cfg, torch.device("cpu"))
+    assert loop.available_memory(torch.device("cpu")) > 2**20
+
+
+def test_a_short_run_still_decays_its_learning_rate():
+    """The default warmup (50 steps) is longer than a 30-step run, which then never decayed:
+    warmup takes at most a quarter of the run."""
+    from slm.train.loop import TrainConfig, lr_at
+    for schedule in ("wsd", "cosine"):
+        c = TrainConfig(out="", data="", tokenizer="", max_steps=30, schedule=schedule)
+        assert c.warmup == 50 and c.warmup_steps == 7
+        lrs = [lr_at(s, c) for s in range(30)]
+        assert max(lrs) == 1.0 and lrs[-1] < 0.2 and lrs[6] == 1.0
+    long = TrainConfig(out="", data="", tokenizer="", max_steps=1000)
+    assert long.warmup_steps == 50  # an ordinary run keeps its warmup
 
 
 def test_bad_training_data_gets_clear_errors(tmp_path, prepared):

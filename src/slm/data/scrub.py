@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from ..files import atomic_write, output_file, output_folder
+
 KINDS = ("PRIVATE_KEY", "SECRET", "EMAIL", "IBAN", "CARD", "NATIONAL_ID", "IP", "PHONE")  # also the priority
 
 
@@ -305,14 +307,41 @@ def scrub_text(text: str, counts: Counter | None = None) -> tuple[str, Counter]:
 
 
 def _scrub_json(obj, counts: Counter):
-    """Every string in a JSON value (keys are left alone)."""
+    """Every string in a JSON value, object keys included. A key whose redaction equals another
+    key of the same object gets a suffix ("[EMAIL]#2"), so that no value is lost."""
     if isinstance(obj, str):
         return scrub_text(obj, counts)[0]
     if isinstance(obj, list):
         return [_scrub_json(x, counts) for x in obj]
     if isinstance(obj, dict):
-        return {k: _scrub_json(v, counts) for k, v in obj.items()}
+        out = {}
+        for k, v in obj.items():
+            key = scrub_text(k, counts)[0]
+            if key != k:
+                base, n = key, 2
+                while key in out or key in obj:
+                    key, n = f"{base}#{n}", n + 1
+            out[key] = _scrub_json(v, counts)
+        return out
     return obj
+
+
+# Byte-order marks, longest first (UTF-32 LE's starts with UTF-16 LE's)
+BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xef\xbb\xbf", "utf-8"),
+        (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
+def text_encoding(path: str, head: bytes) -> tuple[str, bytes]:
+    """(encoding, byte-order mark) of a text file from its first bytes: the BOM's UTF-8/16/32,
+    else UTF-8. Without a BOM, NUL bytes mean UTF-16/32 (or not text): a ValueError, since read
+    as UTF-8 such a file would look like text in which nothing is ever found."""
+    for bom, encoding in BOMS:
+        if head.startswith(bom):
+            return encoding, bom
+    if b"\x00" in head:
+        raise ValueError(f"{path}: holds NUL bytes, so it is UTF-16 or UTF-32 text without a byte-order mark, or not "
+                         "text at all; save it as UTF-8 (or with a byte-order mark)")
+    return "utf-8", b""
 
 
 def _txt_blocks(f):
@@ -328,53 +357,75 @@ def _txt_blocks(f):
         yield "".join(block)
 
 
+def _jsonl_line(line: str, where: str, counts: Counter) -> str:
+    """One line of a .jsonl file, scrubbed: every string of the record, or the whole line as text
+    when it is not JSON (a malformed line is never passed through unscrubbed)."""
+    try:
+        obj = json.loads(line)
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError:  # not JSON, or a number of more digits than Python converts
+        counts["malformed JSON lines (scrubbed as text)"] += 1
+        return scrub_text(line, counts)[0]
+    try:
+        clean = _scrub_json(obj, counts)
+        out = json.dumps(clean, ensure_ascii=False)
+        out.encode("utf-8")
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to read") from None
+    except UnicodeEncodeError:  # lone surrogates ("\\ud800"): kept as the escapes they were written as
+        out = json.dumps(clean)
+    return out + "\n"
+
+
 def scrub_file(src: str, dst: str, counts: Counter) -> None:
-    """Scrub one .txt (whole text) or .jsonl (every string of every record) file into dst, atomically."""
+    """Scrub one .txt (whole text) or .jsonl (every string of every record, keys included) file
+    into dst, atomically, in the file's own encoding (UTF-8, or UTF-16/32 with its byte-order mark).
+    A file that is not valid in its encoding is refused: a finding next to a bad byte could be
+    missed."""
     if not src.endswith((".txt", ".jsonl")):
         raise ValueError(f"{src}: unsupported file type (slm data scrub reads .txt and .jsonl)")
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = f"{dst}.tmp-{os.getpid()}"
+    with open(src, "rb") as f:
+        encoding, bom = text_encoding(src, f.read(65536))
+    reading = {"utf-8": "utf-8-sig", "utf-16-le": "utf-16", "utf-16-be": "utf-16"}.get(encoding, "utf-32")
     try:
-        with open(src, encoding="utf-8", errors="surrogateescape", newline="") as fin, \
-                open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as fout:
+        with open(src, encoding=reading, newline="") as fin, atomic_write(dst, "wb", flag="--output") as fout:
+            fout.write(bom)
             if src.endswith(".txt"):
                 for block in _txt_blocks(fin):
-                    fout.write(scrub_text(block, counts)[0])
+                    fout.write(scrub_text(block, counts)[0].encode(encoding))
             else:
                 for n, line in enumerate(fin, 1):
-                    if not line.strip():
-                        fout.write(line)
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError:  # never pass a malformed line through unscrubbed
-                        counts["malformed JSON lines (scrubbed as text)"] += 1
-                        fout.write(scrub_text(line, counts)[0])
-                        continue
-                    fout.write(json.dumps(_scrub_json(obj, counts), ensure_ascii=False) + "\n")
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+                    text = line if not line.strip() else _jsonl_line(line, f"{src}:{n}", counts)
+                    fout.write(text.encode(encoding))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{src}: not {encoding.upper()} text: {e.reason}; convert it first, e.g. "
+                         f"`iconv -f LATIN1 -t UTF-8 {os.path.basename(src)}`") from None
 
 
 def scrub_path(src: str, dst: str, progress: bool = True) -> dict:
     """Scrub a .txt/.jsonl file, or every such file of a folder, into dst (a file or a folder).
     Returns the report: files, counts by kind and the total."""
-    if os.path.abspath(src) == os.path.abspath(dst):
+    if not dst:
+        raise ValueError("--output is empty; give a file or folder")
+    if os.path.realpath(src) == os.path.realpath(dst):
         raise ValueError("--output must differ from --input (the input is kept as it was)")
     if os.path.isfile(src):
         pairs = [(src, os.path.join(dst, os.path.basename(src)) if os.path.isdir(dst) else dst)]
+        output_file(pairs[0][1], "--output")
     elif os.path.isdir(src):
         files = sorted(f for f in glob.glob(os.path.join(src, "*")) if f.endswith((".txt", ".jsonl")))
         if not files:
             raise ValueError(f"{src}: no .txt or .jsonl files")
-        if os.path.isfile(dst):
-            raise ValueError(f"{dst}: is a file; the output of a folder is a folder")
+        output_folder(dst, "--output")
         pairs = [(f, os.path.join(dst, os.path.basename(f))) for f in files]
+        for _, d in pairs:
+            output_file(d, "--output")
     else:
         raise FileNotFoundError(f"{src}: no such file or folder")
+    for s, d in pairs:
+        if os.path.exists(d) and os.path.samefile(s, d):
+            raise ValueError(f"--output would write {d} over the input {s} (the input is kept as it was)")
     counts: Counter = Counter()
     for s, d in tqdm(pairs, desc="scrubbing", unit=" files", disable=not progress or len(pairs) < 2):
         scrub_file(s, d, counts)

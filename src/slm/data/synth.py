@@ -18,13 +18,15 @@ documents is astronomically large.  Only the standard library is used; generatio
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
+import shutil
 import time
 from collections import Counter
 from typing import Iterable, Iterator
+
+from ..files import atomic_write, output_folder, write_json
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary.  Words starting with a vowel letter but a consonant sound ("unicorn", "one") or
@@ -798,6 +800,11 @@ def corpus_stats(docs: Iterable[str], skeletons: Iterable[str] | None = None) ->
     }
 
 
+# Bytes of a document as written: the shortest are about 280 (so a corpus of n documents needs at
+# least n x MIN_DOC_BYTES of disk); about 600 on average.
+MIN_DOC_BYTES, AVG_DOC_BYTES = 250, 600
+
+
 def write_corpus(out_dir: str, n_docs: int, seed: int = 0, val_fraction: float = 0.02,
                  stats_sample: int = 20_000) -> dict:
     """Write train.txt / val.txt (documents separated by a blank line) and stats.json.
@@ -806,12 +813,24 @@ def write_corpus(out_dir: str, n_docs: int, seed: int = 0, val_fraction: float =
     computed on the first `stats_sample` documents (n-gram sets of a full 20M-token corpus would
     need gigabytes); counts and the template mix cover every document.
     """
+    if not isinstance(n_docs, int) or isinstance(n_docs, bool) or n_docs < 2:
+        raise ValueError(f"--n-docs must be an integer of at least 2 (one document for each split), got {n_docs}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    output_folder(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    free = shutil.disk_usage(out_dir).free
+    if n_docs * MIN_DOC_BYTES > free:
+        raise ValueError(f"--n-docs {n_docs:,} needs at least {n_docs * MIN_DOC_BYTES / 1e9:,.1f} GB "
+                         f"(~{AVG_DOC_BYTES} bytes a document), but {out_dir} has {free / 1e9:,.1f} GB free")
     split_rng = random.Random(seed * 7919 + 1)  # separate stream: the split does not perturb the text
     counts = {"train": 0, "val": 0}
     n_words, skel, sample, sample_skel = 0, Counter(), [], []
     t0 = time.perf_counter()
-    with open(os.path.join(out_dir, "train.txt"), "w") as ft, open(os.path.join(out_dir, "val.txt"), "w") as fv:
+    # written whole or not at all: an interrupted run leaves no half corpus for `data prepare` to read
+    with atomic_write(os.path.join(out_dir, "train.txt")) as ft, atomic_write(os.path.join(out_dir, "val.txt")) as fv:
         files = {"train": ft, "val": fv}
         for i, (text, meta) in enumerate(iter_documents_with_meta(seed, n_docs)):
             # The first two documents seed both splits, so neither is ever empty (n_docs >= 2).
@@ -838,6 +857,5 @@ def write_corpus(out_dir: str, n_docs: int, seed: int = 0, val_fraction: float =
         "template_counts": dict(skel.most_common()),
         "sample_stats": {k: v for k, v in diversity.items() if k != "template_counts"},
     }
-    with open(os.path.join(out_dir, "stats.json"), "w") as f:
-        json.dump(stats, f, indent=2)
+    write_json(os.path.join(out_dir, "stats.json"), stats)
     return stats

@@ -30,14 +30,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..accel import accelerate_training
 from ..checkpoint import hf
-from ..checkpoint.safetensors_io import CheckpointError
+from ..checkpoint.safetensors_io import CheckpointError, read_header, read_into
 from ..model.config import ModelConfig
 from ..data.prepare import load_meta, load_tokens
+from ..files import atomic_write, output_folder, read_json_object
 from ..footprint import track
 from ..footprint.devices import peak_flops  # noqa: F401 (re-exported: benchmarks import it from here)
 from ..footprint.flops import flops_per_token
@@ -89,35 +90,162 @@ class TrainConfig:
                     "max_steps": self.max_steps, "eval_every": self.eval_every, "eval_batches": self.eval_batches,
                     "save_every": self.save_every, "log_every": self.log_every}
         for name, v in positive.items():
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"--warmup must be a non-negative integer, got {self.warmup}")
-        for name, v in {"lr": self.lr, "muon_lr": self.muon_lr, "grad_clip": self.grad_clip}.items():
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
+        for name, v in {"warmup": self.warmup, "seed": self.seed}.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"--{name} must be a non-negative integer, got {v}")
+        numbers = {"lr": self.lr, "muon_lr": self.muon_lr, "grad_clip": self.grad_clip, "cooldown": self.cooldown,
+                   "min_lr_ratio": self.min_lr_ratio, "weight_decay": self.weight_decay}
+        for name, v in numbers.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+        for name in ("lr", "muon_lr", "grad_clip"):
+            if not numbers[name] > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {numbers[name]}")
+        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float))
+                                                 and math.isfinite(self.max_minutes) and self.max_minutes > 0):
             raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
         if not 0 < self.cooldown <= 1 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
             raise ValueError("--cooldown must be in (0, 1], min_lr_ratio in [0, 1], weight_decay >= 0")
+        if self.device is not None:
+            self.device = _check_device(self.device)
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"unknown schedule {self.schedule!r}: use cosine or wsd")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use adamw or muon")
+
+    @property
+    def warmup_steps(self) -> int:
+        """The warmup the schedule uses: --warmup, but at most a quarter of the run, so that a run
+        shorter than the default warmup still reaches its peak and decays (a 30-step run with 50
+        warmup steps would end still warming up)."""
+        return min(self.warmup, self.max_steps // WARMUP_SHARE)
+
+
+WARMUP_SHARE = 4  # warmup takes at most 1/4 of the steps
+
+
+def _check_device(name: str) -> str:
+    """--device: cpu, cuda or cuda:N, the GPU present; anything else is a ValueError."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: training runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return name
 
 
 def lr_at(step: int, c: TrainConfig, progress: float | None = None) -> float:
     """The learning-rate multiplier: linear warmup over `warmup` steps, then cosine or WSD decay
     over the run's progress (by steps; with --max-minutes, by whichever of steps and time is
     further along). WSD holds the peak, then decays linearly over the last `cooldown` fraction."""
-    if step < c.warmup:
-        return (step + 1) / c.warmup
+    warmup = c.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
     if progress is None:
-        progress = (step - c.warmup) / max(1, c.max_steps - c.warmup)
+        progress = (step - warmup) / max(1, c.max_steps - warmup)
     progress, floor = min(progress, 1.0), c.min_lr_ratio
     if c.schedule == "wsd":
         return 1.0 if progress < 1 - c.cooldown else floor + (1 - floor) * (1 - progress) / c.cooldown
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+GiB = 1024**3
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated: free GPU memory, or the host's MemAvailable (None when
+    it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_needed(c: TrainConfig, cfg: ModelConfig, device: torch.device, world: int = 1) -> dict[str, int]:
+    """A lower bound of the bytes one training process needs, by part: weights, gradients and
+    optimizer state (16 bytes a parameter with AdamW, 12 with Muon's single momentum on the
+    matrices), the activations a micro-batch keeps for the backward pass (at least 4 floats a
+    token per hidden unit and 2 per MLP unit, in each layer, at 4 bytes on the CPU and 2 under
+    bf16 autocast), on a GPU the bf16 logits and their gradient, and the micro-batch's token ids
+    (int64, on the host). The real figure is higher; this only refuses runs that cannot fit."""
+    rows = max(1, c.batch_size // world)
+    tokens = rows * c.seq_len
+    act_bytes = 2 if device.type == "cuda" else 4
+    params = cfg.num_params() // (world if c.fsdp else 1)  # FSDP: each process holds 1/world of them
+    need = {
+        "weights and optimizer state": params * (12 if c.optimizer == "muon" else 16),
+        "activations": tokens * cfg.num_layers * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * act_bytes,
+        "batch": c.batch_size * (c.seq_len + 1) * 8 * 2,  # every process reads the whole batch, then a tensor
+    }
+    if device.type == "cuda":
+        need["logits"] = tokens * cfg.vocab_size * 2 * 2
+    return need
+
+
+def check_memory(c: TrainConfig, cfg: ModelConfig, device: torch.device, world: int = 1) -> None:
+    """Refuse, with the numbers, a run whose memory_needed exceeds what the device has free, before
+    anything is allocated: a billion-row batch would otherwise sit at step 0 building its rows, then
+    fail allocating (or be killed) minutes later."""
+    need = memory_needed(c, cfg, device, world)
+    host_only = {"batch"} if device.type == "cuda" else set()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else 1  # processes sharing the host
+    checks = [(device, sum(v for k, v in need.items() if k not in host_only) * (1 if device.type == "cuda" else local))]
+    if host_only:
+        checks.append((torch.device("cpu"), need["batch"] * local))
+    for dev, total in checks:
+        free = available_memory(dev)
+        if free is None or total <= free:
+            continue
+        parts = ", ".join(f"{k} {v / GiB:,.1f} GiB" if v >= GiB else f"{k} {v / 2**20:,.0f} MiB"
+                          for k, v in need.items() if v >= 2**20)
+        where = "the GPU has" if dev.type == "cuda" else "the machine has"
+        raise ValueError(f"--batch-size {c.batch_size} x --seq-len {c.seq_len} needs at least {total / GiB:,.1f} GiB "
+                         f"({parts}), but {where} {free / GiB:,.1f} GiB free: lower --batch-size (raise "
+                         "--grad-accum to keep the tokens per step), --seq-len or the model's size")
+
+
+RUN_FILES = ("checkpoint", "metrics.jsonl", "loss.png", "receipt.json", "config.json", "generation_config.json",
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja", ".final")
+
+
+def run_files(out: str) -> list[str]:
+    """The files and folders of an earlier run in out (what a new run would replace); the data a
+    run synthesized (out/data) is not among them, as it is reused."""
+    if not os.path.isdir(out):
+        return []
+    names = [n for n in RUN_FILES if os.path.lexists(os.path.join(out, n))]
+    names += sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.safetensors")))
+    names += sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, ".tmp-checkpoint-*")))
+    return names
+
+
+def check_new_run(out: str, resume: bool, overwrite: bool) -> None:
+    """A run into a folder that holds another needs --resume (continue it) or --overwrite (replace it)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    found = run_files(out) if not resume else []
+    if found and not overwrite:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"--out {out} already holds a training run ({shown}): --resume continues it, "
+                         "--overwrite replaces it (its checkpoint, metrics and model are deleted)")
 
 
 def batch(tokens: np.ndarray, seed: int, step: int, micro: int, c: TrainConfig, device) -> tuple:
@@ -199,6 +327,7 @@ def train_step(loss_fn, model: torch.nn.Module, optimizers, micro_batches, grad_
 class Trainer:
     def __init__(self, c: TrainConfig, model_cfg: ModelConfig):
         self.c = c
+        output_folder(c.out)
         # Under torchrun (WORLD_SIZE > 1): DDP, or FSDP with --fsdp (distributed.py)
         device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.world, self.rank, self.device = distributed.setup(device)
@@ -222,6 +351,7 @@ class Trainer:
                                  f"{c.seq_len}; use more data or a shorter --seq-len")
         self.model_cfg = model_cfg.replace(vocab_size=self.tokenizer.vocab_size, max_seq_len=max(c.seq_len, model_cfg.max_seq_len),
                                            bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id)
+        check_memory(c, self.model_cfg, self.device, self.world)
         torch.manual_seed(c.seed)
         self.model = Transformer(self.model_cfg).to(self.device)
         self.model.init_weights()
@@ -286,6 +416,9 @@ class Trainer:
             shutil.rmtree(p, ignore_errors=True)
 
     def load_checkpoint(self) -> bool:
+        """Restore weights, optimizer state and step from out/checkpoint; False when there is none.
+        A checkpoint of another architecture or optimizer, or a damaged file, is a CheckpointError
+        that names the file, before any weight is touched."""
         if self.rank == 0:
             self._recover_checkpoint()
         if self.world > 1:
@@ -293,24 +426,65 @@ class Trainer:
         state_path = os.path.join(self.ckpt_dir, "trainer_state.json")
         if not os.path.exists(state_path):
             return False
-        with open(state_path) as f:
-            state = json.load(f)
-        saved = state["train_config"].get("optimizer", "adamw")
+        try:
+            state = read_json_object(state_path)
+        except ValueError as e:
+            raise CheckpointError(f"{e}; the checkpoint cannot be resumed (--overwrite starts the run again)") from None
+        step, saved_cfg, train_cfg = state.get("step"), state.get("model_config"), state.get("train_config")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(saved_cfg, dict) \
+                or not isinstance(train_cfg, dict):
+            raise CheckpointError(f"{state_path}: not a trainer state (needs step, model_config and train_config); "
+                                  "the checkpoint cannot be resumed (--overwrite starts the run again)")
+        saved = train_cfg.get("optimizer", "adamw")
         if saved != self.c.optimizer:
             raise ValueError(f"{self.ckpt_dir} was trained with --optimizer {saved}; resume with the same optimizer")
+        ours = self.model_cfg.to_dict()
+        differ = [k for k in ours if k in saved_cfg and saved_cfg[k] != ours[k] and k not in ("name", "source")]
+        if differ:
+            what = ", ".join(f"{k} {saved_cfg[k]} (this run: {ours[k]})" for k in differ[:6])
+            raise CheckpointError(f"{state_path}: the checkpoint is of another architecture: {what}; resume with the "
+                                  "flags it was trained with (--preset, --dim, --layers, --heads, --mlp, --tokenizer)")
         loaded = hf.load_model(os.path.join(self.ckpt_dir, "model"), dtype=torch.float32, device=self.device)
-        tensors = load_file(os.path.join(self.ckpt_dir, "trainer_state.safetensors"))
+        theirs = dict(loaded.named_parameters())
+        with torch.device("meta"):  # the whole model's shapes (under FSDP self.model holds shards)
+            ours_shapes = {n: tuple(p.shape) for n, p in Transformer(self.model_cfg).named_parameters()}
+        if ours_shapes != {n: tuple(q.shape) for n, q in theirs.items()}:
+            bad = next((n for n in ours_shapes if n not in theirs or ours_shapes[n] != tuple(theirs[n].shape)),
+                       next(iter(theirs.keys() - ours_shapes.keys()), "?"))
+            raise CheckpointError(f"{os.path.join(self.ckpt_dir, 'model')}: weight {bad} has shape "
+                                  f"{list(theirs[bad].shape) if bad in theirs else 'none'}, this run's model "
+                                  f"{list(ours_shapes[bad]) if bad in ours_shapes else 'none'}: the checkpoint is of "
+                                  "another architecture")
+        tensors = self._read_trainer_state()
         if self.fsdp:
             prefix = "0."
             distributed.load_full_state(self.model, self.optimizers[0], loaded.state_dict(),
                                         {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         else:
+            try:
+                load_state_tensors(self.optimizers, self._param_names(), tensors, check_only=True)
+            except ValueError as e:
+                raise CheckpointError(f"{os.path.join(self.ckpt_dir, 'trainer_state.safetensors')}: {e}") from None
             with torch.no_grad():
-                for (n, p), (_, q) in zip(self.model.named_parameters(), loaded.named_parameters()):
-                    p.copy_(q)
+                for n, p in self.model.named_parameters():
+                    p.copy_(theirs[n])
             load_state_tensors(self.optimizers, self._param_names(), tensors)
-        self.step = state["step"]
+        self.step = step
         return True
+
+    def _read_trainer_state(self) -> dict[str, torch.Tensor]:
+        """The optimizer state tensors, each checked to lie inside the file (a truncated or damaged
+        file is a CheckpointError naming it, not a crash inside the safetensors library)."""
+        path = os.path.join(self.ckpt_dir, "trainer_state.safetensors")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: missing, so the optimizer state cannot be restored "
+                                  "(--overwrite starts the run again)")
+        out = {}
+        for name, info in read_header(path).items():
+            t = torch.empty(info.shape, dtype=info.dtype)
+            read_into(path, info, t)
+            out[name] = t
+        return out
 
     def _param_names(self) -> dict[int, str]:
         return {id(p): n for n, p in self.model.named_parameters()}
@@ -351,10 +525,20 @@ class Trainer:
             raise RuntimeError("the training processes disagree at the end (step, weight checksum): "
                                + ", ".join(f"rank {i}: {e.tolist()}" for i, e in enumerate(every)))
 
-    def train(self, resume: bool = False, progress: bool = True) -> dict:
+    def train(self, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+        """Run to max_steps (or max_minutes). resume: continue from out/checkpoint when there is one.
+        Without resume, an earlier run in out is refused (its checkpoint, metrics and model would be
+        lost) unless overwrite, which deletes it first."""
         c = self.c
+        check_new_run(c.out, resume, overwrite)
         os.makedirs(c.out, exist_ok=True)
         metrics_path = os.path.join(c.out, "metrics.jsonl")
+        if self.world > 1:  # every rank has checked the folder before rank 0 clears it
+            torch.distributed.barrier()
+        if overwrite and self.rank == 0:
+            for name in run_files(c.out):
+                path = os.path.join(c.out, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         resumed = resume and self.load_checkpoint()
         if resumed:
             if self.rank == 0:
@@ -362,6 +546,9 @@ class Trainer:
                 _truncate_metrics(metrics_path, self.step)
         elif os.path.exists(metrics_path) and self.rank == 0:
             os.remove(metrics_path)
+        if c.warmup_steps < c.warmup and self.rank == 0:
+            print(f"note: --warmup {c.warmup} is more than 1/{WARMUP_SHARE} of the {c.max_steps} steps; warming up "
+                  f"over {c.warmup_steps} so that the learning rate decays", file=sys.stderr, flush=True)
         tokens_per_step = c.batch_size * c.seq_len * c.grad_accum
         fpt, peak = flops_per_token(self.model_cfg, c.seq_len), peak_flops(self.device, refresh=True)
         # out/receipt.json: this session's time, FLOPs, energy, CO2 and money (added to the earlier
@@ -380,7 +567,7 @@ class Trainer:
         while self.step < c.max_steps and not (budget and elapsed > budget):
             progress = None
             if budget:  # a time budget: decay by elapsed time when that is further along (not replayable)
-                progress = max((self.step - c.warmup) / max(1, c.max_steps - c.warmup), elapsed / budget)
+                progress = max((self.step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps), elapsed / budget)
             lr = lr_at(self.step, c, progress)
             set_lr(self.optimizers, lr)
             micro_batches = ((x[self.rank::self.world], y[self.rank::self.world]) for x, y in
@@ -436,7 +623,7 @@ def _truncate_metrics(path: str, step: int) -> None:
         return
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
+    with atomic_write(path) as f:  # a kill here keeps the old file whole
         f.writelines(rows)
 
 
@@ -456,5 +643,6 @@ def plot_metrics(metrics_path: str, png: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    with atomic_write(png, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)

@@ -123,11 +123,24 @@ def state_tensors(optimizers: list[torch.optim.Optimizer], names: dict[int, str]
 
 
 def load_state_tensors(optimizers: list[torch.optim.Optimizer], names: dict[int, str],
-                       tensors: dict[str, torch.Tensor]) -> None:
+                       tensors: dict[str, torch.Tensor], check_only: bool = False) -> None:
+    """Put the state written by state_tensors back into the optimizers. Every tensor must belong
+    to a parameter of this model, with the parameter's shape (the step counters are scalars): a
+    ValueError names the first that does not. check_only: check, change nothing."""
+    known = set()
     for i, opt in enumerate(optimizers):
         for group in opt.param_groups:
             for p in group["params"]:
                 prefix = f"{i}.{names[id(p)]}."
                 state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                if state:
+                for k, v in state.items():
+                    known.add(prefix + k)
+                    if v.dim() and v.shape != p.shape:
+                        raise ValueError(f"optimizer state {prefix + k} has shape {list(v.shape)}, "
+                                         f"the parameter {list(p.shape)}: the checkpoint is of another architecture")
+                if state and not check_only:
                     opt.state[p] = {k: v.to(p.device) for k, v in state.items()}
+    unknown = sorted(tensors.keys() - known)
+    if unknown:
+        raise ValueError(f"optimizer state {unknown[0]} (and {len(unknown) - 1} more) belongs to no parameter of "
+                         "this model: the checkpoint is of another architecture or optimizer")
