@@ -30,7 +30,7 @@ def main(out: str = "runs/demo", minutes: float = 7.0) -> None:
     c = TrainConfig(out=os.path.join(out, "model"), data=tokens, tokenizer=tok,
                     seq_len=128, batch_size=16, max_steps=100_000, max_minutes=minutes, warmup=20,
                     eval_every=200, save_every=500, log_every=20)  # the default recipe: Muon, WSD
-    result = Trainer(c, cfg).train()
+    result = Trainer(c, cfg).train(overwrite=True)
     print(f"validation loss {result['val_loss']:.3f} after {result['steps']} steps "
           f"({result['minutes']:.1f} min); loss curve: {c.out}/loss.png")
     lm = load(c.out)

@@ -178,8 +178,8 @@ def sampling(w):
 
 
 def verbs(w) -> dict[str, tuple[list[str], dict]]:
-    """verb -> (a valid command line, {flag: strategy of values it must refuse}). A flag absent from
-    the valid line is added with its hostile value; "<stdin>" replaces the standard input."""
+    """verb[:variant] -> (a valid command line, {flag: strategy of values it must refuse}). A flag
+    absent from the valid line is added with its hostile value; "<stdin>" replaces the standard input."""
     out_dir, out_file = "<out_dir>", "<out_file>"
     models = paths(w, *MODELS)
     return {
@@ -243,14 +243,14 @@ def verbs(w) -> dict[str, tuple[list[str], dict]]:
                   "--tokens": st.sampled_from(["1e400", "-1", "0", "x", "nan", "-inf", "9e307T"]),
                   "--gpu": choice(), "--gpus": ints(1), "--mfu": floats(0, 1), "--pue": floats(1, low_ok=True),
                   "--grid": floats(0, low_ok=True), "--price": floats(0, low_ok=True)}),
-        "cost --compare": (["--compare", "--out", out_file],
+        "cost:compare": (["--compare", "--out", out_file],
                            {"--out": paths(w, *OUT_FILES), "--receipts": paths(w, "missing", "afile", "under_file")}),
         "eval": (["--model", w["model"], "--task", w["task"], "--task-format", "hellaswag"],
                  {"--model": models, "--task": paths(w, *IN_FILES), "--task-format": choice(),
                   "--num-fewshot": ints(0), "--limit": ints(1), "--batch-size": ints(1), "--max-length": ints(2),
                   "--seed": st.sampled_from(NOT_A_NUMBER), "--output": paths(w, *OUT_FILES),
                   "--dtype": choice(), "--device": st.sampled_from(DEVICES)}),
-        "eval --text": (["--model", w["model"], "--text", w["text"]],
+        "eval:text": (["--model", w["model"], "--text", w["text"]],
                         {"--text": paths(w, "missing", "adir", "binary", "under_file"), "--model": models}),
         "explain": (["--model", w["model"], "--prompt", "The cat", "--out", out_file + ".html", "--steps", "2",
                      "--no-figures"],
@@ -311,10 +311,8 @@ def hostile(draw, cases):
 
 
 def build_argv(verb: str, base: list[str], replaced: dict[str, str], out: str) -> tuple[list[str], bytes | None]:
-    words = verb.split()
-    argv = [w for w in words if not w.startswith("--")]
-    args = [w for w in words if w.startswith("--")] + list(base)
-    args = [a.replace("<out_dir>", out).replace("<out_file>", out + ".out") for a in args]
+    argv = verb.split(":")[0].split()
+    args = [a.replace("<out_dir>", out).replace("<out_file>", out + ".out") for a in base]
     for flag, value in replaced.items():
         if flag == "<stdin>":
             continue
@@ -340,7 +338,7 @@ def test_every_verb_refuses_hostile_arguments_with_one_line(world, cases, data):
         shutil.rmtree(os.path.join(world["root"], "runs"), ignore_errors=True)
     lines = [line for line in err.splitlines() if line.strip()]
     shown = f"slm {' '.join(a.encode('utf-8', 'backslashreplace').decode() for a in argv)}"
-    name = " ".join(w for w in verb.split() if not w.startswith("--"))
+    name = verb.split(":")[0]
     assert code != 0, f"{shown}\nexit code 0; stderr:\n{err}"
     assert len(lines) == 1, f"{shown}\nexpected one error line, got:\n{err}"
     assert lines[0].startswith(f"slm {name}: error: "), f"{shown}\n{err}"

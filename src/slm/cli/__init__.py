@@ -42,6 +42,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     Building a command's flags imports its module and config dataclass, and running it imports the
     rest inside the command's function: these lazy imports keep `slm --help` fast."""
     ap = Parser(prog="slm", description="Small language models on one ordinary machine.")
+    ap.verb_parsers = {}  # "data synth" -> its parser, for errors found after parsing
     sub = ap.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for words, (module, help) in COMMANDS.items():
@@ -53,6 +54,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                 groups[path[0]] = g.add_subparsers(dest=f"{path[0]}_command", required=True)
             parent = groups[path[0]]
         p = parent.add_parser(path[-1], help=help, description=help, formatter_class=HelpFormatter)
+        ap.verb_parsers[words] = p
         if argv is None or argv[:len(path)] == path:
             mod = importlib.import_module(f".{module}", __name__)
             name = "_".join(path)
@@ -101,7 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the verb's own parser, so that the line names the verb
+        parser.verb_parsers[verb_of(args)].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
     except KeyboardInterrupt:

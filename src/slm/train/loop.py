@@ -43,6 +43,7 @@ from ..footprint import track
 from ..footprint.devices import peak_flops  # noqa: F401 (re-exported: benchmarks import it from here)
 from ..footprint.flops import flops_per_token
 from ..model import Transformer
+from ..runtime.lm import check_device
 from ..runtime.tokenizer import Tokenizer
 from .loss import fused_linear_cross_entropy
 from . import distributed
@@ -127,18 +128,9 @@ WARMUP_SHARE = 4  # warmup takes at most 1/4 of the steps
 
 
 def _check_device(name: str) -> str:
-    """--device: cpu, cuda or cuda:N, the GPU present; anything else is a ValueError."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
+    """--device: a device this machine has (runtime.lm.check_device), and one training runs on."""
+    if check_device(name).type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: training runs on cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return name
 
 
