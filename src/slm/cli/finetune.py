@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .flags import add_flags, quantize_options, values
+from .flags import add_flags, at_least, quantize_options, values
 
 # The flags of finetune.sft.FinetuneConfig (defaults from there).
 FINETUNE = [
@@ -69,18 +69,19 @@ def data_distill_flags(p) -> None:
     p.add_argument("--strategy", default="step-by-step",
                    choices=["step-by-step", "direct", "explain", "recall-then-answer"],
                    help="how the teacher is asked to answer (Orca 2's strategies)")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens per reply at most")
+    p.add_argument("--max-tokens", type=at_least(1), default=256, help="tokens per reply at most")
     add_flags(p, Sampling, [("temperature", "the teacher's sampling temperature (0: greedy)")])
     p.add_argument("--model", default=None, help="model name at the server (default: the first it lists)")
     p.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY or $SLM_API_KEY")
-    p.add_argument("--n-prompts", type=int, default=500, help="questions in the builtin set")
-    p.add_argument("--limit", type=int, default=None, help="stop after this many new records (default: all)")
+    p.add_argument("--n-prompts", type=at_least(1), default=500, help="questions in the builtin set")
+    p.add_argument("--limit", type=at_least(1), default=None, help="stop after this many new records (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the builtin questions")
     quantize_options(p, group=False)
 
 
 def data_distill(a) -> None:
-    from ..finetune.distill import distill, make_teacher, read_prompts
+    from ..finetune.distill import check_options, distill, make_teacher, read_prompts
+    check_options(a.out, a.strategy, a.max_tokens, a.temperature, a.limit)  # before the teacher is loaded
     items = read_prompts(a.prompts, a.n_prompts, a.seed)
     teacher = make_teacher(a.teacher, a.model, a.api_key, a.quantize)
     s = distill(teacher, items, a.out, a.strategy, a.max_tokens, a.temperature, a.limit)
