@@ -292,7 +292,8 @@ def test_sigkill_at_random_moments_then_resume(base, data, tmp_path):
         proc = start(out, base, data, log, *extra)
         # a step to reach and a delay after it, drawn from the seed: kills fall anywhere in a step,
         # in a validation pass or in a checkpoint's write
-        target, delay = min(STEPS - 4, max(last_step, progress(log)) + rng.randint(2, 12)), rng.uniform(0, 0.05)
+        # (at most STEPS - 12: the bar lags the run by up to 0.1 s, and the run must not end first)
+        target, delay = min(STEPS - 12, max(last_step, progress(log)) + rng.randint(2, 10)), rng.uniform(0, 0.05)
         while proc.poll() is None and progress(log) < target:
             time.sleep(0.002)
         time.sleep(delay)
