@@ -162,3 +162,45 @@ def test_echoing_a_fact_question_is_not_an_answer():
     item = {"prompt": "Where do fish live?", "answer": "Fish live in water.", "kind": "fact"}
     assert not is_correct(item, "Where do fish live? Fish live, fish live.")
     assert is_correct(item, "Fish live in the water of rivers and seas.")
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--n-prompts", "-3"], "--n-prompts: must be at least 1"), (["--n-prompts", "0"], "--n-prompts"),
+    (["--max-tokens", "0"], "--max-tokens"), (["--limit", "0"], "--limit"), (["--limit", "-2"], "--limit"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"), (["--temperature", "nan"], "--temperature"),
+    (["--out", "FOLDER"], "is a folder; give a file name")])
+def test_bad_distill_numbers_are_refused_before_any_work(tmp_path, capsys, monkeypatch, extra, says):
+    """Each one line naming the flag, before the teacher is loaded (it does not exist here)."""
+    from slm.cli import main as cli
+    from slm.finetune import distill as distill_mod
+    monkeypatch.setattr(distill_mod, "make_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    extra = [str(tmp_path) if x == "FOLDER" else x for x in extra]
+    with pytest.raises(SystemExit) as e:
+        cli(["data", "distill", "--teacher", str(tmp_path / "nope"), "--prompts", "builtin",
+             "--out", str(tmp_path / "o.jsonl"), *extra])
+    err = capsys.readouterr().err
+    assert e.value.code in (1, 2) and len(err.splitlines()) == 1 and err.startswith("slm data distill: error:")
+    assert says in err and not os.path.exists(tmp_path / "o.jsonl")
+
+
+def test_bad_prompt_files(tmp_path):
+    from slm.finetune.distill import read_prompts
+    with pytest.raises(ValueError, match="--n-prompts must be a positive integer, got -3"):
+        read_prompts("builtin", -3)
+    nested = tmp_path / "p.jsonl"
+    nested.write_text('{"prompt": "hi"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:2: JSON nested too deeply to read"):
+        read_prompts(str(nested))
+    latin = tmp_path / "p.txt"
+    latin.write_bytes("caf\u00e9?\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"p.txt: not UTF-8"):
+        read_prompts(str(latin))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="empty.txt: no prompts"):
+        read_prompts(str(tmp_path / "empty.txt"))
+    with pytest.raises(ValueError, match="is a folder"):
+        read_prompts(str(tmp_path))
+    out = tmp_path / "o.jsonl"  # an output holding a line nested too deeply: named, not a RecursionError
+    out.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"o.jsonl:1: not a record written by slm data distill"):
+        recover(str(out))

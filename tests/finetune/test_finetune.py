@@ -95,7 +95,9 @@ def test_full_finetune_writes_a_transformers_model(tmp_path, tokenizer_dir, one_
     summary = json.load(open(os.path.join(out, "finetune.json")))
     assert summary["val_loss"] < summary["first_val_loss"]
     receipt = json.load(open(os.path.join(out, "receipt.json")))  # the run's energy/CO2/cost receipt
-    assert receipt["verb"] == "finetune" and receipt["tokens"]["trained"] == 12 * 2 * 64 and receipt["flops"] > 0
+    # the real tokens of the rows trained: fewer than steps x batch x --seq-len (the rows are padded)
+    assert receipt["verb"] == "finetune" and 0 < receipt["tokens"]["trained"] < 12 * 2 * 64
+    assert receipt["flops"] > 0 and 0 < receipt["mfu"] <= 1
     x = torch.tensor([slm.load(out).tokenizer.encode("Say cat")])
     with torch.no_grad():
         tuned, ref, orig = slm.load(out).model(x), hf_model(out)(x).logits, slm.load(base).model(x)
@@ -111,10 +113,90 @@ def test_bad_inputs(tmp_path, tokenizer_dir):
     bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         read_conversations(str(bad))
+    bad.write_bytes(b'{"prompt": "a", "completion": "b"}\n\n{"prompt": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: not UTF-8"):
+        read_conversations(str(bad))
     with pytest.raises(ValueError, match="--quantize .* with --lora"):
         FinetuneConfig(model=base, data=str(bad), out=str(tmp_path / "o"), quantize="int4")
     with pytest.raises(SystemExit):
         cli(["finetune", "--model", base, "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+
+
+def error_line(capsys, argv) -> tuple[int, str]:
+    """(exit code, the one error line) of a command that must fail."""
+    with pytest.raises(SystemExit) as e:
+        cli(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("note:", "fine-tuning"))]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return e.value.code, lines[0]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--batch-size", "0"), ("--batch-size", "-1"), ("--max-steps", "0"), ("--seq-len", "0"), ("--lora-r", "0"),
+    ("--eval-every", "0"), ("--log-every", "0"), ("--save-every", "0"), ("--warmup", "-1"), ("--group-size", "0"),
+    ("--lr", "0"), ("--lr", "-1e-3"), ("--lr", "nan"), ("--epochs", "0"), ("--epochs", "inf"),
+    ("--lora-alpha", "0"), ("--lora-dropout", "1"), ("--lora-dropout", "-0.1"), ("--val-fraction", "1"),
+    ("--batch-size", "2.5")])
+def test_bad_numbers_are_one_line(tmp_path, capsys, monkeypatch, flag, value):
+    from slm.finetune import sft
+    monkeypatch.setattr(sft, "read_conversations", lambda path: pytest.fail("worked before checking"))
+    code, line = error_line(capsys, ["finetune", "--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl"),
+                                     "--out", str(tmp_path / "o"), flag, value])
+    assert code in (1, 2) and line.startswith("slm finetune: error:") and flag in line, line
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_api_checks_numbers_too(tmp_path):
+    kw = dict(model="m", data="d.jsonl", out=str(tmp_path / "o"))
+    for bad in ({"batch_size": 0}, {"max_steps": -3}, {"lr": float("nan")}, {"lora_r": 0}, {"warmup": -1},
+                {"save_every": 0}, {"seq_len": 0}, {"lora_dropout": 1.0}, {"epochs": float("inf")},
+                {"batch_size": True}, {"quantize": "int3", "lora": True}, {"grad_clip": 0}):
+        with pytest.raises(ValueError, match="--"):
+            FinetuneConfig(**kw, **bad)
+
+
+@pytest.fixture
+def small_run(tmp_path, tokenizer_dir):
+    """A tiny llama (its context: 256 tokens) and 12 short pairs."""
+    base = make_checkpoint(str(tmp_path / "base"), "llama", tokenizer_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {w}", "completion": f"{w} {w}"}
+                                              for w in ("cat", "dog", "sun", "ball", "park", "mom") * 2])
+    return base, data
+
+
+def test_defaults_fit_the_model_and_the_run(small_run, tmp_path, capsys, one_thread):
+    base, data = small_run
+    out = str(tmp_path / "ft")
+    # --seq-len left out: the model's 256 positions, not the default 512 (an error before)
+    cli(["finetune", "--model", base, "--data", data, "--out", out, "--lora", "--max-steps", "12",
+         "--batch-size", "1000000000", "--val-fraction", "0"])
+    err = capsys.readouterr().err
+    summary = json.load(open(os.path.join(out, "finetune.json")))
+    assert summary["seq_len"] == 256 and summary["config"]["seq_len"] is None
+    # a batch larger than the data: every row each step, said once
+    assert summary["batch_size"] == summary["train_rows"] and "note: --batch-size 1000000000 is more than" in err
+    assert summary["warmup"] == 2  # a tenth of 12 steps, not the default 10
+    # an explicit --seq-len beyond the model's context stays an error
+    code, line = error_line(capsys, ["finetune", "--model", base, "--data", data, "--out", str(tmp_path / "o2"),
+                                     "--lora", "--seq-len", "512"])
+    assert line == "slm finetune: error: --seq-len 512 exceeds the model's context of 256"
+    # an explicit warmup longer than the run is kept to half of it, with a note
+    cli(["finetune", "--model", base, "--data", data, "--out", str(tmp_path / "o3"), "--lora", "--max-steps", "6",
+         "--warmup", "50"])
+    assert "note: --warmup 50 is longer than half of the run's 6 steps" in capsys.readouterr().err
+    assert json.load(open(tmp_path / "o3" / "finetune.json"))["warmup"] == 3
+
+
+def test_deeply_nested_data_is_one_line(small_run, tmp_path, capsys):
+    base, data = small_run
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text(open(data).read() + '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    code, line = error_line(capsys, ["finetune", "--model", base, "--data", str(nested), "--out", str(tmp_path / "o")])
+    assert code == 1 and line == f"slm finetune: error: {nested}:13: JSON nested too deeply to read"
+    code, line = error_line(capsys, ["finetune", "--model", base, "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert code == 1 and line == f"slm finetune: error: {tmp_path} is a folder, not a .jsonl file"
+    assert not os.path.exists(tmp_path / "o")
 
 
 # -- acceptance: LoRA teaches a tiny pretrained model a task, measured on held-out questions ------

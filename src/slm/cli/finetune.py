@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .flags import add_flags, quantize_options, values
+from .flags import add_flags, at_least, quantize_options, values
 
 # The flags of finetune.sft.FinetuneConfig (defaults from there).
 FINETUNE = [
@@ -12,23 +12,24 @@ FINETUNE = [
     ("data", ".jsonl: {'messages': [...]} or {'prompt', 'completion'} per line"),
     ("out", "folder for the fine-tuned model, or the adapter with --lora"),
     ("lora", "train LoRA adapters (PEFT format) instead of all weights"),
-    ("lora_r", "LoRA rank"),
+    ("lora_r", "LoRA rank", {"min": 1}),
     ("lora_alpha", "LoRA scale numerator (the update is scaled by alpha / r)"),
     ("lora_dropout", "dropout on the LoRA input"),
     ("target_modules", "Hugging Face module names, space- or comma-separated (default: all attention and MLP)",
      {"nargs": "+"}),
     ("quantize", "with --lora: a frozen base quantized to int8 or int4 (QLoRA-style) (default: off)",
      {"choices": ["int8", "int4"]}),
-    ("group_size", "int4 weights per scale (32, 64 or 128; default 32)"),
-    ("max_steps", "optimizer steps (default: --epochs over the data)"),
+    ("group_size", "int4 weights per scale (32, 64 or 128; default 32)", {"min": 1}),
+    ("max_steps", "optimizer steps (default: --epochs over the data)", {"min": 1}),
     ("epochs", "passes over the training conversations"),
     ("lr", "learning rate (default: 2e-4 with --lora, 2e-5 otherwise)"),
-    ("batch_size", "packed rows per step"),
-    ("seq_len", "tokens per packed row"),
+    ("batch_size", "packed rows per step (at most the training rows there are)", {"min": 1}),
+    ("seq_len", "tokens per packed row (default: 512, or the model's context if shorter)", {"min": 1}),
     ("val_fraction", "the share of conversations held out for the validation loss"),
-    ("eval_every", "steps between validation losses"),
-    ("log_every", "steps between log lines"),
-    ("warmup", "steps of linear learning-rate warmup"),
+    ("eval_every", "steps between validation losses", {"min": 1}),
+    ("log_every", "steps between log lines", {"min": 1}),
+    ("save_every", "steps between checkpoints (for --resume)", {"min": 1}),
+    ("warmup", "steps of linear learning-rate warmup (default: 10, or a tenth of a shorter run)", {"min": 0}),
     ("gradient_checkpointing", "recompute blocks in backward (less memory)"),
     ("seed", "seed of the adapters' initialization and of the batch order"),
 ]
@@ -37,24 +38,22 @@ FINETUNE = [
 def finetune_flags(p) -> None:
     from ..finetune.sft import FinetuneConfig
     add_flags(p, FinetuneConfig, FINETUNE)
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last checkpoint (after a crash or kill)")
+    again.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
 
 def finetune(a) -> None:
     from ..finetune.sft import FinetuneConfig
     from ..finetune.sft import finetune as run
     from ..footprint import track
-    from ..footprint.flops import flops_per_token
     targets = [t for arg in a.target_modules for t in arg.split(",") if t]
     c = FinetuneConfig(**{**values(a, FINETUNE), "target_modules": targets})
+    # the run counts the tokens and FLOPs it computes into the receipt, and adds this session to
+    # the earlier ones' when it resumes
     with track("finetune", path=os.path.join(a.out, "receipt.json")) as receipt:
-        r = run(c)
-        # every packed row is a forward and a backward pass; LoRA computes no gradients for the
-        # frozen weights, so its step costs 4N per token (forward 2N + input gradients 2N), not 6N
-        cfg, n = r["lm"].config, r["steps"] * a.batch_size * a.seq_len
-        per_token = 2 * flops_per_token(cfg, a.seq_len, training=False) if a.lora else \
-            flops_per_token(cfg, a.seq_len, training=True)
-        receipt.model_cfg = cfg
-        receipt.add_tokens(n, "trained", flops=n * per_token)
+        r = run(c, resume=a.resume, overwrite=a.overwrite, receipt=receipt)
     val = f"; validation loss {r['first_val_loss']:.4f} -> {r['val_loss']:.4f}" if r["val_loss"] is not None else ""
     what = "adapter (adapter_model.safetensors, adapter_config.json)" if a.lora else "model"
     print(f"fine-tuned {r['steps']} steps on {r['train_conversations']} conversations "
@@ -69,18 +68,19 @@ def data_distill_flags(p) -> None:
     p.add_argument("--strategy", default="step-by-step",
                    choices=["step-by-step", "direct", "explain", "recall-then-answer"],
                    help="how the teacher is asked to answer (Orca 2's strategies)")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens per reply at most")
+    p.add_argument("--max-tokens", type=at_least(1), default=256, help="tokens per reply at most")
     add_flags(p, Sampling, [("temperature", "the teacher's sampling temperature (0: greedy)")])
     p.add_argument("--model", default=None, help="model name at the server (default: the first it lists)")
     p.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY or $SLM_API_KEY")
-    p.add_argument("--n-prompts", type=int, default=500, help="questions in the builtin set")
-    p.add_argument("--limit", type=int, default=None, help="stop after this many new records (default: all)")
+    p.add_argument("--n-prompts", type=at_least(1), default=500, help="questions in the builtin set")
+    p.add_argument("--limit", type=at_least(1), default=None, help="stop after this many new records (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the builtin questions")
     quantize_options(p, group=False)
 
 
 def data_distill(a) -> None:
-    from ..finetune.distill import distill, make_teacher, read_prompts
+    from ..finetune.distill import check_options, distill, make_teacher, read_prompts
+    check_options(a.out, a.strategy, a.max_tokens, a.temperature, a.limit)  # before the teacher is loaded
     items = read_prompts(a.prompts, a.n_prompts, a.seed)
     teacher = make_teacher(a.teacher, a.model, a.api_key, a.quantize)
     s = distill(teacher, items, a.out, a.strategy, a.max_tokens, a.temperature, a.limit)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import urllib.error
 import urllib.request
 
 from tqdm import tqdm
 
+from ..files import output_file, parse_json
 from ..runtime.lm import load
 
 from .prompts import builtin_prompts, is_correct
@@ -51,12 +53,24 @@ GENERIC_SYSTEM = "You are a helpful assistant."
 def read_prompts(spec: str, n_builtin: int = 500, seed: int = 0) -> list[dict]:
     """Items with a `prompt` (and optionally `answer`, `kind`, ...) from `builtin` or a file."""
     if spec == "builtin":
+        if isinstance(n_builtin, bool) or not isinstance(n_builtin, int) or n_builtin <= 0:
+            raise ValueError(f"--n-prompts must be a positive integer, got {n_builtin!r}")
         return builtin_prompts(n_builtin, seed)
+    if os.path.isdir(spec):
+        raise ValueError(f"--prompts {spec} is a folder; give a .jsonl or .txt file (or builtin)")
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"{spec}: no such prompts file (or use --prompts builtin)")
     if not spec.endswith((".jsonl", ".json")):
-        with open(spec, encoding="utf-8") as f:
-            return [{"prompt": line.strip()} for line in f if line.strip()]
+        with open(spec, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{spec}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        items = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+        if not items:
+            raise ValueError(f"{spec}: no prompts")
+        return items
     items = []
     for i, rec in jsonl_records(spec):
         prompt = rec.get("prompt", rec.get("question")) if isinstance(rec, dict) else None
@@ -66,6 +80,8 @@ def read_prompts(spec: str, n_builtin: int = 500, seed: int = 0) -> list[dict]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{spec}:{i}: needs a non-empty 'prompt', 'question' or user message")
         items.append({**{k: v for k, v in rec.items() if k not in ("question", "messages")}, "prompt": prompt})
+    if not items:
+        raise ValueError(f"{spec}: no prompts")
     return items
 
 
@@ -81,6 +97,8 @@ def recover(path: str) -> set[str]:
     only text after the last newline can be a record cut off mid-write: it is removed from the file."""
     if not os.path.exists(path):
         return set()
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a folder; give a .jsonl file")
     with open(path, "rb") as f:
         data = f.read()
     end = data.rfind(b"\n") + 1
@@ -89,8 +107,8 @@ def recover(path: str) -> set[str]:
         if not line.strip():
             continue
         try:
-            done.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            done.add(parse_json(line, f"{path}:{i}")["id"])
+        except (ValueError, KeyError, TypeError):
             raise ValueError(f"{path}:{i}: not a record written by slm data distill") from None
     if end < len(data):
         with open(path, "r+b") as f:
@@ -180,16 +198,26 @@ def make_teacher(spec: str, model: str | None = None, api_key: str | None = None
     return LocalTeacher(spec, quantize)
 
 
+def check_options(out: str, strategy: str, max_tokens: int, temperature: float, limit: int | None) -> None:
+    """The checks of distill's arguments, for a command to make before it loads the teacher."""
+    output_file(out, "--out")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+        raise ValueError(f"--max-tokens must be a positive integer, got {max_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {temperature!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise ValueError(f"--limit must be a positive integer, got {limit!r}")
+
+
 # -- the run -----------------------------------------------------------------------------------
 def distill(teacher, items: list[dict], out: str, strategy: str = "step-by-step", max_tokens: int = 256,
             temperature: float = 0.0, limit: int | None = None, progress: bool = True) -> dict:
     """Ask the teacher every prompt not yet in `out` and append one record per reply:
     {"id", "messages": [generic system, user, assistant], "strategy", "teacher", and for a prompt
     with a known answer "answer" and "correct"}. limit: stop after that many new records."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    if max_tokens <= 0:
-        raise ValueError(f"--max-tokens must be positive, got {max_tokens}")
+    check_options(out, strategy, max_tokens, temperature, limit)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     done = recover(out)
     todo, seen, duplicates = [], set(), 0

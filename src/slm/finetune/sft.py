@@ -17,6 +17,12 @@ start at 0, so a packed row computes exactly what each conversation would alone,
     out/adapter_model.safetensors + adapter_config.json    (--lora: PEFT's format)
     out/config.json + model.safetensors + tokenizer files  (full fine-tuning)
     out/metrics.jsonl, out/loss.png, out/finetune.json      (losses, the run's settings and results)
+    out/checkpoint/                                         (while it runs: every --save-every steps)
+
+Nothing is lost: `--resume` continues a run stopped at any moment (even by kill -9) from its last
+checkpoint to bitwise the same weights and losses as an uninterrupted run (state.py), and a run
+already in --out is replaced only with --overwrite. The receipt counts the tokens actually trained:
+the real, non-padding tokens of the rows in each step's batch (`packed_flops`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
@@ -35,13 +43,16 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm import tqdm
 
+from ..files import atomic_write, parse_json
+from ..footprint.flops import matmul_params
 from ..model import Transformer
 from ..runtime.lm import load
 from ..runtime.tokenizer import Tokenizer
 from ..train.loop import lr_at, plot_metrics
 from ..train.loss import fused_linear_cross_entropy
-from ..train.optim import build_optimizers, set_lr
+from ..train.optim import build_optimizers, load_state_tensors, set_lr
 from . import lora as lora_mod
+from . import state as ckpt
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -69,20 +80,19 @@ def to_messages(record: dict, where: str = "record") -> list[dict]:
 
 
 def jsonl_records(path: str):
-    """(line number, record) for each non-blank line of a JSONL file; a bad line is a ValueError
-    naming the file and line."""
-    with open(path, encoding="utf-8") as f:
+    """(line number, record) for each non-blank line of a JSONL file; a bad line (not JSON, not
+    UTF-8, nested too deeply to read) is a ValueError naming the file and line."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a .jsonl file")
+    with open(path, "rb") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+            yield i, parse_json(line, f"{path}:{i}")
 
 
 def read_conversations(path: str) -> list[list[dict]]:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     convs = [to_messages(record, f"{path}:{i}") for i, record in jsonl_records(path)]
     if not convs:
@@ -122,19 +132,25 @@ def tokenize_chat(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list
 @dataclass
 class Packed:
     """Rows of packed conversations: inputs, next-token targets (-100: not learnt), each token's
-    position within its conversation, and which conversation of the row it belongs to."""
+    position within its conversation, which conversation of the row it belongs to, and which
+    tokens are real (not padding)."""
     ids: torch.Tensor
     targets: torch.Tensor
     pos: torch.Tensor
     doc: torch.Tensor
+    real: torch.Tensor | None = None  # default: every token
     truncated: int = 0
     dropped: int = 0
+
+    def __post_init__(self):
+        if self.real is None:
+            self.real = torch.ones_like(self.ids, dtype=torch.bool)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
     def rows(self, index) -> "Packed":
-        return Packed(self.ids[index], self.targets[index], self.pos[index], self.doc[index])
+        return Packed(self.ids[index], self.targets[index], self.pos[index], self.doc[index], self.real[index])
 
 
 def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int = 0) -> Packed:
@@ -169,6 +185,7 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int 
     targets = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), seq_len), dtype=torch.long)
     doc = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    real = torch.zeros((len(rows), seq_len), dtype=torch.bool)
     for r, members in enumerate(rows):
         at = 0
         for d, i in enumerate(members):
@@ -180,7 +197,8 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int 
             at += len(x)
         pos[r, at:] = torch.arange(seq_len - at)  # padding: a conversation of its own, never learnt
         doc[r, at:] = len(members)
-    return Packed(ids, targets, pos, doc, truncated, dropped)
+        real[r, :at] = True
+    return Packed(ids, targets, pos, doc, real, truncated, dropped)
 
 
 # -- model -------------------------------------------------------------------------------------
@@ -214,7 +232,50 @@ def sft_loss(model: Transformer, batch: Packed, checkpoint: bool = False, chunk:
     return total / max(n, 1), n
 
 
+def packed_flops(model: Transformer, rows: Packed, mode: str) -> tuple[int, float]:
+    """(real tokens, FLOPs) of one pass over packed rows; mode "full" (training every weight),
+    "lora" (training adapters over frozen weights) or "eval" (forward only). Padding is left out.
+    Per token, the blocks' matmuls cost 2N forward, 4N more in backward when their weights learn,
+    2N more when only their inputs need a gradient (LoRA); attention charges each token the length
+    of its conversation (packing isolates them, flops.py's convention otherwise), 3x in training;
+    the LM head is applied to the learnt tokens only (sft_loss)."""
+    cfg = model.config
+    head = cfg.vocab_size * cfg.hidden_size
+    body = matmul_params(cfg) - head
+    real, learnt = int(rows.real.sum()), int((rows.targets != IGNORE).sum())
+    width = rows.ids.shape[1] + 1
+    key = (torch.arange(len(rows))[:, None] * width + rows.doc)[rows.real]
+    n = torch.bincount(key).double()
+    n = n[n > 0]  # each conversation's length
+    seen = sum(float((n * (n.clamp(max=w) if (w := cfg.layer_window(i)) else n)).sum()) for i in range(cfg.num_layers))
+    attn = 4 * seen * cfg.num_heads * cfg.head_dim
+    times = {"eval": 1, "lora": 2, "full": 3}[mode]
+    return real, 2 * times * (body * real + head * learnt) + (1 if mode == "eval" else 3) * attn
+
+
+FLOPS_FORMULA = ("fine-tuning: the real (non-padding) tokens of each step's packed rows; per token 6N (4N with "
+                 "LoRA: the frozen weights need input gradients only) + 12 L T d_attn with T its conversation's "
+                 "length, the LM head only on learnt tokens; validation as inferred tokens at 2N + 4 L T d_attn; "
+                 "N = weights of the blocks' matmuls (+ the head's where applied), d_attn = heads x head_dim")
+
+
 # -- the run -----------------------------------------------------------------------------------
+DEFAULT_SEQ_LEN, DEFAULT_WARMUP = 512, 10
+
+
+def _positive_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+
+
+def _number(name: str, v, low: float, inclusive: bool = False, high: float | None = None) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+        (v >= low if inclusive else v > low) and (high is None or v < high)
+    if not ok:
+        rng = f"in [{low:g}, {high:g})" if high is not None else f"{'at least' if inclusive else 'greater than'} {low:g}"
+        raise ValueError(f"--{name.replace('_', '-')} must be a number {rng}, got {v!r}")
+
+
 @dataclass
 class FinetuneConfig:
     model: str  # model folder or .gguf file
@@ -230,12 +291,13 @@ class FinetuneConfig:
     max_steps: int | None = None  # default: --epochs over the training rows
     epochs: float = 1.0
     lr: float | None = None  # default 2e-4 with LoRA, 2e-5 for full fine-tuning
-    batch_size: int = 8  # packed rows per step
-    seq_len: int = 512
+    batch_size: int = 8  # packed rows per step (at most the training rows there are)
+    seq_len: int | None = None  # default DEFAULT_SEQ_LEN, or the model's context if shorter
     val_fraction: float = 0.05
     eval_every: int = 50
     log_every: int = 5
-    warmup: int = 10
+    save_every: int = 50  # steps between checkpoints (for --resume)
+    warmup: int | None = None  # default DEFAULT_WARMUP, or a tenth of a shorter run
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
@@ -244,17 +306,30 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.lr is None:
             self.lr = 2e-4 if self.lora else 2e-5
+        for name in ("model", "data", "out"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"--{name} must name a file or folder, got {getattr(self, name)!r}")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ValueError(f"--quantize must be int8 or int4, got {self.quantize!r}")
         if self.quantize and not self.lora:
             raise ValueError("--quantize trains adapters over a frozen quantized base: use it with --lora")
-        for name in ("batch_size", "seq_len", "eval_every", "log_every", "lora_r"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"--max-steps must be positive, got {self.max_steps}")
-        if self.epochs <= 0 or self.lr <= 0:
-            raise ValueError("--epochs and --lr must be positive")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not isinstance(self.target_modules, list) or not all(isinstance(t, str) for t in self.target_modules):
+            raise ValueError(f"--target-modules must be a list of module names, got {self.target_modules!r}")
+        for name in ("batch_size", "eval_every", "log_every", "save_every", "lora_r"):
+            _positive_int(name, getattr(self, name))
+        for name in ("seq_len", "max_steps", "group_size"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.warmup is not None and (isinstance(self.warmup, bool) or not isinstance(self.warmup, int)
+                                        or self.warmup < 0):
+            raise ValueError(f"--warmup must be a non-negative integer, got {self.warmup!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"--seed must be an integer, got {self.seed!r}")
+        for name in ("epochs", "lr", "lora_alpha", "grad_clip"):
+            _number(name, getattr(self, name), 0)
+        _number("weight_decay", self.weight_decay, 0, inclusive=True)
+        _number("lora_dropout", self.lora_dropout, 0, inclusive=True, high=1)
+        _number("val_fraction", self.val_fraction, 0, inclusive=True, high=1)
 
 
 def split(convs: list[list[dict]], fraction: float) -> tuple[list, list]:
@@ -297,42 +372,202 @@ def prepare_model(c: FinetuneConfig):
     return lm
 
 
-def finetune(c: FinetuneConfig, progress: bool = True) -> dict:
+def note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def resolve_seq_len(c: FinetuneConfig, context: int) -> int:
+    """--seq-len, or by default the smaller of DEFAULT_SEQ_LEN and the model's context."""
+    if c.seq_len is None:
+        return min(DEFAULT_SEQ_LEN, context)
+    if c.seq_len > context:
+        raise ValueError(f"--seq-len {c.seq_len} exceeds the model's context of {context}")
+    return c.seq_len
+
+
+def resolve_warmup(c: FinetuneConfig, max_steps: int) -> int:
+    """Warmup steps: by default DEFAULT_WARMUP, or a tenth of a shorter run (so that a short run
+    still decays); an explicit --warmup is kept to at most half the run, with a note."""
+    if c.warmup is None:
+        return min(DEFAULT_WARMUP, max(1, math.ceil(max_steps / 10)))
+    if c.warmup > max_steps // 2:
+        note(f"--warmup {c.warmup} is longer than half of the run's {max_steps} steps; warming up over "
+             f"{max_steps // 2} so that the learning rate also decays")
+        return max_steps // 2
+    return c.warmup
+
+
+# Settings a resumed run must share with its checkpoint: they shape every step (the others, such
+# as --log-every or --gradient-checkpointing, change what is logged or how, not what is learnt).
+RESUME_SETTINGS = ("lora", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "quantize", "group_size",
+                   "max_steps", "lr", "batch_size", "seq_len", "val_fraction", "warmup", "weight_decay",
+                   "grad_clip", "seed")
+
+
+def _flag(name: str, value) -> str:
+    if isinstance(value, bool):
+        return f"--{name.replace('_', '-')}" if value else f"no --{name.replace('_', '-')}"
+    return f"--{name.replace('_', '-')} {value}"
+
+
+def _model_config(model: Transformer) -> dict:
+    cfg = json.loads(json.dumps(model.config.to_dict()))  # as JSON keeps it (tuples as lists)
+    cfg.pop("name", None)  # the folder's name: a moved model is the same model
+    return cfg
+
+
+def _data_hash(convs: list[list[dict]]) -> str:
+    return hashlib.sha256(json.dumps(convs, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def restore(c: FinetuneConfig, model: Transformer, optimizers, settings: dict, data_sha: str,
+            n_rows: int, gen: torch.Generator) -> tuple[dict, torch.Tensor]:
+    """Load out/checkpoint into the model, the optimizers and the RNGs after checking that it
+    belongs to this run (model, data, settings): (its state, the current epoch's row order).
+    Every failure is one CheckpointError naming the file."""
+    state, weights, tensors = ckpt.load(c.out)
+    folder = ckpt.checkpoint_dir(c.out)
+    state_path, weights_path, tensors_path = (os.path.join(folder, n) for n in (ckpt.STATE, ckpt.WEIGHTS, ckpt.TENSORS))
+    again = "resume with the settings it was started with, or pass --overwrite to start again"
+    saved_cfg, cfg = state["model_config"], _model_config(model)
+    if saved_cfg != cfg:
+        diff = [k for k in sorted(set(saved_cfg) | set(cfg)) if saved_cfg.get(k) != cfg.get(k)]
+        shown = ", ".join(f"{k} {saved_cfg.get(k)!r} there, {cfg.get(k)!r} here" for k in diff[:3])
+        raise ckpt.CheckpointError(f"{state_path}: the checkpoint was fine-tuned from a different model ({shown}); "
+                                   f"resume with its --model, or pass --overwrite to start again")
+    for name in RESUME_SETTINGS:
+        if name not in state["settings"] or state["settings"][name] != settings[name]:
+            was = _flag(name, state["settings"][name]) if name in state["settings"] else f"no {name}"
+            raise ckpt.CheckpointError(f"{state_path}: the checkpoint was written with {was}, this run has "
+                                       f"{_flag(name, settings[name])}; {again}")
+    if state["data_sha256"] != data_sha:
+        raise ckpt.CheckpointError(f"{state_path}: the checkpoint was trained on other conversations than "
+                                   f"{c.data} holds now; {again}")
+    if state["step"] > settings["max_steps"]:
+        raise ckpt.CheckpointError(f"{state_path}: step {state['step']} is past the run's {settings['max_steps']}")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or unexpected:
+        what = f"lacks {missing[0]!r}" if missing else f"has unexpected {unexpected[0]!r}"
+        raise ckpt.CheckpointError(f"{weights_path}: {what} ({len(missing)} missing, {len(unexpected)} unexpected); "
+                                   f"{again}")
+    for n, p in params.items():
+        if weights[n].shape != p.shape or weights[n].dtype != p.dtype:
+            raise ckpt.CheckpointError(f"{weights_path}: {n} is {weights[n].dtype} {list(weights[n].shape)}, the model "
+                                       f"needs {p.dtype} {list(p.shape)}; {again}")
+    extra = {"rng.torch", "rng.data", "order"}
+    if not extra <= set(tensors):
+        raise ckpt.CheckpointError(f"{tensors_path}: lacks {sorted(extra - set(tensors))[0]!r}")
+    moments = {k: v for k, v in tensors.items() if k not in extra}
+    for k, v in moments.items():  # "<optimizer>.<parameter>.<key>" (train/optim.py's state_tensors)
+        opt, _, rest = k.partition(".")
+        name, _, kind = rest.rpartition(".")
+        if opt != "0" or name not in params or (kind != "step" and v.shape != params[name].shape):
+            raise ckpt.CheckpointError(f"{tensors_path}: optimizer state {k!r} does not fit this model; {again}")
+    order = tensors["order"]
+    if order.dtype != torch.long or order.dim() != 1 or sorted(order.tolist()) != list(range(n_rows)):
+        raise ckpt.CheckpointError(f"{tensors_path}: 'order' is not an order of the {n_rows} training rows; {again}")
+    for key in ("rng.torch", "rng.data"):
+        try:
+            torch.Generator().set_state(tensors[key])  # checked on a spare generator before any is set
+        except (RuntimeError, TypeError) as e:
+            raise ckpt.CheckpointError(f"{tensors_path}: {key!r} is not a random generator's state ({e})") from None
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    load_state_tensors(optimizers, {id(p): n for n, p in params.items()}, moments)
+    torch.set_rng_state(tensors["rng.torch"])
+    gen.set_state(tensors["rng.data"])
+    return state, order
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop the metric rows logged after the checkpoint being resumed (they are logged again),
+    and a last line cut off by a kill."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                keep.append(json.dumps(row) + "\n")
+    with atomic_write(path) as f:
+        f.writelines(keep)
+
+
+def finetune(c: FinetuneConfig, progress: bool = True, resume: bool = False, overwrite: bool = False,
+             receipt=None) -> dict:
+    """Fine-tune as `c` says, into c.out. resume: continue from c.out/checkpoint (a fresh start
+    when there is none yet); overwrite: replace a run already in c.out (without either, one there
+    is an error). receipt: a footprint Tracker, charged the tokens and FLOPs actually computed."""
+    resumable = ckpt.check_out(c.out, c.model, resume, overwrite)
     convs = read_conversations(c.data)
     torch.manual_seed(c.seed)
     lm = prepare_model(c)
     model, tok = lm.model, lm.tokenizer
-    if c.seq_len > model.config.max_seq_len:
-        raise ValueError(f"--seq-len {c.seq_len} exceeds the model's context of {model.config.max_seq_len}")
+    seq_len = resolve_seq_len(c, model.config.max_seq_len)
     train_convs, val_convs = split(convs, c.val_fraction)
     pad = tok.token_id(tok.pad_token) if tok.pad_token else None
     pad = pad if pad is not None else (tok.eos_id or 0)
-    train = pack([tokenize_chat(tok, m) for m in train_convs], c.seq_len, pad)
-    val = pack([tokenize_chat(tok, m) for m in val_convs], c.seq_len, pad) if val_convs else None
-    steps_per_epoch = max(1, -(-len(train) // c.batch_size))
+    train = pack([tokenize_chat(tok, m) for m in train_convs], seq_len, pad)
+    val = pack([tokenize_chat(tok, m) for m in val_convs], seq_len, pad) if val_convs else None
+    batch_size = min(c.batch_size, len(train))
+    if batch_size < c.batch_size:
+        note(f"--batch-size {c.batch_size} is more than the {len(train)} packed training rows; each step "
+             f"takes all {batch_size}")
+    steps_per_epoch = -(-len(train) // batch_size)
     max_steps = c.max_steps or max(1, round(c.epochs * steps_per_epoch))
+    warmup = resolve_warmup(c, max_steps)
+    settings = {**{k: getattr(c, k) for k in RESUME_SETTINGS}, "target_modules": getattr(model, "lora", {}).get(
+        "target_modules", []), "max_steps": max_steps, "batch_size": batch_size, "seq_len": seq_len, "warmup": warmup}
+    data_sha = _data_hash(convs)
     optimizers = build_optimizers(model, "adamw", c.lr, c.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
-    schedule = SimpleNamespace(warmup=min(c.warmup, max_steps // 2), max_steps=max_steps, min_lr_ratio=0.1,
-                               schedule="cosine", cooldown=0.5)
+    schedule = SimpleNamespace(warmup=warmup, max_steps=max_steps, min_lr_ratio=0.1, schedule="cosine", cooldown=0.5)
     trainable, total = lora_mod.trainable_parameters(model)
+    mode = "lora" if c.lora else "full"
+    if receipt is not None:
+        receipt.model_cfg, receipt.dtype, receipt.merge = model.config, torch.float32, resumable
+        receipt.formula = FLOPS_FORMULA
+    val_cost = packed_flops(model, val, "eval") if val is not None else None
 
-    os.makedirs(c.out, exist_ok=True)
     metrics_path = os.path.join(c.out, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
     gen = torch.Generator().manual_seed(c.seed)
     order = torch.randperm(len(train), generator=gen)
-    bar = tqdm(total=max_steps, desc="fine-tuning", unit="step", disable=not progress)
+    step, losses, first_val, val_loss = 0, [], None, None
+    if resumable:
+        state, order = restore(c, model, optimizers, settings, data_sha, len(train), gen)
+        step, losses, first_val, val_loss = state["step"], state["losses"], state.get("first_val_loss"), \
+            state.get("val_loss")
+        print(f"resuming from {ckpt.checkpoint_dir(c.out)} at step {step}", file=sys.stderr, flush=True)
+        truncate_metrics(metrics_path, step)
+    else:
+        if overwrite:
+            ckpt.clear_run(c.out)
+        os.makedirs(c.out, exist_ok=True)
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
+
+    def evaluate_val() -> float:
+        loss = evaluate(model, val, batch_size)
+        if receipt is not None:
+            receipt.add_tokens(val_cost[0], "inferred", flops=val_cost[1])
+        return loss
+
+    bar = tqdm(total=max_steps, initial=step, desc="fine-tuning", unit="step", disable=not progress)
     model.train()
-    start, first_val, val_loss, last_t, tokens = time.time(), None, None, time.perf_counter(), 0
-    if val is not None:
-        first_val = evaluate(model, val, c.batch_size)
-    for step in range(max_steps):
+    start, last_t, learnt = time.time(), time.perf_counter(), 0
+    if val is not None and first_val is None:
+        first_val = evaluate_val()
+    while step < max_steps:
         k = step % steps_per_epoch
         if k == 0 and step:
             order = torch.randperm(len(train), generator=gen)  # a new shuffle each epoch
-        batch = train.rows(order[k * c.batch_size:(k + 1) * c.batch_size])
+        batch = train.rows(order[k * batch_size:(k + 1) * batch_size])
         set_lr(optimizers, lr_at(step, schedule))
         loss, n = sft_loss(model, batch, c.gradient_checkpointing)
         loss.backward()
@@ -340,22 +575,33 @@ def finetune(c: FinetuneConfig, progress: bool = True) -> dict:
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        tokens += n
-        last = step + 1 == max_steps
+        if receipt is not None:
+            real, flops = packed_flops(model, batch, mode)
+            receipt.add_tokens(real, "trained", flops=flops)
+        learnt += n
+        losses.append(loss.item())
+        lr = c.lr * lr_at(step, schedule)
+        step += 1
+        last = step == max_steps
         row = None
-        if (step + 1) % c.log_every == 0 or last:
+        if step % c.log_every == 0 or last:
             now = time.perf_counter()
-            row = {"step": step + 1, "loss": round(loss.item(), 5), "lr": c.lr * lr_at(step, schedule),
-                   "learnt_tokens_per_s": round(tokens / (now - last_t), 1)}
-            last_t, tokens = now, 0
-        if val is not None and ((step + 1) % c.eval_every == 0 or last):
-            val_loss = evaluate(model, val, c.batch_size)
-            row = row or {"step": step + 1, "loss": round(loss.item(), 5), "lr": c.lr * lr_at(step, schedule)}
+            row = {"step": step, "loss": round(losses[-1], 5), "lr": lr,
+                   "learnt_tokens_per_s": round(learnt / (now - last_t), 1)}
+            last_t, learnt = now, 0
+        if val is not None and (step % c.eval_every == 0 or last):
+            val_loss = evaluate_val()
+            row = row or {"step": step, "loss": round(losses[-1], 5), "lr": lr}
             row["val_loss"] = round(val_loss, 5)
         if row is not None:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{loss.item():.3f}", **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+        if step % c.save_every == 0 and not last:  # the last step's results are written below
+            ckpt.save(c.out, model, optimizers, {"rng.torch": torch.get_rng_state(), "rng.data": gen.get_state(),
+                                                 "order": order},
+                      {"step": step, "losses": losses, "first_val_loss": first_val, "val_loss": val_loss,
+                       "settings": settings, "model_config": _model_config(model), "data_sha256": data_sha})
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
         bar.update(1)
     bar.close()
     model.eval()
@@ -372,11 +618,12 @@ def finetune(c: FinetuneConfig, progress: bool = True) -> dict:
     plot_metrics(metrics_path, os.path.join(c.out, "loss.png"))
     summary = {"steps": max_steps, "train_conversations": len(train_convs), "val_conversations": len(val_convs),
                "train_rows": len(train), "truncated": train.truncated, "dropped": train.dropped,
+               "batch_size": batch_size, "seq_len": seq_len, "warmup": warmup,
                "trainable_params": trainable, "total_params": total, "first_val_loss": first_val,
-               "val_loss": val_loss, "final_train_loss": loss.item(), "minutes": (time.time() - start) / 60,
-               "config": asdict(c)}
-    with open(os.path.join(c.out, "finetune.json.tmp"), "w") as f:
+               "val_loss": val_loss, "final_train_loss": losses[-1], "train_losses": losses,
+               "minutes": (time.time() - start) / 60, "resumed": resumable, "config": asdict(c)}
+    with atomic_write(os.path.join(c.out, "finetune.json")) as f:
         json.dump(summary, f, indent=2)
-    os.replace(os.path.join(c.out, "finetune.json.tmp"), os.path.join(c.out, "finetune.json"))
+    ckpt.discard(c.out)  # the results are complete: the checkpoint has served
     summary["lm"] = lm
     return summary

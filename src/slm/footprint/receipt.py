@@ -84,6 +84,7 @@ class Tracker:
         self.rapl_root, self.stream = rapl_root, stream
         self.tokens = {"trained": 0, "inferred": 0}
         self.flops = 0.0
+        self.formula = FORMULA  # how `flops` was counted: a verb that counts its own says how
         self.meter = None
         self.receipt: dict | None = None
 
@@ -105,6 +106,8 @@ class Tracker:
         positions each (default: the model's full context); `flops` overrides the formula."""
         if kind not in self.tokens:
             raise ValueError(f"kind must be 'trained' or 'inferred', got {kind!r}")
+        if n < 0 or (flops is not None and not flops >= 0):
+            raise ValueError(f"a receipt counts non-negative tokens and FLOPs, got {n} tokens, {flops} FLOPs")
         self.tokens[kind] += int(n)
         if flops is None:
             if self.model_cfg is None:
@@ -160,7 +163,7 @@ class Tracker:
                 "matmul_params": matmul_params(self.model_cfg)},
             "device": {"name": dev.name, "key": dev.key, "count": count, "dtype": dtype,
                        "peak_flops_per_device": peak, "source": dev.source},
-            "tokens": dict(self.tokens), "flops": self.flops, "flops_formula": FORMULA,
+            "tokens": dict(self.tokens), "flops": self.flops, "flops_formula": self.formula,
             "energy": {"kwh": energy.kwh, "joules": energy.joules, "method": energy.method, "how": energy.how},
             "pue": self.rates.pue, "grid_g_per_kwh": self.rates.grid,
             "device_hours": seconds / 3600 * count, "price_per_device_hour": price,
@@ -203,6 +206,12 @@ def _derive(r: dict) -> None:
     r["flops_per_second"] = r["flops"] / r["wall_seconds"] if r["wall_seconds"] > 0 else 0.0
     peak, count = r["device"]["peak_flops_per_device"], r["device"]["count"]
     r["mfu"] = r["flops_per_second"] / (peak * count) if peak else None
+    r.pop("mfu_impossible", None)
+    if r["mfu"] is not None and r["mfu"] > 1:
+        # No device computes faster than its peak: the tokens or FLOPs counted are more than
+        # were computed (or the peak is understated). Said in the receipt and its summary.
+        r["mfu_impossible"] = (f"MFU {r['mfu']:.0%} is above the {r['device']['name']}'s peak: the receipt counts "
+                               "more tokens or FLOPs than were computed (a bug in slm), or the peak is understated")
     r["co2_g"] = r["energy"]["kwh"] * r["pue"] * r["grid_g_per_kwh"]
     r["cost_usd"] = r["device_hours"] * r["price_per_device_hour"]
 
@@ -262,6 +271,8 @@ def summary(r: dict, path: str | None = None) -> str:
         f"  CO2 {r['co2_g']:.3g} g (kWh x PUE {r['pue']:g} x {r['grid_g_per_kwh']:g} g/kWh); "
         f"${r['cost_usd']:.4g} ({r['device_hours']:.3g} device-hours x ${r['price_per_device_hour']:g}/h)",
     ]
+    if r.get("mfu_impossible"):
+        lines.append(f"  WARNING: {r['mfu_impossible']}")
     if path:
         lines.append(f"  written to {path}")
     return "\n".join(lines)
