@@ -28,7 +28,7 @@ def parse_json(text: str | bytes, where: str):
     except UnicodeDecodeError as e:
         raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise ValueError(f"{where}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
 
 
 def read_json(path: str, what: str | None = None):
@@ -87,24 +87,41 @@ def same_path(a: str, b: str) -> bool:
     return ra == rb or ra.startswith(rb + os.sep) or rb.startswith(ra + os.sep)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8", flag: str = "--out"):
-    """Open a temporary file beside path for writing; on success fsync it and move it onto path,
-    on failure remove it. The folder is created if missing."""
+def atomic_path(path: str, flag: str = "--out"):
+    """A temporary path beside `path`, for a writer that takes a path (safetensors' save_file);
+    on success the file is fsynced and moved onto path, on failure removed. The folder is created
+    if missing."""
     output_file(path, flag)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); a written file follows the umask
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8", flag: str = "--out"):
+    """Open a temporary file beside path for writing; on success it is fsynced and moved onto
+    path, on failure removed (atomic_path)."""
+    with atomic_path(path, flag) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
 
 
 def write_json(path: str, obj, indent: int = 2, flag: str = "--out") -> None:

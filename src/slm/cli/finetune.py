@@ -47,9 +47,11 @@ def finetune_flags(p) -> None:
 def finetune(a) -> None:
     from ..finetune.sft import FinetuneConfig
     from ..finetune.sft import finetune as run
+    from ..files import output_folder
     from ..footprint import track
     targets = [t for arg in a.target_modules for t in arg.split(",") if t]
     c = FinetuneConfig(**{**values(a, FINETUNE), "target_modules": targets})
+    output_folder(a.out)  # said about --out itself, before the receipt inside it is checked
     # the run counts the tokens and FLOPs it computes into the receipt, and adds this session to
     # the earlier ones' when it resumes
     with track("finetune", path=os.path.join(a.out, "receipt.json")) as receipt:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ..accel import accelerate, accelerated
 from ..checkpoint import hf
+from ..files import atomic_path
 from ..model import Transformer
 from ..quant.layers import QuantLinear, _set_module
 
@@ -185,17 +185,8 @@ def save_adapter(model: nn.Module, out: str, base_model: str | None = None) -> N
 
 
 def _atomic(folder: str, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(os.path.join(folder, name)) as tmp:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(folder, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_adapter_config(adapter_dir: str) -> dict:

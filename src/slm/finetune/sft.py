@@ -527,7 +527,7 @@ def finetune(c: FinetuneConfig, progress: bool = True, resume: bool = False, ove
     data_sha = _data_hash(convs)
     optimizers = build_optimizers(model, "adamw", c.lr, c.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
-    schedule = SimpleNamespace(warmup=warmup, max_steps=max_steps, min_lr_ratio=0.1, schedule="cosine", cooldown=0.5)
+    schedule = SimpleNamespace(warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=0.1, schedule="cosine", cooldown=0.5)
     trainable, total = lora_mod.trainable_parameters(model)
     mode = "lora" if c.lora else "full"
     if receipt is not None:

@@ -14,7 +14,6 @@ The default MFU, 0.40, is what well-run A100 training reaches: Llama 2's publish
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 from ..files import atomic_write

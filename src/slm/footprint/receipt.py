@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..files import atomic_write, output_file, read_json_object
 from ..model.config import ModelConfig
 from ..settings import cache_dir, env_float
 from . import devices
@@ -77,6 +78,8 @@ class Tracker:
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None, devices_used: int = 1,
                  processes: int = 1, pue: float | None = None, grid: float | None = None, price: float | None = None,
                  rapl_root: str | None = None, merge: bool = False, quiet: bool = False, stream=None):
+        if path is not None:
+            output_file(path, "--receipt")  # before the session's work, not after it
         self.verb, self.path, self.model_cfg, self.merge, self.quiet = verb, path, model_cfg, merge, quiet
         self.device = torch.device(device or "cpu")
         self.dtype, self.devices_used, self.processes = dtype, devices_used, processes
@@ -242,17 +245,13 @@ def _merge(prev: dict, cur: dict) -> dict:
 
 
 def _load(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    return read_json_object(path)
 
 
 def _write_json(path: str, obj: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, flag="--receipt") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def _si(x: float) -> str:

@@ -135,7 +135,7 @@ def _check_device(name: str) -> str:
 
 
 def lr_at(step: int, c: TrainConfig, progress: float | None = None) -> float:
-    """The learning-rate multiplier: linear warmup over `warmup` steps, then cosine or WSD decay
+    """The learning-rate multiplier: linear warmup over `c.warmup_steps` steps, then cosine or WSD decay
     over the run's progress (by steps; with --max-minutes, by whichever of steps and time is
     further along). WSD holds the peak, then decays linearly over the last `cooldown` fraction."""
     warmup = c.warmup_steps
