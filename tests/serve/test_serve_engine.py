@@ -195,3 +195,52 @@ def test_refuses_a_cache_larger_than_memory(lm, monkeypatch):
     for bad in (dict(max_batch=0), dict(max_batch=2, max_len=0), dict(max_batch=2, prefill_chunk=0)):
         with pytest.raises(ValueError, match="at least 1"):
             Engine(lm, **bad)
+
+
+def test_a_long_prefill_goes_in_chunks_between_decode_steps(lm):
+    """While a row decodes, a 120-token prompt goes in as several chunks, each followed by a decode
+    step of the running row: the stream is never held for the whole prefill. Alone, the same
+    prompt goes in as one chunk (the most a forward takes)."""
+    engine = Engine(lm, max_batch=2, max_len=256, prefill_chunk=512)
+    events = []
+    prefill, step = engine._prefill, engine._step
+
+    def traced_prefill():  # recorded before it runs: its last chunk wakes the client
+        if engine.prefilling or engine.n_waiting:
+            events.append("prefill")
+        prefill()
+
+    def traced_step():
+        events.append("step")
+        step()
+    engine._prefill, engine._step = traced_prefill, traced_step
+    engine.start()
+    long_prompt = torch.randint(5, 400, (120,), generator=torch.Generator().manual_seed(2)).tolist()
+
+    async def go():
+        stream = Request(lm.tokenizer.encode("Once upon a time"), Params(max_tokens=150, temperature=0), 1)
+        engine.submit(stream)
+        it = deltas([stream]).__aiter__()
+        await it.__anext__()  # the stream is decoding
+        events.clear()
+        long = Request(long_prompt, Params(max_tokens=1, temperature=0), 1)
+        engine.submit(long)
+        async for _ in deltas([long]):
+            pass
+        during = list(events)
+        stream.cancel()
+        await asyncio.sleep(0.05)
+        events.clear()
+        alone = Request(long_prompt, Params(max_tokens=1, temperature=0), 1)
+        engine.submit(alone)
+        async for _ in deltas([alone]):
+            pass
+        return during, list(events)
+    try:
+        during, alone = asyncio.run(go())
+    finally:
+        engine.stop()
+    chunks = during.count("prefill")
+    assert chunks >= 3, during  # several chunks, from MIN_CHUNK up
+    assert "prefill,prefill" not in ",".join(during), during  # a decode step after every chunk
+    assert alone.count("prefill") == 1, alone

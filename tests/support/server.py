@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
 import subprocess
@@ -22,12 +23,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str, log_path: str, *args: str):
+    def __init__(self, model: str, log_path: str, *args: str, env: dict | None = None):
         self.log_path, self.port = log_path, None
         with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall the server
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "slm", "serve", "--model", model, "--port", "0", *args],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, env=None if env is None else {**os.environ, **env})
         deadline = time.time() + 90
         while True:
             try:

@@ -4,9 +4,9 @@ A background thread owns the model and a RowKVCache of `max_batch` rows. Each tu
 does one piece of prefill, then one decode step of every busy row:
 
 - Prefill: a waiting request's prompt goes through the model in chunks, in a batch-1 cache. While
-  other rows are decoding, a chunk is sized (from the times the loop measures) to cost about one
-  decode step, so a long prompt slows the running streams by about 2x instead of stopping them for
-  its whole prefill. Once the prompt is in, its cache is copied into free rows (n rows for n
+  other rows are decoding, a chunk is sized (from the times the loop measures) to cost about half
+  a decode step, so a long prompt slows the running streams by about 1.5x instead of stopping them
+  for its whole prefill. Once the prompt is in, its cache is copied into free rows (n rows for n
   choices) and the first token is sampled.
 - Admission is fair between groups of requests (the prompts of one API call form a group): the
   groups take turns, one prompt each, so a call with 64 prompts does not hold every row before
@@ -45,7 +45,11 @@ from ..runtime.tokenizer import Detokenizer
 log = logging.getLogger("slm.serve")
 
 PREFILL_CHUNK = 512  # the most prompt tokens one prefill forward takes
-MIN_CHUNK = 16  # the least while other rows decode: a long prompt always progresses
+MIN_CHUNK = 4  # the least while other rows decode: a long prompt always progresses
+# While other rows decode, a prefill chunk is sized to take this share of a decode step's time: the
+# running streams then slow by at most about 1.5x while a long prompt goes in at a third of the
+# speed it gets alone.
+PREFILL_SHARE = 0.5
 
 
 @dataclass(kw_only=True)
@@ -227,10 +231,10 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.generated, self.peak = 0, 0  # tokens sampled and most rows busy at once, since start (/health)
         self._token_text: dict[int, str] = {}
-        # Seconds of the last decode steps (a moving average) and the prefill chunk that costs about
-        # as much, adapted as the loop runs.
+        # Seconds of the last decode steps (a moving average) and the prefill chunk that costs
+        # PREFILL_SHARE of that, adapted as the loop runs.
         self._step_s: float | None = None
-        self._chunk = min(64, prefill_chunk)
+        self._chunk = min(MIN_CHUNK, prefill_chunk)
         self._worked = False
 
     # -- called from the event loop ------------------------------------------------------------
@@ -365,7 +369,7 @@ class Engine:
             return
         if others and self._step_s is not None:
             took = max(time.perf_counter() - t, 1e-6)
-            grow = min(2.0, max(0.5, self._step_s / took))
+            grow = min(2.0, max(0.5, PREFILL_SHARE * self._step_s / took))
             self._chunk = min(self.prefill_chunk, max(MIN_CHUNK, int(len(ids) * grow)))
         p.done += len(ids)
         if p.done < len(p.req.prompt_ids):
