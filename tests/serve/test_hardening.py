@@ -201,7 +201,7 @@ def test_a_stream_keeps_its_pace_while_others_send_long_and_many_prompts(tmp_pat
         stop.set()
         threads[1].join()
         assert statuses == {"long": 200, "many": 200}
-        assert server.health()["peak_running"] == 4
+        assert server.health()["peak_running"] >= 3  # the others ran alongside the stream
         worst = max(gaps)
         assert worst < 3 * base + 0.05, (f"largest gap {1e3 * worst:.1f} ms ({worst / base:.1f}x); alone the median "
                                          f"gap is {1e3 * base:.1f} ms")

@@ -206,7 +206,7 @@ def test_a_long_prefill_goes_in_chunks_between_decode_steps(lm):
     prefill, step = engine._prefill, engine._step
 
     def traced_prefill():  # recorded before it runs: its last chunk wakes the client
-        if engine.prefilling or engine.n_waiting:
+        if engine.prefills or engine.n_waiting:
             events.append("prefill")
         prefill()
 
@@ -244,3 +244,34 @@ def test_a_long_prefill_goes_in_chunks_between_decode_steps(lm):
     assert chunks >= 3, during  # several chunks, from MIN_CHUNK up
     assert "prefill,prefill" not in ",".join(during), during  # a decode step after every chunk
     assert alone.count("prefill") == 1, alone
+
+
+def test_a_short_prompt_is_not_held_up_behind_a_long_prefill(lm):
+    """A 200-token prompt goes in chunk by chunk while a row decodes; a short prompt submitted
+    just after it takes turns with it and gets its first token before the long prompt does."""
+    engine = Engine(lm, max_batch=3, max_len=256)
+    engine.start()
+    firsts = []
+
+    async def first(r, name):
+        async for _ in deltas([r]):
+            firsts.append(name)
+            return
+
+    async def go():
+        stream = Request(lm.tokenizer.encode("Once upon a time"), Params(max_tokens=200, temperature=0), 1)
+        engine.submit(stream)
+        it = deltas([stream]).__aiter__()
+        await it.__anext__()  # the stream is decoding: prefill goes in chunks
+        long = Request(torch.randint(5, 400, (200,), generator=torch.Generator().manual_seed(3)).tolist(),
+                       Params(max_tokens=1, temperature=0), 1)
+        short = Request(lm.tokenizer.encode("The cat"), Params(max_tokens=1, temperature=0), 1)
+        engine.submit(long)
+        engine.submit(short)
+        await asyncio.gather(first(long, "long"), first(short, "short"))
+        stream.cancel()
+    try:
+        asyncio.run(go())
+    finally:
+        engine.stop()
+    assert firsts == ["short", "long"]

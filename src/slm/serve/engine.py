@@ -6,8 +6,10 @@ does one piece of prefill, then one decode step of every busy row:
 - Prefill: a waiting request's prompt goes through the model in chunks, in a batch-1 cache. While
   other rows are decoding, a chunk is sized (from the times the loop measures) to cost about half
   a decode step, so a long prompt slows the running streams by about 1.5x instead of stopping them
-  for its whole prefill. Once the prompt is in, its cache is copied into free rows (n rows for n
-  choices) and the first token is sampled.
+  for its whole prefill. Several prompts may be going in at once (as many as there are free rows
+  for), taking turns chunk by chunk: a short prompt is not held up behind a long one. Once a
+  prompt is in, its cache is copied into its rows (n rows for n choices) and the first token is
+  sampled.
 - Admission is fair between groups of requests (the prompts of one API call form a group): the
   groups take turns, one prompt each, so a call with 64 prompts does not hold every row before
   the next caller gets one.
@@ -150,7 +152,7 @@ class _Seq:
 
 class _Prefill:
     """A request whose prompt is going through the model, chunk by chunk, into a batch-1 cache;
-    `rows` are the free rows it will take (no one else is admitted meanwhile)."""
+    `rows` are the free rows it will take (kept for it meanwhile)."""
 
     def __init__(self, req: Request, rows: list[int], cache):
         self.req, self.rows, self.cache, self.done = req, rows, cache, 0
@@ -225,7 +227,7 @@ class Engine:
         # Waiting requests by group, in turn order: the group at the front is admitted next.
         self.groups: dict[asyncio.Queue, collections.deque[Request]] = {}
         self.n_waiting = 0
-        self.prefilling: _Prefill | None = None
+        self.prefills: collections.deque[_Prefill] = collections.deque()  # prompts going in, in turn
         self.cond = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
@@ -268,7 +270,7 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running": sum(s is not None for s in self.rows),
-                "waiting": self.n_waiting + (self.prefilling is not None),
+                "waiting": self.n_waiting + len(self.prefills),
                 "max_batch": self.max_batch, "context": self.max_len, "generated_tokens": self.generated,
                 "peak_running": self.peak}
 
@@ -286,7 +288,7 @@ class Engine:
 
     # -- the loop (engine thread) --------------------------------------------------------------
     def _idle(self) -> bool:
-        return not self.n_waiting and self.prefilling is None and not any(self.rows)
+        return not self.n_waiting and not self.prefills and not any(self.rows)
 
     def _loop(self) -> None:
         with torch.inference_mode():
@@ -310,15 +312,15 @@ class Engine:
                     for s in self.rows:
                         if s is not None:
                             self._finish(s, [Delta(s.req.first_index + s.index, finish_reason="error")])
-                    if self.prefilling is not None:
-                        self._fail_prefill()
+                    while self.prefills:
+                        self._fail(self.prefills.popleft())
 
     def _drop_cancelled(self) -> None:
         for s in self.rows:
             if s is not None and s.req.cancelled:
                 self.rows[s.row] = None
-        if self.prefilling is not None and self.prefilling.req.cancelled:
-            self.prefilling = None
+        if any(p.req.cancelled for p in self.prefills):
+            self.prefills = collections.deque(p for p in self.prefills if not p.req.cancelled)
 
     def _next(self, free: int) -> Request | None:
         """The next request to prefill: the first waiting one of the group whose turn it is, which
@@ -343,20 +345,21 @@ class Engine:
             return None
 
     def _prefill(self) -> None:
-        """One chunk of the current prompt (taking the next waiting request if there is none)."""
-        if self.prefilling is None:
-            free = [i for i, s in enumerate(self.rows) if s is None]
-            req = self._next(len(free))
-            if req is None:
-                return
+        """Admit the next waiting request if rows are free for it, then put one chunk of one prompt
+        through the model. The prompts going in take turns chunk by chunk, so a short prompt that
+        arrives while a long one is going in is in after a chunk or two, not after the long one."""
+        reserved = {r for p in self.prefills for r in p.rows}
+        free = [i for i, s in enumerate(self.rows) if s is None and i not in reserved]
+        req = self._next(len(free))
+        if req is not None:
             try:
-                cache = self.model.new_cache(1, len(req.prompt_ids))
+                self.prefills.append(_Prefill(req, free[:req.n], self.model.new_cache(1, len(req.prompt_ids))))
             except Exception:
                 log.exception("prefill failed")
                 req._push([Delta(req.first_index + i, finish_reason="error") for i in range(req.n)])
-                return
-            self.prefilling = _Prefill(req, free[:req.n], cache)
-        p, others = self.prefilling, any(self.rows)
+        if not self.prefills:
+            return
+        p, others = self.prefills.popleft(), any(self.rows)
         # Alone, a chunk may be as large as allowed; with rows decoding, as large as costs a step.
         size = self._chunk if others else self.prefill_chunk
         ids = p.req.prompt_ids[p.done:p.done + size]
@@ -365,7 +368,7 @@ class Engine:
             logits = self.model(torch.tensor([ids], device=self.device), cache=p.cache, last_only=True)[:, -1]
         except Exception:
             log.exception("prefill failed")
-            self._fail_prefill()
+            self._fail(p)
             return
         if others and self._step_s is not None:
             took = max(time.perf_counter() - t, 1e-6)
@@ -373,18 +376,18 @@ class Engine:
             self._chunk = min(self.prefill_chunk, max(MIN_CHUNK, int(len(ids) * grow)))
         p.done += len(ids)
         if p.done < len(p.req.prompt_ids):
+            self.prefills.append(p)  # to the back: the next prompt's turn
             return
-        self.prefilling, req = None, p.req
-        seqs = []
+        req, seqs = p.req, []
         for i, row in enumerate(p.rows):  # the lowest free rows: busy rows stay packed at the front
             self.cache.load_row(row, p.cache)
             seqs.append(_Seq(req, i, row, self.tokenizer, self.vocab, self.device))
             self.rows[row] = seqs[-1]
         self._advance(seqs, logits.expand(req.n, -1), list(range(req.n)))
 
-    def _fail_prefill(self) -> None:
-        req, self.prefilling = self.prefilling.req, None
-        req._push([Delta(req.first_index + i, finish_reason="error") for i in range(req.n)])
+    @staticmethod
+    def _fail(p: _Prefill) -> None:
+        p.req._push([Delta(p.req.first_index + i, finish_reason="error") for i in range(p.req.n)])
 
     def _step(self) -> None:
         t = time.perf_counter()
