@@ -36,7 +36,7 @@ SERVE = [
     ("max_batch", "sequences decoded together (KV cache rows; their memory is checked at start)", {"min": 1}),
     ("context", "tokens per sequence (capped by the model's)", {"min": 1}),
     ("prefill_chunk", "most prompt tokens per prefill step; while others decode, a chunk is sized to cost about "
-                      "one decode step", {"min": 1}),
+                      "half a decode step", {"min": 1}),
     ("timeout", "seconds a client may take to send a request's head, or its body, or stay idle between requests",
      {"type": seconds}),
     ("log_prompts", "log prompts and outputs, not only token counts"),

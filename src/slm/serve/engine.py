@@ -47,7 +47,9 @@ from ..runtime.tokenizer import Detokenizer
 log = logging.getLogger("slm.serve")
 
 PREFILL_CHUNK = 512  # the most prompt tokens one prefill forward takes
-MIN_CHUNK = 4  # the least while other rows decode: a long prompt always progresses
+# The least while other rows decode: a long prompt always progresses, and a short one goes in whole
+# (a forward's fixed cost dominates a few tokens' cost, so smaller chunks would only admit slower).
+MIN_CHUNK = 16
 # While other rows decode, a prefill chunk is sized to take this share of a decode step's time: the
 # running streams then slow by at most about 1.5x while a long prompt goes in at a third of the
 # speed it gets alone.
@@ -231,7 +233,7 @@ class Engine:
         self.cond = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
-        self.generated, self.peak = 0, 0  # tokens sampled and most rows busy at once, since start (/health)
+        self.generated, self.peak = 0, 0  # tokens sampled and most rows in use at once, since start (/health)
         self._token_text: dict[int, str] = {}
         # Seconds of the last decode steps (a moving average) and the prefill chunk that costs
         # PREFILL_SHARE of that, adapted as the loop runs.
@@ -392,7 +394,7 @@ class Engine:
     def _step(self) -> None:
         t = time.perf_counter()
         busy = [s for s in self.rows if s is not None]
-        self.peak = max(self.peak, len(busy))
+        self.peak = max(self.peak, len(busy) + sum(p.req.n for p in self.prefills))  # rows in use
         B = max(s.row for s in busy) + 1  # rows past the last busy one are not computed
         ids = torch.zeros(B, 1, dtype=torch.long)
         pos = torch.full((B, 1), -1, dtype=torch.long)
