@@ -1,19 +1,30 @@
 """Throughput of `slm serve` under concurrent clients: total generated tokens/s with 1, 4 and 16
-clients streaming chat completions at once, as ratios to 1 client (same server, same run).
+clients streaming chat completions at once, as ratios to 1 client (same server, same run); then
+the "mixed" scenario: short chats streaming while long prompts arrive among them, with each short
+chat's time to first token and the gaps between its tokens (p50, p99), against the same chats
+without the long prompts.
 
     python benchmarks/serve_throughput.py [--model DIR|FILE.gguf|default] [--clients 1 4 16]
                                           [--requests 3] [--max-tokens 64] [--no-stream]
+                                          [--mixed-chats 8] [--long-prompts 2] [--long-tokens 2000]
 
-Without --model: a Llama of the stories15m shape (6 layers, 288 wide, 6 heads) with random fp32
-weights and a byte-level BPE trained on 3,000 documents of slm's synthetic corpus (2,861 tokens). `--model default` serves
+Without --model: a Llama of the stories15m shape (6 layers, 288 wide, 6 heads; a 2,048-token
+context) with random fp32 weights and a byte-level BPE trained on 3,000 documents of slm's synthetic corpus (2,861 tokens). `--model default` serves
 the real gemma-3-270m. The server is a real `slm serve` process (--max-batch 16); each client sends
 --requests requests one after another through the official `openai` client, each with its own
 prompt and seed, and the count of generated tokens comes from the server's `usage`.
+
+Mixed: --mixed-chats clients each stream --requests chats (--max-tokens tokens, with logprobs, so
+that every token is an event) while --long-prompts other clients each send one prompt of
+--long-tokens token ids (max_tokens 16), staggered across the run. Reported: time to first token
+and inter-token latency (p50, p99) of the short chats, with and without the long prompts, and the
+long prompts' own time to first token.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -28,7 +39,8 @@ from results_log import record  # noqa: E402
 
 
 def build_model(out: str) -> str:
-    """stories15m shape, random weights, a BPE trained on the synthetic corpus."""
+    """stories15m shape (with a 2,048-token context, room for the mixed scenario's long prompts),
+    random weights, a BPE trained on the synthetic corpus."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -39,7 +51,7 @@ def build_model(out: str) -> str:
     c = slm.get_config("stories15m")
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                       num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                      num_key_value_heads=c.num_kv_heads, max_position_embeddings=c.max_seq_len,
+                      num_key_value_heads=c.num_kv_heads, max_position_embeddings=2048,
                       tie_word_embeddings=True, rms_norm_eps=c.norm_eps, bos_token_id=tok.bos_id,
                       eos_token_id=tok.eos_id)
     torch.manual_seed(0)
@@ -92,6 +104,66 @@ def run_level(client, clients: int, requests: int, max_tokens: int, stream: bool
     return total, time.perf_counter() - t
 
 
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def timed_stream(client, kw: dict) -> tuple[float, list[float], int]:
+    """(time to first token, gaps between token events, tokens) of one streamed chat (messages in
+    kw) or completion. With logprobs every token makes an event, even one that adds no character."""
+    t0 = time.perf_counter()
+    times, tokens = [], 0
+    if "messages" in kw:
+        chunks = client.chat.completions.create(stream=True, logprobs=True, **kw)
+        count = lambda c: len(c.choices[0].logprobs.content or [])  # noqa: E731
+    else:
+        chunks = client.completions.create(stream=True, logprobs=0, **kw)
+        count = lambda c: len(c.choices[0].logprobs.tokens or [])  # noqa: E731
+    for chunk in chunks:
+        if chunk.choices and chunk.choices[0].logprobs and count(chunk):
+            times.append(time.perf_counter())
+            tokens += count(chunk)
+    return times[0] - t0, [b - a for a, b in zip(times, times[1:])], tokens
+
+
+def run_mixed(client, chats: int, requests: int, max_tokens: int, long_prompts: int, long_tokens: int,
+              vocab: int) -> dict:
+    """Short streamed completions from `chats` clients, with `long_prompts` long ones among them."""
+    ttft, gaps, long_ttft, tokens = [], [], [], [0]
+
+    def chat_client(c: int) -> None:
+        for r in range(requests):
+            kw = dict(model="bench", messages=[{"role": "user", "content": f"Tell story {c}-{r} about a cat."}],
+                      max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=1000 * c + r)
+            t, g, n = timed_stream(client, kw)
+            ttft.append(t)
+            gaps.extend(g)
+            tokens[0] += n
+
+    def long_client(i: int) -> None:
+        time.sleep(0.5 + i)  # staggered: they arrive while the chats stream
+        ids = [(7 * j + i) % (vocab - 10) + 5 for j in range(long_tokens)]
+        t, _, n = timed_stream(client, dict(model="bench", prompt=ids, max_tokens=16, temperature=0))
+        long_ttft.append(t)
+        tokens[0] += n
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(chats + long_prompts) as pool:
+        jobs = [pool.submit(chat_client, c) for c in range(chats)] + \
+               [pool.submit(long_client, i) for i in range(long_prompts)]
+        for j in jobs:
+            j.result()
+    secs = time.perf_counter() - t
+    out = {"tokens": tokens[0], "seconds": round(secs, 2), "tok_s": round(tokens[0] / secs, 1),
+           "ttft_p50_ms": round(1e3 * pct(ttft, 0.5), 1), "ttft_p99_ms": round(1e3 * pct(ttft, 0.99), 1),
+           "itl_p50_ms": round(1e3 * pct(gaps, 0.5), 2), "itl_p99_ms": round(1e3 * pct(gaps, 0.99), 2),
+           "itl_max_ms": round(1e3 * max(gaps), 1)}
+    if long_ttft:
+        out["long_ttft_max_ms"] = round(1e3 * max(long_ttft), 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder or .gguf ('default': gemma-3-270m)")
@@ -100,6 +172,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--no-stream", action="store_true")
+    ap.add_argument("--mixed-chats", type=int, default=8, help="mixed scenario: clients streaming short chats "
+                                                                "(0: skip the scenario)")
+    ap.add_argument("--long-prompts", type=int, default=2, help="mixed scenario: long prompts among them")
+    ap.add_argument("--long-tokens", type=int, default=2000, help="mixed scenario: tokens of each long prompt")
     a = ap.parse_args()
     import openai
 
@@ -125,6 +201,32 @@ def main() -> None:
                        requests_per_client=a.requests, max_tokens=a.max_tokens, max_batch=a.max_batch,
                        stream=not a.no_stream, clients=c, tokens=tokens, seconds=round(secs, 2),
                        tok_s=round(rate, 1), vs_1_client=round(rate / base, 2))
+            if a.mixed_chats:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    context = json.load(r)["context"]
+                vocab = 256  # long prompts of token ids below 256: inside every vocabulary
+                long_tokens = min(a.long_tokens, context - 16)
+                print(f"\nmixed: {a.mixed_chats} clients x {a.requests} streamed chats of {a.max_tokens} "
+                      f"tokens, with {a.long_prompts} prompts of {long_tokens} tokens among them")
+                print(f"{'':>14} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
+                      f"{'ITL max':>8} {'long TTFT':>10}")
+                rows = {}
+                for name, longs in (("chats alone", 0), ("with long", a.long_prompts)):
+                    m = rows[name] = run_mixed(client, a.mixed_chats, a.requests, a.max_tokens, longs, long_tokens,
+                                               vocab)
+                    print(f"{name:>14} {m['tok_s']:>7.1f} {m['ttft_p50_ms']:>7.1f}ms {m['ttft_p99_ms']:>7.1f}ms "
+                          f"{m['itl_p50_ms']:>6.2f}ms {m['itl_p99_ms']:>6.2f}ms {m['itl_max_ms']:>6.1f}ms "
+                          f"{str(m.get('long_ttft_max_ms', '-')) + ('ms' if longs else ''):>10}", flush=True)
+                alone, mixed = rows["chats alone"], rows["with long"]
+                record("serve_throughput", scenario="mixed", model=a.model or "stories15m shape, random weights",
+                       max_batch=a.max_batch, chats=a.mixed_chats, requests_per_chat=a.requests,
+                       max_tokens=a.max_tokens, long_prompts=a.long_prompts, long_tokens=long_tokens,
+                       tok_s=mixed["tok_s"], ttft_p50_ms=mixed["ttft_p50_ms"], ttft_p99_ms=mixed["ttft_p99_ms"],
+                       itl_p50_ms=mixed["itl_p50_ms"], itl_p99_ms=mixed["itl_p99_ms"], itl_max_ms=mixed["itl_max_ms"],
+                       long_ttft_max_ms=mixed["long_ttft_max_ms"], alone_tok_s=alone["tok_s"],
+                       alone_ttft_p99_ms=alone["ttft_p99_ms"], alone_itl_p50_ms=alone["itl_p50_ms"],
+                       alone_itl_p99_ms=alone["itl_p99_ms"], alone_itl_max_ms=alone["itl_max_ms"],
+                       vs_alone_itl_p99=round(mixed["itl_p99_ms"] / alone["itl_p99_ms"], 2))
         finally:
             server.terminate()
             server.wait(30)

@@ -1,6 +1,8 @@
 """The continuous-batching engine on its own: requests joining and leaving a running batch give
-exactly what each gives alone (also through sliding-window caches), seeded sampling does not depend
-on the batch, penalties follow OpenAI's definition, and a cancelled request stops computing."""
+exactly what each gives alone (also through sliding-window caches, and with prompts prefilled in
+chunks), seeded sampling does not depend on the batch, penalties follow OpenAI's definition, a
+cancelled request stops computing, the groups of requests take turns for rows, and a cache too
+large for memory is refused before it is allocated."""
 
 import asyncio
 
@@ -10,7 +12,7 @@ import torch
 import slm
 from support.models import FAMILIES, make_checkpoint
 from slm.runtime.generate import stream_text
-from slm.serve.engine import Engine, Params, Request, deltas
+from slm.serve.engine import Engine, Params, QueueFull, Request, deltas
 
 
 async def run(engine: Engine, jobs, stagger: float = 0.0) -> list[list[str]]:
@@ -32,8 +34,8 @@ async def run(engine: Engine, jobs, stagger: float = 0.0) -> list[list[str]]:
     return list(await asyncio.gather(*tasks))
 
 
-def serve(lm, jobs, max_batch=3, stagger=0.0):
-    engine = Engine(lm, max_batch=max_batch, max_len=128)
+def serve(lm, jobs, max_batch=3, stagger=0.0, prefill_chunk=512):
+    engine = Engine(lm, max_batch=max_batch, max_len=128, prefill_chunk=prefill_chunk)
     engine.start()
     try:
         return asyncio.run(run(engine, jobs, stagger)), engine
@@ -46,19 +48,21 @@ def lm(tmp_path_factory, tokenizer_dir):
     return slm.load(make_checkpoint(str(tmp_path_factory.mktemp("engine")), "llama", tokenizer_dir))
 
 
-@pytest.mark.parametrize("family,quantize", [("llama-untied", None), ("mistral-gqa", None), ("gemma3", None),
-                                             ("gemma3", "int4"), ("phi", "int8")])
-def test_batched_greedy_equals_alone(family, quantize, tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("family,quantize,chunk", [
+    ("llama-untied", None, 512), ("mistral-gqa", None, 512), ("gemma3", None, 512), ("gemma3", "int4", 512),
+    ("phi", "int8", 512), ("llama-untied", None, 7), ("mistral-gqa", None, 7), ("gemma3", None, 3)])
+def test_batched_greedy_equals_alone(family, quantize, chunk, tmp_path, tokenizer_dir):
     """6 requests through 3 rows: later ones join a running batch as rows free up; prompts and
     generations longer than the sliding windows (16 for Mistral, 8 for Gemma) roll the cache.
-    Quantized models too (embedding included: the engine takes the model's dtype, not the table's)."""
+    Quantized models too (embedding included: the engine takes the model's dtype, not the table's).
+    With a small prefill chunk the prompts go in several pieces, across the windows' edges."""
     fam, kw = FAMILIES[family]
     lm = slm.load(make_checkpoint(str(tmp_path / "m"), fam, tokenizer_dir, **kw), quantize=quantize)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (4, 30, 11, 2, 19, 7)]
     lengths = [25, 9, 40, 17, 30, 12]
     jobs = [(p, Params(max_tokens=m, temperature=0), 1) for p, m in zip(prompts, lengths)]
-    out, engine = serve(lm, jobs, max_batch=3, stagger=0.01)
+    out, engine = serve(lm, jobs, max_batch=3, stagger=0.01, prefill_chunk=chunk)
     for (p, m), (text,) in zip(zip(prompts, lengths), out):
         assert text == "".join(lm.stream(p, max_new_tokens=m, temperature=0))
     assert engine.generated == sum(lengths)  # random weights: no EOS within these lengths
@@ -113,3 +117,161 @@ def test_cancel_frees_the_row(lm):
     finally:
         engine.stop()
     assert stats["running"] == 0 and stats["generated_tokens"] < 200
+
+
+@pytest.mark.parametrize("family", ["llama-untied", "mistral-gqa", "gemma3"])
+def test_chunked_prefill_equals_one_shot(family, tmp_path, tokenizer_dir):
+    """A prompt fed in chunks (of 1, 5 and 13 tokens, crossing the sliding windows of 16 and 8)
+    gives the logits of every position and the cache that one forward over it gives."""
+    fam, kw = FAMILIES[family]
+    model = slm.load(make_checkpoint(str(tmp_path / "m"), fam, tokenizer_dir, **kw)).model
+    ids = torch.randint(5, 400, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        whole = model.new_cache(1, 40)
+        want = model(ids, cache=whole)
+        for chunk in (1, 5, 13):
+            cache = model.new_cache(1, 40)
+            got = torch.cat([model(ids[:, i:i + chunk], cache=cache) for i in range(0, 40, chunk)], 1)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+            for a, b in zip(cache.k + cache.v, whole.k + whole.v):
+                torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+            assert all(torch.equal(cache.pos[w], whole.pos[w]) for w in whole.pos)
+
+
+def test_groups_take_turns(lm):
+    """A call with 6 prompts is queued first, then two single requests: with 2 rows, the single
+    requests are admitted after one prompt of the big call, not after all six."""
+    engine = Engine(lm, max_batch=2, max_len=128)
+    order = []
+
+    async def go():
+        big = asyncio.Queue()
+        p = Params(max_tokens=4, temperature=0)
+        reqs = [Request(lm.tokenizer.encode(f"Story {i}"), p, 1, big, i) for i in range(6)]
+        singles = [Request(lm.tokenizer.encode(f"Cat {i}"), p, 1) for i in range(2)]
+        engine.submit_all(reqs)
+        for r in singles:
+            engine.submit(r)
+        engine.start()  # everything queued before the loop runs: the order is the scheduler's alone
+
+        async def firsts(rs, name):  # the order in which choices get their first token
+            seen = set()
+            async for d in deltas(rs):
+                if d.index not in seen:
+                    seen.add(d.index)
+                    order.append(f"{name}{d.index}")
+        await asyncio.gather(firsts(reqs, "big"), *(firsts([r], f"single{i}.") for i, r in enumerate(singles)))
+    try:
+        asyncio.run(go())
+    finally:
+        engine.stop()
+    # turns: big, single0, single1 (big went to the back of the line), then big's other prompts
+    assert order == ["big0", "single0.0", "single1.0"] + [f"big{i}" for i in range(1, 6)]
+
+
+def test_a_queue_of_one_call_is_all_or_nothing(lm):
+    engine = Engine(lm, max_batch=2, max_len=128, max_waiting=4)
+
+    async def go():
+        p = Params(max_tokens=4, temperature=0)
+        engine.submit_all([Request([5, 6], p) for _ in range(3)])
+        with pytest.raises(QueueFull):
+            engine.submit_all([Request([5, 6], p) for _ in range(2)])
+        assert engine.stats()["waiting"] == 3
+        with pytest.raises(ValueError, match="5 prompts are more than the 4"):
+            engine.submit_all([Request([5, 6], p) for _ in range(5)])
+    asyncio.run(go())
+
+
+def test_refuses_a_cache_larger_than_memory(lm, monkeypatch):
+    from slm.serve import engine as mod
+    need = mod.kv_cache_bytes(lm.model.config, 100_000, 128, lm.model.dtype)
+    cfg = lm.model.config
+    assert need == 2 * 100_000 * cfg.num_kv_heads * cfg.head_dim * cfg.num_layers * 128 * 4
+    monkeypatch.setattr(mod, "available_memory", lambda device: need // 2)
+    with pytest.raises(ValueError, match="lower --max-batch or --context"):
+        Engine(lm, max_batch=100_000, max_len=128)
+    for bad in (dict(max_batch=0), dict(max_batch=2, max_len=0), dict(max_batch=2, prefill_chunk=0)):
+        with pytest.raises(ValueError, match="at least 1"):
+            Engine(lm, **bad)
+
+
+def test_a_long_prefill_goes_in_chunks_between_decode_steps(lm):
+    """While a row decodes, a 120-token prompt goes in as several chunks, each followed by a decode
+    step of the running row: the stream is never held for the whole prefill. Alone, the same
+    prompt goes in as one chunk (the most a forward takes)."""
+    engine = Engine(lm, max_batch=2, max_len=256, prefill_chunk=512)
+    events = []
+    prefill, step = engine._prefill, engine._step
+
+    def traced_prefill():  # recorded before it runs: its last chunk wakes the client
+        if engine.prefills or engine.n_waiting:
+            events.append("prefill")
+        prefill()
+
+    def traced_step():
+        events.append("step")
+        step()
+    engine._prefill, engine._step = traced_prefill, traced_step
+    engine.start()
+    long_prompt = torch.randint(5, 400, (120,), generator=torch.Generator().manual_seed(2)).tolist()
+
+    async def go():
+        stream = Request(lm.tokenizer.encode("Once upon a time"), Params(max_tokens=150, temperature=0), 1)
+        engine.submit(stream)
+        it = deltas([stream]).__aiter__()
+        await it.__anext__()  # the stream is decoding
+        events.clear()
+        long = Request(long_prompt, Params(max_tokens=1, temperature=0), 1)
+        engine.submit(long)
+        async for _ in deltas([long]):
+            pass
+        during = list(events)
+        stream.cancel()
+        await asyncio.sleep(0.05)
+        events.clear()
+        alone = Request(long_prompt, Params(max_tokens=1, temperature=0), 1)
+        engine.submit(alone)
+        async for _ in deltas([alone]):
+            pass
+        return during, list(events)
+    try:
+        during, alone = asyncio.run(go())
+    finally:
+        engine.stop()
+    chunks = during.count("prefill")
+    assert chunks >= 3, during  # several chunks, from MIN_CHUNK up
+    assert "prefill,prefill" not in ",".join(during), during  # a decode step after every chunk
+    assert alone.count("prefill") == 1, alone
+
+
+def test_a_short_prompt_is_not_held_up_behind_a_long_prefill(lm):
+    """A 200-token prompt goes in chunk by chunk while a row decodes; a short prompt submitted
+    just after it takes turns with it and gets its first token before the long prompt does."""
+    engine = Engine(lm, max_batch=3, max_len=256)
+    engine.start()
+    firsts = []
+
+    async def first(r, name):
+        async for _ in deltas([r]):
+            firsts.append(name)
+            return
+
+    async def go():
+        stream = Request(lm.tokenizer.encode("Once upon a time"), Params(max_tokens=200, temperature=0), 1)
+        engine.submit(stream)
+        it = deltas([stream]).__aiter__()
+        await it.__anext__()  # the stream is decoding: prefill goes in chunks
+        long = Request(torch.randint(5, 400, (200,), generator=torch.Generator().manual_seed(3)).tolist(),
+                       Params(max_tokens=1, temperature=0), 1)
+        short = Request(lm.tokenizer.encode("The cat"), Params(max_tokens=1, temperature=0), 1)
+        engine.submit(long)
+        engine.submit(short)
+        await asyncio.gather(first(long, "long"), first(short, "short"))
+        stream.cancel()
+    try:
+        asyncio.run(go())
+    finally:
+        engine.stop()
+    assert firsts == ["short", "long"]

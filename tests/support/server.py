@@ -1,10 +1,13 @@
-"""`slm serve` as a real process, for the tests that drive it: a free loopback port, the process, and
-the official `openai` client pointed at it."""
+"""`slm serve` as a real process, for the tests that drive it: the process on a loopback port it
+picks itself (--port 0; the first line it prints names the port), and the official `openai` client
+pointed at it."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,17 +23,21 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str, log_path: str, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        with open(log_path, "w") as log:
+    def __init__(self, model: str, log_path: str, *args: str, env: dict | None = None):
+        self.log_path, self.port = log_path, None
+        with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall the server
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "slm", "serve", "--model", model, "--port", str(self.port), *args],
-                stdout=log, stderr=subprocess.STDOUT)
+                [sys.executable, "-m", "slm", "serve", "--model", model, "--port", "0", *args],
+                stdout=log, stderr=subprocess.STDOUT, env=None if env is None else {**os.environ, **env})
         deadline = time.time() + 90
         while True:
             try:
+                if self.port is None:  # no race for a free port: the server binds one and says which
+                    found = re.search(r" at http://127\.0\.0\.1:(\d+)/", self.log())
+                    if found is None:
+                        raise ConnectionRefusedError
+                    self.port = int(found.group(1))
+                    self.url = f"http://127.0.0.1:{self.port}"
                 self.health()
                 return
             except OSError:

@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
-from .flags import add_flags, load_flags, model_flag, receipt_flag, values
+from .flags import add_flags, finite_float, load_flags, model_flag, receipt_flag, values
+
+
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0 to 65535 (0: any free one), got {text}")
+    return port
+
+
+port_number.__name__ = "port number"
+
+
+def seconds(text: str) -> float:
+    x = finite_float(text)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return x
+
+
+seconds.__name__ = "number of seconds"
 
 # The flags of serve.app.ServeConfig (defaults from there).
 SERVE = [
     ("host", "the address to listen on; a non-loopback one needs --api-key"),
-    ("port", "the TCP port"),
+    ("port", "the TCP port (0: any free one, which the first line printed names)", {"type": port_number}),
     ("api_key", "require 'Authorization: Bearer KEY' (default: $SLM_API_KEY, else none)"),
     ("name", "the model id clients send (default: the folder's or file's name)", {"flag": "--served-model-name"}),
-    ("max_batch", "sequences decoded together (KV cache rows)"),
-    ("context", "tokens per sequence (capped by the model's)"),
+    ("max_batch", "sequences decoded together (KV cache rows; their memory is checked at start)", {"min": 1}),
+    ("context", "tokens per sequence (capped by the model's)", {"min": 1}),
+    ("prefill_chunk", "most prompt tokens per prefill step; while others decode, a chunk is sized to cost about "
+                      "half a decode step", {"min": 1}),
+    ("timeout", "seconds a client may take to send a request's head, or its body, or stay idle between requests",
+     {"type": seconds}),
     ("log_prompts", "log prompts and outputs, not only token counts"),
 ]
 

@@ -7,16 +7,26 @@ continuous-batching loop in engine.py.
 Privacy and safety: the server binds to 127.0.0.1 unless told otherwise, refuses a non-loopback
 address without an API key, checks the Host header on loopback (so a web page cannot reach it by
 DNS rebinding), and logs token counts, never prompts or outputs, unless --log-prompts.
+
+One client cannot stall the others: text is bounded before it is tokenized, and tokenized (and chat
+templates rendered) in worker threads, never on the event loop; prompts, logit_bias and stop
+strings are capped; a connection must send each request's head and body within `timeout` seconds
+and is closed when idle that long; the engine prefills long prompts in chunks between decode steps
+and lets the API calls take turns for rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import errno
 import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
+import socket
 import sys
 import time
 import uuid
@@ -31,7 +41,7 @@ from starlette.exceptions import HTTPException
 
 from ..runtime.lm import DEFAULT_MODEL, load
 from ..runtime.sampling import OPENAI_DEFAULT_TEMPERATURE
-from .engine import Engine, Params, QueueFull, deltas
+from .engine import PREFILL_CHUNK, Engine, Params, QueueFull, deltas
 from .engine import Request as EngineRequest
 
 log = logging.getLogger("slm.serve")
@@ -39,6 +49,12 @@ log = logging.getLogger("slm.serve")
 MAX_BODY = 2 << 20  # bytes of request JSON
 MAX_N = 8  # choices per prompt
 MAX_STOP = 8  # stop strings per request
+MAX_PROMPTS = 128  # prompts per /v1/completions request
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit too)
+# Characters of text per token of the context that a request may send: text beyond this cannot fit
+# the context in any real tokenizer (English runs about 4 characters a token), and bounding it
+# bounds the tokenizer's work before it starts.
+CHARS_PER_TOKEN = 16
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
             "img-src data:; base-uri 'none'; form-action 'none'")
 
@@ -114,13 +130,27 @@ class ServeConfig:
     context: int | None = 4096  # tokens per sequence, capped by the model's; None: the model's
     log_prompts: bool = False  # log prompts and outputs too, not only token counts
     max_body: int = MAX_BODY  # bytes of request JSON
+    prefill_chunk: int = PREFILL_CHUNK  # most prompt tokens per prefill forward (smaller while others decode)
+    timeout: float = 10.0  # seconds a client may take to send a request's head, and its body, or stay idle
+
+    def __post_init__(self):
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be a TCP port number, 0 to 65535 (0: any free port), got {self.port!r}")
+        for name in ("max_batch", "max_body", "prefill_chunk") + (("context",) if self.context is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, got {v!r}")
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or \
+                not math.isfinite(self.timeout) or self.timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
 
 
 def create_app(lm, model_name: str, config: ServeConfig | None = None, local_only: bool = True) -> FastAPI:
     c = config or ServeConfig()
     api_key, log_prompts, max_body = c.api_key, c.log_prompts, c.max_body
-    engine = Engine(lm, max_batch=c.max_batch, max_len=c.context)
-    tok = lm.tokenizer
+    engine = Engine(lm, max_batch=c.max_batch, max_len=c.context, prefill_chunk=c.prefill_chunk)
+    enc = unlocked(lm.tokenizer)  # encodes without holding the GIL: for worker threads
+    max_chars = CHARS_PER_TOKEN * engine.max_len
     created = int(time.time())
 
     async def lifespan(app):
@@ -180,6 +210,9 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP or any(not s for s in stop):
             raise APIError(400, f"stop: give up to {MAX_STOP} non-empty strings", param="stop")
+        if len(body.logit_bias or {}) > MAX_LOGIT_BIAS:
+            raise APIError(400, f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(body.logit_bias)}",
+                           param="logit_bias")
         for t in body.logit_bias or {}:
             if not 0 <= t < engine.vocab or not -100 <= body.logit_bias[t] <= 100:
                 raise APIError(400, f"logit_bias: token ids in [0, {engine.vocab}), biases in [-100, 100]",
@@ -204,16 +237,19 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         queue = asyncio.Queue()
         reqs = [EngineRequest(ids, p, n, queue, i * n) for i, (ids, p) in enumerate(zip(prompts, ps))]
         try:
-            for r in reqs:
-                engine.submit(r)
-        except (QueueFull, ValueError) as e:
-            for r in reqs:
-                r.cancel()
-            if isinstance(e, ValueError):
-                raise APIError(400, str(e)) from None
+            engine.submit_all(reqs)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        except QueueFull as e:
             raise APIError(429, f"the server is busy ({e}); retry shortly", code="queue_full",
                            type="rate_limit_error") from None
         return reqs
+
+    def check_length(text: str, param: str) -> None:
+        if len(text) > max_chars:
+            raise APIError(400, f"{param}: {len(text)} characters, more than the {max_chars} this server takes "
+                                f"({CHARS_PER_TOKEN} per token of its {engine.max_len}-token context)",
+                           param=param, code="context_length_exceeded")
 
     async def checked(reqs):
         async for d in deltas(reqs):
@@ -234,15 +270,22 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
             p = [p]
         if not p:
             raise APIError(400, "prompt: empty", param="prompt")
-        prompts = []
+        if len(p) > MAX_PROMPTS:
+            raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(p)}", param="prompt",
+                           code="too_many_prompts")
         for x in p:
-            try:
-                ids = tok.encode(x) if isinstance(x, str) else list(x)
-            except Exception:  # the tokenizer takes valid Unicode only (no lone surrogates)
-                raise APIError(400, "prompt: not valid Unicode text", param="prompt") from None
+            if isinstance(x, str):
+                check_length(x, "prompt")
+
+        def encode_all() -> list[list[int]]:  # in a worker thread
+            return [enc.encode(x) if isinstance(x, str) else list(x) for x in p]
+        try:
+            prompts = await asyncio.to_thread(encode_all)
+        except Exception:  # the tokenizer takes valid Unicode only (no lone surrogates)
+            raise APIError(400, "prompt: not valid Unicode text", param="prompt") from None
+        for ids in prompts:
             if not ids or any(not 0 <= t < engine.vocab for t in ids):
                 raise APIError(400, f"prompt: token ids must be in [0, {engine.vocab}) and not empty", param="prompt")
-            prompts.append(ids)
         ps = [params(body, len(ids), 16, body.logprobs) for ids in prompts]  # OpenAI's default max_tokens: 16
         reqs = submit(prompts, ps, body.n or 1)
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -277,8 +320,9 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
                     raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
                 content = "".join(part["text"] for part in content)
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-        try:
-            ids = tok.encode_chat(messages)
+        check_length("".join(m["content"] for m in messages), "messages")
+        try:  # in a worker thread: rendering and tokenizing a long conversation takes a while
+            ids = await asyncio.to_thread(enc.encode_chat, messages)
         except Exception as e:  # the checkpoint's template may refuse an order of roles
             raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
         k = (body.top_logprobs or 0) if body.logprobs else None
@@ -369,8 +413,30 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         p, c = sum(len(r.prompt_ids) for r in reqs), sum(sum(r.completion_tokens) for r in reqs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    app.add_middleware(_Guard, api_key=api_key, local_only=local_only, max_body=max_body)
+    app.add_middleware(_Guard, api_key=api_key, local_only=local_only, max_body=max_body, timeout=c.timeout)
     return app
+
+
+class _Unlocked:
+    """A `tokenizers.Tokenizer` whose encode lets other threads run: the library's encode holds the
+    GIL for its whole run (seconds for megabytes of text, during which the event loop would stand
+    still even with the call in a worker thread), its encode_batch releases it."""
+
+    def __init__(self, tk):
+        self._tk = tk
+
+    def encode(self, text: str, add_special_tokens: bool = True):
+        return self._tk.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
+    def __getattr__(self, name):
+        return getattr(self._tk, name)
+
+
+def unlocked(tokenizer):
+    """A copy of slm's Tokenizer that encodes through `_Unlocked` (the same ids)."""
+    t = copy.copy(tokenizer)
+    t.tk = _Unlocked(tokenizer.tk)
+    return t
 
 
 def sse(obj) -> str:
@@ -393,8 +459,8 @@ LOCAL_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
 
 
 class _Guard:
-    def __init__(self, app, api_key: str | None, local_only: bool, max_body: int):
-        self.app, self.max_body, self.local_only = app, max_body, local_only
+    def __init__(self, app, api_key: str | None, local_only: bool, max_body: int, timeout: float):
+        self.app, self.max_body, self.local_only, self.timeout = app, max_body, local_only, timeout
         self.auth = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -412,18 +478,23 @@ class _Guard:
                                                code="invalid_api_key", type="authentication_error"))
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        # Read the whole body here, bounded, then hand it on.
+        # Read the whole body here, bounded in size and time, then hand it on.
         chunks, size, more = [], 0, True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            size += len(msg.get("body", b""))
-            if size <= self.max_body:
-                chunks.append(msg.get("body", b""))
-            elif size > 16 * self.max_body:
-                break  # stop reading an endless body; the connection will be closed
-            more = msg.get("more_body", False)
+        try:
+            async with asyncio.timeout(self.timeout):
+                while more:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return
+                    size += len(msg.get("body", b""))
+                    if size <= self.max_body:
+                        chunks.append(msg.get("body", b""))
+                    elif size > 16 * self.max_body:
+                        break  # stop reading an endless body; the connection will be closed
+                    more = msg.get("more_body", False)
+        except TimeoutError:
+            return await _reply(send, APIError(408, f"the request body did not arrive within {self.timeout:g} s",
+                                               code="request_timeout"), close=True)
         if size > self.max_body:
             return await _reply(send, APIError(413, f"the request body is larger than {self.max_body} bytes",
                                                code="body_too_large"))
@@ -439,11 +510,78 @@ class _Guard:
         await self.app(scope, replay, send)
 
 
-async def _reply(send, e: APIError) -> None:
+async def _reply(send, e: APIError, close: bool = False) -> None:
     data = json.dumps(e.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": e.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": data})
+
+
+def timed_protocol(timeout: float):
+    """uvicorn's h11 protocol, with a deadline for each request's head: a connection that sends
+    nothing, or half a head, for `timeout` seconds (from its opening or from the end of the last
+    response) is closed. uvicorn's own keep-alive timer stops at the first byte of a request, so
+    without this a client could hold a connection open for ever with a few bytes."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:  # the head is in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return TimedH11
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: any free one), or an OSError that says why not."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart at once after a stop
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(f"port {port} on {host} is already in use: stop what listens there, or pass another "
+                          "--port (0 picks a free one)") from None
+        raise OSError(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
+    return sock
 
 
 # -- slm serve ---------------------------------------------------------------------------------
@@ -466,20 +604,26 @@ def run(model: str | None = None, config: ServeConfig | None = None, dtype=None,
                          "pass --api-key KEY (or set SLM_API_KEY), or keep the default --host 127.0.0.1")
     import uvicorn
 
-    lm = load(model, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
-    if on_load is not None:  # e.g. the footprint receipt's token counter
-        on_load(lm)
-    if name is None:
-        name = DEFAULT_MODEL if model is None else os.path.basename(os.path.normpath(model))
-        name = name[:-5] if name.endswith(".gguf") else name
-    app = create_app(lm, name, c, local_only=local)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("slm serve: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    shown = f"[{host}]" if ":" in host else host
-    print(f"slm serve: {name} at http://{shown}:{port}/ (API: http://{shown}:{port}/v1, "
-          f"{c.max_batch} sequences at once, context {app.state.engine.max_len}"
-          f"{', prompts logged' if c.log_prompts else ''})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+    # The port first: one in use is an error now, not after the model has loaded.
+    with listen(host, port) as sock:
+        lm = load(model, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
+        if on_load is not None:  # e.g. the footprint receipt's token counter
+            on_load(lm)
+        if name is None:
+            name = DEFAULT_MODEL if model is None else os.path.basename(os.path.normpath(model))
+            name = name[:-5] if name.endswith(".gguf") else name
+        app = create_app(lm, name, c, local_only=local)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("slm serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        shown, port = f"[{host}]" if ":" in host else host, sock.getsockname()[1]  # port 0: the one bound
+        print(f"slm serve: {name} at http://{shown}:{port}/ (API: http://{shown}:{port}/v1, "
+              f"{c.max_batch} sequences at once, context {app.state.engine.max_len}"
+              f"{', prompts logged' if c.log_prompts else ''})", file=sys.stderr, flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
+                                               timeout_keep_alive=c.timeout, http=timed_protocol(c.timeout)))
+        server.run(sockets=[sock])
+        if not server.started:
+            raise OSError("the server did not start (see the lines above)")

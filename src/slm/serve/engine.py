@@ -1,10 +1,24 @@
 """Continuous batching: one decode loop shares the model among all requests.
 
-A background thread owns the model and a RowKVCache of `max_batch` rows. Between decode steps it
-admits waiting requests: the prompt is prefilled in a batch-1 cache, copied into a free row (into
-n rows for n choices) and the first token is sampled. Each decode step then advances every busy
-row by one token in a single forward pass. A sequence that ends (EOS, stop string, max_tokens) or
-whose client went away frees its row at once, and a waiting request takes it at the next step.
+A background thread owns the model and a RowKVCache of `max_batch` rows. Each turn of its loop
+does one piece of prefill, then one decode step of every busy row:
+
+- Prefill: a waiting request's prompt goes through the model in chunks, in a batch-1 cache. While
+  other rows are decoding, a chunk is sized (from the times the loop measures) to cost about half
+  a decode step, so a long prompt slows the running streams by about 1.5x instead of stopping them
+  for its whole prefill. Several prompts may be going in at once (as many as there are free rows
+  for), taking turns chunk by chunk: a short prompt is not held up behind a long one. Once a
+  prompt is in, its cache is copied into its rows (n rows for n choices) and the first token is
+  sampled.
+- Admission is fair between groups of requests (the prompts of one API call form a group): the
+  groups take turns, one prompt each, so a call with 64 prompts does not hold every row before
+  the next caller gets one.
+- A decode step advances every busy row by one token in a single forward pass. A sequence that
+  ends (EOS, stop string, max_tokens) or whose client went away frees its row at once.
+
+When the loop falls idle after work it hands freed heap pages back to the system (glibc's
+malloc_trim): the transient buffers of a burst (prompts, prefill activations) would otherwise stay
+resident for good.
 
 Requests talk to the loop through `Request`: the HTTP side submits one and iterates its events
 (`Delta`s) asynchronously; `Request.cancel()` stops it from consuming compute.
@@ -14,18 +28,32 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import logging
+import os
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..model import RowKVCache
+from ..model.config import ModelConfig
 from ..runtime.sampling import Row, Sampling, sample_rows
 from ..runtime.tokenizer import Detokenizer
 
 log = logging.getLogger("slm.serve")
+
+PREFILL_CHUNK = 512  # the most prompt tokens one prefill forward takes
+# The least while other rows decode: a long prompt always progresses, and a short one goes in whole
+# (a forward's fixed cost dominates a few tokens' cost, so smaller chunks would only admit slower).
+MIN_CHUNK = 16
+# While other rows decode, a prefill chunk is sized to take this share of a decode step's time: the
+# running streams then slow by at most about 1.5x while a long prompt goes in at a third of the
+# speed it gets alone.
+PREFILL_SHARE = 0.5
 
 
 @dataclass(kw_only=True)
@@ -67,11 +95,16 @@ class Request:
         self.completion_tokens = [0] * n
         self.cancelled = False
         self._loop = asyncio.get_running_loop()
-        self.queue = queue or asyncio.Queue()  # several prompts of one API call may share one queue
+        # Several prompts of one API call share one queue; they also form one group, which the
+        # engine admits in turn with the other groups.
+        self.queue = queue or asyncio.Queue()
         self.engine: Engine | None = None
 
     def _push(self, deltas: list[Delta]) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, deltas)
+        try:
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, deltas)
+        except RuntimeError:  # its event loop has closed: no one is listening any more
+            self.cancelled = True
 
     def cancel(self) -> None:
         if not self.cancelled:
@@ -119,38 +152,118 @@ class _Seq:
             self.sampler.gen.seed()
 
 
+class _Prefill:
+    """A request whose prompt is going through the model, chunk by chunk, into a batch-1 cache;
+    `rows` are the free rows it will take (kept for it meanwhile)."""
+
+    def __init__(self, req: Request, rows: list[int], cache):
+        self.req, self.rows, self.cache, self.done = req, rows, cache, 0
+
+
+def kv_cache_bytes(cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype) -> int:
+    """The bytes of a RowKVCache of `rows` rows of `max_len` tokens (keys and values; a layer with
+    a shorter sliding window keeps only its window)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    slots = sum(w if w and w < max_len else max_len for w in map(cfg.layer_window, range(cfg.num_layers)))
+    return 2 * rows * cfg.num_kv_heads * cfg.head_dim * slots * size
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` (None where it cannot be told)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, RuntimeError):
+        pass
+    return None
+
+
+_malloc_trim = None
+
+
+def release_heap() -> None:
+    """Return the C heap's free pages to the system (glibc; elsewhere nothing). glibc keeps freed
+    blocks below its mmap threshold (which grows to 32 MiB as large blocks are freed) for reuse,
+    so without this a burst's transient tensors and lists stay resident after they are gone."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                _malloc_trim = ctypes.CDLL(None).malloc_trim
+            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+                pass
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
 class Engine:
-    def __init__(self, lm, max_batch: int, max_len: int | None = None, max_waiting: int = 256):
+    def __init__(self, lm, max_batch: int, max_len: int | None = None, max_waiting: int = 256,
+                 prefill_chunk: int = PREFILL_CHUNK):
         if lm.tokenizer is None:
             raise ValueError("serving needs a tokenizer: load a folder with tokenizer.json or a .gguf file")
+        for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting), ("prefill_chunk", prefill_chunk),
+                            ("max_len", 1 if max_len is None else max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
         self.model, self.tokenizer, self.eos_ids = lm.model, lm.tokenizer, lm.eos_ids
         cfg = self.model.config
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
-        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self.device, self.vocab = self.model.device, cfg.vocab_size
+        # Checked before allocating: a cache too large for memory would fail (or swap) only after
+        # the model has loaded, or be killed later by the OOM killer.
+        need, have = kv_cache_bytes(cfg, max_batch, self.max_len, self.model.dtype), available_memory(self.device)
+        if have is not None and need > 0.9 * have:
+            raise ValueError(f"{max_batch} sequences of {self.max_len} tokens need a KV cache of {need / 2**30:.2f} "
+                             f"GiB, more than the {have / 2**30:.2f} GiB of memory available on {self.device}: "
+                             "lower --max-batch or --context")
         self.cache = RowKVCache(cfg, max_batch, self.max_len, self.model.device, self.model.dtype)
         self.rows: list[_Seq | None] = [None] * max_batch
-        self.waiting: collections.deque[Request] = collections.deque()
+        # Waiting requests by group, in turn order: the group at the front is admitted next.
+        self.groups: dict[asyncio.Queue, collections.deque[Request]] = {}
+        self.n_waiting = 0
+        self.prefills: collections.deque[_Prefill] = collections.deque()  # prompts going in, in turn
         self.cond = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
-        self.generated, self.peak = 0, 0  # tokens sampled and most rows busy at once, since start (/health)
+        self.generated, self.peak = 0, 0  # tokens sampled and most rows in use at once, since start (/health)
         self._token_text: dict[int, str] = {}
+        # Seconds of the last decode steps (a moving average) and the prefill chunk that costs
+        # PREFILL_SHARE of that, adapted as the loop runs.
+        self._step_s: float | None = None
+        self._chunk = min(MIN_CHUNK, prefill_chunk)
+        self._worked = False
 
     # -- called from the event loop ------------------------------------------------------------
     def submit(self, req: Request) -> None:
-        if not req.prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(req.prompt_ids) + req.params.max_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) plus max_tokens ({req.params.max_tokens}) "
-                             f"must fit the context of {self.max_len} tokens")
-        if req.n > self.max_batch:
-            raise ValueError(f"n={req.n} is more than the {self.max_batch} sequences this server runs at once")
+        self.submit_all([req])
+
+    def submit_all(self, reqs: list[Request]) -> None:
+        """Queue the requests of one call, all or none (QueueFull when they do not all fit)."""
+        for req in reqs:
+            if not req.prompt_ids:
+                raise ValueError("the prompt is empty")
+            if len(req.prompt_ids) + req.params.max_tokens > self.max_len:
+                raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) plus max_tokens ({req.params.max_tokens}) "
+                                 f"must fit the context of {self.max_len} tokens")
+            if req.n > self.max_batch:
+                raise ValueError(f"n={req.n} is more than the {self.max_batch} sequences this server runs at once")
+        if len(reqs) > self.max_waiting:
+            raise ValueError(f"{len(reqs)} prompts are more than the {self.max_waiting} this server queues")
         with self.cond:
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
-            req.engine = self
-            self.waiting.append(req)
+            if self.n_waiting + len(reqs) > self.max_waiting:
+                raise QueueFull(f"{self.n_waiting} requests are already waiting")
+            for req in reqs:
+                req.engine = self
+                self.groups.setdefault(req.queue, collections.deque()).append(req)
+            self.n_waiting += len(reqs)
             self.cond.notify()
 
     def wake(self) -> None:
@@ -158,7 +271,8 @@ class Engine:
             self.cond.notify()
 
     def stats(self) -> dict:
-        return {"running": sum(s is not None for s in self.rows), "waiting": len(self.waiting),
+        return {"running": sum(s is not None for s in self.rows),
+                "waiting": self.n_waiting + len(self.prefills),
                 "max_batch": self.max_batch, "context": self.max_len, "generated_tokens": self.generated,
                 "peak_running": self.peak}
 
@@ -175,17 +289,24 @@ class Engine:
             self.thread.join()
 
     # -- the loop (engine thread) --------------------------------------------------------------
+    def _idle(self) -> bool:
+        return not self.n_waiting and not self.prefills and not any(self.rows)
+
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
+                if self._worked and self._idle():  # after a burst: give its memory back
+                    self._worked = False
+                    release_heap()
                 with self.cond:
-                    while self.running and not self.waiting and not any(self.rows):
+                    while self.running and self._idle():
                         self.cond.wait()
                     if not self.running:
                         break
+                self._worked = True
                 try:
                     self._drop_cancelled()
-                    self._admit()
+                    self._prefill()
                     if any(self.rows):
                         self._step()
                 except Exception:  # fail what is in flight, keep serving
@@ -193,42 +314,87 @@ class Engine:
                     for s in self.rows:
                         if s is not None:
                             self._finish(s, [Delta(s.req.first_index + s.index, finish_reason="error")])
+                    while self.prefills:
+                        self._fail(self.prefills.popleft())
 
     def _drop_cancelled(self) -> None:
         for s in self.rows:
             if s is not None and s.req.cancelled:
                 self.rows[s.row] = None
+        if any(p.req.cancelled for p in self.prefills):
+            self.prefills = collections.deque(p for p in self.prefills if not p.req.cancelled)
 
-    def _admit(self) -> None:
-        while True:
-            with self.cond:
-                if not self.waiting:
-                    return
-                req = self.waiting[0]
-                free = [i for i, s in enumerate(self.rows) if s is None]
-                if not req.cancelled and len(free) < req.n:
-                    return  # first come, first served: wait for rows to free up
-                self.waiting.popleft()
-            if req.cancelled:
-                continue
+    def _next(self, free: int) -> Request | None:
+        """The next request to prefill: the first waiting one of the group whose turn it is, which
+        then goes to the back of the line. None when that request needs more free rows than there
+        are (it keeps its turn: a request with n choices is not overtaken for ever)."""
+        with self.cond:
+            for group in list(self.groups):
+                q = self.groups.pop(group)
+                while q and q[0].cancelled:
+                    q.popleft()
+                    self.n_waiting -= 1
+                if not q:
+                    continue
+                if q[0].n > free:
+                    self.groups = {group: q, **self.groups}  # back to the front
+                    return None
+                req = q.popleft()
+                self.n_waiting -= 1
+                if q:
+                    self.groups[group] = q
+                return req
+            return None
+
+    def _prefill(self) -> None:
+        """Admit the next waiting request if rows are free for it, then put one chunk of one prompt
+        through the model. The prompts going in take turns chunk by chunk, so a short prompt that
+        arrives while a long one is going in is in after a chunk or two, not after the long one."""
+        reserved = {r for p in self.prefills for r in p.rows}
+        free = [i for i, s in enumerate(self.rows) if s is None and i not in reserved]
+        req = self._next(len(free))
+        if req is not None:
             try:
-                small = self.model.new_cache(1, len(req.prompt_ids))
-                ids = torch.tensor([req.prompt_ids], device=self.device)
-                logits = self.model(ids, cache=small, last_only=True)[:, -1]
+                self.prefills.append(_Prefill(req, free[:req.n], self.model.new_cache(1, len(req.prompt_ids))))
             except Exception:
                 log.exception("prefill failed")
                 req._push([Delta(req.first_index + i, finish_reason="error") for i in range(req.n)])
-                continue
-            seqs = []
-            for i, row in zip(range(req.n), free):  # the lowest free rows: busy rows stay packed at the front
-                self.cache.load_row(row, small)
-                seqs.append(_Seq(req, i, row, self.tokenizer, self.vocab, self.device))
-                self.rows[row] = seqs[-1]
-            self._advance(seqs, logits.expand(req.n, -1), list(range(req.n)))
+        if not self.prefills:
+            return
+        p, others = self.prefills.popleft(), any(self.rows)
+        # Alone, a chunk may be as large as allowed; with rows decoding, as large as costs a step.
+        size = self._chunk if others else self.prefill_chunk
+        ids = p.req.prompt_ids[p.done:p.done + size]
+        t = time.perf_counter()
+        try:
+            logits = self.model(torch.tensor([ids], device=self.device), cache=p.cache, last_only=True)[:, -1]
+        except Exception:
+            log.exception("prefill failed")
+            self._fail(p)
+            return
+        if others and self._step_s is not None:
+            took = max(time.perf_counter() - t, 1e-6)
+            grow = min(2.0, max(0.5, PREFILL_SHARE * self._step_s / took))
+            self._chunk = min(self.prefill_chunk, max(MIN_CHUNK, int(len(ids) * grow)))
+        p.done += len(ids)
+        if p.done < len(p.req.prompt_ids):
+            self.prefills.append(p)  # to the back: the next prompt's turn
+            return
+        req, seqs = p.req, []
+        for i, row in enumerate(p.rows):  # the lowest free rows: busy rows stay packed at the front
+            self.cache.load_row(row, p.cache)
+            seqs.append(_Seq(req, i, row, self.tokenizer, self.vocab, self.device))
+            self.rows[row] = seqs[-1]
+        self._advance(seqs, logits.expand(req.n, -1), list(range(req.n)))
+
+    @staticmethod
+    def _fail(p: _Prefill) -> None:
+        p.req._push([Delta(p.req.first_index + i, finish_reason="error") for i in range(p.req.n)])
 
     def _step(self) -> None:
+        t = time.perf_counter()
         busy = [s for s in self.rows if s is not None]
-        self.peak = max(self.peak, len(busy))
+        self.peak = max(self.peak, len(busy) + sum(p.req.n for p in self.prefills))  # rows in use
         B = max(s.row for s in busy) + 1  # rows past the last busy one are not computed
         ids = torch.zeros(B, 1, dtype=torch.long)
         pos = torch.full((B, 1), -1, dtype=torch.long)
@@ -237,6 +403,8 @@ class Engine:
             s.pos += 1
         logits = self.model(ids.to(self.device), cache=self.cache, pos=pos.to(self.device))[:, -1]
         self._advance(busy, logits, [s.row for s in busy])
+        took = time.perf_counter() - t
+        self._step_s = took if self._step_s is None else 0.8 * self._step_s + 0.2 * took
 
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
         """Sample one token for each sequence from its row of logits and send what it produced."""
