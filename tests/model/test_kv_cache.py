@@ -78,3 +78,28 @@ def test_kv_cache_bytes_count_gemma3_global_layers_at_full_context():
     mistral = get_config("mistral-7b-v0.1")  # every layer windowed
     assert mistral.kv_cache_bytes() == 2 * mistral.num_layers * mistral.num_kv_heads * mistral.head_dim * \
         min(mistral.max_seq_len, mistral.sliding_window) * 2
+
+
+def test_forward_by_layer_equals_forward(checkpoint):
+    """The layer-at-a-time forward (a long prompt's chunk spread over a server's turns) computes
+    the same logits and fills the same cache as forward, chunk after chunk."""
+    lm = slm.load(checkpoint)
+    model = lm.model
+    ids = torch.randint(3, model.config.vocab_size, (1, 40))
+    with torch.inference_mode():
+        whole, parts = model.new_cache(1, 41), model.new_cache(1, 41)
+        for i in range(0, 40, 13):
+            want = model(ids[:, i:i + 13], cache=whole, last_only=True)
+            gen, steps = model.forward_by_layer(ids[:, i:i + 13], parts), 0
+            while True:
+                try:
+                    next(gen)
+                    steps += 1
+                except StopIteration as done:
+                    got = done.value
+                    break
+            assert steps == model.config.num_layers
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert parts.seen == whole.seen == 40
+        follow = torch.tensor([[5]])
+        torch.testing.assert_close(model(follow, cache=parts), model(follow, cache=whole), rtol=1e-5, atol=1e-5)

@@ -109,7 +109,9 @@ NETWORK_CALL = re.compile(r"hf_hub_download|snapshot_download|urlopen|create_con
 
 
 # Network use that the user asks for by naming the address: nothing else may open a connection.
-ALLOWED = {"src/slm/finetune/distill.py": "`slm data distill --teacher URL`: the OpenAI-compatible server named"}
+ALLOWED = {"src/slm/finetune/distill.py": "`slm data distill --teacher URL`: the OpenAI-compatible server named",
+           "src/slm/serve/app.py": "`slm serve`: binds the address and port the user names (--host/--port); "
+                                   "no outgoing connection"}
 
 
 def test_no_network_client_telemetry_or_update_check_in_the_source():

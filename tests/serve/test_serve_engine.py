@@ -68,6 +68,28 @@ def test_batched_greedy_equals_alone(family, quantize, chunk, tmp_path, tokenize
     assert engine.generated == sum(lengths)  # random weights: no EOS within these lengths
 
 
+@pytest.mark.parametrize("family", ["llama-untied", "gemma3"])
+def test_prefill_spread_over_turns_layer_by_layer_equals_alone(family, tmp_path, tokenizer_dir, monkeypatch):
+    """With no time for prefill beside the decode steps (PREFILL_SHARE 0), every chunk after a
+    prompt's first goes in one layer a turn (Transformer.forward_by_layer) while other rows
+    decode: the text is still what each prompt gives alone."""
+    from slm.serve import engine as engine_module
+    calls = []
+    monkeypatch.setattr(engine_module, "PREFILL_SHARE", 0.0)
+    fam, kw = FAMILIES[family]
+    lm = slm.load(make_checkpoint(str(tmp_path / "m"), fam, tokenizer_dir, **kw))
+    by_layer = lm.model.forward_by_layer
+    monkeypatch.setattr(lm.model, "forward_by_layer", lambda *a: calls.append(1) or by_layer(*a))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (3, 60, 45)]
+    lengths = (120, 10, 12)  # the first still decodes while the others go in
+    jobs = [(p, Params(max_tokens=m, temperature=0), 1) for p, m in zip(prompts, lengths)]
+    out, _ = serve(lm, jobs, max_batch=3, stagger=0.005)
+    for (p, m), (text,) in zip(zip(prompts, lengths), out):
+        assert text == "".join(lm.stream(p, max_new_tokens=m, temperature=0))
+    assert calls, "no chunk went in layer by layer"
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(lm):
     ids = lm.tokenizer.encode("Once upon a time")
     p = Params(max_tokens=20, temperature=1.0, top_p=0.9, seed=7)

@@ -263,15 +263,37 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 
+    def forward_by_layer(self, input_ids: torch.Tensor, cache: KVCache):
+        """forward(input_ids, cache, last_only=True), one block at a time: a generator that yields
+        after each block and returns the logits of the last position [B, 1, V], computed exactly
+        as forward computes them. For a caller that spreads one forward over several turns (slm
+        serve puts a long prompt's chunk through a few layers between two decode steps)."""
+        B, T = input_ids.shape
+        start = cache.seen
+        if start + T > cache.max_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {cache.max_len}")
+        pos = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.embeddings(input_ids)
+        if self.autocast_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        plans = self.plans(pos, cache, padded=False)
+        for i in range(len(self.blocks)):
+            x = self.run_blocks(x, pos, plans, cache, layers=range(i, i + 1))
+            yield
+        cache.seen += T
+        return self.lm_head(self.norm(x[:, -1:]))
+
     def run_blocks(self, x: torch.Tensor, pos: torch.Tensor, plans: dict, cache: KVCache | None = None,
-                   checkpoint: bool = False) -> torch.Tensor:
-        """The residual stream x [B, T, d] through every block, the tokens at positions pos [B, T]
-        (-1: padding), each layer attending as `plans` (from `plans()`) says. checkpoint: keep only
-        each block's input for backward and recompute the rest there (less memory)."""
+                   checkpoint: bool = False, layers: range | None = None) -> torch.Tensor:
+        """The residual stream x [B, T, d] through every block (or the blocks of `layers`), the
+        tokens at positions pos [B, T] (-1: padding), each layer attending as `plans` (from
+        `plans()`) says. checkpoint: keep only each block's input for backward and recompute the
+        rest there (less memory)."""
         T = x.shape[1]
         p = pos.clamp(min=0)
         ropes = {}
-        for i, block in enumerate(self.blocks):
+        for i in layers if layers is not None else range(len(self.blocks)):
+            block = self.blocks[i]
             r = self._layer_rope[i]
             if r not in ropes:  # the layers share one or two tables (Gemma: local and global)
                 cos, sin = self.rope_table(i, x.device, x.dtype)

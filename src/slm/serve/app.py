@@ -18,7 +18,6 @@ and lets the API calls take turns for rows.
 from __future__ import annotations
 
 import asyncio
-import copy
 import errno
 import hmac
 import ipaddress
@@ -149,7 +148,7 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
     c = config or ServeConfig()
     api_key, log_prompts, max_body = c.api_key, c.log_prompts, c.max_body
     engine = Engine(lm, max_batch=c.max_batch, max_len=c.context, prefill_chunk=c.prefill_chunk)
-    enc = unlocked(lm.tokenizer)  # encodes without holding the GIL: for worker threads
+    enc = lm.tokenizer  # its encode lets other threads (the event loop) run
     max_chars = CHARS_PER_TOKEN * engine.max_len
     created = int(time.time())
 
@@ -417,28 +416,6 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
     return app
 
 
-class _Unlocked:
-    """A `tokenizers.Tokenizer` whose encode lets other threads run: the library's encode holds the
-    GIL for its whole run (seconds for megabytes of text, during which the event loop would stand
-    still even with the call in a worker thread), its encode_batch releases it."""
-
-    def __init__(self, tk):
-        self._tk = tk
-
-    def encode(self, text: str, add_special_tokens: bool = True):
-        return self._tk.encode_batch([text], add_special_tokens=add_special_tokens)[0]
-
-    def __getattr__(self, name):
-        return getattr(self._tk, name)
-
-
-def unlocked(tokenizer):
-    """A copy of slm's Tokenizer that encodes through `_Unlocked` (the same ids)."""
-    t = copy.copy(tokenizer)
-    t.tk = _Unlocked(tokenizer.tk)
-    return t
-
-
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -594,6 +571,9 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+GIL_SWITCH_SECONDS = 0.0005
+
+
 def run(model: str | None = None, config: ServeConfig | None = None, dtype=None, device=None, quantize=None,
         group_size=None, on_load=None) -> None:
     c = config or ServeConfig()
@@ -624,6 +604,10 @@ def run(model: str | None = None, config: ServeConfig | None = None, dtype=None,
               f"{', prompts logged' if c.log_prompts else ''})", file=sys.stderr, flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
                                                timeout_keep_alive=c.timeout, http=timed_protocol(c.timeout)))
+        # The engine thread decodes between the event loop's turns; with Python's default switch
+        # interval (5 ms) a request being parsed or answered could keep every stream waiting that
+        # long for the interpreter. PyTorch releases it during its ops either way.
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         server.run(sockets=[sock])
         if not server.started:
             raise OSError("the server did not start (see the lines above)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import ctypes
 import logging
 import os
@@ -156,8 +157,14 @@ class _Prefill:
     """A request whose prompt is going through the model, chunk by chunk, into a batch-1 cache;
     `rows` are the free rows it will take (kept for it meanwhile)."""
 
-    def __init__(self, req: Request, rows: list[int], cache):
-        self.req, self.rows, self.cache, self.done = req, rows, cache, 0
+    def __init__(self, req: Request, rows: list[int], cache: concurrent.futures.Future):
+        # The batch-1 cache is allocated on another thread (zeroing a long prompt's cache takes
+        # milliseconds the running streams would otherwise wait); `cache` holds it once ready.
+        self.req, self.rows, self.pending, self.cache, self.done = req, rows, cache, None, 0
+        self.chunk_s: float | None = None  # seconds its last chunk took
+        # A chunk going in layer by layer (Transformer.forward_by_layer), its length and the
+        # seconds spent on it so far; None between chunks.
+        self.parts, self.n, self.spent = None, 0, 0.0
 
 
 def kv_cache_bytes(cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype) -> int:
@@ -239,6 +246,7 @@ class Engine:
         # PREFILL_SHARE of that, adapted as the loop runs.
         self._step_s: float | None = None
         self._chunk = min(MIN_CHUNK, prefill_chunk)
+        self._allocator = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slm-prefill-cache")
         self._worked = False
 
     # -- called from the event loop ------------------------------------------------------------
@@ -287,6 +295,7 @@ class Engine:
             self.cond.notify()
         if self.thread is not None:
             self.thread.join()
+        self._allocator.shutdown(wait=False)
 
     # -- the loop (engine thread) --------------------------------------------------------------
     def _idle(self) -> bool:
@@ -354,29 +363,57 @@ class Engine:
         free = [i for i, s in enumerate(self.rows) if s is None and i not in reserved]
         req = self._next(len(free))
         if req is not None:
+            cache = self._allocator.submit(self.model.new_cache, 1, len(req.prompt_ids))
+            self.prefills.append(_Prefill(req, free[:req.n], cache))
+        others = any(self.rows)
+        # the first prompt whose cache is ready (with no row decoding, waiting for one costs nothing)
+        p = next((p for p in self.prefills if p.cache is not None or p.pending.done() or not others), None)
+        if p is None:
+            return
+        self.prefills.remove(p)
+        if p.cache is None:
             try:
-                self.prefills.append(_Prefill(req, free[:req.n], self.model.new_cache(1, len(req.prompt_ids))))
+                p.cache = p.pending.result()
             except Exception:
                 log.exception("prefill failed")
-                req._push([Delta(req.first_index + i, finish_reason="error") for i in range(req.n)])
-        if not self.prefills:
-            return
-        p, others = self.prefills.popleft(), any(self.rows)
-        # Alone, a chunk may be as large as allowed; with rows decoding, as large as costs a step.
-        size = self._chunk if others else self.prefill_chunk
-        ids = p.req.prompt_ids[p.done:p.done + size]
+                self._fail(p)
+                return
+        # With rows decoding, a turn of prefill may cost PREFILL_SHARE of a decode step; alone, no limit.
+        budget = PREFILL_SHARE * self._step_s if others and self._step_s is not None else None
         t = time.perf_counter()
         try:
-            logits = self.model(torch.tensor([ids], device=self.device), cache=p.cache, last_only=True)[:, -1]
+            if p.parts is None:
+                size = self._chunk if others else self.prefill_chunk
+                ids = torch.tensor([p.req.prompt_ids[p.done:p.done + size]], device=self.device)
+                if budget is not None and size <= MIN_CHUNK and p.chunk_s is not None and p.chunk_s > budget:
+                    # Even the smallest chunk costs more than a turn may (its attention reads the
+                    # whole prompt so far): it goes through a few layers a turn instead.
+                    p.parts, p.n, p.spent = self.model.forward_by_layer(ids, p.cache), ids.shape[1], 0.0
+                else:
+                    logits = self.model(ids, cache=p.cache, last_only=True)[:, -1]
+                    p.chunk_s, n = time.perf_counter() - t, ids.shape[1]
+            if p.parts is not None:
+                while True:
+                    try:
+                        next(p.parts)
+                    except StopIteration as done:
+                        logits, p.parts, n = done.value[:, -1], None, p.n
+                        p.chunk_s = p.spent + time.perf_counter() - t
+                        break
+                    if budget is not None and time.perf_counter() - t >= budget:
+                        break
+                if p.parts is not None:  # the chunk's other layers in its next turns
+                    p.spent += time.perf_counter() - t
+                    self.prefills.append(p)
+                    return
         except Exception:
             log.exception("prefill failed")
             self._fail(p)
             return
         if others and self._step_s is not None:
-            took = max(time.perf_counter() - t, 1e-6)
-            grow = min(2.0, max(0.5, PREFILL_SHARE * self._step_s / took))
-            self._chunk = min(self.prefill_chunk, max(MIN_CHUNK, int(len(ids) * grow)))
-        p.done += len(ids)
+            grow = min(2.0, max(0.5, PREFILL_SHARE * self._step_s / max(p.chunk_s, 1e-6)))
+            self._chunk = min(self.prefill_chunk, max(MIN_CHUNK, int(n * grow)))
+        p.done += n
         if p.done < len(p.req.prompt_ids):
             self.prefills.append(p)  # to the back: the next prompt's turn
             return
