@@ -262,6 +262,17 @@ def verbs(w) -> dict[str, tuple[list[str], dict]]:
     }
 
 
+_CASES: dict[str, dict] = {}
+
+
+def cases_of(world) -> dict:
+    """verbs(world), built once (not a fixture: Hypothesis would print the whole table with every
+    failure)."""
+    if world["root"] not in _CASES:
+        _CASES[world["root"]] = verbs(world)
+    return _CASES[world["root"]]
+
+
 class CaseTimeout(BaseException):
     """Raised by the alarm in a case that runs too long (BaseException: the CLI does not catch it)."""
 
@@ -291,11 +302,6 @@ def run_cli(argv: list[str], stdin: bytes | None) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-@pytest.fixture(scope="module")
-def cases(world):
-    return verbs(world)
-
-
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch, tmp_path):
     monkeypatch.setenv("SLM_RECEIPTS", str(tmp_path / "receipts"))
@@ -303,12 +309,13 @@ def _quiet_env(monkeypatch, tmp_path):
     monkeypatch.delenv("SLM_DEBUG", raising=False)
 
 
-@st.composite
-def hostile(draw, cases):
-    verb = draw(st.sampled_from(sorted(cases)))
+def hostile(data, cases) -> tuple[str, list[str], dict[str, str]]:
+    """A verb, its valid command line, and the arguments replaced (drawn one by one, so that a
+    failure shows the draws, not the whole table)."""
+    verb = data.draw(st.sampled_from(sorted(cases)), label="verb")
     base, slots = cases[verb]
-    chosen = draw(st.lists(st.sampled_from(sorted(slots)), min_size=1, max_size=3, unique=True))
-    replaced = {flag: draw(slots[flag]) for flag in chosen}
+    chosen = data.draw(st.lists(st.sampled_from(sorted(slots)), min_size=1, max_size=3, unique=True), label="flags")
+    replaced = {flag: data.draw(slots[flag], label=flag) for flag in chosen}
     return verb, base, replaced
 
 
@@ -329,8 +336,8 @@ def build_argv(verb: str, base: list[str], replaced: dict[str, str], out: str) -
 @settings(max_examples=N_CASES, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(data=st.data())
-def test_every_verb_refuses_hostile_arguments_with_one_line(world, cases, data):
-    verb, base, replaced = data.draw(hostile(cases))
+def test_every_verb_refuses_hostile_arguments_with_one_line(world, data):
+    verb, base, replaced = hostile(data, cases_of(world))
     out = os.path.join(world["root"], "runs", "out")
     before = snapshot(world["root"])
     argv, stdin = build_argv(verb, base, replaced, out)

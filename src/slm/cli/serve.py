@@ -58,12 +58,16 @@ def serve(a) -> None:
     import signal
 
     from ..footprint import track
+    from ..runtime.lm import check_device, check_dtype
     from ..serve.app import ServeConfig, run
+
+    c = ServeConfig(**{**values(a, SERVE), "api_key": a.api_key or os.environ.get("SLM_API_KEY")})
+    check_dtype(a.dtype)
+    check_device(a.device)
 
     def stop(signum, frame):  # uvicorn shuts down gracefully, then re-raises SIGTERM here
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, stop)
-    c = ServeConfig(**{**values(a, SERVE), "api_key": a.api_key or os.environ.get("SLM_API_KEY")})
     with track("serve", path=a.receipt, device=a.device) as receipt:  # written when the server stops
         run(a.model, c, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size,
             on_load=receipt.watch)

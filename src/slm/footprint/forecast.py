@@ -25,12 +25,20 @@ DEFAULT_MFU = 0.40
 CHINCHILLA_TOKENS_PER_PARAM = 20
 
 
+# Far beyond any published run (Llama 3 405B: 4e11 parameters on 1.5e13 tokens), so that a typo
+# (1e200B) gets a message instead of a table of 200-digit numbers.
+MAX_PARAMS, MAX_TOKENS = 1e15, 1e17
+
+
 def forecast(params: float, tokens: float, gpu: str = "a100-80gb-sxm", gpus: int = 1, mfu: float = DEFAULT_MFU,
              pue: float | None = None, grid: float | None = None, price: float | None = None,
              dtype: str = "bf16", flops: float | None = None) -> dict:
     """The cost of training `params` parameters on `tokens` tokens (or `flops` FLOPs when given)."""
     if flops is None and not (0 < params < math.inf and 0 < tokens < math.inf):
         raise ValueError(f"params and tokens must be positive finite numbers, got {params:g} and {tokens:g}")
+    if flops is None and (params > MAX_PARAMS or tokens > MAX_TOKENS):
+        raise ValueError(f"{params:g} parameters on {tokens:g} tokens is beyond any training run "
+                         f"(at most {MAX_PARAMS:g} parameters and {MAX_TOKENS:g} tokens): a typo?")
     if not 0 < mfu <= 1:
         raise ValueError(f"MFU must be in (0, 1], got {mfu}")
     if not (isinstance(gpus, int) and gpus > 0):

@@ -81,7 +81,10 @@ class Tracker:
         if path is not None:
             output_file(path, "--receipt")  # before the session's work, not after it
         self.verb, self.path, self.model_cfg, self.merge, self.quiet = verb, path, model_cfg, merge, quiet
-        self.device = torch.device(device or "cpu")
+        try:
+            self.device = torch.device(device or "cpu")
+        except RuntimeError:
+            raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
         self.dtype, self.devices_used, self.processes = dtype, devices_used, processes
         self.rates = Rates.resolve(pue, grid, price)
         self.rapl_root, self.stream = rapl_root, stream
