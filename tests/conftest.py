@@ -29,6 +29,16 @@ def _offline():
     assert offline_guard.installed, "the offline guard must be active in every test"
     yield
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP's oversubscription stalls
+    (10-50x slower steps when other processes hold the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tokenizer"))

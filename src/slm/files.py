@@ -59,11 +59,7 @@ def output_file(path: str, flag: str = "--out") -> str:
         raise ValueError(f"{flag} is empty; give a file name")
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a folder; give a file name")
-    parent = os.path.dirname(os.path.abspath(path))
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+    _not_inside_a_file(path, flag)
     return path
 
 
@@ -73,12 +69,17 @@ def output_folder(path: str, flag: str = "--out") -> str:
         raise ValueError(f"{flag} is empty; give a folder")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a file; give a folder")
+    _not_inside_a_file(path, flag)
+    return path
+
+
+def _not_inside_a_file(path: str, flag: str) -> None:
+    """The nearest existing folder above path must be a folder (`afile.txt/out` cannot be made)."""
     parent = os.path.dirname(os.path.abspath(path))
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
         raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
-    return path
 
 
 def same_path(a: str, b: str) -> bool:

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from support.models import CORPUS
 from slm.data.prepare import DataError, load_tokens, prepare
 from slm.runtime.tokenizer import EOT, Tokenizer, train_tokenizer
+from support.cli import cli
+from support.models import CORPUS
 
 DOCS = [f"Story {i}. " + CORPUS[i % 5] + f" The end of story {i}." for i in range(200)]
 
@@ -119,18 +120,6 @@ def test_cli_tokenizer_train_and_prepare(tmp_path):
     r = run("data", "prepare", "--data", str(tmp_path / "nope.txt"), "--tokenizer", str(tmp_path / "tok"),
             "--out", str(tmp_path / "d"))
     assert r.returncode == 1 and "slm data prepare: error:" in r.stderr and "Traceback" not in r.stderr
-
-
-def cli(capsys, *argv) -> tuple[int, str]:
-    """Run `slm ARGV` in this process: (exit code, stderr)."""
-    from slm.cli import main
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def test_tokenizer_train_says_when_it_gets_fewer_tokens_than_asked(tmp_path, capsys):

@@ -16,15 +16,6 @@ from slm.cli import main as cli
 from slm.finetune.sft import IGNORE, FinetuneConfig, finetune, pack, packed_forward, read_conversations, tokenize_chat
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP's oversubscription stalls
-    (10-50x slower steps when other processes hold the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def write_jsonl(path, records) -> str:
     with open(path, "w") as f:

@@ -31,13 +31,6 @@ ARGS = ["--max-steps", "24", "--batch-size", "2", "--save-every", "5", "--lr", "
         "--log-every", "2", "--eval-every", "6", "--val-fraction", "0.15"]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tokenizer_dir) -> str:

@@ -21,13 +21,6 @@ from slm.footprint.flops import attention_flops, flops_per_token
 WORDS = ("cat", "dog", "sun", "ball", "park", "mom", "red", "blue", "big")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_finetune_receipt_counts_real_tokens(tmp_path, tokenizer_dir, capsys, one_thread):
     """The case of the report: a batch far larger than the data (1e9 rows asked, a few there)

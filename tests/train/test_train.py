@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import slm
+from support.cli import cli
 
 ARGS = ["--dim", "64", "--layers", "2", "--heads", "4", "--mlp", "128", "--seq-len", "64", "--batch-size", "8",
         "--max-steps", "40", "--warmup", "5", "--eval-every", "10", "--save-every", "5", "--log-every", "5",
@@ -138,18 +139,6 @@ def test_fsdp_two_processes_follow_one_process_and_resume(tmp_path, prepared, re
     assert worst < 1e-3
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out)  # the gathered final model is a whole one
-
-
-def cli(capsys, *argv) -> tuple[int, str]:
-    """Run `slm ARGV` in this process: (exit code, stderr)."""
-    from slm.cli import main
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def snapshot(folder) -> dict[str, bytes]:
