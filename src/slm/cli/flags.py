@@ -130,6 +130,13 @@ def load_flags(p: argparse.ArgumentParser) -> None:
     quantize_options(p)
 
 
+def check_load_flags(a: argparse.Namespace) -> None:
+    """--dtype and --device (of load_flags), checked before anything is loaded or tracked."""
+    from ..runtime.lm import check_device, check_dtype
+    check_dtype(a.dtype)
+    check_device(a.device)
+
+
 def quantize_options(p: argparse.ArgumentParser, group: bool = True) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="quantize the linear layers while loading: int8 (one scale per output channel, ~4x fewer "

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..files import output_file
-from .flags import at_least, load_flags, model_flag, quantize_options, receipt_flag
+from .flags import at_least, check_load_flags, load_flags, model_flag, quantize_options, receipt_flag
 
 
 def bench_flags(p) -> None:
@@ -131,12 +131,10 @@ def eval(a) -> None:
         read_text,
         write_json,
     )
-    from ..runtime.lm import check_device, check_dtype
     # Read the inputs and check the output path before the model, so a bad file fails at once.
     if a.output:
         output_file(a.output, "--output")
-    check_dtype(a.dtype)
-    check_device(a.device)
+    check_load_flags(a)
     text = read_text(a.text) if a.text else None
     docs = load_task(a.task, a.task_format) if a.task else None
     from ..footprint import track

@@ -7,7 +7,7 @@ import sys
 
 from ..runtime.lm import LM
 from ..runtime.sampling import Sampling
-from .flags import add_flags, load_flags, model_flag, receipt_flag, values
+from .flags import add_flags, check_load_flags, load_flags, model_flag, receipt_flag, values
 
 # The flags of runtime.sampling.Sampling (defaults from there).
 SAMPLING = [
@@ -37,10 +37,8 @@ def generate_flags(p) -> None:
 
 def check_run_args(a) -> None:
     """What can be checked before the model loads: the sampling settings, dtype and device."""
-    from ..runtime.lm import check_device, check_dtype
     Sampling(**values(a, SAMPLING))
-    check_dtype(a.dtype)
-    check_device(a.device)
+    check_load_flags(a)
 
 
 def generate(a) -> None:

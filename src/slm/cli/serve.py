@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .flags import add_flags, finite_float, load_flags, model_flag, receipt_flag, values
+from .flags import add_flags, check_load_flags, finite_float, load_flags, model_flag, receipt_flag, values
 
 
 def port_number(text: str) -> int:
@@ -58,12 +58,10 @@ def serve(a) -> None:
     import signal
 
     from ..footprint import track
-    from ..runtime.lm import check_device, check_dtype
     from ..serve.app import ServeConfig, run
 
     c = ServeConfig(**{**values(a, SERVE), "api_key": a.api_key or os.environ.get("SLM_API_KEY")})
-    check_dtype(a.dtype)
-    check_device(a.device)
+    check_load_flags(a)
 
     def stop(signum, frame):  # uvicorn shuts down gracefully, then re-raises SIGTERM here
         raise SystemExit(0)
