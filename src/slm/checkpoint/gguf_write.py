@@ -14,13 +14,12 @@ that replaces `path` when complete.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import gguf
 import numpy as np
 import torch
 
+from ..files import atomic_path
 from ..model import families
 from .hf import _dequantized_tensors
 from .safetensors_io import CheckpointError
@@ -97,11 +96,7 @@ def write_gguf(lm, path: str, dtype: str = "f32") -> None:
         titles = [f.title for f in families.all_families() if f.gguf_export and f.gguf_arch]
         listed = ", ".join(titles[:-1]) + " and " + titles[-1] if len(titles) > 1 else "".join(titles)
         raise ValueError(f"GGUF export supports the {listed} families, not {cfg.family!r}")
-    tmp_dir = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(tmp_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=tmp_dir)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, family.gguf_arch)
         w.add_name(cfg.name)
         w.add_context_length(cfg.max_seq_len)
@@ -145,7 +140,3 @@ def write_gguf(lm, path: str, dtype: str = "f32") -> None:
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
             w.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

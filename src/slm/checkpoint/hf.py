@@ -8,6 +8,7 @@ names are the family's (model/families.py, `hf_names`); `hf_layout` maps them to
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -166,6 +167,33 @@ def _atomic_dir(path: str):
     return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.normpath(path)) + "-", dir=parent)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str):
+    """A temporary sibling folder to write path's files into: on success swapped into place
+    (`_commit`), on failure removed. Readers never see half a save."""
+    tmp = _atomic_dir(path)
+    try:
+        yield tmp
+        _commit(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def recover_folder(path: str) -> None:
+    """Undo a kill inside `_commit`: between its two renames it leaves no `path`, the old folder at
+    .tmp-NAME-*.old and the new, complete one beside it; put the new one in place. Other
+    .tmp-NAME-* folders are saves cut short: remove them."""
+    parent, name = os.path.split(os.path.abspath(path))
+    stale = sorted(glob.glob(os.path.join(parent, f".tmp-{name}-*")))
+    if not os.path.isdir(path):
+        for old in (p for p in stale if p.endswith(".old") and os.path.isdir(p[:-4])):
+            os.replace(old[:-4], path)
+            break
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def _commit(tmp: str, path: str) -> None:
     for name in os.listdir(tmp):  # flush file contents before the rename makes them visible
         if os.path.isfile(os.path.join(tmp, name)):  # (sub-folders were committed by their own save)
@@ -217,8 +245,7 @@ def save_model(model: Transformer, path: str, tokenizer=None, generation_config:
         raise CheckpointError(f"{path}: this model holds a GGUF file's own blocks (Q8_0/Q5_0/Q4_K/Q6_K), "
                               "which a quantized slm folder cannot store; save it with dequantize=True, or "
                               "load the file with file_blocks=False to requantize it to slm's int8/int4")
-    tmp = _atomic_dir(path)
-    try:
+    with atomic_folder(path) as tmp:
         if quantized and dequantize:
             tensors = _dequantized_tensors(model)
         else:
@@ -256,7 +283,4 @@ def save_model(model: Transformer, path: str, tokenizer=None, generation_config:
             json.dump(gen, f, indent=2)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _commit(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+

@@ -7,7 +7,7 @@
                                               settings that shape the run, the model's config, the data's hash
 
 A checkpoint is written into a temporary sibling folder and swapped in by renames (checkpoint/hf.py's
-_atomic_dir and _commit, as `slm train` does), so a kill at any moment leaves the previous checkpoint
+atomic_folder, as `slm train` does), so a kill at any moment leaves the previous checkpoint
 or the new one whole. It holds every state a step reads, so a resumed run continues as if it had
 never stopped: the same batches, the same dropout masks, bitwise the same weights and losses.
 
@@ -45,17 +45,8 @@ def checkpoint_dir(out: str) -> str:
 
 
 def recover(out: str) -> None:
-    """A kill inside hf._commit, between its two renames, leaves no out/checkpoint but the old one at
-    .tmp-checkpoint-*.old beside the new, complete one: put the new one in place. Other
-    .tmp-checkpoint-* folders are saves cut short: remove them."""
-    ckpt = checkpoint_dir(out)
-    stale = sorted(glob.glob(os.path.join(out, f".tmp-{CHECKPOINT}-*")))
-    if not os.path.isdir(ckpt):
-        for old in (p for p in stale if p.endswith(".old") and os.path.isdir(p[:-4])):
-            os.replace(old[:-4], ckpt)
-            break
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
+    """Undo a kill inside the last checkpoint's commit (hf.recover_folder)."""
+    hf.recover_folder(checkpoint_dir(out))
 
 
 def run_files(out: str) -> list[str]:
@@ -110,19 +101,17 @@ def save(out: str, model: torch.nn.Module, optimizers, rng: dict[str, torch.Tens
     """Write out/checkpoint atomically: the trainable parameters, the optimizers' state, `rng`
     (tensors of RNG states and the like) and `state` (JSON)."""
     path = checkpoint_dir(out)
-    tmp = hf._atomic_dir(path)
     try:
-        names = {id(p): n for n, p in model.named_parameters()}
-        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(weights, os.path.join(tmp, WEIGHTS))
-        tensors = state_tensors(optimizers, names)
-        tensors.update({k: v.detach().cpu().contiguous() for k, v in rng.items()})
-        save_file(tensors, os.path.join(tmp, TENSORS))
-        with open(os.path.join(tmp, STATE), "w") as f:
-            json.dump(state, f, indent=1)
-        hf._commit(tmp, path)
+        with hf.atomic_folder(path) as tmp:
+            names = {id(p): n for n, p in model.named_parameters()}
+            weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(weights, os.path.join(tmp, WEIGHTS))
+            tensors = state_tensors(optimizers, names)
+            tensors.update({k: v.detach().cpu().contiguous() for k, v in rng.items()})
+            save_file(tensors, os.path.join(tmp, TENSORS))
+            with open(os.path.join(tmp, STATE), "w") as f:
+                json.dump(state, f, indent=1)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) or "(os error" in str(e):  # out of disk (also as safetensors' own error)
             before = "the previous checkpoint is intact: free space, then --resume" if os.path.isdir(path) \
                 else "there is no earlier checkpoint"

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import platform
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from ..files import atomic_write
 from ..settings import cache_dir, env_float
 
 TF = 1e12
@@ -142,12 +142,9 @@ def cpu_peak(dtype: torch.dtype = torch.float32, refresh: bool = False) -> float
     if old is None or refresh:
         cache[key] = max(measure_cpu_peak(dtype), old or 0.0)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
+            with atomic_write(path) as f:
                 json.dump(cache, f, indent=1)
-            os.replace(tmp, path)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: the path is a folder
             pass  # a read-only home: measure again next time
     return float(cache[key])
 

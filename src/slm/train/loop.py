@@ -369,17 +369,15 @@ class Trainer:
                 optim = {f"0.{k}": v for k, v in optim.items()}
         if self.rank != 0:
             return None
-        tmp = hf._atomic_dir(self.ckpt_dir)
         try:
-            hf.save_model(model, os.path.join(tmp, "model"), tokenizer=self.tokenizer)
-            optim = optim if optim is not None else state_tensors(self.optimizers, self._param_names())
-            save_file(optim, os.path.join(tmp, "trainer_state.safetensors"))
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump({"step": self.step, "world_size": self.world, "train_config": asdict(self.c),
-                           "model_config": self.model_cfg.to_dict()}, f, indent=2)
-            hf._commit(tmp, self.ckpt_dir)
+            with hf.atomic_folder(self.ckpt_dir) as tmp:
+                hf.save_model(model, os.path.join(tmp, "model"), tokenizer=self.tokenizer)
+                optim = optim if optim is not None else state_tensors(self.optimizers, self._param_names())
+                save_file(optim, os.path.join(tmp, "trainer_state.safetensors"))
+                with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                    json.dump({"step": self.step, "world_size": self.world, "train_config": asdict(self.c),
+                               "model_config": self.model_cfg.to_dict()}, f, indent=2)
         except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError) or "(os error" in str(e):  # out of disk (also as safetensors' own error)
                 raise CheckpointError(f"could not write the checkpoint of step {self.step} ({e}); "
                                       f"{self._previous_checkpoint()}") from e
@@ -394,25 +392,12 @@ class Trainer:
         except (OSError, ValueError, KeyError):
             return "there is no earlier checkpoint"
 
-    def _recover_checkpoint(self) -> None:
-        """A kill inside hf._commit, between its two renames, leaves no out/checkpoint but the old one
-        at .tmp-checkpoint-*.old beside the new, complete one: put the new one in place. Other
-        .tmp-checkpoint-* folders are saves cut short: remove them."""
-        parent, name = os.path.split(os.path.abspath(self.ckpt_dir))
-        stale = sorted(glob.glob(os.path.join(parent, f".tmp-{name}-*")))
-        if not os.path.isdir(self.ckpt_dir):
-            for old in (p for p in stale if p.endswith(".old") and os.path.isdir(p[:-4])):
-                os.replace(old[:-4], self.ckpt_dir)
-                break
-        for p in stale:
-            shutil.rmtree(p, ignore_errors=True)
-
     def load_checkpoint(self) -> bool:
         """Restore weights, optimizer state and step from out/checkpoint; False when there is none.
         A checkpoint of another architecture or optimizer, or a damaged file, is a CheckpointError
         that names the file, before any weight is touched."""
         if self.rank == 0:
-            self._recover_checkpoint()
+            hf.recover_folder(self.ckpt_dir)  # a kill inside the last save's commit
         if self.world > 1:
             torch.distributed.barrier()
         state_path = os.path.join(self.ckpt_dir, "trainer_state.json")
