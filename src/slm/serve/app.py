@@ -148,7 +148,6 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
     c = config or ServeConfig()
     api_key, log_prompts, max_body = c.api_key, c.log_prompts, c.max_body
     engine = Engine(lm, max_batch=c.max_batch, max_len=c.context, prefill_chunk=c.prefill_chunk)
-    enc = lm.tokenizer  # its encode lets other threads (the event loop) run
     max_chars = CHARS_PER_TOKEN * engine.max_len
     created = int(time.time())
 
@@ -277,7 +276,7 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
                 check_length(x, "prompt")
 
         def encode_all() -> list[list[int]]:  # in a worker thread
-            return [enc.encode(x) if isinstance(x, str) else list(x) for x in p]
+            return [lm.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
         try:
             prompts = await asyncio.to_thread(encode_all)
         except Exception:  # the tokenizer takes valid Unicode only (no lone surrogates)
@@ -321,7 +320,7 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
         check_length("".join(m["content"] for m in messages), "messages")
         try:  # in a worker thread: rendering and tokenizing a long conversation takes a while
-            ids = await asyncio.to_thread(enc.encode_chat, messages)
+            ids = await asyncio.to_thread(lm.tokenizer.encode_chat, messages)
         except Exception as e:  # the checkpoint's template may refuse an order of roles
             raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
         k = (body.top_logprobs or 0) if body.logprobs else None
