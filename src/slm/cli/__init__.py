@@ -32,6 +32,7 @@ COMMANDS = {
     "finetune": ("finetune", "supervised fine-tuning on chat data: full, LoRA, or LoRA over int8/int4"),
     "lora merge": ("model_tools", "write base + adapter as one Hugging Face model folder"),
     "info": ("run", "parameters, shape and memory of a model or preset"),
+    "models": ("run", "the models slm knows by name: installed or not, size, licence, where"),
 }
 GROUPS = {"tokenizer": "tokenizers: train", "data": "training data: synth, prepare, scrub, distill",
           "lora": "LoRA adapters: merge"}

@@ -64,7 +64,9 @@ def finetune(a) -> None:
 
 def data_distill_flags(p) -> None:
     from ..runtime.sampling import Sampling
-    p.add_argument("--teacher", required=True, help="model folder/.gguf file, or a server URL (http://host:port)")
+    p.add_argument("--teacher", default="smollm2-135m-instruct",
+                   help="model folder/.gguf file, a name `slm models` lists, or a server URL (http://host:port) "
+                        "(default: smollm2-135m-instruct)")
     p.add_argument("--prompts", required=True, help="'builtin', a .jsonl (prompt/question per line) or a .txt file")
     p.add_argument("--out", required=True, help=".jsonl; an existing one is resumed")
     p.add_argument("--strategy", default="step-by-step",

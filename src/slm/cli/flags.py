@@ -117,9 +117,12 @@ def values(a: argparse.Namespace, table: list[tuple]) -> dict[str, object]:
 MODEL_HELP = "Hugging Face model folder or .gguf file"
 
 
-def model_flag(p: argparse.ArgumentParser, required: bool = False, help: str | None = None) -> None:
-    p.add_argument("--model", required=required, default=None,
-                   help=help or MODEL_HELP + ("" if required else " (default: gemma-3-270m)"))
+def model_flag(p: argparse.ArgumentParser, required: bool = False, help: str | None = None,
+               default: str = "gemma-3-270m") -> None:
+    """--model: a path, or the name of a model `slm models` lists (runtime/models.py), by default
+    the base model; commands that chat default to the instruction-tuned one."""
+    p.add_argument("--model", required=required, default=None if required else default,
+                   help=help or MODEL_HELP + ", or a name `slm models` lists" + ("" if required else f" (default: {default})"))
 
 
 def load_flags(p: argparse.ArgumentParser) -> None:

@@ -57,8 +57,11 @@ def generate(a) -> None:
         sys.stdout.flush()
 
 
+CHAT_MODEL = "smollm2-135m-instruct"  # runtime.models.DEFAULT_CHAT_MODEL, named here to keep --help fast
+
+
 def chat_flags(p) -> None:
-    model_flag(p)
+    model_flag(p, default=CHAT_MODEL)
     p.add_argument("--system", default=None, help="system message (default: none)")
     sampling_flags(p, LM.chat)
 
@@ -98,6 +101,25 @@ def chat(a) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def models_flags(p) -> None:
+    pass
+
+
+def models(a) -> None:
+    """The models slm knows by name: installed or not, size, licence and where each lives."""
+    from ..runtime.models import DEFAULT_BASE_MODEL, DEFAULT_CHAT_MODEL, KNOWN
+    rows = [("name", "kind", "size", "licence", "where (or how to install)")]
+    for m in KNOWN.values():
+        at = m.where()
+        default = " (default)" if m.name in (DEFAULT_CHAT_MODEL, DEFAULT_BASE_MODEL) else ""
+        rows.append((m.name, m.kind + default, _human(at[1]) if at else "-", m.licence, at[0] if at else m.pip))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(f"{v:<{w}}" for v, w in zip(r, widths)) + "  " + r[-1])
+    print(f"\nslm chat, serve and data distill use {DEFAULT_CHAT_MODEL}; generate, eval and explain "
+          f"{DEFAULT_BASE_MODEL}. Pass --model NAME, or a model folder or .gguf file.")
 
 
 def info_flags(p) -> None:

@@ -48,7 +48,7 @@ def serve_flags(p) -> None:
         from ..serve.app import ServeConfig
     except ImportError as e:
         p.error(f"serving needs FastAPI and uvicorn ({e}): pip install 'slm[serve]'")
-    model_flag(p)
+    model_flag(p, default="smollm2-135m-instruct")  # a chat model: what clients of a server ask for
     add_flags(p, ServeConfig, SERVE)
     load_flags(p)
     receipt_flag(p, " when the server stops")

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ..files import output_file, parse_json
 from ..runtime.lm import load
+from ..runtime.models import KNOWN
 
 from .prompts import builtin_prompts, is_correct
 from .sft import jsonl_records
@@ -193,6 +194,8 @@ class HTTPTeacher:
 def make_teacher(spec: str, model: str | None = None, api_key: str | None = None, quantize: str | None = None):
     if spec.startswith(("http://", "https://")):
         return HTTPTeacher(spec, model, api_key)
+    if spec in KNOWN and not os.path.exists(spec):
+        return LocalTeacher(spec, quantize)  # a name of `slm models`: slm.load finds its file
     if not os.path.exists(spec):
         raise FileNotFoundError(f"{spec}: no such model folder or file (or give an http:// URL)")
     return LocalTeacher(spec, quantize)

