@@ -28,8 +28,11 @@ _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's 
 # Byte-level vocabularies: the split before byte-level BPE, by tokenizer.ggml.pre. None: ByteLevel's own (GPT-2).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _SPLITS = {None: None, "default": None, "gpt-2": None, "phi-2": None,
-           "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
+           "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+           # every digit alone, then GPT-2's split of the pieces between (a list: applied in turn)
+           "smollm": [r"\p{N}", _GPT2_SPLIT]}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -101,9 +104,10 @@ def build_tokenizer(meta: dict, path: str, ranks_by_order: bool = False) -> GGUF
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
         tk = Tk(models.BPE(vocab, merges, fuse_unk=False))
         if _SPLITS[pre]:
-            tk.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            splits = _SPLITS[pre] if isinstance(_SPLITS[pre], list) else [_SPLITS[pre]]
+            tk.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         else:
             tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
