@@ -3,7 +3,8 @@
 1. synthesize a corpus of simple stories and lessons, train a tokenizer, and train a small
    Llama-style model from scratch on 2 CPU cores, then sample from it;
 2. load the result with transformers, unchanged;
-3. the real pretrained gemma-3-270m completing a prompt.
+3. the real pretrained gemma-3-270m completing a prompt;
+4. a short chat with the instruction-tuned SmolLM2-135M-Instruct, as `slm chat` has it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from . import load
 from .checkpoint.safetensors_io import CheckpointError
 from .model.config import get_config
+from .runtime.models import DEFAULT_CHAT_MODEL
 
 
 def main(out: str = "runs/demo", minutes: float = 7.0) -> None:
@@ -60,6 +62,23 @@ def main(out: str = "runs/demo", minutes: float = 7.0) -> None:
     for chunk in real.stream(prompt, max_new_tokens=40, temperature=0):
         print(chunk, end="", flush=True)
     print()
+
+    print("\n== 4. A chat: SmolLM2-135M-Instruct (slm chat, slm serve) ==")
+    try:
+        chat = load(DEFAULT_CHAT_MODEL)
+    except CheckpointError as e:
+        print(f"skipped: {e}")
+        return
+    messages = []
+    for question in ["What is the capital of France?", "And of Italy?"]:
+        print(f"> {question}")
+        messages.append({"role": "user", "content": question})
+        reply = []
+        for chunk in chat.chat(messages, max_new_tokens=80, stream=True, temperature=0):
+            reply.append(chunk)
+            print(chunk, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
 
 
 if __name__ == "__main__":
