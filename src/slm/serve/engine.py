@@ -4,9 +4,10 @@ A background thread owns the model and a RowKVCache of `max_batch` rows. Each tu
 does one piece of prefill, then one decode step of every busy row:
 
 - Prefill: a waiting request's prompt goes through the model in chunks, in a batch-1 cache. While
-  other rows are decoding, a chunk is sized (from the times the loop measures) to cost about half
-  a decode step, so a long prompt slows the running streams by about 1.5x instead of stopping them
-  for its whole prefill. Several prompts may be going in at once (as many as there are free rows
+  other rows are decoding, a turn of prefill puts a chunk through as many whole layers as fit in a
+  quarter of a decode step (Transformer.forward_by_layer; the loop times both), stopping before a
+  layer that would overrun, so a long prompt slows the running streams by about 1.25x instead of
+  stopping them for its whole prefill. Several prompts may be going in at once (as many as there are free rows
   for), taking turns chunk by chunk: a short prompt is not held up behind a long one. Once a
   prompt is in, its cache is copied into its rows (n rows for n choices) and the first token is
   sampled.
@@ -48,13 +49,15 @@ from ..runtime.tokenizer import Detokenizer
 log = logging.getLogger("slm.serve")
 
 PREFILL_CHUNK = 512  # the most prompt tokens one prefill forward takes
-# The least while other rows decode: a long prompt always progresses, and a short one goes in whole
-# (a forward's fixed cost dominates a few tokens' cost, so smaller chunks would only admit slower).
+# The least while other rows decode (a forward's fixed cost dominates a few tokens' cost, so
+# smaller chunks would only admit slower); above it, a chunk is sized so that one of its layers
+# costs about half a turn.
 MIN_CHUNK = 16
-# While other rows decode, a prefill chunk is sized to take this share of a decode step's time: the
-# running streams then slow by at most about 1.5x while a long prompt goes in at a third of the
-# speed it gets alone.
-PREFILL_SHARE = 0.5
+# While other rows decode, a turn of prefill may take this share of a decode step's time: the
+# running streams then slow by about 1.25x while a long prompt goes in at about a fifth of the
+# speed it gets alone. (At 0.5, with whole chunks a turn, a stream's largest gap reached 4-6x its
+# pace alone: see tests/serve/test_hardening.py.)
+PREFILL_SHARE = 0.25
 
 
 @dataclass(kw_only=True)
@@ -161,10 +164,9 @@ class _Prefill:
         # The batch-1 cache is allocated on another thread (zeroing a long prompt's cache takes
         # milliseconds the running streams would otherwise wait); `cache` holds it once ready.
         self.req, self.rows, self.pending, self.cache, self.done = req, rows, cache, None, 0
-        self.chunk_s: float | None = None  # seconds its last chunk took
-        # A chunk going in layer by layer (Transformer.forward_by_layer), its length and the
-        # seconds spent on it so far; None between chunks.
-        self.parts, self.n, self.spent = None, 0, 0.0
+        # A chunk going in layer by layer (Transformer.forward_by_layer), its length, the seconds
+        # spent on it so far and the layers done; None between chunks.
+        self.parts, self.n, self.spent, self.layers = None, 0, 0.0, 0
 
 
 def kv_cache_bytes(cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype) -> int:
@@ -245,6 +247,10 @@ class Engine:
         # Seconds of the last decode steps (a moving average) and the prefill chunk that costs
         # PREFILL_SHARE of that, adapted as the loop runs.
         self._step_s: float | None = None
+        # On a CPU the times are the engine thread's own CPU time: on a shared machine, a step that
+        # waited for a core would otherwise swell the budget of the next prefill turns (and so the
+        # gaps of every stream). A GPU works apart from this thread: there, wall time.
+        self._clock = time.thread_time if self.device.type == "cpu" else time.perf_counter
         self._chunk = min(MIN_CHUNK, prefill_chunk)
         self._allocator = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slm-prefill-cache")
         self._worked = False
@@ -380,39 +386,39 @@ class Engine:
                 return
         # With rows decoding, a turn of prefill may cost PREFILL_SHARE of a decode step; alone, no limit.
         budget = PREFILL_SHARE * self._step_s if others and self._step_s is not None else None
-        t = time.perf_counter()
+        t = self._clock()
         try:
             if p.parts is None:
                 size = self._chunk if others else self.prefill_chunk
                 ids = torch.tensor([p.req.prompt_ids[p.done:p.done + size]], device=self.device)
-                if budget is not None and size <= MIN_CHUNK and p.chunk_s is not None and p.chunk_s > budget:
-                    # Even the smallest chunk costs more than a turn may (its attention reads the
-                    # whole prompt so far): it goes through a few layers a turn instead.
-                    p.parts, p.n, p.spent = self.model.forward_by_layer(ids, p.cache), ids.shape[1], 0.0
-                else:
-                    logits = self.model(ids, cache=p.cache, last_only=True)[:, -1]
-                    p.chunk_s, n = time.perf_counter() - t, ids.shape[1]
+                if budget is None:  # no row is waiting for its next token: the chunk in one go
+                    logits, n = self.model(ids, cache=p.cache, last_only=True)[:, -1], ids.shape[1]
+                else:  # rows are decoding: the chunk goes through as many layers a turn as the budget holds
+                    p.parts, p.n, p.spent, p.layers = self.model.forward_by_layer(ids, p.cache), ids.shape[1], 0.0, 0
             if p.parts is not None:
                 while True:
                     try:
                         next(p.parts)
                     except StopIteration as done:
                         logits, p.parts, n = done.value[:, -1], None, p.n
-                        p.chunk_s = p.spent + time.perf_counter() - t
                         break
-                    if budget is not None and time.perf_counter() - t >= budget:
+                    p.layers += 1
+                    elapsed = self._clock() - t
+                    layer_s = (p.spent + elapsed) / p.layers  # what a layer of this chunk costs
+                    if budget is not None and elapsed + layer_s > budget:  # the next layer would overrun
                         break
                 if p.parts is not None:  # the chunk's other layers in its next turns
-                    p.spent += time.perf_counter() - t
+                    p.spent += self._clock() - t
                     self.prefills.append(p)
                     return
+                if budget is not None:  # the next chunk: one of its layers costs about half a turn
+                    layer_s = (p.spent + self._clock() - t) / max(p.layers, 1)
+                    grow = min(1.25, max(0.5, 0.5 * budget / max(layer_s, 1e-6)))
+                    self._chunk = min(self.prefill_chunk, max(MIN_CHUNK, int(n * grow)))
         except Exception:
             log.exception("prefill failed")
             self._fail(p)
             return
-        if others and self._step_s is not None:
-            grow = min(2.0, max(0.5, PREFILL_SHARE * self._step_s / max(p.chunk_s, 1e-6)))
-            self._chunk = min(self.prefill_chunk, max(MIN_CHUNK, int(n * grow)))
         p.done += n
         if p.done < len(p.req.prompt_ids):
             self.prefills.append(p)  # to the back: the next prompt's turn
@@ -429,7 +435,7 @@ class Engine:
         p.req._push([Delta(p.req.first_index + i, finish_reason="error") for i in range(p.req.n)])
 
     def _step(self) -> None:
-        t = time.perf_counter()
+        t = self._clock()
         busy = [s for s in self.rows if s is not None]
         self.peak = max(self.peak, len(busy) + sum(p.req.n for p in self.prefills))  # rows in use
         B = max(s.row for s in busy) + 1  # rows past the last busy one are not computed
@@ -440,7 +446,7 @@ class Engine:
             s.pos += 1
         logits = self.model(ids.to(self.device), cache=self.cache, pos=pos.to(self.device))[:, -1]
         self._advance(busy, logits, [s.row for s in busy])
-        took = time.perf_counter() - t
+        took = self._clock() - t
         self._step_s = took if self._step_s is None else 0.8 * self._step_s + 0.2 * took
 
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
