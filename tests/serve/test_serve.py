@@ -64,11 +64,16 @@ def test_completion_streamed_and_not(client, lm):
     assert r.choices[0].text == expected and r.choices[0].finish_reason == "length"
     n_prompt = len(lm.tokenizer.encode(prompt))
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 20, n_prompt + 20)
-    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
-    texts = [c.choices[0].text for c in chunks if c.choices]
-    assert "".join(texts) == expected and len([t for t in texts if t]) > 1
-    assert chunks[-1].usage.completion_tokens == 20
+    # Tokens that pile up while the server's event loop waits for a core come merged in one event:
+    # on a busy host all 20 may, so a stream in one piece is tried again (up to 3 times).
+    for attempt in range(3):
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        texts = [c.choices[0].text for c in chunks if c.choices]
+        assert "".join(texts) == expected and chunks[-1].usage.completion_tokens == 20
+        if len([t for t in texts if t]) > 1:
+            break
+    assert len([t for t in texts if t]) > 1, "the text came in one piece in 3 streams"
     # token-id prompts and several prompts at once
     ids = lm.tokenizer.encode(prompt)
     want = [lm.generate(prompt, max_new_tokens=8, temperature=0), lm.generate("The cat", max_new_tokens=8, temperature=0)]
