@@ -202,3 +202,29 @@ def test_unknown_pre_names_the_value_and_the_way_out(crossing_vocab, tmp_path):
         read_gguf(path).tokenizer()
     msg = str(e.value)
     assert "\n" not in msg and "'brand-new-bpe'" in msg and "--tokenizer DIR" in msg and "tokenizer.json" in msg
+
+
+@pytest.mark.smollm2
+def test_tokenizer_dir_replaces_an_unknown_pre(smollm2_gguf, tmp_path, capsys):
+    """SmolLM2 with its pre value renamed to one nobody knows: slm.load refuses it with the way out,
+    and --tokenizer DIR (slm.load(tokenizer=DIR)) runs it with the tokenizer.json of DIR."""
+    with open(smollm2_gguf, "rb") as f:
+        data = f.read()
+    key = b"tokenizer.ggml.pre" + struct.pack("<IQ", 8, 6)
+    i = data.index(key + b"smollm") + len(key)
+    renamed = tmp_path / "renamed.gguf"
+    renamed.write_bytes(data[:i] + b"smolXX" + data[i + 6:])  # same length: nothing else moves
+    with pytest.raises(CheckpointError, match="unknown pre-tokenizer 'smolXX'.*--tokenizer DIR"):
+        slm.load(str(renamed))
+    original = slm.load(smollm2_gguf)
+    original.tokenizer.save(str(tmp_path / "tok"))
+    lm = slm.load(str(renamed), tokenizer=str(tmp_path / "tok"))
+    assert lm.tokenizer.encode(TEXT) == original.tokenizer.encode(TEXT)
+    from slm.cli import main
+    args = ["--prompt", "The capital of France is", "--max-new-tokens", "4", "--temperature", "0", "--no-receipt-summary"]
+    main(["generate", "--model", smollm2_gguf, *args])
+    expected = capsys.readouterr().out
+    main(["generate", "--model", str(renamed), "--tokenizer", str(tmp_path / "tok"), *args])
+    assert capsys.readouterr().out == expected
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
+        slm.load(str(renamed), tokenizer=str(tmp_path))
