@@ -228,3 +228,34 @@ def test_tokenizer_dir_replaces_an_unknown_pre(smollm2_gguf, tmp_path, capsys):
     assert capsys.readouterr().out == expected
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         slm.load(str(renamed), tokenizer=str(tmp_path))
+
+
+@pytest.mark.parametrize("pre", [p for p in PRE_TOKENIZERS if p is not None])
+def test_export_names_the_pre_of_a_tokenizer_json(pre):
+    """A tokenizer.json of a table's split (as slm saves a GGUF file's tokenizer) is exported under
+    a pre value of the same split, flags and clean_spaces."""
+    from slm.checkpoint.gguf_tokenizer import build_tokenizer
+    from slm.checkpoint.gguf_write import pre_name
+    tokens = ["a", "b", "ab", "\u0120", "\u0120a"]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": ["a b", "\u0120 a"]}
+    tok = build_tokenizer(meta, "test.gguf")
+    name = pre_name(json.loads(tok.tk.to_str()), tok.config["clean_up_tokenization_spaces"])
+    assert PRE_TOKENIZERS[name][:2] == PRE_TOKENIZERS[pre][:2]  # the split and whole-word lookup
+    assert PRE_TOKENIZERS[name].clean_spaces == PRE_TOKENIZERS[pre].clean_spaces
+
+
+def test_export_names_the_pre_of_hugging_face_pre_tokenizers():
+    """Hugging Face's own spellings: Llama 3's Split with (?i:...), SmolLM's Digits + ByteLevel, GPT-2's ByteLevel."""
+    from slm.checkpoint.gguf_write import pre_name
+    llama3 = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+              "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+    split = {"type": "Split", "pattern": {"Regex": llama3}, "behavior": "Isolated", "invert": False}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    assert pre_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
+                     "model": {"type": "BPE", "ignore_merges": True}}) == "llama-bpe"
+    digits = {"type": "Digits", "individual_digits": True}
+    smollm = {"type": "Sequence", "pretokenizers": [digits, {**byte_level, "use_regex": True}]}
+    assert pre_name({"pre_tokenizer": smollm, "model": {"type": "BPE"}}, clean_spaces=False) == "smollm"
+    assert pre_name({"pre_tokenizer": {**byte_level, "use_regex": True}, "model": {"type": "BPE"}}) == "gpt-2"
+    assert pre_name({"pre_tokenizer": {"type": "Whitespace"}, "model": {"type": "BPE"}}) == "gpt-2"  # unknown: as before
