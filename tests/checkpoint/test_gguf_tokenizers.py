@@ -259,3 +259,15 @@ def test_export_names_the_pre_of_hugging_face_pre_tokenizers():
     assert pre_name({"pre_tokenizer": smollm, "model": {"type": "BPE"}}, clean_spaces=False) == "smollm"
     assert pre_name({"pre_tokenizer": {**byte_level, "use_regex": True}, "model": {"type": "BPE"}}) == "gpt-2"
     assert pre_name({"pre_tokenizer": {"type": "Whitespace"}, "model": {"type": "BPE"}}) == "gpt-2"  # unknown: as before
+
+
+def test_docs_table_lists_every_value():
+    """docs/running.md's table of GGUF pre-tokenizers names exactly the values of the table, each once."""
+    import re
+    with open(os.path.join(ROOT, "docs", "running.md"), encoding="utf-8") as f:
+        doc = f.read()
+    section = doc[doc.index("### GGUF tokenizers"):]
+    section = section[:section.index("\n## ")]
+    rows = [line.split("|")[2] for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    names = [n for row in rows for n in re.findall(r"`([^`]+)`", row)]
+    assert sorted(names) == sorted(p for p in PRE_TOKENIZERS if p is not None)
