@@ -268,6 +268,6 @@ def test_docs_table_lists_every_value():
         doc = f.read()
     section = doc[doc.index("### GGUF tokenizers"):]
     section = section[:section.index("\n## ")]
-    rows = [line.split("|")[2] for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    rows = [line.split("|")[2] for line in section.splitlines()[1:] if line.startswith("| ") and "values" not in line]
     names = [n for row in rows for n in re.findall(r"`([^`]+)`", row)]
     assert sorted(names) == sorted(p for p in PRE_TOKENIZERS if p is not None)
