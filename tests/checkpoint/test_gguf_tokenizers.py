@@ -204,61 +204,53 @@ def test_unknown_pre_names_the_value_and_the_way_out(crossing_vocab, tmp_path):
     assert "\n" not in msg and "'brand-new-bpe'" in msg and "--tokenizer DIR" in msg and "tokenizer.json" in msg
 
 
-@pytest.mark.smollm2
-def test_tokenizer_dir_replaces_an_unknown_pre(smollm2_gguf, tmp_path, capsys):
-    """SmolLM2 with its pre value renamed to one nobody knows: slm.load refuses it with the way out,
-    and --tokenizer DIR (slm.load(tokenizer=DIR)) runs it with the tokenizer.json of DIR."""
+@pytest.fixture(scope="module")
+def renamed_smollm2(smollm2_gguf, tmp_path_factory) -> tuple[str, str]:
+    """SmolLM2's file with its pre value renamed to one nobody knows ("smolXX"), and a folder with
+    the tokenizer.json slm builds from the original file."""
+    d = tmp_path_factory.mktemp("renamed")
     with open(smollm2_gguf, "rb") as f:
         data = f.read()
     key = b"tokenizer.ggml.pre" + struct.pack("<IQ", 8, 6)
     i = data.index(key + b"smollm") + len(key)
-    renamed = tmp_path / "renamed.gguf"
-    renamed.write_bytes(data[:i] + b"smolXX" + data[i + 6:])  # same length: nothing else moves
+    (d / "renamed.gguf").write_bytes(data[:i] + b"smolXX" + data[i + 6:])  # same length: nothing else moves
+    Tokenizer(*read_gguf(smollm2_gguf).tokenizer()).save(str(d / "tok"))
+    return str(d / "renamed.gguf"), str(d / "tok")
+
+
+@pytest.mark.smollm2
+def test_tokenizer_dir_replaces_an_unknown_pre(smollm2_gguf, renamed_smollm2, tmp_path, capsys):
+    """slm.load refuses the renamed file with the way out; --tokenizer DIR (slm.load(tokenizer=DIR))
+    runs it with the tokenizer.json of DIR: the same ids and greedy text as the original."""
+    renamed, tok = renamed_smollm2
     with pytest.raises(CheckpointError, match="unknown pre-tokenizer 'smolXX'.*--tokenizer DIR"):
-        slm.load(str(renamed))
+        slm.load(renamed)
     original = slm.load(smollm2_gguf)
-    original.tokenizer.save(str(tmp_path / "tok"))
-    lm = slm.load(str(renamed), tokenizer=str(tmp_path / "tok"))
+    lm = slm.load(renamed, tokenizer=tok)
     assert lm.tokenizer.encode(TEXT) == original.tokenizer.encode(TEXT)
     from slm.cli import main
     args = ["--prompt", "The capital of France is", "--max-new-tokens", "4", "--temperature", "0", "--no-receipt-summary"]
     main(["generate", "--model", smollm2_gguf, *args])
     expected = capsys.readouterr().out
-    main(["generate", "--model", str(renamed), "--tokenizer", str(tmp_path / "tok"), *args])
+    main(["generate", "--model", renamed, "--tokenizer", tok, *args])
     assert capsys.readouterr().out == expected
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
-        slm.load(str(renamed), tokenizer=str(tmp_path))
+        slm.load(renamed, tokenizer=str(tmp_path))
 
 
-@pytest.mark.parametrize("pre", [p for p in PRE_TOKENIZERS if p is not None])
-def test_export_names_the_pre_of_a_tokenizer_json(pre):
-    """A tokenizer.json of a table's split (as slm saves a GGUF file's tokenizer) is exported under
-    a pre value of the same split, flags and clean_spaces."""
-    from slm.checkpoint.gguf_tokenizer import build_tokenizer
-    from slm.checkpoint.gguf_write import pre_name
-    tokens = ["a", "b", "ab", "\u0120", "\u0120a"]
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.merges": ["a b", "\u0120 a"]}
-    tok = build_tokenizer(meta, "test.gguf")
-    name = pre_name(json.loads(tok.tk.to_str()), tok.config["clean_up_tokenization_spaces"])
-    assert PRE_TOKENIZERS[name][:2] == PRE_TOKENIZERS[pre][:2]  # the split and whole-word lookup
-    assert PRE_TOKENIZERS[name].clean_spaces == PRE_TOKENIZERS[pre].clean_spaces
-
-
-def test_export_names_the_pre_of_hugging_face_pre_tokenizers():
-    """Hugging Face's own spellings: Llama 3's Split with (?i:...), SmolLM's Digits + ByteLevel, GPT-2's ByteLevel."""
-    from slm.checkpoint.gguf_write import pre_name
-    llama3 = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-              "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
-    split = {"type": "Split", "pattern": {"Regex": llama3}, "behavior": "Isolated", "invert": False}
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-    assert pre_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
-                     "model": {"type": "BPE", "ignore_merges": True}}) == "llama-bpe"
-    digits = {"type": "Digits", "individual_digits": True}
-    smollm = {"type": "Sequence", "pretokenizers": [digits, {**byte_level, "use_regex": True}]}
-    assert pre_name({"pre_tokenizer": smollm, "model": {"type": "BPE"}}, clean_spaces=False) == "smollm"
-    assert pre_name({"pre_tokenizer": {**byte_level, "use_regex": True}, "model": {"type": "BPE"}}) == "gpt-2"
-    assert pre_name({"pre_tokenizer": {"type": "Whitespace"}, "model": {"type": "BPE"}}) == "gpt-2"  # unknown: as before
+@pytest.mark.smollm2
+def test_serve_takes_tokenizer_dir(smollm2_gguf, renamed_smollm2, tmp_path):
+    """slm serve --tokenizer DIR: the renamed file serves the original's greedy completion."""
+    from support.server import Server
+    renamed, tok = renamed_smollm2
+    expected = slm.load(smollm2_gguf).generate("The capital of France is", max_new_tokens=4, temperature=0)
+    server = Server(renamed, str(tmp_path / "server.log"), "--tokenizer", tok)
+    try:
+        r = server.client().completions.create(model="renamed", prompt="The capital of France is", max_tokens=4,
+                                               temperature=0)
+        assert r.choices[0].text == expected
+    finally:
+        server.stop()
 
 
 def test_docs_table_lists_every_value():
