@@ -4,7 +4,9 @@ llama.cpp stores a vocabulary, its token types and either BPE merges (byte-level
 `gpt2`) or scores (SentencePiece vocabularies, `llama`), the special tokens' ids and a chat
 template. `build_tokenizer` returns what it reads, a `GGUFTokenizer`: the `tokenizers.Tokenizer`,
 the tokenizer_config.json-style settings (special tokens, add_bos_token) and the chat template;
-`slm.runtime.tokenizer.Tokenizer(*parts)` makes slm's tokenizer of it.
+`slm.runtime.tokenizer.Tokenizer(*parts)` makes slm's tokenizer of it. A byte-level vocabulary is
+split before BPE as llama.cpp splits it for the file's tokenizer.ggml.pre: one table,
+`PRE_TOKENIZERS`, holds each value's regexes and flags.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .safetensors_io import CheckpointError
 
 class GGUFTokenizer(NamedTuple):
     tk: Tk
-    config: dict  # bos_token, eos_token, unk_token, pad_token, add_bos_token, add_eos_token
+    config: dict  # bos_token, eos_token, unk_token, pad_token, add_bos_token, add_eos_token, clean_up_tokenization_spaces
     chat_template: str | None
 
 
@@ -50,7 +52,9 @@ _TEKKEN = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_U
            r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
           rf"{_CONTRACTIONS}?|\p{{N}}{{1,3}}| ?[^\s\p{{L}}\p{{N}}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff&&\\S]+"  # DeepSeek's CJK/Hangul runs (\S: see above)
+# DeepSeek's CJK (and U+0800..) and Hangul runs; "&&\S", a class intersection, leaves out the spaces (see above)
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff&&\\S]+"
+_DEEPSEEK_PUNCTUATION = "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3001-\u3002]+"  # ASCII, full-width, quotes
 _DEEPSEEK_LETTERS = (  # DeepSeek LLM's explicit list of cased letters, from its tokenizer.json
     "\\s?[A-Za-z\xb5\xc0-\xd6\xd8-\xf6\xf8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373\u0376\u0377"
     "\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556"
@@ -65,6 +69,9 @@ _DEEPSEEK_LETTERS = (  # DeepSeek LLM's explicit list of cased letters, from its
 _PORO = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"  # words up to spaces and punctuation
 
 
+_DEFAULT = Pre((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"))
+
+
 def _family(names: str, pre: Pre) -> dict[str, Pre]:
     return dict.fromkeys(names.split(), pre)
 
@@ -74,8 +81,8 @@ def _family(names: str, pre: Pre) -> dict[str, Pre]:
 # The first name of a family is the one `slm export` writes for a Hugging Face tokenizer of its split.
 PRE_TOKENIZERS: dict[str | None, Pre] = {
     # No value, or "default": llama.cpp's fallback (punctuation runs, GPT-2, numbers, then 3-digit groups).
-    **_family("default", Pre((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"))),
-    None: Pre((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]")),
+    None: _DEFAULT,
+    "default": _DEFAULT,
     # GPT-2's split: Phi-2, MPT, OLMo, Jais, Mellum, GigaChat, A.X 4.0, EXAONE 4.
     **_family("gpt-2 phi-2 mpt olmo jais mellum gigachat a.x-4.0 exaone4", Pre((_GPT2,))),
     **_family("trillion granite-docling", Pre((_GPT2,), clean_spaces=False)),
@@ -87,11 +94,11 @@ PRE_TOKENIZERS: dict[str | None, Pre] = {
     **_family("llama-bpe llama3 llama-v3 falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano",
               Pre((_LLAMA3,), ignore_merges=True, add_bos=True)),
     **_family("smaug-bpe dbrx", Pre((_LLAMA3,))),  # the same split with plain merges: Smaug-Llama-3, DBRX
-    # Mistral's Tekken (Mistral NeMo, Pixtral-12B's text model): upper/lower-case words, digits alone.
+    # Mistral's Tekken (Mistral NeMo and the Mistral models after it): upper/lower-case words, digits alone.
     **_family("tekken", Pre((_TEKKEN,), ignore_merges=True, add_bos=True, clean_spaces=False)),
     # DeepSeek LLM and DeepSeek Coder: newlines, letter runs, punctuation runs, CJK runs, numbers.
-    **_family("deepseek-llm", Pre(("[\r\n]", _DEEPSEEK_LETTERS, "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3001-\u3002]+",
-                                   r"\s+$", _CJK, r"\p{N}+"), clean_spaces=False)),
+    **_family("deepseek-llm", Pre(("[\r\n]", _DEEPSEEK_LETTERS, _DEEPSEEK_PUNCTUATION, r"\s+$", _CJK, r"\p{N}+"),
+                                  clean_spaces=False)),
     **_family("deepseek-coder", Pre(("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"), clean_spaces=False)),
     # Qwen2's split (Llama 3's with digits alone): Qwen2, DeepSeek-R1-Distill-Qwen, Hunyuan, Megrez, StableLM 2.
     **_family("qwen2 deepseek-r1-qwen kormo f2llmv2 hunyuan solar-open", Pre((_QWEN2,), clean_spaces=False)),
