@@ -146,3 +146,43 @@ def test_cli_export_gguf(tmp_path, tokenizer_dir):
         ours = lm.model(torch.tensor([ids]))[0]
     theirs = llama_logits(str(tmp_path / "m.gguf"), ids)
     assert (theirs - ours).abs().max() / ours.abs().max() < 6e-2
+
+
+@pytest.mark.llamacpp
+@pytest.mark.smollm2
+def test_gguf_export_keeps_the_tokenizer(smollm2_gguf, tmp_path):
+    """GGUF -> GGUF: the source's tokenizer metadata is written unchanged (tokenizer.ggml.pre
+    "smollm", not GPT-2's), so llama.cpp tokenizes a real text (the README) the same before and after."""
+    from slm.checkpoint.gguf import read_gguf
+    from slm.cli import main
+    out = str(tmp_path / "s.gguf")
+    main(["export", "--model", smollm2_gguf, "--format", "gguf", "--dtype", "q8_0", "--out", out])
+    before, after = read_gguf(smollm2_gguf).metadata, read_gguf(out).metadata
+    assert {k: v for k, v in after.items() if k.startswith("tokenizer.")} == \
+        {k: v for k, v in before.items() if k.startswith("tokenizer.")}
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8") as f:
+        text = f.read().encode()
+    ids = [llama_cpp().Llama(p, vocab_only=True, verbose=False).tokenize(text, add_bos=True, special=True)
+           for p in (smollm2_gguf, out)]
+    assert ids[0] == ids[1]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.smollm2
+def test_gguf_export_of_a_folder_names_its_pre_tokenizer(smollm2_gguf, tmp_path):
+    """A Hugging Face folder with SmolLM2's tokenizer (as slm saves it: digits alone, then GPT-2's
+    split; clean_up_tokenization_spaces false) exports as tokenizer.ggml.pre "smollm", and llama.cpp
+    tokenizes the README with it as with SmolLM2's own file."""
+    from slm.checkpoint.gguf import read_gguf
+    from slm.cli import main
+    from slm.runtime.tokenizer import Tokenizer
+    Tokenizer(*read_gguf(smollm2_gguf).tokenizer()).save(str(tmp_path / "tok"))
+    src = make_checkpoint(str(tmp_path / "src"), "llama", str(tmp_path / "tok"))
+    out = str(tmp_path / "m.gguf")
+    main(["export", "--model", src, "--format", "gguf", "--out", out])
+    assert read_gguf(out).metadata["tokenizer.ggml.pre"] == "smollm"
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8") as f:
+        text = f.read().encode()
+    ids = [llama_cpp().Llama(p, vocab_only=True, verbose=False).tokenize(text, add_bos=True, special=True)
+           for p in (smollm2_gguf, out)]
+    assert ids[0] == ids[1]

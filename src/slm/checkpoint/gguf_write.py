@@ -6,7 +6,10 @@ Architectures: those of the families whose record says so (model/families.py, `g
 Llama 2 / Orca 2 and Mistral as llama.cpp's `llama`, Phi-2 as `phi2`. Tensors get the family's
 GGUF names and llama.cpp's conventions for it (Q/K rows permuted for its interleaved rotary pairs,
 norms stored as 1 + w), the tokenizer (byte-level BPE as `gpt2`, SentencePiece-style BPE as
-`llama`) and the chat template go into the metadata. Norms and biases stay f32, as llama.cpp's own converter keeps them. A quantized
+`llama`) and the chat template go into the metadata. A model read from a GGUF file (`source`) keeps
+that file's tokenizer metadata as it was, tokenizer.ggml.pre included; a byte-level Hugging Face
+tokenizer gets the tokenizer.ggml.pre whose split its tokenizer.json's pre-tokenizer is
+(gguf_tokenizer.PRE_TOKENIZERS), or `gpt-2` when it is none of them. Norms and biases stay f32, as llama.cpp's own converter keeps them. A quantized
 model is dequantized layer by layer first. Written with the `gguf` package to a temporary file
 that replaces `path` when complete.
 """
@@ -21,6 +24,8 @@ import torch
 
 from ..files import atomic_path
 from ..model import families
+from .gguf import read_gguf
+from .gguf_tokenizer import _CONTRACTIONS, _GPT2, PRE_TOKENIZERS
 from .hf import _dequantized_tensors
 from .safetensors_io import CheckpointError
 
@@ -41,6 +46,51 @@ def gguf_name(family: families.Family, hf: str) -> str:
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's LlamaModel.permute: pair rotary dims (2i, 2i+1) instead of (i, i + d/2)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _splits(pre: dict | None) -> list[str] | None:
+    """The regexes a tokenizer.json pre-tokenizer splits by, in turn, in PRE_TOKENIZERS' spelling
+    (None: one that is not a sequence of regex splits)."""
+    if pre is None:
+        return []
+    kind = pre.get("type")
+    if kind == "Sequence":
+        parts = [_splits(p) for p in pre.get("pretokenizers", [])]
+        return None if None in parts else [r for p in parts for r in p]
+    if kind == "ByteLevel":
+        return [_GPT2] if pre.get("use_regex", True) else []
+    if kind == "Digits":
+        return [r"\p{N}" if pre.get("individual_digits") else r"\p{N}+"]
+    if kind == "Split" and "Regex" in pre.get("pattern", {}) and pre.get("behavior") == "Isolated" and not pre.get("invert"):
+        return [pre["pattern"]["Regex"].replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", _CONTRACTIONS)]
+    return None
+
+
+def pre_name(data: dict, clean_spaces: bool | None = None) -> str:
+    """The tokenizer.ggml.pre of a byte-level tokenizer.json (parsed): the first value of
+    PRE_TOKENIZERS with its split and whole-word lookup, one with clean_spaces (the tokenizer's
+    clean_up_tokenization_spaces) before one without; `gpt-2` if none has them."""
+    splits, ignore_merges = _splits(data.get("pre_tokenizer")), bool(data["model"].get("ignore_merges"))
+    same = [name for name, rule in PRE_TOKENIZERS.items()
+            if name is not None and list(rule.splits) == splits and rule.ignore_merges == ignore_merges]
+    return next((n for n in same if PRE_TOKENIZERS[n].clean_spaces == clean_spaces), same[0] if same else "gpt-2")
+
+
+def _copy_tokenizer(w: gguf.GGUFWriter, meta: dict) -> None:
+    """A GGUF file's tokenizer metadata (tokenizer.*) written as it was read."""
+    for key, value in meta.items():
+        if not key.startswith("tokenizer.") or value == []:
+            continue
+        if isinstance(value, list):
+            w.add_array(key, value)  # strings, int32 token types, float32 scores
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)  # token ids
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_string(key, value)
 
 
 def _tokenizer(w: gguf.GGUFWriter, tok) -> None:
@@ -69,7 +119,7 @@ def _tokenizer(w: gguf.GGUFWriter, tok) -> None:
                 types[i] = gguf.TokenType.BYTE
     else:
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")  # GPT-2's split, what ByteLevel(use_regex=True) does
+        w.add_tokenizer_pre(pre_name(data, tok.config.get("clean_up_tokenization_spaces")))
         merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
         w.add_token_merges(merges)
     w.add_token_list(tokens)
@@ -86,8 +136,9 @@ def _tokenizer(w: gguf.GGUFWriter, tok) -> None:
         w.add_chat_template(tok.chat_template)
 
 
-def write_gguf(lm, path: str, dtype: str = "f32") -> None:
-    """Write `lm` (an slm.LM: model, tokenizer) as a GGUF file at path."""
+def write_gguf(lm, path: str, dtype: str = "f32", source: str | None = None) -> None:
+    """Write `lm` (an slm.LM: model, tokenizer) as a GGUF file at path. source: the GGUF file lm was
+    read from, whose tokenizer metadata is written unchanged (lm.tokenizer is its tokenizer)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; supported: {', '.join(DTYPES)}")
     cfg = lm.model.config
@@ -114,7 +165,9 @@ def write_gguf(lm, path: str, dtype: str = "f32") -> None:
         if cfg.sliding_window:
             w.add_sliding_window(cfg.sliding_window)
         w.add_file_type(FILE_TYPES[dtype])
-        if lm.tokenizer is not None:
+        if source is not None:
+            _copy_tokenizer(w, read_gguf(source).metadata)
+        elif lm.tokenizer is not None:
             _tokenizer(w, lm.tokenizer)
         with torch.no_grad():
             tensors = _dequantized_tensors(lm.model)

@@ -126,11 +126,14 @@ def model_flag(p: argparse.ArgumentParser, required: bool = False, help: str | N
 
 
 def load_flags(p: argparse.ArgumentParser) -> None:
-    """How `slm.load` places the model: --dtype, --device, --quantize, --group-size."""
+    """How `slm.load` places the model: --dtype, --device, --quantize, --group-size, --tokenizer."""
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
                    metavar="DTYPE", help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None, help="where the model runs: cpu, cuda, cuda:1, ... (default: cpu)")
     quantize_options(p)
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a folder with a tokenizer.json to use instead of the model's own tokenizer "
+                        "(e.g. for a GGUF file whose tokenizer.ggml.pre slm does not know)")
 
 
 def check_load_flags(a: argparse.Namespace) -> None:

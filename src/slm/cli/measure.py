@@ -139,7 +139,8 @@ def eval(a) -> None:
     docs = load_task(a.task, a.task_format) if a.task else None
     from ..footprint import track
     with track("eval", path=a.receipt, device=a.device) as receipt:
-        lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
+        lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size,
+                  tokenizer=a.tokenizer)
         receipt.watch(lm)
         if text is not None:
             r = {"text": a.text, **perplexity(lm, text, max_length=a.max_length, batch_size=a.batch_size)}

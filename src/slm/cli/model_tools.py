@@ -60,8 +60,12 @@ def export(a) -> None:
     check_out(a, "file" if a.format == "gguf" else "folder")
     lm = load(a.model)
     if a.format == "gguf":
+        import os
+
         from ..checkpoint.gguf_write import write_gguf
-        write_gguf(lm, a.out, a.dtype)
+        from ..runtime.models import resolve
+        path = resolve(a.model)[0]  # a GGUF source's tokenizer metadata is written unchanged
+        write_gguf(lm, a.out, a.dtype, source=path if os.path.isfile(path) else None)
     else:
         lm.save(a.out, dequantize=True)
     print(f"wrote {a.out}")

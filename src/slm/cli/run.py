@@ -48,7 +48,8 @@ def generate(a) -> None:
     check_text(a.prompt, "--prompt")
     check_run_args(a)
     with track("generate", path=a.receipt, device=a.device, quiet=a.no_receipt_summary) as receipt:
-        lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
+        lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size,
+              tokenizer=a.tokenizer)
         receipt.watch(lm)
         for chunk in lm.stream(a.prompt, a.max_new_tokens, **values(a, SAMPLING)):
             sys.stdout.write(chunk)
@@ -72,7 +73,8 @@ def chat(a) -> None:
     if a.system is not None:
         check_text(a.system, "--system")
     check_run_args(a)
-    lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size)
+    lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size,
+              tokenizer=a.tokenizer)
     messages = [{"role": "system", "content": a.system}] if a.system else []
     interactive = sys.stdin.isatty()  # piped input gets the replies alone, without banner and prompts
     if interactive:

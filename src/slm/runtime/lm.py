@@ -129,7 +129,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 def load(path: str | None = None, dtype: torch.dtype | str | None = None,
          device: str | torch.device | None = None, quantize: str | None = None,
-         group_size: int | None = None, file_blocks: bool = True) -> LM:
+         group_size: int | None = None, file_blocks: bool = True, tokenizer: str | None = None) -> LM:
     """Load a Hugging Face model folder (config.json + safetensors + tokenizer.json) or a GGUF file.
     With no path, the default base model (gemma-3-270m) is used; a known name (`slm models`) is its
     installed file. Either way a line on stderr names the model.
@@ -142,18 +142,21 @@ def load(path: str | None = None, dtype: torch.dtype | str | None = None,
     8-bit tensors down to 4 bits; int8 does not round its 4-bit ones again); only its other tensors
     (F32, F16, other block types) become int8 or int4. file_blocks=False requantizes every tensor
     from fp32 to the mode instead (what a folder saved with `slm quantize` holds).
+    tokenizer: a folder with a tokenizer.json, used instead of the model's own tokenizer (for a GGUF
+    file whose tokenizer slm cannot rebuild, e.g. an unknown tokenizer.ggml.pre).
 
     The options are checked here, once, before any file is opened: the dtype name, and the
     quantization mode and group size by the one quantizer made for the loader."""
     dtype = check_dtype(dtype)
     check_device(device)
     quantizer = StreamingQuantizer(None, quantize, group_size, file_blocks=file_blocks) if quantize else None
-    lm = _load(path, dtype, device, quantizer)
+    lm = _load(path, dtype, device, quantizer, tokenizer)
     accelerate(lm.model)
     return lm
 
 
-def _load(path, dtype: torch.dtype | None, device, quantizer: StreamingQuantizer | None) -> LM:
+def _load(path, dtype: torch.dtype | None, device, quantizer: StreamingQuantizer | None, tokenizer=None) -> LM:
+    tok = None if tokenizer is None else Tokenizer.from_dir(os.fspath(tokenizer))  # read first: fails fast
     given = path
     path, known = resolve(None if path is None else os.fspath(path))
     if known is not None:
@@ -161,10 +164,10 @@ def _load(path, dtype: torch.dtype | None, device, quantizer: StreamingQuantizer
               f"({known.title}, {known.kind}, {known.file}, {known.licence}) from {path}", file=sys.stderr)
     if os.path.isfile(path):
         ckpt = gguf.read_gguf(path)
-        model = gguf.load_model(ckpt, dtype, device, quantizer)
-        return LM(model, Tokenizer(*ckpt.tokenizer()), ckpt.generation_config)
+        tok = tok or Tokenizer(*ckpt.tokenizer())  # before the weights: an unknown pre-tokenizer fails fast
+        return LM(gguf.load_model(ckpt, dtype, device, quantizer), tok, ckpt.generation_config)
     model = hf.load_model(path, dtype, device, quantizer)
-    tokenizer = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
+    tokenizer = tok or (Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None)
     gen_path = os.path.join(path, "generation_config.json")
     gen = hf.read_json(gen_path) if os.path.exists(gen_path) else {}
     return LM(model, tokenizer, gen)

@@ -574,7 +574,7 @@ GIL_SWITCH_SECONDS = 0.0005
 
 
 def run(model: str | None = None, config: ServeConfig | None = None, dtype=None, device=None, quantize=None,
-        group_size=None, on_load=None) -> None:
+        group_size=None, on_load=None, tokenizer=None) -> None:
     c = config or ServeConfig()
     host, port, name = c.host, c.port, c.name
     local = is_loopback(host)
@@ -585,7 +585,7 @@ def run(model: str | None = None, config: ServeConfig | None = None, dtype=None,
 
     # The port first: one in use is an error now, not after the model has loaded.
     with listen(host, port) as sock:
-        lm = load(model, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
+        lm = load(model, dtype=dtype, device=device, quantize=quantize, group_size=group_size, tokenizer=tokenizer)
         if on_load is not None:  # e.g. the footprint receipt's token counter
             on_load(lm)
         if name is None:
