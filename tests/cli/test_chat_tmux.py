@@ -192,10 +192,13 @@ def test_a_session_on_a_terminal(terminal, short_context, tmp_path):
             break
         t.send(f"message number {i}")
     assert "outgrew the context of 96 tokens; dropped the oldest" in t.screen()
+    t.send("~" * 120)  # a token a character: alone too long for the context, refused in one line, not sent
+    assert "slm chat: error: the message is" in t.screen() and "leaves no room in the context of 96" in t.screen()
     t.send("after the note")
     messages = saved(t, tmp_path / "late.json")
     assert messages[0]["content"] != "first line\nsecond line"  # the first exchange was dropped
     assert messages[-2] == {"role": "user", "content": "after the note"}
+    assert not any("~" in m["content"] for m in messages)
     assert messages[-1]["role"] == "assistant"
 
     # /system sets the system prompt, and /reset keeps it

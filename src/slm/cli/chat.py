@@ -61,12 +61,14 @@ def chat(a) -> None:
         check_text(a.system, "--system")
     check_run_args(a)
     lm = load(a.model, **load_options(a))
+    if lm.tokenizer is None:
+        raise ValueError(f"{a.model} has no tokenizer; chat needs a folder with tokenizer.json, or a .gguf file")
     session = Session(lm, a.max_new_tokens, values(a, SAMPLING), a.system or None, a.model,
                       interactive=sys.stdin.isatty())
     if session.interactive:
         ctx = lm.config.max_seq_len
-        note(f"Chatting with {a.model} (context {ctx} tokens). Enter sends, Esc then Enter adds a line, "
-             f"Ctrl-C stops a reply, Ctrl-D or /exit quits, /help lists the commands.")
+        note(f"Chatting with {a.model} (context {ctx} tokens). Esc then Enter: new line; Ctrl-C: stop a reply; "
+             f"Ctrl-D: quit; /help: commands.")
         lines = terminal_lines()
     else:
         lines = piped_lines()
@@ -94,12 +96,20 @@ class Session:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
 
     def take(self, line: str) -> bool:
-        """Act on one input: a command or a message. False: the session ends."""
-        m = COMMAND.fullmatch(line.strip())
-        if m:
-            return self.command(m.group(1), (m.group(2) or "").strip())
-        if line.strip():
-            self.reply(line.rstrip())
+        """Act on one input: a command or a message. False: the session ends. On a terminal an
+        error (a chat template that fails, text that is not UTF-8) is a line, and the session
+        goes on; piped, it ends the session as the error of slm chat."""
+        from . import describe
+        try:
+            m = COMMAND.fullmatch(line.strip())
+            if m:
+                return self.command(m.group(1), (m.group(2) or "").strip())
+            if line.strip():
+                self.reply(line.rstrip())
+        except ValueError as e:
+            if not self.interactive:
+                raise
+            note(f"slm chat: error: {describe(e)}")
         return True
 
     def command(self, name: str, arg: str) -> bool:
@@ -137,12 +147,12 @@ class Session:
         except (ValueError, OSError) as e:
             note(f"slm chat: error: {describe(e)}")
             return
-        note(f"(saved {len(self.turns)} messages to {path})")
+        note(f"(saved {len(self.messages())} messages to {path})")
 
-    def fit(self) -> list[int] | None:
+    def fit(self) -> list[int]:
         """The conversation's prompt tokens, after dropping the oldest exchanges (the system prompt
-        stays) until the prompt and max_new_tokens fit the model's context; None when the last
-        message alone does not fit."""
+        stays) until the prompt and max_new_tokens fit the model's context; a ValueError when the
+        last message alone leaves no room for a reply."""
         tokenizer, context = self.lm.tokenizer, self.lm.config.max_seq_len
         dropped = 0
         while True:
@@ -155,9 +165,8 @@ class Session:
             note(f"slm chat: the conversation outgrew the context of {context} tokens; "
                  f"dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''}")
         if len(ids) >= context:
-            note(f"slm chat: that message is {len(ids)} tokens with the template and system prompt, "
-                 f"more than the context of {context}; not sent")
-            return None
+            raise ValueError(f"the message is {len(ids)} tokens with the chat template and system prompt, "
+                             f"and leaves no room in the context of {context}")
         return ids
 
     def reply(self, text: str) -> None:
@@ -168,13 +177,15 @@ class Session:
         said: list[str] = []
         try:
             ids = self.fit()
-            if ids is None:
-                self.turns.pop()
-                return
             for chunk in self.lm.stream(ids, self.max_new_tokens, **self.sampling):
                 said.append(chunk)
                 sys.stdout.write(self.show(chunk))
                 sys.stdout.flush()
+        except ValueError:
+            self.turns.pop()  # the message that could not be answered
+            if said:
+                sys.stdout.write("\n")
+            raise
         except KeyboardInterrupt:
             if not self.interactive:
                 raise
