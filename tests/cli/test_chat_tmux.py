@@ -43,7 +43,8 @@ class Terminal:
         self.base, self.status = [tmux, "-S", socket], status
 
     def tmux(self, *args: str, input: str | None = None) -> str:
-        r = subprocess.run([*self.base, *args], capture_output=True, text=True, input=input, timeout=30)
+        r = subprocess.run([*self.base, *args], capture_output=True, text=True, input=input, timeout=30,
+                           check=False)
         assert r.returncode == 0, f"tmux {' '.join(args)}: {r.stderr}"
         return r.stdout
 
@@ -55,7 +56,7 @@ class Terminal:
         self.tmux("set-option", "-t", "chat", "history-limit", "100000")
 
     def close(self) -> None:
-        subprocess.run([*self.base, "kill-server"], capture_output=True, timeout=30)
+        subprocess.run([*self.base, "kill-server"], capture_output=True, timeout=30, check=False)
 
     def screen(self) -> str:
         """Everything the window has shown, scrolled off or not, wrapped lines joined."""
@@ -225,11 +226,11 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_session(terminal, endless, tmp_path)
 
     for n, message in enumerate(["hello", "again"], start=1):
         t.type(message)
-        t.wait(lambda: t.lines()[-1] == "> " + message, f"{message!r} typed")
+        t.wait(lambda m=message: t.lines()[-1] == "> " + m, f"{message!r} typed")
         t.keys("Enter")
-        t.wait(lambda: replying(message), f"the reply to {message!r} to start", FIRST)
+        t.wait(lambda m=message: replying(m), f"the reply to {message!r} to start", FIRST)
         t.keys("C-c")
-        t.wait(lambda: t.screen().count("(reply stopped)") == n and t.at_prompt(),
+        t.wait(lambda n=n: t.screen().count("(reply stopped)") == n and t.at_prompt(),
                f"the reply to {message!r} to stop")
     messages = saved(t, tmp_path / "stopped.json")
     assert [(m["role"], m["content"] if m["role"] == "user" else "") for m in messages] == [
@@ -248,7 +249,7 @@ def test_the_default_chat_model_answers_and_ends_its_turn(smollm2_gguf):
     far before --max-new-tokens."""
     r = subprocess.run([sys.executable, "-m", "slm", "chat", "--max-new-tokens", "200"], capture_output=True,
                        text=True, input="What is the capital of France?\n", timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+                       env={**os.environ, "OMP_NUM_THREADS": "2"}, check=False)
     assert r.returncode == 0, r.stderr
     reply = r.stdout.strip()
     assert "Paris" in reply and "\n" not in reply, reply
