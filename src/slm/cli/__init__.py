@@ -1,5 +1,5 @@
 """`slm <command>`: the command table. Each command is a thin call into one module of slm, and
-lives in a module of this package by verb group (run, train, serve, model_tools, measure,
+lives in a module of this package by verb group (run, chat, train, serve, model_tools, measure,
 finetune), as two functions: `<name>_flags(parser)` adds its flags and `<name>(args)` runs it,
 name being the command's words joined by "_" (`data prepare`: data_prepare)."""
 
@@ -15,7 +15,7 @@ from .flags import HelpFormatter, Parser
 # words: (module, help)
 COMMANDS = {
     "generate": ("run", "continue a prompt, streaming the text"),
-    "chat": ("run", "interactive chat through the model's chat template"),
+    "chat": ("chat", "interactive chat through the model's chat template"),
     "train": ("train", "train a model from scratch (synthesizes data when none is given)"),
     "tokenizer train": ("train", "train a byte-level BPE tokenizer that transformers loads"),
     "data synth": ("train", "built-in synthetic stories and textbook exercises"),
@@ -43,6 +43,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     Building a command's flags imports its module and config dataclass, and running it imports the
     rest inside the command's function: these lazy imports keep `slm --help` fast."""
     ap = Parser(prog="slm", description="Small language models on one ordinary machine.")
+    ap.add_argument("--version", action="version", version=f"slm {version()}", help="print slm's version and exit")
     ap.verb_parsers = {}  # "data synth" -> its parser, for errors found after parsing
     sub = ap.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -62,6 +63,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             getattr(mod, f"{name}_flags")(p)
             p.set_defaults(func=getattr(mod, name))
     return ap
+
+
+def version() -> str:
+    """The installed package's version (without importing slm, which imports torch)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+    try:
+        return installed("slm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from .. import __version__
+        return __version__
 
 
 # slm makes no network calls; these keep the libraries it may import (huggingface_hub, transformers,

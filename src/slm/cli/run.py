@@ -1,4 +1,4 @@
-"""slm generate, chat, info: running a model."""
+"""slm generate, info, models: running a model (slm chat: chat.py)."""
 
 from __future__ import annotations
 
@@ -56,53 +56,6 @@ def generate(a) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-
-
-CHAT_MODEL = "smollm2-135m-instruct"  # runtime.models.DEFAULT_CHAT_MODEL, named here to keep --help fast
-
-
-def chat_flags(p) -> None:
-    model_flag(p, default=CHAT_MODEL)
-    p.add_argument("--system", default=None, help="system message (default: none)")
-    sampling_flags(p, LM.chat)
-
-
-def chat(a) -> None:
-    from .. import load
-    from ..runtime.tokenizer import check_text
-    if a.system is not None:
-        check_text(a.system, "--system")
-    check_run_args(a)
-    lm = load(a.model, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size,
-              tokenizer=a.tokenizer)
-    messages = [{"role": "system", "content": a.system}] if a.system else []
-    interactive = sys.stdin.isatty()  # piped input gets the replies alone, without banner and prompts
-    if interactive:
-        print(f"Chatting with {a.model or 'the default model'}. Empty line or /exit to quit, /reset to start over.",
-              file=sys.stderr)
-    while True:
-        try:
-            if interactive:
-                sys.stderr.write("> ")
-                sys.stderr.flush()
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:
-            break
-        except UnicodeDecodeError as e:
-            raise ValueError(f"the input is not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
-        if not line or line.strip() in ("", "/exit", "/quit"):
-            break
-        if line.strip() == "/reset":
-            messages = messages[:1] if a.system else []
-            continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = []
-        for chunk in lm.chat(messages, a.max_new_tokens, stream=True, **values(a, SAMPLING)):
-            reply.append(chunk)
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
 
 
 def models_flags(p) -> None:
