@@ -326,15 +326,16 @@ def test_cli_errors(gemma_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_states_the_gap_and_warns_over_the_tolerance(gemma_dir, report, tmp_path, capsys):
-    text = open(report, encoding="utf-8").read()  # the default run: complete, no warning
+    with open(report, encoding="utf-8") as f:
+        text = f.read()  # the default run: complete, no warning
     assert "tolerance 1%" in text and "class=warn" not in text
-    out = str(tmp_path / "r.html")
-    main(["explain", "--model", gemma_dir, "--prompt", PROMPT, "--out", out, "--steps", "1", "--no-figures"])
+    out = tmp_path / "r.html"
+    main(["explain", "--model", gemma_dir, "--prompt", PROMPT, "--out", str(out), "--steps", "1", "--no-figures"])
     captured = capsys.readouterr()
     summary = [line for line in captured.out.splitlines() if line.startswith("integrated gradients:")]
     assert len(summary) == 1 and "completeness gap" in summary[0] and "(tolerance 1%) after 1 steps" in summary[0]
     assert captured.err.splitlines()[-1].startswith("WARNING: the completeness gap exceeds the 1% tolerance")
-    assert "class=warn" in open(out, encoding="utf-8").read()
+    assert "class=warn" in out.read_text(encoding="utf-8")
 
 
 @pytest.mark.slow

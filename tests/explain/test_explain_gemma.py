@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import slm
+from slm.explain import lens_logits, logit_lens, run_with_cache
 from slm.explain.attribution import DEFAULT_STEPS
-from slm.explain import logit_lens, lens_logits, run_with_cache
 from slm.explain.report import explain, write_report
 
 pytestmark = [pytest.mark.gemma, pytest.mark.slow]
