@@ -163,7 +163,7 @@ def explain_flags(p) -> None:
     p.add_argument("--layers", default=None, help="layers whose attention is shown, e.g. 0,5,10-17 (default: all)")
     p.add_argument("--top-k", type=at_least(1), default=5, help="tokens listed per layer and position by the logit lens")
     p.add_argument("--steps", type=at_least(1), default=None,
-                   help="integrated-gradients gradient evaluations at most (default: 256, adaptive)")
+                   help="integrated-gradients gradient evaluations at most (default: 512; adaptive, it stops once within half the tolerance)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="completeness gap allowed, as a fraction of |f(x) - f(baseline)| (default: 0.01)")
     p.add_argument("--baseline", default="pad", help="integrated-gradients baseline: pad (default), zeros, or a token")

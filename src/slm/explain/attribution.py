@@ -172,6 +172,7 @@ def _interpolate(x: torch.Tensor, b: torch.Tensor, alphas: torch.Tensor) -> torc
 
 def _f_only(model: Transformer, ids: torch.Tensor, emb: torch.Tensor, target: int, contrast: int | None,
             batch_size: int) -> torch.Tensor:
+    """f (no gradient) for a batch of embedding sequences [n, T, d] -> [n] float64."""
     out = []
     with torch.no_grad():
         for s in range(0, len(emb), batch_size):
