@@ -163,14 +163,26 @@ def explain_flags(p) -> None:
     p.add_argument("--contrast", default=None, help="explain logit(target) - logit(contrast) instead (default: none)")
     p.add_argument("--layers", default=None, help="layers whose attention is shown, e.g. 0,5,10-17 (default: all)")
     p.add_argument("--top-k", type=at_least(1), default=5, help="tokens listed per layer and position by the logit lens")
-    p.add_argument("--steps", type=at_least(1), default=64, help="integrated-gradients steps")
+    p.add_argument("--steps", type=at_least(1), default=None,
+                   help="integrated-gradients gradient evaluations at most (default: 512; adaptive, it stops once within half the tolerance)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="completeness gap allowed, as a fraction of |f(x) - f(baseline)| (default: 0.01)")
     p.add_argument("--baseline", default="pad", help="integrated-gradients baseline: pad (default), zeros, or a token")
     p.add_argument("--no-figures", action="store_true", help="only the HTML report, no PNG figures")
 
 
 def explain(a) -> None:
+    from ..explain.attribution import DEFAULT_STEPS, DEFAULT_TOLERANCE
     from ..explain.report import explain_cli
-    paths = explain_cli(a.model, a.prompt, a.out, target=a.target, contrast=a.contrast, layers=a.layers,
-                        top_k=a.top_k, steps=a.steps, baseline=a.baseline, figures=not a.no_figures)
+    tolerance = DEFAULT_TOLERANCE if a.tolerance is None else a.tolerance
+    if not tolerance > 0:
+        raise ValueError(f"--tolerance must be positive, got {tolerance}")
+    paths, ex = explain_cli(a.model, a.prompt, a.out, target=a.target, contrast=a.contrast, layers=a.layers,
+                            top_k=a.top_k, steps=a.steps or DEFAULT_STEPS, baseline=a.baseline,
+                            figures=not a.no_figures, tolerance=tolerance)
     for path in paths:
         print(f"wrote {path}")
+    summary, _, warning = ex.attribution.gap_summary().partition("\n")
+    print(summary)
+    if warning:
+        print(warning, file=sys.stderr)

@@ -18,7 +18,7 @@ from ..files import atomic_write, output_file
 from ..runtime.lm import load
 from ..runtime.tokenizer import check_text
 
-from .attribution import Attribution, attribute
+from .attribution import DEFAULT_STEPS, DEFAULT_TOLERANCE, Attribution, attribute
 from .capture import model_of, run_with_cache
 from .lens import LogitLens, logit_lens
 
@@ -93,7 +93,8 @@ def _baseline_id(tok, model) -> int:
 
 
 def explain(lm, prompt: str, target=None, contrast=None, layers: str | list[int] | None = None, top_k: int = 5,
-            steps: int = 64, baseline="pad", progress: bool = False, model_name: str = "model") -> Explanation:
+            steps: int = DEFAULT_STEPS, baseline="pad", progress: bool = False, model_name: str = "model",
+            tolerance: float = DEFAULT_TOLERANCE) -> Explanation:
     """Everything the report shows. target/contrast: token text (one token) or id; default target:
     the model's own top-1 next token. baseline: "pad", "zeros", or a token (text or id)."""
     model, tok = model_of(lm), getattr(lm, "tokenizer", None)
@@ -122,7 +123,7 @@ def explain(lm, prompt: str, target=None, contrast=None, layers: str | list[int]
     dec = lambda i: tok.decode([int(i)], skip_special_tokens=False)  # noqa: E731
     lens = logit_lens(model, cache, top_k, target_id)
     attr = attribute(model, ids, target_id, contrast_id, steps=steps, baseline=base, progress=progress,
-                     occlusion_token=base if base != "zeros" else _baseline_id(tok, model))
+                     occlusion_token=base if base != "zeros" else _baseline_id(tok, model), tolerance=tolerance)
     top = probs.topk(min(top_k, probs.numel()))
     kinds = [f"sliding {cfg.layer_window(i)}" if cfg.layer_window(i) else "global" for i in layers]
     return Explanation(
@@ -209,6 +210,7 @@ td.hit{font-weight:700;color:#08519c}.attr span{padding:2px 1px;margin:0 1px;bor
 .layerlabel{font-size:12px;font-weight:600;margin-bottom:2px}
 #tip{position:fixed;pointer-events:none;background:#333;color:#fff;padding:3px 6px;border-radius:3px;
 font-size:12px;display:none;white-space:pre}.note{color:#666;font-size:12px}
+.warn{background:#fde0dd;border:1px solid #c51b8a;padding:6px 10px;color:#67001f}
 """
 
 JS = """
@@ -251,6 +253,14 @@ document.body.dataset.rendered = 'yes';
 """
 
 
+def _gap_warning(a: Attribution) -> str:
+    if a.complete:
+        return ""
+    return (f'<p class=warn><b>Warning</b>: the completeness gap of integrated gradients is {a.relative_gap:.2%} '
+            f"of f(x) - f(baseline), over the {a.tolerance * 100:g}% tolerance: they are not a reliable split of it. "
+            "Run again with more --steps.</p>")
+
+
 def render_html(ex: Explanation) -> str:
     a = ex.attribution
     target = _e(repr(ex.target_token)) + (f" minus {_e(repr(ex.contrast_token))}" if ex.contrast_token else "")
@@ -285,9 +295,11 @@ The last two columns follow {_e(repr(ex.target_token))} at the last position (ra
 <p class=note>Red raises the {f_name}, blue lowers it; each row scaled to its largest magnitude.
 Integrated gradients: {a.steps} steps ({a.rule} rule), baseline {baseline}; sum {sum(a.integrated_gradients):+.4f}
 vs f(x) - f(baseline) = {a.value:+.4f} - ({a.baseline_value:+.4f}) = {a.value - a.baseline_value:+.4f}
-(completeness gap {a.completeness_gap:+.2e}). Occlusion: the drop of the {f_name} when the token is replaced by
+(completeness gap {a.completeness_gap:+.2e}, {a.relative_gap:.2%} of it; tolerance {a.tolerance * 100:g}%).
+Occlusion: the drop of the {f_name} when the token is replaced by
 {_e(repr(ex.baseline_token)) if ex.baseline_token else "the baseline token"}.
 {"Position 0 (BOS) is held fixed." if a.fixed == [0] else ""}</p>
+{_gap_warning(a)}
 {_attribution_rows(ex)}
 {"<h2>Figures</h2><ul>" + figs + "</ul>" if figs else ""}
 <div id="tip"></div>
@@ -325,13 +337,19 @@ def write_report(ex: Explanation, out: str, figures: bool = True) -> list[str]:
 
 
 def explain_cli(model: str | None, prompt: str, out: str, target=None, contrast=None, layers=None, top_k=5,
-                steps=64, baseline="pad", figures: bool = True) -> list[str]:
+                steps=DEFAULT_STEPS, baseline="pad", figures: bool = True,
+                tolerance: float = DEFAULT_TOLERANCE) -> tuple[list[str], Explanation]:
+    """Load, explain, write the report: (the paths written, the explanation)."""
     _check_out(out)  # before minutes of work
     check_text(prompt, "--prompt")
     for name, value in (("--target", target), ("--contrast", contrast)):
         if value is not None:
             check_text(value, name)
-    lm = load(model, dtype=torch.float32)  # attribution takes gradients in fp32
+    # fp32, dequantized: attribution takes gradients, and a model that keeps a GGUF's quantized
+    # blocks quantizes its activations to int8 in the forward pass, which makes f piecewise
+    # constant in the embeddings (its gradient is not the derivative of what it computes)
+    lm = load(model, dtype="fp32")
     name = os.path.basename(os.path.normpath(model)) if model else "gemma-3-270m"
-    ex = explain(lm, prompt, target, contrast, layers, top_k, steps, baseline, progress=True, model_name=name)
-    return write_report(ex, out, figures)
+    ex = explain(lm, prompt, target, contrast, layers, top_k, steps, baseline, progress=True, model_name=name,
+                 tolerance=tolerance)
+    return write_report(ex, out, figures), ex
