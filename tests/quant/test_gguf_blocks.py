@@ -19,19 +19,20 @@ from slm import kernels  # noqa: E402
 from slm.quant.gguf_layers import Q5_0R4, GGUFLinear, q5_0_regroup, q5_0_ungroup, quantize_x_reference  # noqa: E402
 
 needs_kernels = pytest.mark.skipif(kernels.cpu_ops() is None, reason=f"no CPU kernels: {kernels.kernel_error()}")
-TYPES = [Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K]
+TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
 def blocks(n: int, k: int, qtype, seed: int = 0) -> np.ndarray:
-    """uint8 [n, row bytes]: Q8_0/Q5_0 quantized from N(0, 1) by gguf-py; Q4_K/Q6_K (which gguf-py
-    cannot quantize) random bytes with small positive fp16 super-block scales."""
+    """uint8 [n, row bytes]: Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 quantized from N(0, 1) by gguf-py; Q4_K/Q5_K/Q6_K
+    (which gguf-py cannot quantize) random bytes with small positive fp16 super-block scales."""
     rng = np.random.default_rng(seed)
-    if qtype in (Q.Q8_0, Q.Q5_0):
-        return quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
+        # a mean per row: Q4_1/Q5_1's minimums then differ from -amax
+        return quantize((rng.standard_normal((n, k)) + rng.standard_normal((n, 1))).astype(np.float32), qtype)
     bw, bb = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (n, k // bw, bb), dtype=np.uint8)
     d = rng.uniform(1e-3, 1e-2, (n, k // bw, 2)).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q4_K:
+    if qtype in (Q.Q4_K, Q.Q5_K):
         raw[:, :, 0:4] = d.reshape(n, k // bw, 4)  # d and dmin
     else:
         raw[:, :, 208:210] = d[:, :, :2]
@@ -76,15 +77,32 @@ def test_linear_matches_reference(qtype, rows, monkeypatch):
 def test_mixed_parts_and_bias(monkeypatch):
     """A fused QKV whose parts have different formats (as gemma-3-270m's Q5_0 Q/K and Q8_0 V)."""
     torch.manual_seed(0)
-    m, w = layer([(Q.Q5_0, 24), (Q.Q8_0, 8), (Q.Q6_K, 16), (Q.Q4_K, 8)], 256, bias=True)
-    assert m.out_features == 56 and m.types == (Q5_0R4, 8, 14, 12)  # Q5_0 regrouped
+    m, w = layer([(Q.Q5_0, 24), (Q.Q8_0, 8), (Q.Q6_K, 16), (Q.Q4_K, 8), (Q.Q4_1, 8), (Q.Q5_K, 8)], 256, bias=True)
+    assert m.out_features == 72 and m.types == (Q5_0R4, 8, 14, 12, 3, 13)  # Q5_0 regrouped
     x = torch.randn(2, 1, 256)
     ref = quantize_x_reference(x.view(2, 256)) @ w.T + m.bias
     got = m(x)
-    assert got.shape == (2, 1, 56)
-    torch.testing.assert_close(got.view(2, 56), ref, rtol=0, atol=1e-4)
+    assert got.shape == (2, 1, 72)
+    torch.testing.assert_close(got.view(2, 72), ref, rtol=0, atol=1e-4)
     monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
-    torch.testing.assert_close(m(x).view(2, 56), ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(m(x).view(2, 72), ref, rtol=0, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_random_shapes(qtype):
+    """Widths of 1 to 9 blocks (none, some or several whole groups of the unrolled loop) and 1 to 5
+    rows of x (the kernel's 1-4 rows at a time, and a remainder), against the reference."""
+    rng = np.random.default_rng(int(qtype))
+    bw = gguf.GGML_QUANT_SIZES[qtype][0]
+    for i in range(6):
+        k, n, b = bw * int(rng.integers(1, 10)), int(rng.integers(1, 40)), int(rng.integers(1, 6))
+        raw = blocks(n, k, qtype, seed=i)
+        m = GGUFLinear(k, [(int(qtype), torch.from_numpy(raw))])
+        w = torch.from_numpy(dequantize(raw, qtype))
+        x = torch.randn(b, k)
+        ref = (quantize_x_reference(x).double() @ w.double().T).float()
+        torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item(), msg=f"k={k} n={n} b={b}")
 
 
 @pytest.mark.parametrize("k", [32, 224, 640])  # no whole group of 4 blocks; 1 group and 3 blocks left; 5 groups
