@@ -163,7 +163,7 @@ def test_load_keeps_the_files_blocks(tmp_path, qtype):
     torch.manual_seed(0)
     sd = AutoModelForCausalLM.from_config(cfg).eval().state_dict()
     path = write_gguf(tmp_path / "m.gguf", "llama", cfg, gguf_tensors("llama", cfg, sd), qtype, spm_vocab())
-    ref = slm.load(path)  # the file's weights dequantized to fp32
+    ref = slm.load(path, quantize="none")  # the file's weights dequantized to fp32
     lm = slm.load(path, quantize="int4")  # int4: the file's 5- and 8-bit blocks are kept, not rounded to 4 bits
     qkv = lm.model.blocks[0].attn.qkv_proj
     assert isinstance(qkv, GGUFLinear) and set(qkv.types) == {int(qtype)}
@@ -177,6 +177,41 @@ def test_load_keeps_the_files_blocks(tmp_path, qtype):
     assert not isinstance(lm.model.embed, QuantEmbedding) or lm.model.embed.tied_to is None
     requant = slm.load(path, quantize="int8", file_blocks=False)
     assert isinstance(requant.model.blocks[0].attn.qkv_proj, Int8Linear)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_1, Q.Q8_0], ids=lambda q: q.name)
+def test_default_load_keeps_the_files_blocks(tmp_path, qtype, capsys):
+    """With no options a GGUF file runs in its own blocks (llama.cpp's way), its other tensors in
+    fp32; quantize="none" or an explicit dtype gives the dequantized model; the stderr line says which."""
+    from support.gguf_files import gguf_tensors, spm_vocab, write_gguf
+    from support.models import hf_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config("llama", len(spm_vocab()["token_list"]), num_key_value_heads=2)
+    torch.manual_seed(0)
+    sd = AutoModelForCausalLM.from_config(cfg).eval().state_dict()
+    path = write_gguf(tmp_path / "m.gguf", "llama", cfg, gguf_tensors("llama", cfg, sd), qtype, spm_vocab())
+    capsys.readouterr()
+    lm = slm.load(path)
+    err = capsys.readouterr().err
+    assert f"slm: m.gguf: file blocks {qtype.name} (15 tensors); fp32 elsewhere" in err
+    assert "dequantized from the file's" in err  # the untied embedding: a lookup table, in fp32
+    ref = slm.load(path, quantize="none")
+    assert f"slm: m.gguf: fp32 (dequantized from the file's {qtype.name} x 16)" in capsys.readouterr().err
+    assert type(slm.load(path, dtype="fp32").model.blocks[0].mlp.down_proj) is type(ref.model.blocks[0].mlp.down_proj)
+    for name, m in lm.model.named_modules():
+        if isinstance(m, torch.nn.Linear) or isinstance(m, GGUFLinear):
+            assert isinstance(m, GGUFLinear) and set(m.types) == {int(qtype)}, name
+            torch.testing.assert_close(m.dequantize(), ref.model.get_submodule(name).weight, rtol=0, atol=0)
+    assert type(lm.model.embed) is torch.nn.Embedding
+    assert torch.equal(lm.model.embed.weight, ref.model.embed.weight)
+    ids = torch.tensor([lm.tokenizer.encode("Once upon a time, there was a little girl")])
+    with torch.no_grad():
+        got, want = lm.model(ids), ref.model(ids)
+    assert ((got - want).norm() / want.norm()).item() < 0.02  # the int8 activations only
+    lm.save(str(tmp_path / "f"))  # the file's blocks are saved dequantized, as the fp32 model would be
+    back = slm.load(str(tmp_path / "f"))
+    torch.testing.assert_close(back.model.blocks[0].mlp.down_proj.weight, lm.model.blocks[0].mlp.down_proj.dequantize())
 
 
 # -- fused decoding helpers -------------------------------------------------------------------------
