@@ -7,7 +7,9 @@ Models: by default both real GGUF files, gemma-3-270m Q4_K_M (Q5_0, Q4_K, Q8_0, 
 SmolLM2-135M-Instruct Q4_1 (Q4_1, Q8_0); --model names others (a file or a name of `slm models`).
 Rows: llama.cpp running the file as is, and slm loading it with each of --modes: `default` is
 slm.load(file) with no options, which keeps the file's tensors in their own blocks
-(slm.quant.gguf_layers) as llama.cpp does; int8 / int4 keep them too and quantize only the rest;
+(slm.quant.gguf_layers) as llama.cpp does; x1row is the same model with the kernels' x in one
+int8 row per block as llama.cpp's (SLM_GGUF_X_ROWS=1), not two (x and its residual, the default);
+int8 / int4 keep the file's blocks too and quantize only the rest;
 --requantize adds rows for the path that requantizes every tensor to slm's int8/int4
 (file_blocks=False). With --export DIR, also a model folder exported by `slm export --format gguf
 --dtype q8_0` and run by both. Decode at batch 1 is bound by memory bandwidth here (~14-17 GB/s),
@@ -82,6 +84,18 @@ def decode_perplexity(lm, text: str) -> float:
     return math.exp(nll / (len(ids) - 1))
 
 
+def x_rows(mode: str, fn):
+    """fn() with the kernels' x in one int8 row (SLM_GGUF_X_ROWS=1, llama.cpp's way) for the mode
+    x1row, else in two (x and its residual, the default)."""
+    if not mode.startswith("x1row"):
+        return fn()
+    os.environ["SLM_GGUF_X_ROWS"] = "1"
+    try:
+        return fn()
+    finally:
+        del os.environ["SLM_GGUF_X_ROWS"]
+
+
 def compare(path: str, modes: list[str], new_tokens: int, repeats: int, threads: int,
             requantize: bool = False, text: str = TEXT) -> None:
     """Every engine is loaded first, then timed in turns (llama.cpp, then each slm row, `repeats`
@@ -109,10 +123,11 @@ def compare(path: str, modes: list[str], new_tokens: int, repeats: int, threads:
     ref = None
     rows = {}
     for mode, file_blocks in [(m, True) for m in modes] + ([(m, False) for m in modes] if requantize else []):
-        lm = slm.load(path, quantize=None if mode == "default" else mode, file_blocks=file_blocks)
+        lm = slm.load(path, quantize=None if mode in ("default", "x1row") else mode, file_blocks=file_blocks)
         ids = lm.tokenizer.encode(PROMPT)
         rows[mode if file_blocks else mode + " requantized"] = (
-            lm, lambda lm=lm, ids=ids: [s[0] for s in generate_ids(lm.model, [ids], new_tokens)])
+            lm, lambda lm=lm, ids=ids, mode=mode: x_rows(mode, lambda: [s[0] for s in generate_ids(lm.model, [ids],
+                                                                                                   new_tokens)]))
     best = {name: float("inf") for name in ["llama.cpp", *rows]}
     fns = {"llama.cpp": run_llama, **{name: fn for name, (_, fn) in rows.items()}}
     for fn in fns.values():  # warm-up
@@ -131,7 +146,7 @@ def compare(path: str, modes: list[str], new_tokens: int, repeats: int, threads:
     print(f"  {'fp32 (dequantized file)':<26} perplexity {ppl_ref:8.3f}, one token at a time {dppl_ref:8.3f}")
     for name, (lm, _) in rows.items():
         rate = new_tokens / best[name]
-        ppl, dppl = perplexity(lm, text), decode_perplexity(lm, text)
+        ppl, dppl = x_rows(name, lambda: (perplexity(lm, text), decode_perplexity(lm, text)))
         print(f"  slm {name:<22} {rate:6.1f} tok/s  vs llama.cpp {rate / peer:5.2f}x   weights "
               f"{weight_bytes(lm.model) / 2**20:6.0f} MiB   perplexity {ppl:8.3f} ({ppl / ppl_ref - 1:+.2%}), "
               f"one token at a time {dppl:8.3f} ({dppl / dppl_ref - 1:+.2%})")
@@ -149,7 +164,9 @@ def main() -> None:
     ap.add_argument("--model", nargs="+", default=["gemma-3-270m", "smollm2-135m-instruct"],
                     help="GGUF files or names of `slm models` (default: gemma-3-270m and smollm2-135m-instruct)")
     ap.add_argument("--export", default=None, help="also: export this model folder to q8_0 GGUF and compare")
-    ap.add_argument("--modes", nargs="+", default=["default"], choices=["default", "int8", "int4"])
+    ap.add_argument("--modes", nargs="+", default=["default", "x1row"], choices=["default", "x1row", "int8", "int4"],
+                    help="default: slm.load(file); x1row: the same with x in one int8 row per block, as "
+                         "llama.cpp (SLM_GGUF_X_ROWS=1), not the residual's second; int8/int4: --quantize")
     ap.add_argument("--no-repack", action="store_true",
                     help="llama.cpp without its run-time weight repacking (use_extra_bufts): "
                          "llama-cpp-python 0.3.36 crashes in it on these files")

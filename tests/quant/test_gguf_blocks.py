@@ -331,3 +331,17 @@ def test_attn_step_matches_the_unfused_step(family, monkeypatch):
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     for a, b in zip(cf.k + cf.v, cp.k + cp.v):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q6_K], ids=lambda q: q.name)
+def test_one_int8_row_of_x(qtype, monkeypatch):
+    """SLM_GGUF_X_ROWS=1 (the benchmark's llama.cpp-like row): x in one int8 row, kernel and reference."""
+    from slm.quant.gguf_layers import _int8_blocks
+
+    monkeypatch.setenv("SLM_GGUF_X_ROWS", "1")
+    m, w = layer([(qtype, 24)], 512)
+    x = torch.randn(3, 512)
+    ref = (_int8_blocks(x).double() @ w.double().T).float()
+    torch.testing.assert_close(quantize_x_reference(x), _int8_blocks(x))
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item())

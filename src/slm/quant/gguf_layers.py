@@ -31,6 +31,8 @@ weights dequantized by `gguf.quants` (llama.cpp's reference in Python).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
@@ -104,9 +106,10 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_x_reference(x: torch.Tensor) -> torch.Tensor:
     """x [B, K] fp32 as the kernel sees it: x in int8 blocks, plus the residual in int8 blocks
-    (~16 bits of x in all), returned dequantized as the sum of the two."""
+    (~16 bits of x in all), returned dequantized as the sum of the two. With SLM_GGUF_X_ROWS=1 (for
+    benchmarks), as the kernel then: x in int8 blocks alone, as llama.cpp's activations."""
     q1 = _int8_blocks(x)
-    return q1 + _int8_blocks(x - q1)
+    return q1 if os.environ.get("SLM_GGUF_X_ROWS") == "1" else q1 + _int8_blocks(x - q1)
 
 
 def dequantize_blocks(blocks: torch.Tensor, types: tuple[int, ...], part_rows: tuple[int, ...], K: int,

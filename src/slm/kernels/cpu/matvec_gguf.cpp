@@ -443,9 +443,17 @@ int64_t prefetch_bytes() {
   return v;
 }
 
+// How many int8 rows hold each row of x: 2 (x and its residual, quantize_x2), or 1 (x alone, as
+// llama.cpp) where SLM_GGUF_X_ROWS=1, read at each call (benchmarks/decode_vs_llamacpp.py times both).
+int64_t x_rows() {
+  const char* e = std::getenv("SLM_GGUF_X_ROWS");
+  return e && e[0] == '1' && e[1] == 0 ? 1 : 2;
+}
+
 template <int64_t T>
 void rows_gguf(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, const int8_t* xq, const float* dx,
-               const float* xs, int64_t B, int64_t K, float* y, int64_t ldy, const float* bias, int64_t bias0) {
+               const float* xs, int64_t B, int64_t R, int64_t K, float* y, int64_t ldy, const float* bias,
+               int64_t bias0) {
   const int64_t nb32 = K / 32;
   const int64_t pf = prefetch_bytes();
   for (int64_t n = n0; n < n1; ++n) {
@@ -454,15 +462,19 @@ void rows_gguf(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, cons
     // blocks is slow enough that the hardware prefetchers alone let the loop wait on memory.
     if (pf)
       for (int64_t i = 0; i < row_bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(wr + pf + i), _MM_HINT_T0);
-    // x's rows come in pairs (quantize_x2: a row, then its residual): 1 or 2 pairs at a time
-    for (int64_t b = 0; b < 2 * B;) {
+    // R int8 rows for each row of x (2: quantize_x2's row and residual), up to 4 rows at a time
+    for (int64_t b = 0; b < R * B;) {
       float out[4];
-      const int64_t nb = std::min<int64_t>(2 * B - b, 4);
+      const int64_t nb = std::min<int64_t>(R * B - b, 4);
       const int8_t* xb = xq + b * K;
-      if (nb == 2) dot_row<T, 2>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out);
-      else dot_row<T, 4>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out);
-      for (int64_t i = 0; i < nb / 2; ++i)
-        y[(b / 2 + i) * ldy + bias0 + n] = (out[2 * i] + out[2 * i + 1]) + (bias ? bias[bias0 + n] : 0.0f);
+      switch (nb) {
+        case 1: dot_row<T, 1>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+        case 2: dot_row<T, 2>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+        case 3: dot_row<T, 3>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+        default: dot_row<T, 4>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+      }
+      for (int64_t i = 0; i < nb / R; ++i)
+        y[(b / R + i) * ldy + bias0 + n] = (R == 2 ? out[2 * i] + out[2 * i + 1] : out[i]) + (bias ? bias[bias0 + n] : 0.0f);
       b += nb;
     }
   }
@@ -496,9 +508,11 @@ at::Tensor dequantize_gguf(const at::Tensor& blocks, at::IntArrayRef types, at::
 // one contiguous range of weight rows (the direct path, for few rows of x).
 void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int64_t K, float* yp, const float* bias_p) {
   const int64_t N = P.N;
-  std::vector<int8_t> xq(2 * B * K);
-  std::vector<float> dx(2 * B * K / 32), xs(2 * B * K / 32);
-  quantize_x2(x, B, K, xq.data(), dx.data(), xs.data());
+  const int64_t R = x_rows();
+  std::vector<int8_t> xq(R * B * K);
+  std::vector<float> dx(R * B * K / 32), xs(R * B * K / 32);
+  if (R == 2) quantize_x2(x, B, K, xq.data(), dx.data(), xs.data());
+  else quantize_x(x, B, K, xq.data(), dx.data(), xs.data());
   // rows per task: ~64 KB of weights
   const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, P.row_bytes[0]));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -508,15 +522,15 @@ void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, i
       const uint8_t* w = bp + P.byte0[p];
       const int64_t r0 = P.row0[p], rb = P.row_bytes[p];
       switch (P.types[p]) {
-        case T_Q8_0: rows_gguf<T_Q8_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        case T_Q4_0: rows_gguf<T_Q4_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        case T_Q4_1: rows_gguf<T_Q4_1>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        case T_Q5_1: rows_gguf<T_Q5_1>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        case T_Q5_K: rows_gguf<T_Q5_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        case T_Q5_0: rows_gguf<T_Q5_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        case T_Q5_0R4: rows_gguf<T_Q5_0R4>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        case T_Q4_K: rows_gguf<T_Q4_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        default: rows_gguf<T_Q6_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+        case T_Q8_0: rows_gguf<T_Q8_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q4_0: rows_gguf<T_Q4_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q4_1: rows_gguf<T_Q4_1>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q5_1: rows_gguf<T_Q5_1>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q5_K: rows_gguf<T_Q5_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q5_0: rows_gguf<T_Q5_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q5_0R4: rows_gguf<T_Q5_0R4>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q4_K: rows_gguf<T_Q4_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        default: rows_gguf<T_Q6_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
       }
     }
   });
