@@ -95,8 +95,9 @@ def smollm2_gguf() -> str:
 
 @pytest.fixture(scope="session")
 def gemma_lm(gemma_gguf):
+    """slm's model of the file's weights dequantized to fp32 (what gemma_reference holds)."""
     import slm
-    return slm.load(gemma_gguf)
+    return slm.load(gemma_gguf, dtype="fp32")
 
 
 @pytest.fixture(scope="session")

@@ -114,7 +114,10 @@ def test_matches_the_module_path_from_gguf(checkpoint, dtype, tmp_path, monkeypa
     write_gguf(slm.load(checkpoint), path, dtype)
     lm = slm.load(path, quantize="int8")
     ids = lm.tokenizer.encode("Once upon a time")[:5]
-    assert_same(*both(lm.model, monkeypatch, ids, 20))
+    # The kernels hold x to ~16 bits (x and its residual in int8 blocks): the fused steps' last-bit
+    # differences from the modules' move the residual's rounding by one step (~amax / 32000 of a
+    # block) here and there, which reaches the logits at ~1e-4 of their size after 25 steps.
+    assert_same(*both(lm.model, monkeypatch, ids, 20), tol=1e-4 if dtype == "f32" else 5e-4)
 
 
 def test_generation_is_unchanged(checkpoint, monkeypatch):

@@ -299,7 +299,8 @@ def run_cli(argv: list[str], stdin: bytes | None) -> tuple[int, str]:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old_handler)
         sys.stdin = old_stdin
-    return code, err.getvalue()
+    # the line naming a model once it has loaded (`slm: NAME: PRECISION`) is not an error line
+    return code, "".join(line for line in err.getvalue().splitlines(True) if not line.startswith("slm: "))
 
 
 @pytest.fixture(autouse=True)

@@ -19,19 +19,20 @@ from slm import kernels  # noqa: E402
 from slm.quant.gguf_layers import Q5_0R4, GGUFLinear, q5_0_regroup, q5_0_ungroup, quantize_x_reference  # noqa: E402
 
 needs_kernels = pytest.mark.skipif(kernels.cpu_ops() is None, reason=f"no CPU kernels: {kernels.kernel_error()}")
-TYPES = [Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K]
+TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
 def blocks(n: int, k: int, qtype, seed: int = 0) -> np.ndarray:
-    """uint8 [n, row bytes]: Q8_0/Q5_0 quantized from N(0, 1) by gguf-py; Q4_K/Q6_K (which gguf-py
-    cannot quantize) random bytes with small positive fp16 super-block scales."""
+    """uint8 [n, row bytes]: Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 quantized from N(0, 1) by gguf-py; Q4_K/Q5_K/Q6_K
+    (which gguf-py cannot quantize) random bytes with small positive fp16 super-block scales."""
     rng = np.random.default_rng(seed)
-    if qtype in (Q.Q8_0, Q.Q5_0):
-        return quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
+        # a mean per row: Q4_1/Q5_1's minimums then differ from -amax
+        return quantize((rng.standard_normal((n, k)) + rng.standard_normal((n, 1))).astype(np.float32), qtype)
     bw, bb = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (n, k // bw, bb), dtype=np.uint8)
     d = rng.uniform(1e-3, 1e-2, (n, k // bw, 2)).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q4_K:
+    if qtype in (Q.Q4_K, Q.Q5_K):
         raw[:, :, 0:4] = d.reshape(n, k // bw, 4)  # d and dmin
     else:
         raw[:, :, 208:210] = d[:, :, :2]
@@ -76,15 +77,32 @@ def test_linear_matches_reference(qtype, rows, monkeypatch):
 def test_mixed_parts_and_bias(monkeypatch):
     """A fused QKV whose parts have different formats (as gemma-3-270m's Q5_0 Q/K and Q8_0 V)."""
     torch.manual_seed(0)
-    m, w = layer([(Q.Q5_0, 24), (Q.Q8_0, 8), (Q.Q6_K, 16), (Q.Q4_K, 8)], 256, bias=True)
-    assert m.out_features == 56 and m.types == (Q5_0R4, 8, 14, 12)  # Q5_0 regrouped
+    m, w = layer([(Q.Q5_0, 24), (Q.Q8_0, 8), (Q.Q6_K, 16), (Q.Q4_K, 8), (Q.Q4_1, 8), (Q.Q5_K, 8)], 256, bias=True)
+    assert m.out_features == 72 and m.types == (Q5_0R4, 8, 14, 12, 3, 13)  # Q5_0 regrouped
     x = torch.randn(2, 1, 256)
     ref = quantize_x_reference(x.view(2, 256)) @ w.T + m.bias
     got = m(x)
-    assert got.shape == (2, 1, 56)
-    torch.testing.assert_close(got.view(2, 56), ref, rtol=0, atol=1e-4)
+    assert got.shape == (2, 1, 72)
+    torch.testing.assert_close(got.view(2, 72), ref, rtol=0, atol=1e-4)
     monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
-    torch.testing.assert_close(m(x).view(2, 56), ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(m(x).view(2, 72), ref, rtol=0, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_random_shapes(qtype):
+    """Widths of 1 to 9 blocks (none, some or several whole groups of the unrolled loop) and 1 to 5
+    rows of x (the kernel's 1-4 rows at a time, and a remainder), against the reference."""
+    rng = np.random.default_rng(int(qtype))
+    bw = gguf.GGML_QUANT_SIZES[qtype][0]
+    for i in range(6):
+        k, n, b = bw * int(rng.integers(1, 10)), int(rng.integers(1, 40)), int(rng.integers(1, 6))
+        raw = blocks(n, k, qtype, seed=i)
+        m = GGUFLinear(k, [(int(qtype), torch.from_numpy(raw))])
+        w = torch.from_numpy(dequantize(raw, qtype))
+        x = torch.randn(b, k)
+        ref = (quantize_x_reference(x).double() @ w.double().T).float()
+        torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item(), msg=f"k={k} n={n} b={b}")
 
 
 @pytest.mark.parametrize("k", [32, 224, 640])  # no whole group of 4 blocks; 1 group and 3 blocks left; 5 groups
@@ -124,12 +142,17 @@ def test_refuses_wrong_sizes():
 
 
 def test_quantized_x_error_is_small():
-    """What the int8 activations cost: the product with x rounded to 8 bits per block of 32."""
+    """What the int8 activations cost: the product with x as two int8 rows per block of 32 (x, then
+    its residual) is ~16-bit exact, where one int8 row alone (llama.cpp's) is off by ~0.3%."""
+    from slm.quant.gguf_layers import _int8_blocks
+
     torch.manual_seed(0)
-    m, w = layer([(Q.Q8_0, 64)], 640)
-    x = torch.randn(1, 640)
-    exact = x @ w.T
-    assert ((m(x) - exact).norm() / exact.norm()).item() < 0.01
+    m, w = layer([(Q.Q8_0, 64), (Q.Q4_K, 64)], 512)
+    x = torch.randn(1, 512)
+    exact = (x.double() @ w.double().T).float()
+    one_row = ((_int8_blocks(x) @ w.T - exact).norm() / exact.norm()).item()
+    two_rows = ((m(x) - exact).norm() / exact.norm()).item()
+    assert 1e-3 < one_row < 0.01 and two_rows < 1e-4, (one_row, two_rows)
 
 
 # -- loading a GGUF file ----------------------------------------------------------------------------
@@ -145,7 +168,7 @@ def test_load_keeps_the_files_blocks(tmp_path, qtype):
     torch.manual_seed(0)
     sd = AutoModelForCausalLM.from_config(cfg).eval().state_dict()
     path = write_gguf(tmp_path / "m.gguf", "llama", cfg, gguf_tensors("llama", cfg, sd), qtype, spm_vocab())
-    ref = slm.load(path)  # the file's weights dequantized to fp32
+    ref = slm.load(path, quantize="none")  # the file's weights dequantized to fp32
     lm = slm.load(path, quantize="int4")  # int4: the file's 5- and 8-bit blocks are kept, not rounded to 4 bits
     qkv = lm.model.blocks[0].attn.qkv_proj
     assert isinstance(qkv, GGUFLinear) and set(qkv.types) == {int(qtype)}
@@ -159,6 +182,41 @@ def test_load_keeps_the_files_blocks(tmp_path, qtype):
     assert not isinstance(lm.model.embed, QuantEmbedding) or lm.model.embed.tied_to is None
     requant = slm.load(path, quantize="int8", file_blocks=False)
     assert isinstance(requant.model.blocks[0].attn.qkv_proj, Int8Linear)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_1, Q.Q8_0], ids=lambda q: q.name)
+def test_default_load_keeps_the_files_blocks(tmp_path, qtype, capsys):
+    """With no options a GGUF file runs in its own blocks (llama.cpp's way), its other tensors in
+    fp32; quantize="none" or an explicit dtype gives the dequantized model; the stderr line says which."""
+    from support.gguf_files import gguf_tensors, spm_vocab, write_gguf
+    from support.models import hf_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config("llama", len(spm_vocab()["token_list"]), num_key_value_heads=2)
+    torch.manual_seed(0)
+    sd = AutoModelForCausalLM.from_config(cfg).eval().state_dict()
+    path = write_gguf(tmp_path / "m.gguf", "llama", cfg, gguf_tensors("llama", cfg, sd), qtype, spm_vocab())
+    capsys.readouterr()
+    lm = slm.load(path)
+    err = capsys.readouterr().err
+    assert f"slm: m.gguf: file blocks {qtype.name} (15 tensors); fp32 elsewhere" in err
+    assert "dequantized from the file's" in err  # the untied embedding: a lookup table, in fp32
+    ref = slm.load(path, quantize="none")
+    assert f"slm: m.gguf: fp32 (dequantized from the file's {qtype.name} x 16)" in capsys.readouterr().err
+    assert type(slm.load(path, dtype="fp32").model.blocks[0].mlp.down_proj) is type(ref.model.blocks[0].mlp.down_proj)
+    for name, m in lm.model.named_modules():
+        if isinstance(m, torch.nn.Linear) or isinstance(m, GGUFLinear):
+            assert isinstance(m, GGUFLinear) and set(m.types) == {int(qtype)}, name
+            torch.testing.assert_close(m.dequantize(), ref.model.get_submodule(name).weight, rtol=0, atol=0)
+    assert type(lm.model.embed) is torch.nn.Embedding
+    assert torch.equal(lm.model.embed.weight, ref.model.embed.weight)
+    ids = torch.tensor([lm.tokenizer.encode("Once upon a time, there was a little girl")])
+    with torch.no_grad():
+        got, want = lm.model(ids), ref.model(ids)
+    assert ((got - want).norm() / want.norm()).item() < 0.02  # the int8 activations only
+    lm.save(str(tmp_path / "f"))  # the file's blocks are saved dequantized, as the fp32 model would be
+    back = slm.load(str(tmp_path / "f"))
+    torch.testing.assert_close(back.model.blocks[0].mlp.down_proj.weight, lm.model.blocks[0].mlp.down_proj.dequantize())
 
 
 # -- fused decoding helpers -------------------------------------------------------------------------
@@ -273,3 +331,17 @@ def test_attn_step_matches_the_unfused_step(family, monkeypatch):
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     for a, b in zip(cf.k + cf.v, cp.k + cp.v):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q6_K], ids=lambda q: q.name)
+def test_one_int8_row_of_x(qtype, monkeypatch):
+    """SLM_GGUF_X_ROWS=1 (the benchmark's llama.cpp-like row): x in one int8 row, kernel and reference."""
+    from slm.quant.gguf_layers import _int8_blocks
+
+    monkeypatch.setenv("SLM_GGUF_X_ROWS", "1")
+    m, w = layer([(qtype, 24)], 512)
+    x = torch.randn(3, 512)
+    ref = (_int8_blocks(x).double() @ w.double().T).float()
+    torch.testing.assert_close(quantize_x_reference(x), _int8_blocks(x))
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item())

@@ -249,6 +249,17 @@ class GGUFCheckpoint:
                 w, blocks = self._read(f, t, raw)
                 yield from self._convert(t.name, w, None if blocks is None else (t.type, blocks))
 
+    def block_types(self, kept: dict[str, int] | None = None) -> dict[str, int]:
+        """The quantized block formats of the file's matrices (F32/F16/BF16 aside) -> how many
+        tensors of each, less those a loader kept in their blocks (kept: format -> tensors)."""
+        out: dict[str, int] = {}
+        for t in self._tensors:
+            if len(t.shape) == 2 and t.type not in (0, 1, 30):  # F32, F16, BF16
+                name = gguf.GGMLQuantizationType(t.type).name
+                out[name] = out.get(name, 0) + 1
+        left = {n: c - (kept or {}).get(n, 0) for n, c in out.items()}
+        return {n: c for n, c in sorted(left.items(), key=lambda kv: -kv[1]) if c > 0}
+
     def tokenizer(self) -> GGUFTokenizer:
         """The tokenizer the metadata describes: (tokenizers.Tokenizer, settings, chat template),
         built once; runtime.tokenizer.Tokenizer(*parts) is slm's tokenizer of it."""

@@ -241,6 +241,8 @@ def save_model(model: Transformer, path: str, tokenizer=None, generation_config:
     with dequantize=True its weights are written in fp32 instead, for `transformers`."""
     cfg = model.config
     quantized = getattr(model, "quantization", None) and any(hasattr(m, "qweight") for m in model.modules())
+    if quantized and model.quantization.get("quant_method") == "gguf":  # only a GGUF file's blocks: fp32
+        dequantize = True
     if quantized and not dequantize and any(type(m).__name__ == "GGUFLinear" for m in model.modules()):
         raise CheckpointError(f"{path}: this model holds a GGUF file's own blocks (Q8_0/Q5_0/Q4_K/Q6_K), "
                               "which a quantized slm folder cannot store; save it with dequantize=True, or "

@@ -144,9 +144,11 @@ def check_load_flags(a: argparse.Namespace) -> None:
 
 
 def quantize_options(p: argparse.ArgumentParser, group: bool = True) -> None:
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "none"],
                    help="quantize the linear layers while loading: int8 (one scale per output channel, ~4x fewer "
-                        "bytes per token than fp32) or int4 (groups of --group-size, ~6.4x fewer) (default: off)")
+                        "bytes per token than fp32) or int4 (groups of --group-size, ~6.4x fewer); none: a GGUF "
+                        "file's weights dequantized (default: a GGUF file runs in its own blocks, as llama.cpp; "
+                        "other models in their dtype)")
     if group:
         p.add_argument("--group-size", type=at_least(1), default=None,
                        help="weights per scale (int4: 32, 64 or 128; default 32)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import fnmatch
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -24,6 +25,9 @@ from .layers import LAYERS, QK, QuantEmbedding, _set_module
 
 MODES = ("int8", "int4")
 DEFAULT_GROUP = {"int8": None, "int4": 32}  # None: one scale per output channel
+# A StreamingQuantizer mode: keep a GGUF file's blocks the kernels run, leave every other tensor in
+# floating point (what slm.load does with a GGUF file by default, as llama.cpp runs it)
+FILE = "file"
 
 
 def check_mode(mode: str, group_size: int | None = None) -> tuple[str, int | None]:
@@ -178,11 +182,16 @@ class StreamingQuantizer:
 
     def __init__(self, model: nn.Module | None, mode: str, group_size: int | None = None, skip: Iterable[str] = (),
                  file_blocks: bool = True):
-        self.mode, self.group_size = check_mode(mode, group_size)
+        """mode: int8 or int4, or FILE: a GGUF file's blocks kept, nothing quantized by slm (the
+        other weights stay in floating point)."""
+        self.mode, self.group_size = (FILE, None) if mode == FILE else check_mode(mode, group_size)
+        if mode == FILE and not file_blocks:
+            raise ValueError("a StreamingQuantizer of the file's blocks must keep them (file_blocks=True)")
         self.skip, self.file_blocks = _skips(skip), file_blocks
         self.model: nn.Module | None = None
         self._left: dict[str, int] = {}
         self._blocks: dict[str, list[tuple[int, int, torch.Tensor]]] = {}  # param -> [(first row, type, blocks)]
+        self.kept: Counter[str] = Counter()  # block format name -> file tensors kept in it
         if model is not None:
             self.bind(model)
 
@@ -215,16 +224,17 @@ class StreamingQuantizer:
         mod = self.model.get_submodule(name)
         if not parts or sum(p[2].shape[0] for p in parts) != mod.weight.shape[0]:
             return False
+        if name == "embed" and _tied_head(self.model) is None:  # an untied table: fp32 or slm's int8 rows
+            return False
         merged: list[tuple[int, torch.Tensor]] = []  # neighbouring parts of one type become one
         for _, t, data in parts:
+            self.kept[BLOCKS[t][0]] += 1
             if merged and merged[-1][0] == t:
                 merged[-1] = (t, torch.cat([merged[-1][1], data]))
             else:
                 merged.append((t, data))
         if name == "embed":
             head = _tied_head(self.model)
-            if head is None:  # an untied table: slm's int8 rows (the lookup reads a few rows a step)
-                return False
             self.model.lm_head = _gguf_linear(head, merged)
             self.model.embed = QuantEmbedding(mod.num_embeddings, mod.embedding_dim, tied_to=self.model.lm_head)
         else:
@@ -269,7 +279,7 @@ class StreamingQuantizer:
             del self._left[param]
             name = param.rpartition(".")[0]
             with torch.no_grad():
-                if self._from_blocks(param):  # a GGUF file's blocks, kept as they are
+                if self._from_blocks(param) or self.mode == FILE:  # a GGUF file's blocks, kept as they are
                     return
                 if name == "embed":
                     _quantize_embedding(self.model, self.mode, self.group_size, self.skip)
@@ -278,7 +288,27 @@ class StreamingQuantizer:
                                                                    self.group_size))
 
     def finish(self) -> nn.Module:
+        if self.mode == FILE:
+            self.model.quantization = {"quant_method": "gguf"}  # hf.save_model writes it dequantized
+            return self.model
         return _quantize_model(self.model, self.mode, self.group_size, self.skip)
+
+    def describe(self) -> str:
+        """The precision of the model it quantized, e.g. `file blocks Q4_1 (210 tensors), Q8_0 (1);
+        fp32 elsewhere` or `int8 (per channel, 12 layers); fp32 elsewhere`."""
+        parts = []
+        if self.kept:
+            kept = sorted(self.kept.items(), key=lambda kv: -kv[1])
+            parts.append("file blocks " + ", ".join(f"{n} ({c}{' tensors' if i == 0 else ''})"
+                                                    for i, (n, c) in enumerate(kept)))
+        ours = sum(isinstance(m, tuple(LAYERS.values())) for m in self.model.modules())
+        if ours:
+            group = "per channel" if self.group_size is None else f"groups of {self.group_size}"
+            parts.append(f"{self.mode} ({group}, {ours} layers)")
+        floats = {str(p.dtype).removeprefix("torch.") for p in self.model.parameters() if p.is_floating_point()}
+        floats = {"fp32" if f == "float32" else "bf16" if f == "bfloat16" else "fp16" if f == "float16" else f
+                  for f in floats}
+        return "; ".join(parts + [f"{'/'.join(sorted(floats)) or 'fp32'} elsewhere"])
 
 
 def _gguf_linear(linear: nn.Linear, parts: list) -> nn.Module:

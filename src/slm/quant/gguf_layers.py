@@ -1,27 +1,37 @@
 """Linear layers that keep a GGUF file's quantized tensors in the file's own block formats.
 
-`slm.load("model.gguf", quantize="int8"|"int4")` keeps every tensor stored as Q8_0, Q5_0, Q4_K or
-Q6_K byte for byte (`GGUFLinear`), and runs it with slm's kernels (`torch.ops.slm_cpu.linear_gguf`),
-instead of dequantizing it to fp32 and requantizing it to slm's int8/int4: the weights are then
-exactly the file's (no second rounding), and as many bytes as llama.cpp reads. Tensors in other
-formats (F32, F16, BF16, Q4_0, Q4_1, Q5_1, Q5_K ...) are quantized by slm as for any checkpoint.
+`slm.load("model.gguf")` (and with quantize="int8"|"int4") keeps every tensor stored in one of the
+formats below byte for byte (`GGUFLinear`), and runs it with slm's kernels
+(`torch.ops.slm_cpu.linear_gguf`), instead of dequantizing it to fp32 (and requantizing it): the
+weights are then exactly the file's, and as many bytes as llama.cpp reads. Tensors in other formats
+(F32, F16, BF16, Q2_K, Q3_K, IQ* ...) stay in fp32 by default, or are quantized by slm under
+quantize="int8"|"int4" as for any checkpoint.
 
     block            weights  bytes  bytes/weight   w
-    Q8_0 (type 8)       32      34     1.0625      d * q,                q int8
-    Q5_0 (type 6)       32      22     0.6875      d * (q - 16),         q 5 bits
+    Q8_0 (type 8)       32      34     1.0625      d * q,                 q int8
+    Q4_0 (type 2)       32      18     0.5625      d * (q - 8),           q 4 bits
+    Q4_1 (type 3)       32      20     0.625       d * q + m,             q 4 bits
+    Q5_0 (type 6)       32      22     0.6875      d * (q - 16),          q 5 bits
+    Q5_1 (type 7)       32      24     0.75        d * q + m,             q 5 bits
     Q4_K (type 12)     256     144     0.5625      d*sc_j * q - dmin*m_j, q 4 bits, 6-bit sc/m per 32
-    Q6_K (type 14)     256     210     0.8203      d*sc_j * (q - 32),    q 6 bits, int8 sc per 16
+    Q5_K (type 13)     256     176     0.6875      d*sc_j * q - dmin*m_j, q 5 bits, 6-bit sc/m per 32
+    Q6_K (type 14)     256     210     0.8203      d*sc_j * (q - 32),     q 6 bits, int8 sc per 16
 
 A layer may hold parts of different formats stacked by rows (our fused QKV from a file whose V is
 Q8_0 and Q, K Q5_0): `qweight` is their bytes end to end, `types` and `part_rows` say how.
 
-The kernel quantizes x to int8 in blocks of 32 (scale amax/127) for up to MAX_DIRECT rows of x and
-takes integer dot products, as llama.cpp does; above that it dequantizes and runs an fp32 GEMM. The
+The kernel quantizes x to int8 in blocks of 32 (scale amax/127) for up to MAX_DIRECT rows of x, and
+the residual the same way (two int8 rows whose sum holds x to ~16 bits: llama.cpp's one int8 row
+moves gemma-3-270m's perplexity by ~0.5% from its dequantized weights), and takes integer dot
+products with the weights decoded once for both, as llama.cpp does with one (the minimums m of Q4_1, Q5_1 and the K formats
+multiply the block's sum of the quantized x); above that it dequantizes and runs an fp32 GEMM. The
 PyTorch path (no kernels, other devices, gradients) computes the same: the same int8 x, and the
 weights dequantized by `gguf.quants` (llama.cpp's reference in Python).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -32,7 +42,8 @@ from .. import kernels
 from .layers import _CHUNK, MAX_DIRECT, QK, QuantLinear, _InputGrad, _reference
 
 # ggml type id -> (name, weights per block, bytes per block): the formats the kernel runs
-BLOCKS = {8: ("Q8_0", 32, 34), 6: ("Q5_0", 32, 22), 12: ("Q4_K", 256, 144), 14: ("Q6_K", 256, 210)}
+BLOCKS = {8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24),
+          12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 # Q5_0 with its blocks regrouped by 4, the same bytes (q5_0_regroup): what a layer holds for Q5_0
 Q5_0R4 = 1006
 _LAYOUTS = {**BLOCKS, Q5_0R4: ("Q5_0", 32, 22)}
@@ -83,14 +94,22 @@ def row_bytes(qtype: int, in_features: int) -> int:
     return in_features // bw * bb
 
 
-def quantize_x_reference(x: torch.Tensor) -> torch.Tensor:
-    """x [B, K] fp32 as the kernel sees it: each block of 32 rounded to int8 steps of amax / 127
-    (round half to even), returned dequantized."""
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x [B, K] fp32, each block of 32 rounded to int8 steps of amax / 127 (round half to even),
+    returned dequantized."""
     B, K = x.shape
     xb = x.reshape(B, K // QK, QK)
     d = xb.abs().amax(-1, keepdim=True) / 127.0
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     return ((xb * inv).round() * d).reshape(B, K)
+
+
+def quantize_x_reference(x: torch.Tensor) -> torch.Tensor:
+    """x [B, K] fp32 as the kernel sees it: x in int8 blocks, plus the residual in int8 blocks
+    (~16 bits of x in all), returned dequantized as the sum of the two. With SLM_GGUF_X_ROWS=1 (for
+    benchmarks), as the kernel then: x in int8 blocks alone, as llama.cpp's activations."""
+    q1 = _int8_blocks(x)
+    return q1 if os.environ.get("SLM_GGUF_X_ROWS") == "1" else q1 + _int8_blocks(x - q1)
 
 
 def dequantize_blocks(blocks: torch.Tensor, types: tuple[int, ...], part_rows: tuple[int, ...], K: int,

@@ -12,7 +12,7 @@ from ..accel import accelerate
 from ..checkpoint import gguf, hf
 from ..model import Transformer
 from ..model.config import ModelConfig
-from ..quant.apply import StreamingQuantizer
+from ..quant.apply import FILE, StreamingQuantizer
 from .models import DEFAULT_BASE_MODEL, KNOWN, resolve
 from .generate import Sampling, generate_ids, stream_text
 from .tokenizer import Tokenizer
@@ -127,47 +127,89 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
+QUANTIZE = ("int8", "int4", "none")  # slm.load's quantize (and --quantize) choices
+
+
 def load(path: str | None = None, dtype: torch.dtype | str | None = None,
          device: str | torch.device | None = None, quantize: str | None = None,
          group_size: int | None = None, file_blocks: bool = True, tokenizer: str | None = None) -> LM:
     """Load a Hugging Face model folder (config.json + safetensors + tokenizer.json) or a GGUF file.
     With no path, the default base model (gemma-3-270m) is used; a known name (`slm models`) is its
-    installed file. Either way a line on stderr names the model.
+    installed file. Either way a line on stderr names the model and the precision it runs in.
     quantize="int8" (one scale per output channel) or "int4" (group_size weights per scale, default
     32) quantizes the linear layers while they load, one at a time. A folder saved by
     `slm quantize` loads quantized as it was saved.
 
-    From a GGUF file, quantize keeps the tensors that the file stores as Q8_0, Q5_0, Q4_K or Q6_K
-    in those blocks, byte for byte, whichever the mode (int4 does not round the file's 5-, 6- and
-    8-bit tensors down to 4 bits; int8 does not round its 4-bit ones again); only its other tensors
-    (F32, F16, other block types) become int8 or int4. file_blocks=False requantizes every tensor
+    A GGUF file loads by default as llama.cpp runs it: the tensors it stores as Q4_0, Q4_1, Q5_0,
+    Q5_1, Q8_0, Q4_K, Q5_K or Q6_K stay in those blocks, byte for byte (quant.gguf_layers), and the
+    others (F32, F16, other block types) in fp32. An explicit dtype, quantize="none", a device other
+    than the CPU or file_blocks=False load the file's weights dequantized instead.
+    With quantize="int8"|"int4" the file's blocks are kept as well, whichever the mode (int4 does
+    not round its 5-, 6- and 8-bit tensors down to 4 bits; int8 does not round its 4-bit ones
+    again); only its other tensors become int8 or int4. file_blocks=False requantizes every tensor
     from fp32 to the mode instead (what a folder saved with `slm quantize` holds).
     tokenizer: a folder with a tokenizer.json, used instead of the model's own tokenizer (for a GGUF
     file whose tokenizer slm cannot rebuild, e.g. an unknown tokenizer.ggml.pre).
 
     The options are checked here, once, before any file is opened: the dtype name, and the
     quantization mode and group size by the one quantizer made for the loader."""
+    dtype_given = dtype is not None
     dtype = check_dtype(dtype)
-    check_device(device)
-    quantizer = StreamingQuantizer(None, quantize, group_size, file_blocks=file_blocks) if quantize else None
-    lm = _load(path, dtype, device, quantizer, tokenizer)
+    dev = check_device(device)
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantization mode {quantize!r}; supported: {', '.join(QUANTIZE)}")
+    if quantize == "none" and group_size is not None:
+        raise ValueError("group_size applies to quantize='int8' or 'int4', not 'none'")
+    quantizer = StreamingQuantizer(None, quantize, group_size, file_blocks=file_blocks) \
+        if quantize not in (None, "none") else None
+    # a GGUF file's own blocks by default, where the kernels run them (CPU, fp32 elsewhere)
+    blocks = quantize is None and file_blocks and not dtype_given and (dev is None or dev.type == "cpu")
+    lm = _load(path, dtype, device, quantizer, blocks, tokenizer)
     accelerate(lm.model)
     return lm
 
 
-def _load(path, dtype: torch.dtype | None, device, quantizer: StreamingQuantizer | None, tokenizer=None) -> LM:
+def _load(path, dtype: torch.dtype | None, device, quantizer: StreamingQuantizer | None,
+          file_blocks: bool = False, tokenizer=None) -> LM:
+    """file_blocks: with no quantizer, a GGUF file's blocks kept (StreamingQuantizer FILE).
+    tokenizer: a folder whose tokenizer.json is used instead of the checkpoint's."""
     tok = None if tokenizer is None else Tokenizer.from_dir(os.fspath(tokenizer))  # read first: fails fast
     given = path
     path, known = resolve(None if path is None else os.fspath(path))
-    if known is not None:
-        print(f"slm: {'no model given, using the default ' if given is None else ''}{known.name} "
-              f"({known.title}, {known.kind}, {known.file}, {known.licence}) from {path}", file=sys.stderr)
     if os.path.isfile(path):
         ckpt = gguf.read_gguf(path)
         tok = tok or Tokenizer(*ckpt.tokenizer())  # before the weights: an unknown pre-tokenizer fails fast
-        return LM(gguf.load_model(ckpt, dtype, device, quantizer), tok, ckpt.generation_config)
-    model = hf.load_model(path, dtype, device, quantizer)
-    tokenizer = tok or (Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None)
-    gen_path = os.path.join(path, "generation_config.json")
-    gen = hf.read_json(gen_path) if os.path.exists(gen_path) else {}
-    return LM(model, tokenizer, gen)
+        if quantizer is None and file_blocks:
+            quantizer = StreamingQuantizer(None, FILE)
+        model = gguf.load_model(ckpt, dtype, device, quantizer)
+        lm = LM(model, tok, ckpt.generation_config)
+        dequantized = ckpt.block_types(quantizer.kept if quantizer is not None else None)
+    else:
+        model = hf.load_model(path, dtype, device, quantizer)
+        tokenizer = tok or (Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None)
+        gen_path = os.path.join(path, "generation_config.json")
+        gen = hf.read_json(gen_path) if os.path.exists(gen_path) else {}
+        lm, dequantized = LM(model, tokenizer, gen), {}
+    if known is not None:
+        name = (f"{'no model given, using the default ' if given is None else ''}{known.name} "
+                f"({known.title}, {known.kind}, {known.file}, {known.licence}) from {path}")
+    else:
+        name = os.path.basename(os.path.normpath(path))
+    print(f"slm: {name}: {precision(lm.model, quantizer, dequantized)}", file=sys.stderr)
+    return lm
+
+
+def precision(model: Transformer, quantizer: StreamingQuantizer | None, dequantized: dict[str, int]) -> str:
+    """What the stderr line of a load says of the weights: the file's blocks kept, slm's int8/int4,
+    the floating-point dtype, and the block formats dequantized to it (dequantized: name -> tensors)."""
+    if quantizer is not None:
+        text = quantizer.describe()
+    else:
+        text = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model.dtype, str(model.dtype))
+        q = getattr(model, "quantization", None)
+        if q:
+            g = q.get("group_size")
+            text = f"int{q.get('bits')} ({'per channel' if g is None else f'groups of {g}'}, as saved); {text} elsewhere"
+    if dequantized:
+        text += " (dequantized from the file's " + ", ".join(f"{n} x {c}" for n, c in dequantized.items()) + ")"
+    return text

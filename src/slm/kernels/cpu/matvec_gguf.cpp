@@ -1,12 +1,12 @@
 // Linear layers kept in a GGUF file's own block formats, byte for byte: Q8_0 (34 bytes per 32
-// weights), Q5_0 (22 per 32), Q4_K (144 per 256) and Q6_K (210 per 256), as ggml lays them out
-// (ggml-common.h). One layer may hold several parts of different formats stacked by rows (a fused
+// weights), Q4_0 (18), Q4_1 (20), Q5_0 (22), Q5_1 (24), Q4_K (144 per 256), Q5_K (176 per 256) and
+// Q6_K (210 per 256), as ggml lays them out (ggml-common.h). One layer may hold several parts of different formats stacked by rows (a fused
 // QKV whose V is Q8_0 and Q, K Q5_0): `blocks` is their bytes end to end, part i rows[i] rows of
 // types[i].
 //
 // Up to max_direct rows of x, x is quantized to int8 in blocks of 32 (scale amax / 127, rounded to
-// nearest even, as llama.cpp's q8_0 activations) and each block of weights is dotted with it in
-// integers (vpmaddubsw + vpmaddwd), then scaled by the two block scales in fp32; Q4_K's minimums
+// nearest even, as llama.cpp's q8_0 activations), and so is the residual (quantize_x2: ~16 bits of x
+// in two int8 rows), and each block of weights is dotted with both in integers (vpmaddubsw + vpmaddwd), then scaled by the two block scales in fp32; Q4_K's minimums
 // use the sums of the quantized x per block. Each thread walks one contiguous range of rows, so
 // the weights arrive as one sequential stream per core: on the 2-core EPYC that reaches the
 // memory bandwidth (~16 GB/s), where reading 2-4 rows side by side (several streams, as the int8
@@ -34,7 +34,7 @@
 
 namespace slm::cpu {
 
-constexpr int64_t T_Q8_0 = 8, T_Q5_0 = 6, T_Q4_K = 12, T_Q6_K = 14;
+constexpr int64_t T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14;
 // Q5_0 with its blocks regrouped by 4 (slm's order, the same 22 bytes a block): per group of 4
 // blocks the 4 fp16 scales (8 bytes), the 4 x 32 high bits as one 16-byte plane (byte j, bit i: weight
 // j of block i; bit 4 + i: weight j + 16 of block i), then the 4 blocks' 16 bytes of low nibbles.
@@ -43,9 +43,13 @@ constexpr int64_t T_Q8_0 = 8, T_Q5_0 = 6, T_Q4_K = 12, T_Q6_K = 14;
 // loop does ~11 vector operations a block instead of ~19, enough to keep up with the memory.
 constexpr int64_t T_Q5_0R4 = 1006;
 
-inline int64_t block_weights(int64_t t) { return t == T_Q4_K || t == T_Q6_K ? 256 : 32; }
+inline int64_t block_weights(int64_t t) { return t == T_Q4_K || t == T_Q5_K || t == T_Q6_K ? 256 : 32; }
 inline int64_t block_bytes(int64_t t) {
   switch (t) {
+    case T_Q4_0: return 18;
+    case T_Q4_1: return 20;
+    case T_Q5_1: return 24;
+    case T_Q5_K: return 176;
     case T_Q8_0: return 34;
     case T_Q5_0: return 22;
     case T_Q5_0R4: return 22;
@@ -54,6 +58,9 @@ inline int64_t block_bytes(int64_t t) {
     default: TORCH_CHECK(false, "slm_cpu: unsupported GGUF block type ", t);
   }
   return 0;
+}
+constexpr int64_t block_bytes_c(int64_t t) {
+  return t == T_Q4_0 ? 18 : t == T_Q4_1 ? 20 : t == T_Q5_0 ? 22 : t == T_Q5_1 ? 24 : t == T_Q8_0 ? 34 : 0;
 }
 #define SLM_INLINE inline __attribute__((always_inline))
 SLM_INLINE float f16(const uint8_t* p) {
@@ -81,6 +88,11 @@ SLM_INLINE __m256i bytes_from_bits_32(const uint8_t* p) {  // byte j = 0xFF wher
 SLM_INLINE __m256i nibbles_32(const uint8_t* p) {  // 16 bytes -> 32 nibbles: low ones, then high ones
   const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+}
+
+// v shifted left by s bits (right by -s) in 16-bit lanes; s a constant after unrolling
+SLM_INLINE __m256i shift_bits(__m256i v, int s) {
+  return s >= 0 ? _mm256_slli_epi16(v, s) : _mm256_srli_epi16(v, -s);
 }
 
 // Scales and minimums of one Q4_K super-block (8 sub-blocks of 32, 6 bits each, packed in 12
@@ -111,15 +123,31 @@ SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) acc[b][u] = _mm256_setzero_ps();
   }
-  if constexpr (T == T_Q8_0 || T == T_Q5_0) {
-    constexpr int64_t BB = T == T_Q8_0 ? 34 : 22;
+  if constexpr (T == T_Q8_0 || T == T_Q5_0 || T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_1) {
+    // Blocks of 32: d (fp16), for Q4_1/Q5_1 m (fp16: w = d q + m, whose x . m is m * the block's
+    // sum of the quantized x, xs), then Q5's 32 high bits, then the weights.
+    constexpr int64_t BB = block_bytes_c(T);
+    constexpr bool has_min = T == T_Q4_1 || T == T_Q5_1;
+    float msum[NB];  // sum over blocks of m * xs
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) msum[b] = 0.0f;
     auto weights = [](const uint8_t* p) __attribute__((always_inline)) {
       if constexpr (T == T_Q8_0) {
         return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
-      } else {
+      } else if constexpr (T == T_Q5_0) {
         const __m256i hi = _mm256_andnot_si256(bytes_from_bits_32(p + 2), _mm256_set1_epi8(char(0xF0)));
         return _mm256_or_si256(nibbles_32(p + 6), hi);  // q - 16 in -16..15
+      } else if constexpr (T == T_Q4_0) {
+        return _mm256_sub_epi8(nibbles_32(p + 2), _mm256_set1_epi8(8));  // q - 8 in -8..7
+      } else if constexpr (T == T_Q4_1) {
+        return nibbles_32(p + 4);  // 0..15
+      } else {  // Q5_1: 0..31
+        return _mm256_or_si256(nibbles_32(p + 8), _mm256_and_si256(bytes_from_bits_32(p + 4), _mm256_set1_epi8(0x10)));
       }
+    };
+    auto dot = [](__m256i q, __m256i x) __attribute__((always_inline)) {
+      if constexpr (has_min) return dot_u8(q, x);
+      else return dot_i8(q, x);
     };
     int64_t blk = 0;
     for (; blk + U <= nb32; blk += U, w += U * BB) {
@@ -131,7 +159,8 @@ SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq
 #pragma GCC unroll 4
         for (int b = 0; b < NB; ++b) {
           const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + (blk + u) * 32));
-          acc[b][u] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk + u]), _mm256_cvtepi32_ps(dot_i8(q, x)), acc[b][u]);
+          acc[b][u] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk + u]), _mm256_cvtepi32_ps(dot(q, x)), acc[b][u]);
+          if constexpr (has_min) msum[b] += f16(p + 2) * xs[b * ldb + blk + u];
         }
       }
     }
@@ -141,8 +170,13 @@ SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq
 #pragma GCC unroll 4
       for (int b = 0; b < NB; ++b) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + blk * 32));
-        acc[b][0] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk]), _mm256_cvtepi32_ps(dot_i8(q, x)), acc[b][0]);
+        acc[b][0] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk]), _mm256_cvtepi32_ps(dot(q, x)), acc[b][0]);
+        if constexpr (has_min) msum[b] += f16(w + 2) * xs[b * ldb + blk];
       }
+    }
+    if constexpr (has_min) {
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) macc[b] = _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, -msum[b]);
     }
   } else if constexpr (T == T_Q5_0R4) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10);
@@ -187,10 +221,14 @@ SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq
       c = _mm_hadd_ps(c, c);
       macc[b] = _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, 16.0f * _mm_cvtss_f32(c));
     }
-  } else if constexpr (T == T_Q4_K) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    for (int64_t sb = 0; sb < nb32 / 8; ++sb, w += 144) {
-      __m256i si, mi;
+  } else if constexpr (T == T_Q4_K || T == T_Q5_K) {
+    // Q5_K: Q4_K's layout with 32 bytes of high bits (qh, bit s of byte l: weight l of sub-block s)
+    // between the scales and the nibbles.
+    constexpr int64_t SB = T == T_Q4_K ? 144 : 176, QS = T == T_Q4_K ? 16 : 48;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10);
+    for (int64_t sb = 0; sb < nb32 / 8; ++sb, w += SB) {
+      __m256i si, mi, qh = _mm256_setzero_si256();
+      if constexpr (T == T_Q5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16));
       q4k_scales(w + 4, si, mi);
       const __m256 sf = _mm256_mul_ps(_mm256_set1_ps(f16(w)), _mm256_cvtepi32_ps(si));
       const __m256 mf = _mm256_mul_ps(_mm256_set1_ps(f16(w + 2)), _mm256_cvtepi32_ps(mi));
@@ -201,8 +239,12 @@ SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq
         macc[b] = _mm256_fmadd_ps(mf, _mm256_loadu_ps(xs + b * ldb + sb * 8), macc[b]);
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 + 32 * j));
-          const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + QS + 32 * j));
+          __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+          if constexpr (T == T_Q5_K) {  // bits 2j and 2j + 1 of qh to bit 4
+            lo = _mm256_or_si256(lo, _mm256_and_si256(shift_bits(qh, 4 - 2 * j), b4));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(shift_bits(qh, 3 - 2 * j), b4));
+          }
           const int8_t* x = xq + b * ldq + (sb * 8 + 2 * j) * 32;
           const __m256i p0 = dot_u8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
           const __m256i p1 = dot_u8(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
@@ -285,17 +327,34 @@ void dequant_row(int64_t t, const uint8_t* w, int64_t K, float* o) {
       }
     }
     if (i < K / 32) dequant_row(T_Q5_0, w, K - 32 * i, o + 32 * i);
-  } else if (t == T_Q4_K) {
-    for (int64_t i = 0; i < K / 256; ++i, w += 144) {
+  } else if (t == T_Q4_0 || t == T_Q4_1 || t == T_Q5_1) {
+    const int64_t bb = block_bytes(t);
+    for (int64_t i = 0; i < K / 32; ++i, w += bb) {
+      const float d = f16(w), m = t == T_Q4_0 ? 0.0f : f16(w + 2);
+      const uint8_t* q = w + (t == T_Q4_0 ? 2 : t == T_Q4_1 ? 4 : 8);
+      uint32_t qh = 0;
+      if (t == T_Q5_1) std::memcpy(&qh, w + 4, 4);
+      for (int j = 0; j < 16; ++j) {
+        int lo = q[j] & 0x0F, hi = q[j] >> 4;
+        if (t == T_Q4_0) lo -= 8, hi -= 8;
+        if (t == T_Q5_1) lo |= ((qh >> j) & 1) << 4, hi |= ((qh >> (j + 16)) & 1) << 4;
+        o[32 * i + j] = d * float(lo) + m, o[32 * i + j + 16] = d * float(hi) + m;
+      }
+    }
+  } else if (t == T_Q4_K || t == T_Q5_K) {
+    const bool q5 = t == T_Q5_K;
+    for (int64_t i = 0; i < K / 256; ++i, w += q5 ? 176 : 144) {
       const float d = f16(w), dmin = f16(w + 2);
       const uint8_t* sc = w + 4;
       for (int j = 0; j < 8; ++j) {
         int s, m;
         if (j < 4) s = sc[j] & 63, m = sc[j + 4] & 63;
         else s = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-        const uint8_t* q = w + 16 + 32 * (j / 2);
-        for (int l = 0; l < 32; ++l)
-          o[256 * i + 32 * j + l] = d * s * float(j % 2 ? q[l] >> 4 : q[l] & 0x0F) - dmin * m;
+        const uint8_t* q = w + (q5 ? 48 : 16) + 32 * (j / 2);
+        for (int l = 0; l < 32; ++l) {
+          const int h = q5 ? ((w[16 + l] >> j) & 1) << 4 : 0;
+          o[256 * i + 32 * j + l] = d * s * float((j % 2 ? q[l] >> 4 : q[l] & 0x0F) | h) - dmin * m;
+        }
       }
     }
   } else if (t == T_Q6_K) {
@@ -358,6 +417,23 @@ void quantize_x(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, flo
   }
 }
 
+// x [B, K] as 2B rows of int8 blocks (xq [2B, K], dx and xs [2B, K/32]): row 2b is x_b quantized
+// (quantize_x), row 2b + 1 the residual x_b - dx * xq quantized the same way. Their sum holds x to
+// ~1/250 of one int8 step, ~16 bits: one int8 row (llama.cpp's Q8_0/Q8_1/Q8_K activations) moved
+// gemma-3-270m's perplexity by ~0.5% from its dequantized weights, two move it by ~0.01%. The
+// weights are decoded once for both rows, so the memory read per token is the same.
+void quantize_x2(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, float* xs) {
+  std::vector<float> r(K);
+  const int64_t nb32 = K / 32;
+  for (int64_t b = 0; b < B; ++b) {
+    int8_t* q = xq + 2 * b * K;
+    float* d = dx + 2 * b * nb32;
+    quantize_x(x + b * K, 1, K, q, d, xs + 2 * b * nb32);
+    for (int64_t k = 0; k < K; ++k) r[k] = x[b * K + k] - d[k / 32] * float(q[k]);
+    quantize_x(r.data(), 1, K, q + K, d + nb32, xs + (2 * b + 1) * nb32);
+  }
+}
+
 // Prefetch distance in bytes for the GGUF-block rows (SLM_PREFETCH overrides it, 0: none).
 int64_t prefetch_bytes() {
   static const int64_t v = [] {
@@ -367,9 +443,17 @@ int64_t prefetch_bytes() {
   return v;
 }
 
+// How many int8 rows hold each row of x: 2 (x and its residual, quantize_x2), or 1 (x alone, as
+// llama.cpp) where SLM_GGUF_X_ROWS=1, read at each call (benchmarks/decode_vs_llamacpp.py times both).
+int64_t x_rows() {
+  const char* e = std::getenv("SLM_GGUF_X_ROWS");
+  return e && e[0] == '1' && e[1] == 0 ? 1 : 2;
+}
+
 template <int64_t T>
 void rows_gguf(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, const int8_t* xq, const float* dx,
-               const float* xs, int64_t B, int64_t K, float* y, int64_t ldy, const float* bias, int64_t bias0) {
+               const float* xs, int64_t B, int64_t R, int64_t K, float* y, int64_t ldy, const float* bias,
+               int64_t bias0) {
   const int64_t nb32 = K / 32;
   const int64_t pf = prefetch_bytes();
   for (int64_t n = n0; n < n1; ++n) {
@@ -378,9 +462,10 @@ void rows_gguf(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, cons
     // blocks is slow enough that the hardware prefetchers alone let the loop wait on memory.
     if (pf)
       for (int64_t i = 0; i < row_bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(wr + pf + i), _MM_HINT_T0);
-    for (int64_t b = 0; b < B;) {
+    // R int8 rows for each row of x (2: quantize_x2's row and residual), up to 4 rows at a time
+    for (int64_t b = 0; b < R * B;) {
       float out[4];
-      const int64_t nb = std::min<int64_t>(B - b, 4);
+      const int64_t nb = std::min<int64_t>(R * B - b, 4);
       const int8_t* xb = xq + b * K;
       switch (nb) {
         case 1: dot_row<T, 1>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
@@ -388,7 +473,8 @@ void rows_gguf(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, cons
         case 3: dot_row<T, 3>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
         default: dot_row<T, 4>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
       }
-      for (int64_t i = 0; i < nb; ++i) y[(b + i) * ldy + bias0 + n] = out[i] + (bias ? bias[bias0 + n] : 0.0f);
+      for (int64_t i = 0; i < nb / R; ++i)
+        y[(b / R + i) * ldy + bias0 + n] = (R == 2 ? out[2 * i] + out[2 * i + 1] : out[i]) + (bias ? bias[bias0 + n] : 0.0f);
       b += nb;
     }
   }
@@ -422,9 +508,11 @@ at::Tensor dequantize_gguf(const at::Tensor& blocks, at::IntArrayRef types, at::
 // one contiguous range of weight rows (the direct path, for few rows of x).
 void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int64_t K, float* yp, const float* bias_p) {
   const int64_t N = P.N;
-  std::vector<int8_t> xq(B * K);
-  std::vector<float> dx(B * K / 32), xs(B * K / 32);
-  quantize_x(x, B, K, xq.data(), dx.data(), xs.data());
+  const int64_t R = x_rows();
+  std::vector<int8_t> xq(R * B * K);
+  std::vector<float> dx(R * B * K / 32), xs(R * B * K / 32);
+  if (R == 2) quantize_x2(x, B, K, xq.data(), dx.data(), xs.data());
+  else quantize_x(x, B, K, xq.data(), dx.data(), xs.data());
   // rows per task: ~64 KB of weights
   const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, P.row_bytes[0]));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -434,11 +522,15 @@ void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, i
       const uint8_t* w = bp + P.byte0[p];
       const int64_t r0 = P.row0[p], rb = P.row_bytes[p];
       switch (P.types[p]) {
-        case T_Q8_0: rows_gguf<T_Q8_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        case T_Q5_0: rows_gguf<T_Q5_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        case T_Q5_0R4: rows_gguf<T_Q5_0R4>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        case T_Q4_K: rows_gguf<T_Q4_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
-        default: rows_gguf<T_Q6_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, K, yp, N, bias_p, r0); break;
+        case T_Q8_0: rows_gguf<T_Q8_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q4_0: rows_gguf<T_Q4_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q4_1: rows_gguf<T_Q4_1>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q5_1: rows_gguf<T_Q5_1>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q5_K: rows_gguf<T_Q5_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q5_0: rows_gguf<T_Q5_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q5_0R4: rows_gguf<T_Q5_0R4>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q4_K: rows_gguf<T_Q4_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        default: rows_gguf<T_Q6_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
       }
     }
   });
