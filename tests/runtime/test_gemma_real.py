@@ -58,7 +58,7 @@ def test_cli_uses_default_model_and_writes_fluent_text(gguf_path):
     r = subprocess.run([sys.executable, "-m", "slm", "generate", "--prompt", "Once upon a time, there was a little",
                         "--max-new-tokens", "40", "--temperature", "0"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "using the default gemma-3-270m" in r.stderr
+    assert "slm: gemma-3-270m (google/gemma-3-270m, base" in r.stderr  # the default model, named on stderr
     text = r.stdout.strip()
     print(text)
     words = text.split()
