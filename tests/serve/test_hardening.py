@@ -41,7 +41,8 @@ def slm_serve(*args: str) -> subprocess.CompletedProcess:
 
 
 def one_error_line(r: subprocess.CompletedProcess, code: int, *words: str) -> None:
-    lines = r.stderr.strip().splitlines()
+    # the line naming the model once it has loaded (`slm: NAME: PRECISION`) is not an error line
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("slm: ")]
     assert r.returncode == code and len(lines) == 1 and lines[0].startswith("slm serve: error: "), r.stderr
     assert all(w in lines[0] for w in words), lines[0]
 
