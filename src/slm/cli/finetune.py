@@ -21,7 +21,7 @@ FINETUNE = [
      "(default: a quantized GGUF file's own bits, fp32 otherwise)", {"choices": ["none", "int8", "int4"]}),
     ("group_size", "int4 weights per scale (32, 64 or 128; default 32)", {"min": 1}),
     ("max_steps", "optimizer steps (default: --epochs over the data)", {"min": 1}),
-    ("epochs", "passes over the training conversations (default: 3, and at least 40 steps)"),
+    ("epochs", "passes over the training conversations (default: 3, and at least 10 steps)"),
     ("lr", "learning rate (default: 1e-3 with --lora, 2e-5 otherwise)"),
     ("batch_size", "packed rows per step (at most the training rows there are)", {"min": 1}),
     ("micro_batch", "rows per forward and backward (gradients accumulate over the step's rows; "

@@ -283,7 +283,7 @@ DEFAULT_SEQ_LEN, DEFAULT_WARMUP = 512, 10
 # Without --epochs or --max-steps a run makes DEFAULT_EPOCHS passes, and at least DEFAULT_MIN_STEPS
 # steps (a small set is one step an epoch), and stops early when the validation loss has not
 # improved for --patience evaluations, keeping the weights of the best one.
-DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, DEFAULT_EVAL_EVERY = 3, 40, 50
+DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, DEFAULT_EVAL_EVERY = 3, 10, 50
 DEFAULT_LR = {"lora": 1e-3, "full": 2e-5}
 
 
