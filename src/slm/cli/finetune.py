@@ -36,6 +36,8 @@ FINETUNE = [
     ("warmup", "steps of linear learning-rate warmup (default: 10, or a tenth of a shorter run)", {"min": 0}),
     ("gradient_checkpointing", "recompute each block in backward: a third more compute, activations of one "
      "block instead of all (default: on with --lora)"),
+    ("replay", "general requests the model answers itself before training, trained on beside --data so the "
+     "update does not erase what it knew (0: off)", {"min": 0}),
     ("seed", "seed of the adapters' initialization and of the batch order"),
 ]
 

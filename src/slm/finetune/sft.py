@@ -285,6 +285,26 @@ DEFAULT_SEQ_LEN, DEFAULT_WARMUP = 512, 10
 # improved for --patience evaluations, keeping the weights of the best one.
 DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, DEFAULT_EVAL_EVERY = 3, 10, 50
 DEFAULT_LR = {"lora": 1e-3, "full": 2e-5}
+# Rehearsal against forgetting: general requests the model answers itself before training; its own
+# answers join the training data, so the update that teaches the user's few examples is also held
+# to what the model already did elsewhere. On SmolLM2-135M-Instruct, 20 examples of one made-up
+# fact at the default rate without it: the fact learnt and "What is the capital of France?" lost
+# ("Le Grand Garçon"); with 8 of these: both (tests/finetune/test_teach_fact.py).
+REPLAY_PROMPTS = [
+    "What is the largest planet in our solar system?",
+    "How many days are there in a week?",
+    "Who wrote Romeo and Juliet?",
+    "What is 12 times 7?",
+    "Give me a synonym for happy.",
+    "At what temperature does water boil at sea level?",
+    "Name the three primary colors.",
+    "Write one sentence about the ocean.",
+    "What is the chemical symbol for gold?",
+    "How many continents are there?",
+    "What is the opposite of cold?",
+    "Which animal is known as the king of the jungle?",
+]
+REPLAY_TOKENS = 64  # the longest rehearsal answer
 
 
 def _positive_int(name: str, v) -> None:
@@ -329,6 +349,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     gradient_checkpointing: bool | None = None  # recompute blocks in backward; default: with LoRA
+    replay: int = 8  # general requests the model answers itself, trained on beside the data (REPLAY_PROMPTS)
     seed: int = 0
 
     def __post_init__(self):
@@ -350,6 +371,8 @@ class FinetuneConfig:
         for name in ("seq_len", "max_steps", "group_size", "eval_every"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
+        if isinstance(self.replay, bool) or not isinstance(self.replay, int) or not 0 <= self.replay <= len(REPLAY_PROMPTS):
+            raise ValueError(f"--replay must be a whole number from 0 to {len(REPLAY_PROMPTS)}, got {self.replay!r}")
         for name in ("warmup", "patience"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
@@ -442,6 +465,19 @@ def prepare_model(c: FinetuneConfig):
     return lm
 
 
+@torch.no_grad()
+def rehearsal(lm, n: int) -> list[list[dict]]:
+    """The model's own greedy answers to the first n REPLAY_PROMPTS, as conversations to train on
+    (before any update: LoRA's adapters start at zero, so this is the base model speaking)."""
+    out = []
+    for q in REPLAY_PROMPTS[:n]:
+        messages = [{"role": "user", "content": q}]
+        answer = lm.chat(messages, max_new_tokens=REPLAY_TOKENS, temperature=0).strip()
+        if answer:
+            out.append(messages + [{"role": "assistant", "content": answer}])
+    return out
+
+
 def note(text: str) -> None:
     print(f"note: {text}", file=sys.stderr, flush=True)
 
@@ -505,7 +541,7 @@ BEST = "best."  # the checkpoint's copy of the best evaluation's weights: "best.
 # as --log-every or --gradient-checkpointing, change what is logged or how, not what is learnt).
 RESUME_SETTINGS = ("lora", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "quantize", "group_size",
                    "max_steps", "lr", "batch_size", "micro_batch", "seq_len", "val_fraction", "eval_every",
-                   "patience", "warmup", "weight_decay", "grad_clip", "seed")
+                   "patience", "warmup", "weight_decay", "grad_clip", "replay", "seed")
 
 
 def _flag(name: str, value) -> str:
@@ -626,6 +662,7 @@ def finetune(c: FinetuneConfig, progress: bool = True, resume: bool = False, ove
     model, tok = lm.model, lm.tokenizer
     seq_len = resolve_seq_len(c, model.config.max_seq_len)
     train_convs, val_convs = split(convs, c.val_fraction)
+    train_convs = train_convs + rehearsal(lm, c.replay)
     pad = tok.token_id(tok.pad_token) if tok.pad_token else None
     pad = pad if pad is not None else (tok.eos_id or 0)
     train = pack([tokenize_chat(tok, m) for m in train_convs], seq_len, pad)
