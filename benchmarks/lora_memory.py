@@ -1,4 +1,16 @@
-"""Memory and time of one QLoRA training step at the Llama 2 7B shape, with random int4 weights.
+"""Peak memory and speed of LoRA training steps: on a real model as `slm finetune --lora` runs
+them, or one QLoRA step at the Llama 2 7B shape with random int4 weights.
+
+    python benchmarks/lora_memory.py --model smollm2-135m-instruct [--steps 3] [--batch 8] [--micro-batch 1]
+        [--seq-len 512] [--quantize none|int8|int4] [--gradient-checkpointing] [--record]
+
+With --model, the model is prepared exactly as `slm finetune --lora` prepares it (sft.prepare_model:
+the frozen base as the finetune defaults hold it, adapters r 8 on every projection, the allocator
+set as the run sets it), and --steps AdamW steps run on --batch rows of --seq-len random tokens
+(loss on the last three quarters of each row, as an SFT batch whose prompt carries none), through
+sft.accumulate (--micro-batch rows per forward and backward). The peak resident memory is the
+kernel's VmHWM over the whole process, loading included; steps/s is over the steps after the first.
+--record appends the result to benchmarks/results/lora_memory.jsonl.
 
     nice -n 5 .venv/bin/python benchmarks/lora_memory.py [--preset llama-2-7b] [--quantize int4] [--seq-len 64]
 
@@ -16,11 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
+import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 
 def rss_gib() -> float:
@@ -43,15 +59,27 @@ def peak_gib() -> float:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a real model (path or known name), prepared as finetune does")
     ap.add_argument("--preset", default="llama-2-7b")
-    ap.add_argument("--quantize", default="int4", choices=["int8", "int4"])
-    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
+                    help="the frozen base (default: finetune's with --model, int4 with --preset)")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: 512 with --model, 64 with --preset")
     ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8, help="rows per step (--model)")
+    ap.add_argument("--micro-batch", type=int, default=1, help="rows per forward and backward (--model)")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: finetune's with --model (on for LoRA), off with --preset")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--record", action="store_true", help="append the result to benchmarks/results/lora_memory.jsonl")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.model:
+        return real_model(a)
+    a.quantize = a.quantize or "int4"
+    a.seq_len = a.seq_len or 64
+    a.gradient_checkpointing = bool(a.gradient_checkpointing)
 
     from slm.bench import random_model
     from slm.finetune.lora import apply_lora, trainable_parameters
@@ -92,6 +120,61 @@ def main(argv=None) -> dict:
               "optimizer_s": round(t4 - t3, 2), "step_s": round(t4 - t1, 2), "loss": round(loss.item(), 4),
               "threads": torch.get_num_threads()}
     print(json.dumps(result, indent=2))
+    return result
+
+
+def real_model(a) -> dict:
+    from slm.finetune.sft import IGNORE, FinetuneConfig, Packed, accumulate, prepare_model, return_freed_memory
+    from slm.quant.layers import weight_bytes
+    from slm.train.optim import build_optimizers
+
+    T = a.seq_len or 512
+    with tempfile.TemporaryDirectory() as tmp:  # the config checks its paths' names only
+        c = FinetuneConfig(model=a.model, data=os.path.join(tmp, "none.jsonl"), out=tmp, lora=True, lora_r=a.r,
+                           lora_alpha=2.0 * a.r, quantize=a.quantize, micro_batch=a.micro_batch,
+                           gradient_checkpointing=a.gradient_checkpointing)
+    return_freed_memory()
+    t0 = time.perf_counter()
+    lm = prepare_model(c)
+    model = lm.model
+    load_s, rss_loaded = time.perf_counter() - t0, rss_gib()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizers = build_optimizers(model, "adamw", c.lr, 0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (a.batch, T), generator=g)
+    targets = torch.roll(ids, -1, 1)
+    targets[:, : T // 4] = IGNORE
+    targets[:, -1] = IGNORE
+    batch = Packed(ids, targets, torch.arange(T).expand(a.batch, T).contiguous(),
+                   torch.zeros(a.batch, T, dtype=torch.long))
+    times, losses = [], []
+    for _ in range(a.steps):
+        t1 = time.perf_counter()
+        loss, _ = accumulate(model, batch, a.micro_batch, c.gradient_checkpointing)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t1)
+        losses.append(loss)
+    later = times[1:] or times
+    result = {"model": a.model, "base": lm.base_mode, "lora": f"r {a.r} on every projection",
+              "trainable_params": trainable, "weights_mib": round(weight_bytes(model) / 2**20, 1),
+              "seq_len": T, "batch_rows": a.batch, "micro_batch": a.micro_batch,
+              "gradient_checkpointing": c.gradient_checkpointing, "steps": a.steps,
+              "peak_rss_gib": round(peak_gib(), 3), "rss_after_load_gib": round(rss_loaded, 3),
+              "load_s": round(load_s, 1), "first_step_s": round(times[0], 1),
+              "step_s": round(sum(later) / len(later), 1), "steps_per_s": round(len(later) / sum(later), 4),
+              "tokens_per_s": round(a.batch * T * len(later) / sum(later), 1),
+              "losses": [round(x, 4) for x in losses], "threads": torch.get_num_threads()}
+    print(json.dumps(result, indent=2))
+    if a.record:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from results_log import record
+        record("lora_memory", **{k: v for k, v in result.items() if k not in ("threads", "losses")},
+               conditions="2 shared cores with other jobs running: times are upper bounds; memory is not affected")
     return result
 
 

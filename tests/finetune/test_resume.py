@@ -54,15 +54,20 @@ def config(base, data, out, lora=True, **kw) -> FinetuneConfig:
 
 
 def interrupt_at(monkeypatch, step: int) -> None:
-    """Ctrl-C during the given training step (1-based): sft_loss raises KeyboardInterrupt."""
-    real, calls = sft.sft_loss, [0]
+    """Ctrl-C during the given training step (1-based): its first micro-batch's forward raises
+    KeyboardInterrupt."""
+    real_accumulate, real_loss, steps = sft.accumulate, sft.sft_loss, [0]
 
-    def loss(model, batch, checkpoint=False, chunk=1024):
-        if torch.is_grad_enabled():  # a training step (validation runs under no_grad)
-            calls[0] += 1
-            if calls[0] == step:
-                raise KeyboardInterrupt
-        return real(model, batch, checkpoint, chunk)
+    def accumulate(*args, **kw):
+        steps[0] += 1
+        return real_accumulate(*args, **kw)
+
+    def loss(*args, **kw):
+        out = real_loss(*args, **kw)
+        if torch.is_grad_enabled() and steps[0] == step:  # validation runs under no_grad
+            raise KeyboardInterrupt
+        return out
+    monkeypatch.setattr(sft, "accumulate", accumulate)
     monkeypatch.setattr(sft, "sft_loss", loss)
 
 

@@ -17,20 +17,27 @@ FINETUNE = [
     ("lora_dropout", "dropout on the LoRA input"),
     ("target_modules", "Hugging Face module names, space- or comma-separated (default: all attention and MLP)",
      {"nargs": "+"}),
-    ("quantize", "with --lora: a frozen base quantized to int8 or int4 (QLoRA-style) (default: off)",
-     {"choices": ["int8", "int4"]}),
+    ("quantize", "with --lora: the frozen base quantized to int8 or int4 (QLoRA-style), or none: fp32 "
+     "(default: a quantized GGUF file's own bits, fp32 otherwise)", {"choices": ["none", "int8", "int4"]}),
     ("group_size", "int4 weights per scale (32, 64 or 128; default 32)", {"min": 1}),
     ("max_steps", "optimizer steps (default: --epochs over the data)", {"min": 1}),
-    ("epochs", "passes over the training conversations"),
-    ("lr", "learning rate (default: 2e-4 with --lora, 2e-5 otherwise)"),
+    ("epochs", "passes over the training conversations (default: 3, and at least 10 steps)"),
+    ("lr", "learning rate (default: 1e-3 with --lora, 2e-5 otherwise)"),
     ("batch_size", "packed rows per step (at most the training rows there are)", {"min": 1}),
+    ("micro_batch", "rows per forward and backward (gradients accumulate over the step's rows; "
+     "activation memory grows with it)", {"min": 1}),
     ("seq_len", "tokens per packed row (default: 512, or the model's context if shorter)", {"min": 1}),
     ("val_fraction", "the share of conversations held out for the validation loss"),
-    ("eval_every", "steps between validation losses", {"min": 1}),
+    ("eval_every", "steps between validation losses (default: once an epoch, at most 50 steps apart)", {"min": 1}),
+    ("patience", "stop after this many validation losses without a new best, keeping the best weights "
+     "(0: never stop early)", {"min": 0}),
     ("log_every", "steps between log lines", {"min": 1}),
     ("save_every", "steps between checkpoints (for --resume)", {"min": 1}),
     ("warmup", "steps of linear learning-rate warmup (default: 10, or a tenth of a shorter run)", {"min": 0}),
-    ("gradient_checkpointing", "recompute blocks in backward (less memory)"),
+    ("gradient_checkpointing", "recompute each block in backward: a third more compute, activations of one "
+     "block instead of all (default: on with --lora)"),
+    ("replay", "general requests the model answers itself before training, trained on beside --data so the "
+     "update does not erase what it knew (0: off)", {"min": 0}),
     ("seed", "seed of the adapters' initialization and of the batch order"),
 ]
 
