@@ -171,13 +171,16 @@ def test_a_stream_keeps_its_pace_while_others_send_long_and_many_prompts(tmp_pat
     decoder is several times faster than any batched step, and the comparison is of the scheduler,
     not of the kernels). Without chunked prefill the stream would wait for the whole 4,000-token
     prefill (about 190x its median gap); with it, each of its steps waits for at most a turn of
-    prefill costing about half a step: a chunk, or (once even a 16-token chunk costs more, its
-    attention reading thousands of earlier tokens) a few layers of one.
+    prefill costing about a quarter of a step: the whole layers of a chunk that fit in it.
 
-    Measured on a 2-core host: the 99th percentile 3.0-3.5x the median alone, the largest gap
-    3.7-6x (the issue asked for under 3x; with whole 16-token chunks a turn at long context the
-    99th percentile was ~5.5x). The bounds below leave room for a shared machine and still fail
-    without chunking; a round that a busy host spoils is run again, up to ROUNDS times. /health
+    Measured on a quiet 2-core host (engine turns of whole layers within a quarter step, timed in
+    CPU time; one event-loop wake-up per step): the 99th percentile 2.2-2.9x the median alone, the
+    largest gap 2.8-6x (the issue asked for under 3x). The largest comes within a few ms of the
+    moment the two requests arrive, when the server parses and validates them on its event loop
+    while the client threads, the engine and the prompt cache's allocation share the 2 cores;
+    during the prefill itself they stay near 3x at most (3.1x the largest seen). Before: p99 3.0-3.5x, largest 3.7-6x; about
+    190x without chunking. The bounds below leave room for a shared machine and still fail without
+    chunking; a round that a busy host spoils is run again, up to ROUNDS times. /health
     answers within 100 ms throughout, and the server's resident anonymous memory (anonymous_rss)
     returns within 10% of where it was before the burst."""
     # The streaming client shares this process with the other clients' threads: with Python's
@@ -207,16 +210,17 @@ def test_a_stream_keeps_its_pace_while_others_send_long_and_many_prompts(tmp_pat
                     time.sleep(0.02)
 
             def post(name, body):
-                statuses[name] = server.request("POST", "/v1/completions",
-                                                json.dumps({"model": "deep", **body}).encode())[0]
+                statuses[name] = server.request("POST", "/v1/completions", body)[0]
 
             threads = [threading.Thread(target=lambda: gaps.extend(stream_gaps(server, 400))),
                        threading.Thread(target=poll)]
             for t in threads:
                 t.start()
             time.sleep(0.3)  # the stream is running
-            others = [threading.Thread(target=post, args=("long", long_prompt)),
-                      threading.Thread(target=post, args=("many", many))]
+            # encoded before: the client's own work at the moment they are sent is not the server's
+            bodies = {name: json.dumps({"model": "deep", **body}).encode()
+                      for name, body in (("long", long_prompt), ("many", many))}
+            others = [threading.Thread(target=post, args=(name, body)) for name, body in bodies.items()]
             for t in others:
                 t.start()
             for t in others + threads[:1]:
@@ -226,12 +230,12 @@ def test_a_stream_keeps_its_pace_while_others_send_long_and_many_prompts(tmp_pat
             assert statuses == {"long": 200, "many": 200}
             assert server.health()["peak_running"] >= 3  # the others ran alongside the stream
             worst, p99 = max(gaps), sorted(gaps)[int(0.99 * len(gaps))]
-            if worst < 10 * base and p99 < 6 * base:
+            if worst < 8 * base and p99 < 4 * base:
                 break
         said = (f"alone the median gap is {1e3 * base:.1f} ms; with the others the largest is {1e3 * worst:.1f} ms "
                 f"({worst / base:.1f}x), the 99th percentile {1e3 * p99:.1f} ms ({p99 / base:.1f}x)")
-        assert worst < 10 * base, said  # a whole 4,000-token prefill in one turn: ~190x
-        assert p99 < 6 * base, said
+        assert worst < 8 * base, said  # a whole 4,000-token prefill in one turn: ~190x
+        assert p99 < 4 * base, said
         assert max(health) < 0.1, f"/health took {1e3 * max(health):.0f} ms"
         deadline = time.time() + 10
         while server.health()["running"] or server.health()["waiting"]:
