@@ -32,7 +32,7 @@ def test_finetune_receipt_counts_real_tokens(tmp_path, tokenizer_dir, capsys, on
     out = tmp_path / "ft"
     steps = 6
     cli(["finetune", "--model", base, "--data", str(data), "--out", str(out), "--lora", "--max-steps", str(steps),
-         "--batch-size", "1000000000", "--seq-len", "64", "--val-fraction", "0"])
+         "--batch-size", "1000000000", "--seq-len", "64", "--val-fraction", "0", "--replay", "0"])
     assert "--batch-size 1000000000 is more than the" in capsys.readouterr().err
     # every step trains every row: the conversations' own tokens, counted here without packing
     tok = slm.load(base).tokenizer
@@ -45,6 +45,11 @@ def test_finetune_receipt_counts_real_tokens(tmp_path, tokenizer_dir, capsys, on
     assert receipt["tokens"] == {"trained": steps * per_step, "inferred": 0}
     assert 0 < receipt["mfu"] <= 1 and "mfu_impossible" not in receipt
     assert "LoRA" in receipt["flops_formula"]
+    # with rehearsal (the default), the model's own answers are inferred tokens, then trained on too
+    cli(["finetune", "--model", base, "--data", str(data), "--out", str(tmp_path / "replayed"), "--lora",
+         "--max-steps", str(steps), "--batch-size", "1000000000", "--seq-len", "64", "--val-fraction", "0"])
+    replayed = json.load(open(tmp_path / "replayed" / "receipt.json"))["tokens"]
+    assert replayed["inferred"] > 0 and replayed["trained"] > steps * per_step
 
 
 def test_validation_passes_are_inferred_tokens(tmp_path, tokenizer_dir, capsys, one_thread):
@@ -53,7 +58,7 @@ def test_validation_passes_are_inferred_tokens(tmp_path, tokenizer_dir, capsys, 
     data.write_text("".join(json.dumps({"prompt": f"Say {w}", "completion": w}) + "\n" for w in WORDS * 2))
     out = tmp_path / "ft"
     cli(["finetune", "--model", base, "--data", str(data), "--out", str(out), "--max-steps", "4",
-         "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--val-fraction", "0.2"])
+         "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--val-fraction", "0.2", "--replay", "0"])
     summary, receipt = json.load(open(out / "finetune.json")), json.load(open(out / "receipt.json"))
     tok = slm.load(base).tokenizer
     assert summary["val_conversations"] > 0

@@ -466,15 +466,21 @@ def prepare_model(c: FinetuneConfig):
 
 
 @torch.no_grad()
-def rehearsal(lm, n: int) -> list[list[dict]]:
+def rehearsal(lm, n: int, receipt=None) -> list[list[dict]]:
     """The model's own greedy answers to the first n REPLAY_PROMPTS, as conversations to train on
-    (before any update: LoRA's adapters start at zero, so this is the base model speaking)."""
+    (before any update: LoRA's adapters start at zero, so this is the base model speaking). The
+    receipt, if any, is charged the forward passes as inferred tokens."""
     out = []
-    for q in REPLAY_PROMPTS[:n]:
-        messages = [{"role": "user", "content": q}]
-        answer = lm.chat(messages, max_new_tokens=REPLAY_TOKENS, temperature=0).strip()
-        if answer:
-            out.append(messages + [{"role": "assistant", "content": answer}])
+    hook = receipt.watch(lm) if receipt is not None and n else None
+    try:
+        for q in REPLAY_PROMPTS[:n]:
+            messages = [{"role": "user", "content": q}]
+            answer = lm.chat(messages, max_new_tokens=REPLAY_TOKENS, temperature=0).strip()
+            if answer:
+                out.append(messages + [{"role": "assistant", "content": answer}])
+    finally:
+        if hook is not None:
+            hook.remove()
     return out
 
 
@@ -662,7 +668,7 @@ def finetune(c: FinetuneConfig, progress: bool = True, resume: bool = False, ove
     model, tok = lm.model, lm.tokenizer
     seq_len = resolve_seq_len(c, model.config.max_seq_len)
     train_convs, val_convs = split(convs, c.val_fraction)
-    train_convs = train_convs + rehearsal(lm, c.replay)
+    train_convs = train_convs + rehearsal(lm, c.replay, receipt)
     pad = tok.token_id(tok.pad_token) if tok.pad_token else None
     pad = pad if pad is not None else (tok.eos_id or 0)
     train = pack([tokenize_chat(tok, m) for m in train_convs], seq_len, pad)
