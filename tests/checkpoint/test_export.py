@@ -12,18 +12,9 @@ import torch
 import slm
 from support.models import FAMILIES, hf_model, make_checkpoint
 from slm.checkpoint.gguf_write import write_gguf
+from support.llamacpp import llama_cpp
 
 EXPORTED = ["llama-untied", "llama-tied", "mistral-gqa", "phi"]
-
-
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("llama-cpp-python is required under CI (make llamacpp)")
-        pytest.skip("llama-cpp-python not installed (make llamacpp)")
-    return llama_cpp
 
 
 def open_llama(path: str):

@@ -21,6 +21,7 @@ from slm.checkpoint.gguf import read_gguf
 from slm.checkpoint.gguf_tokenizer import PRE_TOKENIZERS
 from slm.checkpoint.safetensors_io import CheckpointError
 from slm.runtime.tokenizer import Tokenizer
+from support.llamacpp import llama_cpp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,16 +49,6 @@ TEXT = (
     " zzqx zzqx, trailing   "
 )
 SPECIAL = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
-
-
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("llama-cpp-python is required under CI (make llamacpp)")
-        pytest.skip("llama-cpp-python not installed (make llamacpp)")
-    return llama_cpp
 
 
 def vocab_only(path: str):
