@@ -94,22 +94,25 @@ def row_bytes(qtype: int, in_features: int) -> int:
     return in_features // bw * bb
 
 
-def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
-    """x [B, K] fp32, each block of 32 rounded to int8 steps of amax / 127 (round half to even),
-    returned dequantized."""
+def _int8_blocks(x: torch.Tensor, step: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, K] fp32, each block of 32 rounded to int8 steps (round half to even, within -127..127):
+    of amax / 127, or of `step` [B, K/32, 1]; returned dequantized, with the steps."""
     B, K = x.shape
     xb = x.reshape(B, K // QK, QK)
-    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    d = xb.abs().amax(-1, keepdim=True) / 127.0 if step is None else step
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    return ((xb * inv).round() * d).reshape(B, K)
+    return ((xb * inv).round().clamp(-127, 127) * d).reshape(B, K), d
 
 
 def quantize_x_reference(x: torch.Tensor) -> torch.Tensor:
-    """x [B, K] fp32 as the kernel sees it: x in int8 blocks, plus the residual in int8 blocks
-    (~16 bits of x in all), returned dequantized as the sum of the two. With SLM_GGUF_X_ROWS=1 (for
-    benchmarks), as the kernel then: x in int8 blocks alone, as llama.cpp's activations."""
-    q1 = _int8_blocks(x)
-    return q1 if os.environ.get("SLM_GGUF_X_ROWS") == "1" else q1 + _int8_blocks(x - q1)
+    """x [B, K] fp32 as the kernel sees it: x in int8 blocks, plus the residual in int8 blocks of
+    a 254th of the block's step (~16 bits of x in all), returned dequantized as the sum of the two.
+    With SLM_GGUF_X_ROWS=1 (for benchmarks), as the kernel then: x in int8 blocks alone, as
+    llama.cpp's activations."""
+    q1, d = _int8_blocks(x)
+    if os.environ.get("SLM_GGUF_X_ROWS") == "1":
+        return q1
+    return q1 + _int8_blocks(x - q1, d / 254.0)[0]
 
 
 def dequantize_blocks(blocks: torch.Tensor, types: tuple[int, ...], part_rows: tuple[int, ...], K: int,

@@ -5,8 +5,10 @@
 // types[i].
 //
 // Up to max_direct rows of x, x is quantized to int8 in blocks of 32 (scale amax / 127, rounded to
-// nearest even, as llama.cpp's q8_0 activations), and so is the residual (quantize_x2: ~16 bits of x
-// in two int8 rows), and each block of weights is dotted with both in integers (vpmaddubsw + vpmaddwd), then scaled by the two block scales in fp32; Q4_K's minimums
+// nearest even, as llama.cpp's q8_0 activations), and so is the residual in steps of a 254th of
+// that (quantize_x2: ~16 bits of x in a pair of int8 rows); each block of weights is dotted with
+// the pair in integers, as one int32 (254 q + q': vpmaddubsw + vpmaddwd per row, or for the types
+// that widen cheaply one int16 x against int16 weights, wide16), then scaled in fp32. Q4_K's minimums
 // use the sums of the quantized x per block. Each thread walks one contiguous range of rows, so
 // the weights arrive as one sequential stream per core: on the 2-core EPYC that reaches the
 // memory bandwidth (~16 GB/s), where reading 2-4 rows side by side (several streams, as the int8
@@ -69,14 +71,6 @@ SLM_INLINE float f16(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-// |x| and sign-adjusted w for vpmaddubsw (unsigned x signed): x . w in 8 int32 lanes. |w|, |x| <= 127.
-SLM_INLINE __m256i dot_i8(__m256i w, __m256i x) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
-}
-// unsigned w (0..127) . signed x in 8 int32 lanes
-SLM_INLINE __m256i dot_u8(__m256i w, __m256i x) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-}
 SLM_INLINE __m256i bytes_from_bits_32(const uint8_t* p) {  // byte j = 0xFF where bit j of p's 32 bits is set
   uint32_t v;
   std::memcpy(&v, p, 4);
@@ -95,6 +89,25 @@ SLM_INLINE __m256i shift_bits(__m256i v, int s) {
   return s >= 0 ? _mm256_slli_epi16(v, s) : _mm256_srli_epi16(v, -s);
 }
 
+// x . w for signed weights w (|w| <= 127) and aw = |w| (vpmaddubsw takes unsigned x signed: |w|
+// with x's signs moved by w's), one x row, or with PAIR a row and its residual r bytes further on
+// (quantize_x2): 254 (row) + (residual) in int32, exact, in units of the residual's step.
+template <bool PAIR>
+SLM_INLINE __m256i dot_s(__m256i aw, __m256i w, const int8_t* x, int64_t r) {
+  const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), w));
+  if constexpr (!PAIR) return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+  const __m256i p2 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r)), w));
+  return _mm256_add_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(254)), _mm256_madd_epi16(p2, _mm256_set1_epi16(1)));
+}
+// the same for unsigned w (0..127)
+template <bool PAIR>
+SLM_INLINE __m256i dot_u(__m256i w, const int8_t* x, int64_t r) {
+  const __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  if constexpr (!PAIR) return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+  const __m256i p2 = _mm256_maddubs_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r)));
+  return _mm256_add_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(254)), _mm256_madd_epi16(p2, _mm256_set1_epi16(1)));
+}
+
 // Scales and minimums of one Q4_K super-block (8 sub-blocks of 32, 6 bits each, packed in 12
 // bytes) as two vectors of 8 int32, unpacked in general registers (ggml's utmp trick): writing
 // them to memory one by one and loading them as a vector stalls on store forwarding.
@@ -108,13 +121,35 @@ SLM_INLINE void q4k_scales(const uint8_t* sc, __m256i& s, __m256i& m) {
   m = _mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, int(m1), int(m0)));
 }
 
+// Which types dot_row reads as int16 weights against x16 (PAIR): those whose weights widen to
+// int16 lanes as they load (vpmovsxbw/vpmovzxbw from memory, then a mask or a shift); one vpmaddwd
+// then takes 16 weights. The pair as two int8 rows costs two vpmaddubsw and two vpmaddwd per 32
+// weights, x16 two vpmaddwd, and the vector multiplier bounds these loops when the memory is quick:
+// x16 read gemma-3-270m's Q8_0 LM head at ~26 GB/s where the int8 pair reached ~17, and SmolLM2's
+// Q4_1 MLP ~12% faster. Q5_0 (regrouped), Q4_K, Q5_K and Q6_K take more instructions to widen than
+// they save (measured ~18% slower for Q5_0, even for Q4_K): they keep the int8 pair.
+constexpr bool wide16(int64_t T) { return T == T_Q8_0 || T == T_Q4_0 || T == T_Q4_1; }
+
 // One row of weights (type T, nb32 blocks of 32) against NB rows of quantized x (row stride ldq
-// for xq, ldb for the per-block dx and xs): out[b] = sum_k w[k] * x_b[k]. U independent
-// accumulators per row of x: one would chain every block's FMA on the last (4 cycles each), which
-// bounded this loop below the memory bandwidth.
-template <int64_t T, int NB>
-SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq, int64_t ldq, const float* __restrict dx,
-                    const float* __restrict xs, int64_t ldb, int64_t nb32, float* out) {
+// for xq, ldb for the per-block dx and xs): out[b] = sum_k w[k] * x_b[k]. With PAIR each x row is
+// quantize_x2's pair: the residual r bytes after the row, dx the residual's step (the row's / 254),
+// xs the pair's sums, and x16 (row stride ldx) the pair as one int16 (254 q + q'), which the
+// wide16 types dot instead; the others dot both int8 rows into one int32 (dot_s/dot_u). Either way
+// one conversion and one FMA a block serve 16 bits of x. U independent accumulators per row of x:
+// one would chain every block's FMA on the last (4 cycles each), which bounded this loop below the
+// memory bandwidth.
+template <int64_t T, int NB, bool PAIR, bool W16 = PAIR && wide16(T)>
+SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq, int64_t ldq, int64_t r,
+                        const int16_t* __restrict x16, int64_t ldx, const float* __restrict dx,
+                        const float* __restrict xs, int64_t ldb, int64_t nb32, float* out) {
+  // x16 . (wa, wb): 32 int16 weights against the 32 int16 x at x16 + off, in 8 int32 lanes
+  auto dot16 = [](__m256i wa, __m256i wb, const int16_t* x) __attribute__((always_inline)) {
+    return _mm256_add_epi32(_mm256_madd_epi16(wa, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                            _mm256_madd_epi16(wb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+  };
+  auto u16 = [](const uint8_t* p) __attribute__((always_inline)) {  // 16 bytes zero-extended to int16
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  };
   constexpr int U = NB == 1 ? 4 : 2;
   __m256 acc[NB][U], macc[NB];
 #pragma GCC unroll 4
@@ -145,35 +180,47 @@ SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq
         return _mm256_or_si256(nibbles_32(p + 8), _mm256_and_si256(bytes_from_bits_32(p + 4), _mm256_set1_epi8(0x10)));
       }
     };
-    auto dot = [](__m256i q, __m256i x) __attribute__((always_inline)) {
-      if constexpr (has_min) return dot_u8(q, x);
-      else return dot_i8(q, x);
+    auto dot = [r](__m256i q, __m256i aq, const int8_t* x) __attribute__((always_inline)) {
+      if constexpr (has_min) return dot_u<PAIR>(q, x, r);
+      else return dot_s<PAIR>(aq, q, x, r);
     };
-    int64_t blk = 0;
-    for (; blk + U <= nb32; blk += U, w += U * BB) {
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) {
-        const uint8_t* p = w + u * BB;
-        const __m256i q = weights(p);
-        const float d = f16(p);
+    // W16: the block's weights as int16, weights 0..15 and 16..31
+    auto weights16 = [&](const uint8_t* p, __m256i& wa, __m256i& wb) __attribute__((always_inline)) {
+      if constexpr (T == T_Q8_0) {
+        wa = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2)));
+        wb = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 18)));
+      } else {  // Q4_0 (q - 8), Q4_1 (q): byte j holds weight j (low nibble) and j + 16
+        const __m256i n = u16(p + (T == T_Q4_0 ? 2 : 4)), c = _mm256_set1_epi16(T == T_Q4_0 ? 8 : 0);
+        wa = _mm256_sub_epi16(_mm256_and_si256(n, _mm256_set1_epi16(0x0F)), c);
+        wb = _mm256_sub_epi16(_mm256_srli_epi16(n, 4), c);
+      }
+    };
+    auto block = [&](const uint8_t* p, int64_t bi, int u) __attribute__((always_inline)) {
+      const float d = f16(p);
+      if constexpr (W16) {
+        __m256i wa, wb;
+        weights16(p, wa, wb);
 #pragma GCC unroll 4
         for (int b = 0; b < NB; ++b) {
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + (blk + u) * 32));
-          acc[b][u] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk + u]), _mm256_cvtepi32_ps(dot(q, x)), acc[b][u]);
-          if constexpr (has_min) msum[b] += f16(p + 2) * xs[b * ldb + blk + u];
+          const __m256i v = dot16(wa, wb, x16 + b * ldx + bi * 32);
+          acc[b][u] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + bi]), _mm256_cvtepi32_ps(v), acc[b][u]);
+          if constexpr (has_min) msum[b] += f16(p + 2) * xs[b * ldb + bi];
+        }
+      } else {
+        const __m256i q = weights(p), aq = has_min ? q : _mm256_abs_epi8(q);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) {
+          const __m256i v = dot(q, aq, xq + b * ldq + bi * 32);
+          acc[b][u] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + bi]), _mm256_cvtepi32_ps(v), acc[b][u]);
+          if constexpr (has_min) msum[b] += f16(p + 2) * xs[b * ldb + bi];
         }
       }
-    }
-    for (; blk < nb32; ++blk, w += BB) {
-      const __m256i q = weights(w);
-      const float d = f16(w);
+    };
+    int64_t blk = 0;
+    for (; blk + U <= nb32; blk += U, w += U * BB)
 #pragma GCC unroll 4
-      for (int b = 0; b < NB; ++b) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + blk * 32));
-        acc[b][0] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk]), _mm256_cvtepi32_ps(dot(q, x)), acc[b][0]);
-        if constexpr (has_min) msum[b] += f16(w + 2) * xs[b * ldb + blk];
-      }
-    }
+      for (int u = 0; u < U; ++u) block(w + u * BB, blk + u, u);
+    for (; blk < nb32; ++blk, w += BB) block(w, blk, 0);
     if constexpr (has_min) {
 #pragma GCC unroll 4
       for (int b = 0; b < NB; ++b) macc[b] = _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, -msum[b]);
@@ -200,19 +247,19 @@ SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq
         corr[b] = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + b * ldb + blk), corr[b]);
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) {
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + (blk + i) * 32));
-          acc[b][i % U] = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + i), _mm256_cvtepi32_ps(dot_u8(q[i], x)), acc[b][i % U]);
+          const __m256i v = dot_u<PAIR>(q[i], xq + b * ldq + (blk + i) * 32, r);
+          acc[b][i % U] = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + i), _mm256_cvtepi32_ps(v), acc[b][i % U]);
         }
       }
     }
     for (; blk < nb32; ++blk, w += 22) {  // the row's last blocks, in Q5_0's layout
       const __m256i hi = _mm256_andnot_si256(bytes_from_bits_32(w + 2), _mm256_set1_epi8(char(0xF0)));
-      const __m256i q = _mm256_or_si256(nibbles_32(w + 6), hi);
+      const __m256i q = _mm256_or_si256(nibbles_32(w + 6), hi), aq = _mm256_abs_epi8(q);
       const float d = f16(w);
 #pragma GCC unroll 4
       for (int b = 0; b < NB; ++b) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + blk * 32));
-        acc[b][0] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk]), _mm256_cvtepi32_ps(dot_i8(q, x)), acc[b][0]);
+        const __m256i v = dot_s<PAIR>(aq, q, xq + b * ldq + blk * 32, r);
+        acc[b][0] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk]), _mm256_cvtepi32_ps(v), acc[b][0]);
       }
     }
 #pragma GCC unroll 4
@@ -246,8 +293,8 @@ SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq
             hi = _mm256_or_si256(hi, _mm256_and_si256(shift_bits(qh, 3 - 2 * j), b4));
           }
           const int8_t* x = xq + b * ldq + (sb * 8 + 2 * j) * 32;
-          const __m256i p0 = dot_u8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-          const __m256i p1 = dot_u8(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+          const __m256i p0 = dot_u<PAIR>(lo, x, r);
+          const __m256i p1 = dot_u<PAIR>(hi, x + 32, r);
           acc[b][(2 * j) % U] = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + 2 * j), _mm256_cvtepi32_ps(p0), acc[b][(2 * j) % U]);
           acc[b][(2 * j + 1) % U] = _mm256_fmadd_ps(_mm256_broadcast_ss(sd + 2 * j + 1), _mm256_cvtepi32_ps(p1), acc[b][(2 * j + 1) % U]);
         }
@@ -273,14 +320,23 @@ SLM_INLINE void dot_row(const uint8_t* __restrict w, const int8_t* __restrict xq
         const int8_t* s = sc + 8 * h;
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
-          const __m256i qs = _mm256_sub_epi8(q[j], c32);  // -32..31
-          // 16 weights a scale: int16 pair sums 0..7 take s[2j], 8..15 s[2j + 1]
-          const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(s[2 * j + 1]), _mm_set1_epi16(s[2 * j]));
+          const __m256i qs = _mm256_sub_epi8(q[j], c32), aqs = _mm256_abs_epi8(qs);  // -32..31
+          // 16 weights a scale: int16 pair sums 0..7 take s[2j], 8..15 s[2j + 1]; with PAIR the
+          // row's sums take 254 times the scale (|s| <= 127: still int16)
+          const int sm = PAIR ? 254 : 1;
+          const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(int16_t(sm * s[2 * j + 1])), _mm_set1_epi16(int16_t(sm * s[2 * j])));
           const int64_t blk = sb * 8 + 4 * h + j;
 #pragma GCC unroll 4
           for (int b = 0; b < NB; ++b) {
-            const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + blk * 32));
-            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(qs, x)), scv);
+            const int8_t* xb = xq + b * ldq + blk * 32;
+            auto part = [&](const int8_t* xp) __attribute__((always_inline)) {
+              return _mm256_maddubs_epi16(aqs, _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp)), qs));
+            };
+            __m256i p = _mm256_madd_epi16(part(xb), scv);
+            if constexpr (PAIR) {
+              const __m256i scr = _mm256_set_m128i(_mm_set1_epi16(s[2 * j + 1]), _mm_set1_epi16(s[2 * j]));
+              p = _mm256_add_epi32(p, _mm256_madd_epi16(part(xb + r), scr));
+            }
             acc[b][j % U] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[b * ldb + blk]), _mm256_cvtepi32_ps(p), acc[b][j % U]);
           }
         }
@@ -393,44 +449,65 @@ Parts::Parts(const at::Tensor& blocks, at::IntArrayRef types_, at::IntArrayRef r
   TORCH_CHECK(blocks.numel() == bytes, "slm_cpu: GGUF blocks hold ", blocks.numel(), " bytes, the parts need ", bytes);
 }
 
-// Quantize B rows of x [B, K] to int8 blocks of 32: xq [B, K], dx and xs (dx * sum of the block) [B, K/32].
+// One block of 32 values times id, rounded to nearest even (vcvtps2dq under the default rounding
+// mode, as torch.round) to int8 in q (saturated to -127..127: |x * id| <= 127.5 in exact arithmetic);
+// returns the sum of the 32 int8 values.
+SLM_INLINE int quantize_block(const float* xb, float id, int8_t* out) {
+  const __m256 iv = _mm256_set1_ps(id);
+  __m256i q[4];
+  for (int j = 0; j < 4; ++j)
+    q[j] = _mm256_max_epi32(_mm256_set1_epi32(-127),
+                            _mm256_min_epi32(_mm256_set1_epi32(127), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), iv))));
+  const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  // int32 -> int8 in order: packs interleave the 128-bit lanes, the permute puts them back
+  const __m256i p16 = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+  const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16, p16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), p8);
+  return _mm_cvtsi128_si32(s4);
+}
+
+SLM_INLINE float block_amax(const float* xb) {
+  __m256 mx = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int j = 0; j < 4; ++j) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * j)));
+  return hmax(mx);
+}
+
+// Quantize B rows of x [B, K] to int8 blocks of 32 (steps of amax / 127, as llama.cpp's q8_0
+// activations): xq [B, K], dx and xs (dx * sum of the block) [B, K/32].
 void quantize_x(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, float* xs) {
   for (int64_t i = 0; i < B * K / 32; ++i) {
-    const float* xb = x + 32 * i;
-    __m256 mx = _mm256_setzero_ps();
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int j = 0; j < 4; ++j) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * j)));
-    const float d = hmax(mx) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-    // round to nearest even (vcvtps2dq under the default rounding mode), as torch.round
-    const __m256 iv = _mm256_set1_ps(id);
-    __m256i q[4];
-    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), iv));
-    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    // int32 -> int8 in order: packs interleave the 128-bit lanes, the permute puts them back
-    const __m256i p16 = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
-    const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16, p16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + 32 * i), p8);
-    dx[i] = d, xs[i] = d * float(_mm_cvtsi128_si32(s4));
+    const float d = block_amax(x + 32 * i) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    const int sum = quantize_block(x + 32 * i, id, xq + 32 * i);
+    dx[i] = d, xs[i] = d * float(sum);
   }
 }
 
-// x [B, K] as 2B rows of int8 blocks (xq [2B, K], dx and xs [2B, K/32]): row 2b is x_b quantized
-// (quantize_x), row 2b + 1 the residual x_b - dx * xq quantized the same way. Their sum holds x to
-// ~1/250 of one int8 step, ~16 bits: one int8 row (llama.cpp's Q8_0/Q8_1/Q8_K activations) moved
-// gemma-3-270m's perplexity by ~0.5% from its dequantized weights, two move it by ~0.01%. The
-// weights are decoded once for both rows, so the memory read per token is the same.
+// x [B, K] as B pairs of int8 rows (xq [2B, K], dx and xs [2B, K/32]): row 2b is x_b quantized
+// (quantize_x), row 2b + 1 the residual x_b - d q in steps of d / 254 (|residual| <= d / 2, so
+// within int8), dx of row 2b + 1 that step and xs of row 2b the pair's sum (d sum(q) + d/254
+// sum(q')). Together ~16 bits of x: one int8 row (llama.cpp's Q8_0/Q8_1/Q8_K activations) moved
+// gemma-3-270m's perplexity by ~0.45% from its dequantized weights, the pair by ~0.00%. The fixed
+// ratio lets the kernels dot both rows in one int32 (254 q + q', dot_row's PAIR); the weights are
+// decoded once for both, so the memory read per token is the same as with one row.
 void quantize_x2(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, float* xs) {
-  std::vector<float> r(K);
   const int64_t nb32 = K / 32;
+  float r[32];
   for (int64_t b = 0; b < B; ++b) {
     int8_t* q = xq + 2 * b * K;
-    float* d = dx + 2 * b * nb32;
-    quantize_x(x + b * K, 1, K, q, d, xs + 2 * b * nb32);
-    for (int64_t k = 0; k < K; ++k) r[k] = x[b * K + k] - d[k / 32] * float(q[k]);
-    quantize_x(r.data(), 1, K, q + K, d + nb32, xs + (2 * b + 1) * nb32);
+    float *d = dx + 2 * b * nb32, *sums = xs + 2 * b * nb32;
+    for (int64_t i = 0; i < nb32; ++i) {
+      const float* xb = x + b * K + 32 * i;
+      const float d1 = block_amax(xb) / 127.0f, id1 = d1 != 0.0f ? 1.0f / d1 : 0.0f;
+      const int s1 = quantize_block(xb, id1, q + 32 * i);
+      for (int j = 0; j < 32; ++j) r[j] = xb[j] - d1 * float(q[32 * i + j]);
+      const float d2 = d1 / 254.0f, id2 = d2 != 0.0f ? 1.0f / d2 : 0.0f;
+      const int s2 = quantize_block(r, id2, q + K + 32 * i);
+      d[i] = d1, d[nb32 + i] = d2, sums[i] = d1 * float(s1) + d2 * float(s2), sums[nb32 + i] = d2 * float(s2);
+    }
   }
 }
 
@@ -451,9 +528,9 @@ int64_t x_rows() {
 }
 
 template <int64_t T>
-void rows_gguf(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, const int8_t* xq, const float* dx,
-               const float* xs, int64_t B, int64_t R, int64_t K, float* y, int64_t ldy, const float* bias,
-               int64_t bias0) {
+void rows_gguf(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, const int8_t* xq, const int16_t* x16,
+               const float* dx, const float* xs, int64_t B, int64_t R, int64_t K, float* y, int64_t ldy,
+               const float* bias, int64_t bias0) {
   const int64_t nb32 = K / 32;
   const int64_t pf = prefetch_bytes();
   for (int64_t n = n0; n < n1; ++n) {
@@ -462,19 +539,32 @@ void rows_gguf(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, cons
     // blocks is slow enough that the hardware prefetchers alone let the loop wait on memory.
     if (pf)
       for (int64_t i = 0; i < row_bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(wr + pf + i), _MM_HINT_T0);
-    // R int8 rows for each row of x (2: quantize_x2's row and residual), up to 4 rows at a time
-    for (int64_t b = 0; b < R * B;) {
+    // up to 4 rows of x at a time; R = 2: quantize_x2's pairs (row, residual), one dot a pair
+    for (int64_t b = 0; b < B;) {
       float out[4];
-      const int64_t nb = std::min<int64_t>(R * B - b, 4);
-      const int8_t* xb = xq + b * K;
-      switch (nb) {
-        case 1: dot_row<T, 1>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
-        case 2: dot_row<T, 2>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
-        case 3: dot_row<T, 3>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
-        default: dot_row<T, 4>(wr, xb, K, dx + b * nb32, xs + b * nb32, nb32, nb32, out); break;
+      const int64_t nb = std::min<int64_t>(B - b, 4);
+      if (R == 2) {
+        // the pair's rows at 2b, 2b + 1: step of the residual (row 2b + 1) and the pair's sums (row 2b)
+        const int8_t* xb = xq + 2 * b * K;
+        const float *d2 = dx + (2 * b + 1) * nb32, *s = xs + 2 * b * nb32;
+        const int16_t* xw = x16 ? x16 + b * K : nullptr;  // set where T is wide16
+        switch (nb) {
+          case 1: dot_row<T, 1, true>(wr, xb, 2 * K, K, xw, K, d2, s, 2 * nb32, nb32, out); break;
+          case 2: dot_row<T, 2, true>(wr, xb, 2 * K, K, xw, K, d2, s, 2 * nb32, nb32, out); break;
+          case 3: dot_row<T, 3, true>(wr, xb, 2 * K, K, xw, K, d2, s, 2 * nb32, nb32, out); break;
+          default: dot_row<T, 4, true>(wr, xb, 2 * K, K, xw, K, d2, s, 2 * nb32, nb32, out); break;
+        }
+      } else {
+        const int8_t* xb = xq + b * K;
+        const float *d1 = dx + b * nb32, *s = xs + b * nb32;
+        switch (nb) {
+          case 1: dot_row<T, 1, false>(wr, xb, K, 0, nullptr, 0, d1, s, nb32, nb32, out); break;
+          case 2: dot_row<T, 2, false>(wr, xb, K, 0, nullptr, 0, d1, s, nb32, nb32, out); break;
+          case 3: dot_row<T, 3, false>(wr, xb, K, 0, nullptr, 0, d1, s, nb32, nb32, out); break;
+          default: dot_row<T, 4, false>(wr, xb, K, 0, nullptr, 0, d1, s, nb32, nb32, out); break;
+        }
       }
-      for (int64_t i = 0; i < nb / R; ++i)
-        y[(b / R + i) * ldy + bias0 + n] = (R == 2 ? out[2 * i] + out[2 * i + 1] : out[i]) + (bias ? bias[bias0 + n] : 0.0f);
+      for (int64_t i = 0; i < nb; ++i) y[(b + i) * ldy + bias0 + n] = out[i] + (bias ? bias[bias0 + n] : 0.0f);
       b += nb;
     }
   }
@@ -511,8 +601,17 @@ void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, i
   const int64_t R = x_rows();
   std::vector<int8_t> xq(R * B * K);
   std::vector<float> dx(R * B * K / 32), xs(R * B * K / 32);
-  if (R == 2) quantize_x2(x, B, K, xq.data(), dx.data(), xs.data());
-  else quantize_x(x, B, K, xq.data(), dx.data(), xs.data());
+  std::vector<int16_t> x16;
+  if (R == 2) {
+    quantize_x2(x, B, K, xq.data(), dx.data(), xs.data());
+    if (std::any_of(P.types.begin(), P.types.end(), wide16)) {  // the pairs as int16, for dot_row
+      x16.resize(B * K);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < K; ++k) x16[b * K + k] = int16_t(254 * xq[2 * b * K + k] + xq[(2 * b + 1) * K + k]);
+    }
+  } else {
+    quantize_x(x, B, K, xq.data(), dx.data(), xs.data());
+  }
   // rows per task: ~64 KB of weights
   const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, P.row_bytes[0]));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -522,15 +621,15 @@ void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, i
       const uint8_t* w = bp + P.byte0[p];
       const int64_t r0 = P.row0[p], rb = P.row_bytes[p];
       switch (P.types[p]) {
-        case T_Q8_0: rows_gguf<T_Q8_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
-        case T_Q4_0: rows_gguf<T_Q4_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
-        case T_Q4_1: rows_gguf<T_Q4_1>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
-        case T_Q5_1: rows_gguf<T_Q5_1>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
-        case T_Q5_K: rows_gguf<T_Q5_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
-        case T_Q5_0: rows_gguf<T_Q5_0>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
-        case T_Q5_0R4: rows_gguf<T_Q5_0R4>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
-        case T_Q4_K: rows_gguf<T_Q4_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
-        default: rows_gguf<T_Q6_K>(w, rb, a - r0, b - r0, xq.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q8_0: rows_gguf<T_Q8_0>(w, rb, a - r0, b - r0, xq.data(), x16.empty() ? nullptr : x16.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q4_0: rows_gguf<T_Q4_0>(w, rb, a - r0, b - r0, xq.data(), x16.empty() ? nullptr : x16.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q4_1: rows_gguf<T_Q4_1>(w, rb, a - r0, b - r0, xq.data(), x16.empty() ? nullptr : x16.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q5_1: rows_gguf<T_Q5_1>(w, rb, a - r0, b - r0, xq.data(), x16.empty() ? nullptr : x16.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q5_K: rows_gguf<T_Q5_K>(w, rb, a - r0, b - r0, xq.data(), x16.empty() ? nullptr : x16.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q5_0: rows_gguf<T_Q5_0>(w, rb, a - r0, b - r0, xq.data(), x16.empty() ? nullptr : x16.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q5_0R4: rows_gguf<T_Q5_0R4>(w, rb, a - r0, b - r0, xq.data(), x16.empty() ? nullptr : x16.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        case T_Q4_K: rows_gguf<T_Q4_K>(w, rb, a - r0, b - r0, xq.data(), x16.empty() ? nullptr : x16.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
+        default: rows_gguf<T_Q6_K>(w, rb, a - r0, b - r0, xq.data(), x16.empty() ? nullptr : x16.data(), dx.data(), xs.data(), B, R, K, yp, N, bias_p, r0); break;
       }
     }
   });
