@@ -170,14 +170,15 @@ def test_integrated_gradients_completeness(lm, ids):
 
 
 def test_adaptive_integrated_gradients(lm, ids):
-    """The default rule: 16 midpoint intervals, then bisection of the worst until the gap is within
-    half the tolerance. On a tiny model 16 to 32 are enough (well under the 512 allowed); a tolerance
-    of 1e-5 makes it bisect until the budget is spent, lowering the sum of the intervals' own gaps."""
+    """The default rule: 16 Simpson intervals, then bisection of the worst until the gap is within
+    half the tolerance. On a tiny model 33 to 64 steps are enough (well under the 512 allowed); a
+    tolerance of 1e-9 makes it bisect until the budget is spent, lowering the sum of the intervals'
+    own gaps."""
     model, t = lm.model, target_of(lm, ids)
     ig = integrated_gradients(model, ids, t, baseline=5)
     delta = ig.value - ig.baseline_value
     assert ig.steps <= 64 and abs(ig.completeness_gap) <= 0.005 * abs(delta)
-    tight = integrated_gradients(model, ids, t, baseline=5, steps=ig.steps + 32, tolerance=1e-5)
+    tight = integrated_gradients(model, ids, t, baseline=5, steps=ig.steps + 32, tolerance=1e-9)
     assert (tight.value, tight.baseline_value) == pytest.approx((ig.value, ig.baseline_value), abs=1e-5)
     assert tight.steps == ig.steps + 32  # the budget is spent
     assert tight.local_gaps < ig.local_gaps and abs(tight.completeness_gap) <= abs(ig.completeness_gap) + 1e-5

@@ -6,10 +6,9 @@ This is the model where equal steps fail: its path from the <pad> embedding swin
 logits within 1-2% of alpha several times (before the adaptive rule, 64 equal trapezoid steps
 left a gap of -32 on a difference of 6.6; from zeros: NaN, an overflowing gradient at alpha = 0).
 
-Not every prompt gets there: on "def add(a, b):\n    return", where f(x) - f(pad) is 1.26, 512
-steps left a 1.5% gap and 1,024 a 1.9% with two threads (0.49% after 352 steps with one); the
-report and the CLI say WARNING there. It is not asserted either way, since the thread count
-decides it."""
+The code prompt "def add(a, b):\n    return" (f(x) - f(pad) = 1.26 on a path through f = 3.8..26)
+is the hard case: the midpoint rule's 512 steps left a 1.5% gap with two threads, 1,024 a 1.9%;
+Simpson's rule (the adaptive default since) reaches 0.26% in 273 steps with either thread count."""
 
 import numpy as np
 import pytest
@@ -32,6 +31,7 @@ def lm(smollm2_gguf):
     ("The Eiffel Tower is in the city of", "pad"),
     ("The Eiffel Tower is in the city of", "."),
     ("The capital of France is", "pad"),
+    ("def add(a, b):\n    return", "pad"),
 ])
 def test_integrated_gradients_are_complete(lm, prompt, baseline):
     a = explain(lm, prompt, baseline=baseline, top_k=1, layers="0").attribution

@@ -8,7 +8,8 @@ The target is f(x) = logit of `target` at the last position, or logit(target) - 
   position) to the real embeddings, times (x - baseline), summed over the embedding dimensions.
   The integral's error is reported as the completeness gap sum(attributions) - (f(x) - f(baseline)),
   against a tolerance (1% of |f(x) - f(baseline)| by default). By default the integral is
-  adaptive (see `integrated_gradients`): real models' paths are not smooth at any uniform step.
+  adaptive Simpson (see `integrated_gradients`): real models' paths are not smooth at any uniform
+  step.
 - gradient x input: the same product at x alone, one backward pass.
 - occlusion: f(x) - f(x with the token replaced by a baseline token), one forward pass per token.
 
@@ -142,14 +143,23 @@ class IntegratedGradients:
 
 @dataclass
 class _Interval:
-    """[a, c] of alpha with f at both ends and the midpoint, and (c - a) x the per-token
-    (x - b) . grad f at the midpoint: the interval's share of the attributions."""
+    """[a, c] of alpha with f at both ends and the midpoint, and the per-token (x - b) . grad f
+    there (da, dm, dc: [T] float64; da None at alpha = 0 from the zero baseline, where the
+    gradient overflows, and both None where the budget left no gradients at the first edges). Its share of the attributions, `part`, is Simpson's rule
+    (c - a) (da + 4 dm + dc) / 6, or the midpoint rule (c - a) dm without da."""
     a: float
     c: float
     fa: float
     fc: float
     fm: float
-    part: torch.Tensor  # [T] float64
+    da: torch.Tensor | None
+    dm: torch.Tensor
+    dc: torch.Tensor
+    part: torch.Tensor = None  # [T] float64
+
+    def __post_init__(self):
+        w = self.c - self.a
+        self.part = w * self.dm if self.da is None or self.dc is None else w / 6 * (self.da + 4 * self.dm + self.dc)
 
     @property
     def mid(self) -> float:
@@ -190,15 +200,19 @@ def integrated_gradients(model: Transformer, ids: torch.Tensor, target: int, con
     to x (alpha = 1), with f at both ends. baseline: "zeros" or a token id whose embedding fills
     every position not in `fixed`. `steps` gradient evaluations, by one of three rules:
 
-    - "adaptive" (the default): the midpoint rule on 16 equal intervals of alpha, then bisection
-      of the intervals with the largest local gap, 8 at a time, until the completeness gap is
-      within half the tolerance (tolerance x |f(x) - f(baseline)|) or the steps are spent. An
-      interval [a, c] with its gradient at the midpoint m estimates f(c) - f(a) as
-      (c - a) grad f(m) . (x - b), and f(a), f(c) are known (one forward pass each at the start;
-      a bisection's new ends are old midpoints), so each interval's gap is measured, not
+    - "adaptive" (the default): Simpson's rule on 16 equal intervals of alpha, then bisection of
+      the intervals with the largest local gap, 8 at a time, until the completeness gap is within
+      half the tolerance (tolerance x |f(x) - f(baseline)|) or the steps are spent. An interval
+      [a, c] with f and the gradient at both ends and the midpoint m estimates f(c) - f(a) as
+      (c - a) (g(a) + 4 g(m) + g(c)) . (x - b) / 6, and f(a), f(c) are known (a bisection's new
+      ends are old midpoints, with their gradients), so each interval's gap is measured, not
       guessed, and the steps go where f bends. Real models need this: on SmolLM2-135M the path
       from the <pad> embedding swings f by 10-20 logits within 1-2% of alpha several times (not
       fp32 noise: that is ~2e-5 per interval), which 64 equal steps missed by 5x f(x) - f(b).
+      Simpson's error shrinks as the interval's width^5 where the midpoint rule's does as width^3:
+      on "def add(a, b):\n    return" (f(x) - f(pad) = 1.26 on a path through 3.8..26), the
+      midpoint rule's 512 steps left a 1.5% gap, Simpson's 273 reach 0.26%. Every gradient
+      evaluation counts as a step, the edges' included.
     - "midpoint" and "trapezoid": `steps` equal intervals (error ~ 1/steps^2 where f is smooth).
 
     Midpoints never sample alpha = 0: from the zero baseline the gradient there is the product of
@@ -245,13 +259,22 @@ def integrated_gradients(model: Transformer, ids: torch.Tensor, target: int, con
         bar.close()
         return IntegratedGradients(attr.tolist(), fs[-1].item(), fs[0].item(), steps + 1, float("nan"))
 
-    # the midpoint rule on n equal intervals; "adaptive" then bisects the worst of them
+    # the midpoint rule on n equal intervals; "adaptive": Simpson's on n, then bisect the worst
     n = steps if rule == "midpoint" else min(steps, INITIAL_INTERVALS)
     edges = torch.linspace(0, 1, n + 1, dtype=torch.float64)
     zero_rows = bool((b == 0).all(-1).any())  # the zero baseline (or a token whose embedding is 0)
     if rule == "adaptive" and zero_rows:  # the first interval in decades: f changes on every scale there
         edges = torch.cat([edges[:1], torch.logspace(-12, -2, 11, dtype=torch.float64), edges[1:]])
-    f_edges = _f_only(model, ids, _interpolate(x, b, edges), target, contrast, batch_size).tolist()
+    d_edges: list = [None] * len(edges)  # the adaptive rule's gradients at the edges
+    first = 1 if zero_rows else 0
+    simpson = rule == "adaptive" and (len(edges) - first) + (len(edges) - 1) <= steps  # edges' gradients affordable
+    if not simpson:
+        f_edges = _f_only(model, ids, _interpolate(x, b, edges), target, contrast, batch_size).tolist()
+    else:  # from zeros, no gradient at alpha = 0 (it overflows): f alone there
+        f_rest, d_rest = evaluate(edges[first:])
+        f_edges = _f_only(model, ids, _interpolate(x, b, edges[:1]), target, contrast, batch_size).tolist()[:first] \
+            + f_rest.tolist()
+        d_edges = d_edges[:first] + list(d_rest)
     if rule == "adaptive" and zero_rows:
         moved = f_edges[7] - f_edges[0]  # edges[7] is alpha = 1e-6
         if abs(moved) > tolerance * abs(f_edges[-1] - f_edges[0]):
@@ -259,11 +282,12 @@ def integrated_gradients(model: Transformer, ids: torch.Tensor, target: int, con
                              "first 1e-6 of the path (its norms amplify a near-zero input), more than the tolerance; "
                              "use a token baseline (--baseline pad)")
     f_mid, dots = evaluate((edges[:-1] + edges[1:]) / 2)
-    intervals = [_Interval(a, c, fa, fc, fm, (c - a) * d) for a, c, fa, fc, fm, d in
-                 zip(edges[:-1].tolist(), edges[1:].tolist(), f_edges[:-1], f_edges[1:], f_mid.tolist(), dots)]
+    intervals = [_Interval(a, c, fa, fc, fm, da, dm, dc) for a, c, fa, fc, fm, da, dm, dc in
+                 zip(edges[:-1].tolist(), edges[1:].tolist(), f_edges[:-1], f_edges[1:], f_mid.tolist(),
+                     d_edges[:-1], dots, d_edges[1:])]
     fx, fb = f_edges[-1], f_edges[0]
     allowed = tolerance * max(abs(fx - fb), 1e-3)
-    used = len(intervals)
+    used = len(intervals) + sum(d is not None for d in d_edges)
     while rule == "adaptive" and used + 2 <= steps:
         # stop at half the tolerance: a margin for a gap that crosses 0 while the path is still coarse
         if abs(sum(i.signed_gap for i in intervals)) <= allowed / 2:
@@ -274,10 +298,12 @@ def integrated_gradients(model: Transformer, ids: torch.Tensor, target: int, con
         keep, split = intervals[:-k], intervals[-k:]
         if any(i.c - i.a <= MIN_WIDTH for i in split):
             break
-        halves = [h for i in split for h in ((i.a, i.mid, i.fa, i.fm), (i.mid, i.c, i.fm, i.fc))]
-        f_mid, dots = evaluate(torch.tensor([(a + c) / 2 for a, c, _, _ in halves], dtype=torch.float64))
-        intervals = keep + [
-            _Interval(a, c, fa, fc, fm, (c - a) * d) for (a, c, fa, fc), fm, d in zip(halves, f_mid.tolist(), dots)]
+        # the old midpoint is an end of both halves, its gradient known; the first half from zeros
+        # keeps the midpoint rule (da None)
+        halves = [h for i in split for h in ((i.a, i.mid, i.fa, i.fm, i.da, i.dm), (i.mid, i.c, i.fm, i.fc, i.dm, i.dc))]
+        f_mid, dots = evaluate(torch.tensor([(h[0] + h[1]) / 2 for h in halves], dtype=torch.float64))
+        intervals = keep + [_Interval(a, c, fa, fc, fm, da, dm, dc)
+                            for (a, c, fa, fc, da, dc), fm, dm in zip(halves, f_mid.tolist(), dots)]
         used += len(halves)
     bar.close()
     attr = torch.stack([i.part for i in intervals]).sum(0)
