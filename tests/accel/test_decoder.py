@@ -166,6 +166,22 @@ def test_module_path_where_it_does_not_apply(checkpoint):
     assert model.lm_head.weight.grad is not None
 
 
+def test_the_receipts_token_counter_keeps_the_decoder(checkpoint, monkeypatch):
+    """The footprint receipt counts tokens with a pre-hook on the model itself (`slm generate`,
+    `chat` and `serve` all install it): that hook runs whichever path the step takes, so the
+    decoder stays; it was refused, and every CLI decode ran on the modules, ~4x slower."""
+    from slm.footprint.receipt import Tracker
+    lm = slm.load(checkpoint)
+    tracker = Tracker("generate", device="cpu")
+    handle = tracker.watch(lm)
+    try:
+        fast, slow = both(lm.model, monkeypatch, lm.tokenizer.encode("Once upon a time")[:5], 3)
+    finally:
+        handle.remove()
+    assert_same(fast, slow)
+    assert tracker.tokens["inferred"] == 2 * (5 + 3)  # both runs counted, every token once
+
+
 def test_lora_keeps_the_module_path(checkpoint):
     from slm.finetune.lora import apply_lora
     lm = slm.load(checkpoint)

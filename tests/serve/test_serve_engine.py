@@ -297,3 +297,19 @@ def test_a_short_prompt_is_not_held_up_behind_a_long_prefill(lm):
     finally:
         engine.stop()
     assert firsts == ["short", "long"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_prompt_caches_are_zeroed_without_openmp(dtype):
+    """The allocator thread's prompt caches (engine.zeros_without_openmp): zeros as torch.zeros
+    gives them, of any dtype, writable, and a KVCache built with them works as one."""
+    from slm.model import KVCache
+    from slm.model.config import ModelConfig
+    from slm.serve.engine import zeros_without_openmp
+    t = zeros_without_openmp((2, 3, 50, 8), dtype=dtype)
+    assert t.dtype == dtype and t.shape == (2, 3, 50, 8) and t.is_contiguous() and not t.any()
+    t[1, 2, 49, 7] = 1.5
+    assert t.sum().item() == 1.5
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    a, b = KVCache(cfg, 1, 40, dtype=dtype), KVCache(cfg, 1, 40, dtype=dtype, zeros=zeros_without_openmp)
+    assert all(torch.equal(x, y) for x, y in zip(a.k + a.v, b.k + b.v))

@@ -152,12 +152,15 @@ def _spec(model) -> list | None:
 def _key(model) -> tuple | None:
     """What a decoder was built from: every module and the storage of its weights (a replaced
     layer or model.to() changes it; the decoder keeps its tensors alive, so their addresses are not
-    reused meanwhile). None while a hook watches a module: those calls must happen."""
+    reused meanwhile). None while a hook watches a module inside the model: those calls must
+    happen, and the decoder makes none. The model's own hooks still run (its __call__ hands the
+    step over), as the receipt's token counter (footprint.receipt.watch) does: refusing the decoder
+    for it made every `slm generate`, `chat` and `serve` decode on the module path, ~4x slower."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return None
     key = []
     for m in model.modules():
-        if m._forward_hooks or m._forward_pre_hooks:
+        if m is not model and (m._forward_hooks or m._forward_pre_hooks):
             return None
         key.append(id(m))
         key.extend(t.data_ptr() for t in m._parameters.values() if t is not None)

@@ -47,14 +47,16 @@ class KVCache:
     (-1: empty or padding); masks are built from it, which also handles left-padded batches.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32,
+                 zeros=torch.zeros):
         self.max_len, self.seen, self.padded = max_len, 0, False
         self.windows = [w if w and w < max_len else None for w in map(cfg.layer_window, range(cfg.num_layers))]
         self.size = {w: (w if w else max_len) for w in set(self.windows)}
         self.pos = {w: torch.full((batch, s), -1, dtype=torch.long, device=device) for w, s in self.size.items()}
         shape = lambda w: (batch, cfg.num_kv_heads, self.size[w], cfg.head_dim)  # noqa: E731
-        self.k = [torch.zeros(shape(w), device=device, dtype=dtype) for w in self.windows]
-        self.v = [torch.zeros(shape(w), device=device, dtype=dtype) for w in self.windows]
+        # zeros(shape, device=, dtype=): torch.zeros, or the serving engine's allocator (one without OpenMP)
+        self.k = [zeros(shape(w), device=device, dtype=dtype) for w in self.windows]
+        self.v = [zeros(shape(w), device=device, dtype=dtype) for w in self.windows]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

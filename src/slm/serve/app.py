@@ -27,6 +27,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -573,6 +574,23 @@ def is_loopback(host: str) -> bool:
 GIL_SWITCH_SECONDS = 0.0005
 
 
+def in_passing_thread(fn):
+    """fn() in a new thread that ends with it: its result, or its exception raised here."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller as it is
+            box["error"] = e
+    t = threading.Thread(target=run, name="slm-load", daemon=True)  # Ctrl-C during a load ends the process
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def run(model: str | None = None, config: ServeConfig | None = None, dtype=None, device=None, quantize=None,
         group_size=None, on_load=None, tokenizer=None) -> None:
     c = config or ServeConfig()
@@ -585,13 +603,18 @@ def run(model: str | None = None, config: ServeConfig | None = None, dtype=None,
 
     # The port first: one in use is an error now, not after the model has loaded.
     with listen(host, port) as sock:
-        lm = load(model, dtype=dtype, device=device, quantize=quantize, group_size=group_size, tokenizer=tokenizer)
-        if on_load is not None:  # e.g. the footprint receipt's token counter
-            on_load(lm)
         if name is None:
             name = DEFAULT_MODEL if model is None else os.path.basename(os.path.normpath(model))
             name = name[:-5] if name.endswith(".gguf") else name
-        app = create_app(lm, name, c, local_only=local)
+
+        def build():
+            lm = load(model, dtype=dtype, device=device, quantize=quantize, group_size=group_size, tokenizer=tokenizer)
+            if on_load is not None:  # e.g. the footprint receipt's token counter
+                on_load(lm)
+            return create_app(lm, name, c, local_only=local)
+        # Loaded in a thread that then ends, and with it the OpenMP worker pool that loading
+        # started: the engine thread's must be the process's only one (engine.zeros_without_openmp).
+        app = in_passing_thread(build)
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("slm serve: %(message)s"))
         log.addHandler(handler)
