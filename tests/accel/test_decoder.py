@@ -91,6 +91,43 @@ def test_row_0_of_a_serving_cache(checkpoint, monkeypatch):
     assert_same(*with_and_without(serve, monkeypatch))
 
 
+def test_several_rows_of_a_serving_cache(checkpoint, monkeypatch):
+    """The serving engine's step of several rows (Decoder.step_rows): three requests at different
+    positions in rows 0, 1 and 3 (row 2 idle, position -1), stepping together, the same logits and
+    caches as the modules give."""
+    from slm.model import RowKVCache
+    lm = slm.load(checkpoint, quantize="int8")
+    model, busy = lm.model, [0, 1, 3]
+    prompts = [[9, 8, 7, 6, 5, 4, 3, 2, 1] * 3, [5, 6, 7], [11, 12, 13, 14, 15, 16]]
+
+    def serve():
+        rows = RowKVCache(model.config, 4, 48, model.device, model.dtype)
+        with torch.no_grad():
+            for r, prompt in zip(busy, prompts):
+                small = model.new_cache(1, len(prompt))
+                model(torch.tensor([prompt]), cache=small, last_only=True)
+                rows.load_row(r, small)
+            out = []
+            for i in range(12):
+                ids, pos = torch.zeros(4, 1, dtype=torch.long), torch.full((4, 1), -1)
+                for r, prompt in zip(busy, prompts):
+                    ids[r, 0], pos[r, 0] = (7 * i + r) % 400, len(prompt) + i
+                out.append(model(ids, cache=rows, pos=pos)[busy, -1])
+        return torch.stack(out), rows
+
+    (fast, cf) = serve()
+    assert cf.__dict__.get("_rows_step"), "the decoder did not run"
+    with monkeypatch.context() as m:
+        m.setenv("SLM_NO_DECODER", "1")
+        (slow, cs) = serve()
+    assert cs.__dict__.get("_rows_step") is False
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    for x, y in zip(cf.k + cf.v, cs.k + cs.v):  # the idle row is the modules' scratch: left out
+        torch.testing.assert_close(x[busy], y[busy], rtol=1e-4, atol=1e-4)
+    for w in cf.pos:
+        assert torch.equal(cf.pos[w][busy], cs.pos[w][busy])
+
+
 def test_a_column_major_head(checkpoint, monkeypatch):
     """checkpoint/hf.py stores a tall fp32 LM head column-major (and a tied embedding with it)."""
     lm = slm.load(checkpoint)

@@ -7,11 +7,14 @@ one sequence's step (a new token, or a prompt of up to MAX_TOKENS) to `step_for(
 which runs the same kernels as the modules (products, norms, rope, attention: cpu/decoder.cpp's
 `Decoder.step`) in one call and writes the cache as `KVCache.plan/update` would. It applies when
 the step is plain: a batch-1 KVCache without padding or row 0 of the serving engine's RowKVCache,
-fp32 on the CPU, no autograd or autocast, no hooks (explain watches modules), and every layer one
+fp32 on the CPU, no autograd or autocast, no hooks inside the model (explain watches modules; the
+receipt's counter on the model itself runs either way), and every layer one
 it knows (nn.Linear or cpu_decode's Linear in fp32, Int8Linear, Int4Linear, GGUFLinear; RMSNorm or
 LayerNorm). Anything else keeps the module path, which gives the same logits (tests/accel/test_decoder.py
 holds the two together, and tests/accel/test_accel.py both to the reference model). Longer prompts go to the
-modules' GEMMs. `SLM_NO_DECODER=1` turns it off.
+modules' GEMMs. The engine's step of several rows of its RowKVCache, one token each at its own
+position, goes to `rows_step_for` (`Decoder.step_rows`): the products take the rows together, so
+the weights are read once a step, as at batch 1. `SLM_NO_DECODER=1` turns both off.
 
 A decoder holds the weights it was built from. It is kept per model while they stay the same, and
 dropped as soon as a module it was built from is freed (a layer replaced by quantize_model or
@@ -57,6 +60,21 @@ class Transformer(reference.Transformer):
                 logits = step(input_ids[0].tolist(), first, last_only)
                 cache.seen += T
                 return logits
+        if B > 1 and T == 1 and type(cache) is RowKVCache and pos is not None and pos.shape == (B, 1) \
+                and attention_mask is None and not return_hidden and input_ids.is_cpu \
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+            step = rows_step_for(self, cache)
+            if step is not None:  # the serving engine's step of several rows, in one C++ call
+                at = pos[:, 0].tolist()
+                busy = [b for b, p in enumerate(at) if p >= 0]  # -1: an idle row, not computed
+                if busy and max(at) < cache.max_len:
+                    ids = input_ids[:, 0].tolist()
+                    out = step([ids[b] for b in busy], busy, [at[b] for b in busy])
+                    if len(busy) == B:
+                        return out
+                    logits = out.new_zeros(B, 1, out.shape[-1])
+                    logits[busy] = out
+                    return logits
         return super().forward(input_ids, cache, pos, attention_mask, last_only, return_hidden)
 
 
@@ -235,6 +253,29 @@ def first_position(cache, pos: torch.Tensor | None, T: int) -> int | None:
         p = int(pos)
         return p if 0 <= p < cache.max_len else None
     return None
+
+
+def rows_step_for(model, cache):
+    """A function (tokens, rows, positions) -> logits [n, 1, V] that steps one token for each of
+    those rows of this RowKVCache in one call, or None where the module path must run it.
+    Decided once per cache."""
+    fn = cache.__dict__.get("_rows_step")
+    if fn is not None:
+        return fn or None
+    fn = False
+    if cache.k and cache.k[0].dtype == torch.float32 and cache.k[0].is_cpu \
+            and all(k.is_contiguous() and v.is_contiguous() for k, v in zip(cache.k, cache.v)) \
+            and all(p.is_contiguous() for p in cache.pos.values()):
+        dec = build(model)
+        if dec is not None:
+            pos = [cache.pos[w] for w in cache.windows]
+            rolling = [int(w is not None) for w in cache.windows]
+
+            def fn(tokens: list[int], rows: list[int], at: list[int], dec=dec, ks=cache.k, vs=cache.v, pos=pos,
+                   rolling=rolling) -> torch.Tensor:
+                return dec.step_rows(tokens, rows, at, ks, vs, pos, rolling)
+    cache._rows_step = fn
+    return fn or None
 
 
 def step_for(model, cache):

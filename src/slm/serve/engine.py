@@ -118,19 +118,19 @@ class Request:
 
 
 def zeros_without_openmp(shape, device=None, dtype=torch.float32) -> torch.Tensor:
-    """torch.zeros(shape), filled by numpy on this thread, for the prompt caches the allocator
-    thread makes. torch.zeros would fill a large tensor in an OpenMP parallel region, and the
-    allocator thread would keep a worker pool of its own beside the engine thread's: once a process
-    holds more OpenMP threads than CPUs, libgomp spins only ~100 times before putting a waiting
-    worker to sleep, so each of a decode step's ~120 parallel regions would wake its worker from
-    sleep (a SmolLM2 step took 15 ms instead of 5.3 on 2 cores). Filled here, not left to calloc,
-    so that the page faults are this thread's and not the engine's."""
+    """torch.zeros(shape) from calloc (numpy), for the prompt caches the allocator thread makes.
+    torch.zeros would fill a large tensor in an OpenMP parallel region, and the allocator thread
+    would keep a worker pool of its own beside the engine thread's: once a process holds more
+    OpenMP threads than CPUs, libgomp spins only ~100 times before putting a waiting worker to
+    sleep, so each of a decode step's ~120 parallel regions would wake its worker from sleep (a
+    SmolLM2 step took 15 ms instead of 5.3 on 2 cores). Nor is it filled here: fresh pages come
+    zeroed from the kernel and fault in as the prefill writes them, a few at each turn, where
+    filling a 4,000-token SmolLM2 prompt's 184 MB at once took a core from the running streams for
+    ~60 ms (their largest gap)."""
     if device is not None and torch.device(device).type != "cpu":
         return torch.zeros(shape, device=device, dtype=dtype)
     n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    buf = np.empty(n, dtype=np.uint8)
-    buf.fill(0)
-    return torch.from_numpy(buf).view(dtype).view(shape)
+    return torch.from_numpy(np.zeros(n, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def push_all(out: dict[Request, list[Delta]]) -> None:

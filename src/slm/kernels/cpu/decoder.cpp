@@ -153,20 +153,45 @@ void Decoder::set_rope(int64_t i, at::Tensor cos, at::Tensor sin) {
 at::Tensor Decoder::step(std::vector<int64_t> tokens, int64_t seen, std::vector<at::Tensor> K,
                          std::vector<at::Tensor> Vc, std::vector<at::Tensor> pos, std::vector<int64_t> rolling,
                          bool last_only) {
+  const int64_t T = tokens.size();
+  TORCH_CHECK(seen >= 0, "slm_cpu.Decoder.step: a negative position");
+  std::vector<int64_t> rows(T, 0), positions(T);
+  for (int64_t t = 0; t < T; ++t) positions[t] = seen + t;
+  return run(tokens, rows, positions, K, Vc, pos, rolling, last_only, "step");
+}
+
+at::Tensor Decoder::step_rows(std::vector<int64_t> tokens, std::vector<int64_t> rows, std::vector<int64_t> positions,
+                              std::vector<at::Tensor> K, std::vector<at::Tensor> Vc, std::vector<at::Tensor> pos,
+                              std::vector<int64_t> rolling) {
+  TORCH_CHECK(rows.size() == tokens.size() && positions.size() == tokens.size(), "slm_cpu.Decoder.step_rows: one row and one "
+              "position per token");
+  std::vector<int64_t> seen_rows(rows);
+  std::sort(seen_rows.begin(), seen_rows.end());
+  TORCH_CHECK(std::adjacent_find(seen_rows.begin(), seen_rows.end()) == seen_rows.end(),
+              "slm_cpu.Decoder.step_rows: one token per row");
+  for (int64_t p : positions) TORCH_CHECK(p >= 0, "slm_cpu.Decoder.step_rows: a negative position");
+  return run(tokens, rows, positions, K, Vc, pos, rolling, false, "step_rows").view({int64_t(tokens.size()), 1, V});
+}
+
+at::Tensor Decoder::run(const std::vector<int64_t>& tokens, const std::vector<int64_t>& row, const std::vector<int64_t>& positions,
+                        std::vector<at::Tensor>& K, std::vector<at::Tensor>& Vc, std::vector<at::Tensor>& pos,
+                        const std::vector<int64_t>& rolling, bool last_only, const char* what) {
   const int64_t n = layers.size(), Q = (H + 2 * Hkv) * D, T = tokens.size();
   TORCH_CHECK(int64_t(K.size()) == n && int64_t(Vc.size()) == n && int64_t(pos.size()) == n && int64_t(rolling.size()) == n,
-              "slm_cpu.Decoder.step: one cache per layer");
-  TORCH_CHECK(T > 0 && embed.kind >= 0 && head.kind >= 0, "slm_cpu.Decoder.step: no tokens, or the decoder is incomplete");
-  for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < V, "slm_cpu.Decoder.step: token ", t, " out of range");
+              "slm_cpu.Decoder.", what, ": one cache per layer");
+  TORCH_CHECK(T > 0 && embed.kind >= 0 && head.kind >= 0, "slm_cpu.Decoder.", what, ": no tokens, or the decoder is incomplete");
+  for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < V, "slm_cpu.Decoder.", what, ": token ", t, " out of range");
+  const int64_t furthest = *std::max_element(positions.begin(), positions.end()), top = *std::max_element(row.begin(), row.end());
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(K[i].scalar_type() == at::kFloat && Vc[i].scalar_type() == at::kFloat && K[i].is_contiguous() &&
-                    Vc[i].is_contiguous() && K[i].dim() == 4 && K[i].sizes() == Vc[i].sizes() && K[i].size(0) == 1 &&
-                    K[i].size(1) == Hkv && K[i].size(3) == D,
-                "slm_cpu.Decoder.step: caches must be contiguous fp32 [1, ", Hkv, ", S, ", D, "]");
-    TORCH_CHECK(pos[i].scalar_type() == at::kLong && pos[i].is_contiguous() && pos[i].numel() == K[i].size(2),
-                "slm_cpu.Decoder.step: positions must be int64 [1, S]");
-    TORCH_CHECK(seen >= 0 && (rolling[i] || seen + T <= K[i].size(2)) && seen + T <= layers[i].cos.size(0),
-                "slm_cpu.Decoder.step: positions up to ", seen + T, " are beyond the cache or the rope table");
+                    Vc[i].is_contiguous() && K[i].dim() == 4 && K[i].sizes() == Vc[i].sizes() && K[i].size(0) > top &&
+                    K[i].size(1) == Hkv && K[i].size(3) == D && *std::min_element(row.begin(), row.end()) >= 0,
+                "slm_cpu.Decoder.", what, ": caches must be contiguous fp32 [rows, ", Hkv, ", S, ", D, "] with every row");
+    TORCH_CHECK(pos[i].scalar_type() == at::kLong && pos[i].is_contiguous() && pos[i].dim() == 2 &&
+                    pos[i].size(0) == K[i].size(0) && pos[i].size(1) == K[i].size(2),
+                "slm_cpu.Decoder.", what, ": positions must be int64 [rows, S]");
+    TORCH_CHECK((rolling[i] || furthest < K[i].size(2)) && furthest < layers[i].cos.size(0),
+                "slm_cpu.Decoder.", what, ": position ", furthest, " is beyond the cache or the rope table");
   }
   std::vector<float> x(T * d), h(T * d), a(T * d), m(T * d), qkv(T * Q), y(T * H * D), up(T * (act == MlpKind::GELU ? F : 2 * F)), g(T * F);
   for (int64_t t = 0; t < T; ++t) {
@@ -181,14 +206,14 @@ at::Tensor Decoder::step(std::vector<int64_t> tokens, int64_t seen, std::vector<
     Layer& L = layers[i];
     const int64_t S = K[i].size(2);
     L.lin[LinearRole::QKV].rows(in, T, qkv.data());
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t p = seen + t, slot = rolling[i] ? p % S : p;
-      pos[i].mutable_data_ptr<int64_t>()[slot] = p;
+    for (int64_t t = 0; t < T; ++t) {  // each after storing its key: causal within a row
+      const int64_t p = positions[t], slot = rolling[i] ? p % S : p, r = row[t], cache = r * Hkv * S * D;
+      pos[i].mutable_data_ptr<int64_t>()[r * S + slot] = p;
       const Norm &qn = L.norm[NormRole::Q], &kn = L.norm[NormRole::K];
       attn_step_row(qkv.data() + t * Q, H, Hkv, D, rd, qn.kind ? qn.w.const_data_ptr<float>() : nullptr,
                     kn.kind ? kn.w.const_data_ptr<float>() : nullptr, qn.eps, qn.add != 0.0f,
                     L.cos.const_data_ptr<float>() + p * rd, L.sin.const_data_ptr<float>() + p * rd,
-                    K[i].mutable_data_ptr<float>(), Vc[i].mutable_data_ptr<float>(), S, slot, std::min(p + 1, S),
+                    K[i].mutable_data_ptr<float>() + cache, Vc[i].mutable_data_ptr<float>() + cache, S, slot, std::min(p + 1, S),
                     float(scale), y.data() + t * H * D);
     }
     L.lin[LinearRole::O].rows(y.data(), T, out);

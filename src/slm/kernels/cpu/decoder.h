@@ -71,13 +71,27 @@ struct Decoder : torch::CustomClassHolder {
   void set_rope(int64_t i, at::Tensor cos, at::Tensor sin);
 
   // T tokens at positions seen .. seen + T - 1 (batch 1, no padding) through every layer, their keys
-  // and values stored in the caches K[i], V[i] [1, Hkv, S, D] (slot p, or p % S where rolling[i]:
+  // and values stored in the caches K[i], V[i] [1 (or more: row 0), Hkv, S, D] (slot p, or p % S where rolling[i]:
   // a sliding window's ring) and pos[i] [1, S] recording the positions. The rows' products run
   // together (the weights are read once); attention runs one row after another, each after storing
   // its key, which is causal attention, sliding windows included. -> logits [1, T, V], or [1, 1, V]
   // for the last token only.
   at::Tensor step(std::vector<int64_t> tokens, int64_t seen, std::vector<at::Tensor> K, std::vector<at::Tensor> Vc,
                   std::vector<at::Tensor> pos, std::vector<int64_t> rolling, bool last_only);
+  // One token for each of several rows of a serving cache (RowKVCache: rows advance on their own):
+  // token t at position positions[t] of row rows[t] (each row once), K[i], V[i] [R, Hkv, S, D] and pos[i]
+  // [R, S] the whole caches; a row's slots [0, min(p + 1, S)) must hold its positions in order, as
+  // RowKVCache.load_row leaves them. The products run for all the rows together, so a step of 4
+  // rows reads the weights once. -> logits [T, 1, V], in the order of the tokens.
+  at::Tensor step_rows(std::vector<int64_t> tokens, std::vector<int64_t> rows, std::vector<int64_t> positions,
+                       std::vector<at::Tensor> K, std::vector<at::Tensor> Vc, std::vector<at::Tensor> pos,
+                       std::vector<int64_t> rolling);
+
+ private:
+  // step and step_rows: token t of row row[t] at position positions[t]
+  at::Tensor run(const std::vector<int64_t>& tokens, const std::vector<int64_t>& row, const std::vector<int64_t>& positions,
+                 std::vector<at::Tensor>& K, std::vector<at::Tensor>& Vc, std::vector<at::Tensor>& pos,
+                 const std::vector<int64_t>& rolling, bool last_only, const char* what);
 };
 
 }  // namespace slm::cpu

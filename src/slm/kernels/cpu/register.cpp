@@ -58,7 +58,8 @@ TORCH_LIBRARY(slm_cpu, m) {
       .def("set_linear", &Decoder::set_linear)
       .def("set_norm", &Decoder::set_norm)
       .def("set_rope", &Decoder::set_rope)
-      .def("step", &Decoder::step);
+      .def("step", &Decoder::step)
+      .def("step_rows", &Decoder::step_rows);
 }
 
 TORCH_LIBRARY_IMPL(slm_cpu, CPU, m) {
