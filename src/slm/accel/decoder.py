@@ -255,47 +255,39 @@ def first_position(cache, pos: torch.Tensor | None, T: int) -> int | None:
     return None
 
 
-def rows_step_for(model, cache):
-    """A function (tokens, rows, positions) -> logits [n, 1, V] that steps one token for each of
-    those rows of this RowKVCache in one call, or None where the module path must run it.
-    Decided once per cache."""
-    fn = cache.__dict__.get("_rows_step")
+def _noted_step(model, cache, note: str, make):
+    """The step function noted on the cache as `note` (read by tests/accel/test_decoder.py too),
+    decided once per cache: make(decoder) where the cache suits the decoder (fp32 on the CPU,
+    contiguous) and the model has one, else None (noted as False)."""
+    fn = cache.__dict__.get(note)
     if fn is not None:
         return fn or None
     fn = False
     if cache.k and cache.k[0].dtype == torch.float32 and cache.k[0].is_cpu \
-            and all(k.is_contiguous() and v.is_contiguous() for k, v in zip(cache.k, cache.v)) \
-            and all(p.is_contiguous() for p in cache.pos.values()):
+            and all(t.is_contiguous() for t in [*cache.k, *cache.v, *cache.pos.values()]):
         dec = build(model)
         if dec is not None:
-            pos = [cache.pos[w] for w in cache.windows]
-            rolling = [int(w is not None) for w in cache.windows]
-
-            def fn(tokens: list[int], rows: list[int], at: list[int], dec=dec, ks=cache.k, vs=cache.v, pos=pos,
-                   rolling=rolling) -> torch.Tensor:
-                return dec.step_rows(tokens, rows, at, ks, vs, pos, rolling)
-    cache._rows_step = fn
+            fn = make(dec)
+    cache.__dict__[note] = fn
     return fn or None
+
+
+def rows_step_for(model, cache):
+    """A function (tokens, rows, positions) -> logits [n, 1, V] that steps one token for each of
+    those rows of this RowKVCache in one call, or None where the module path must run it."""
+    def make(dec):
+        ks, vs, pos = cache.k, cache.v, [cache.pos[w] for w in cache.windows]
+        rolling = [int(w is not None) for w in cache.windows]
+        return lambda tokens, rows, at: dec.step_rows(tokens, rows, at, ks, vs, pos, rolling)
+    return _noted_step(model, cache, "_rows_step", make)
 
 
 def step_for(model, cache):
     """A function (tokens, position of the first, last_only) -> logits [1, T or 1, V] that runs the
-    step for this model and row 0 of this cache, or None where the module path must run it.
-    Decided once per cache."""
-    fn = cache.__dict__.get("_step")
-    if fn is not None:
-        return fn or None
-    fn = False
-    if cache.k and cache.k[0].dtype == torch.float32 and cache.k[0].is_cpu \
-            and all(k.is_contiguous() and v.is_contiguous() for k, v in zip(cache.k, cache.v)):
-        dec = build(model)
-        if dec is not None:  # row 0 (a batch-1 cache's only row)
-            ks, vs = [k[:1] for k in cache.k], [v[:1] for v in cache.v]
-            pos = [cache.pos[w][:1] for w in cache.windows]
-            rolling = [int(w is not None) for w in cache.windows]
-
-            def fn(tokens: list[int], seen: int, last_only: bool, dec=dec, ks=ks, vs=vs, pos=pos,
-                   rolling=rolling) -> torch.Tensor:
-                return dec.step(tokens, seen, ks, vs, pos, rolling, last_only)
-    cache._step = fn  # the decoder's own note on the cache, read by tests/accel/test_decoder.py too
-    return fn or None
+    step for this model and row 0 of this cache (a batch-1 cache's only row), or None where the
+    module path must run it."""
+    def make(dec):
+        ks, vs = [k[:1] for k in cache.k], [v[:1] for v in cache.v]
+        pos, rolling = [cache.pos[w][:1] for w in cache.windows], [int(w is not None) for w in cache.windows]
+        return lambda tokens, seen, last_only: dec.step(tokens, seen, ks, vs, pos, rolling, last_only)
+    return _noted_step(model, cache, "_step", make)
