@@ -145,8 +145,9 @@ class IntegratedGradients:
 class _Interval:
     """[a, c] of alpha with f at both ends and the midpoint, and the per-token (x - b) . grad f
     there (da, dm, dc: [T] float64; da None at alpha = 0 from the zero baseline, where the
-    gradient overflows, and both None where the budget left no gradients at the first edges). Its share of the attributions, `part`, is Simpson's rule
-    (c - a) (da + 4 dm + dc) / 6, or the midpoint rule (c - a) dm without da."""
+    gradient overflows, and both None where the budget left no gradients at the first edges). Its
+    share of the attributions, `part`, is Simpson's rule (c - a) (da + 4 dm + dc) / 6, or the
+    midpoint rule (c - a) dm without da or dc."""
     a: float
     c: float
     fa: float
@@ -272,8 +273,8 @@ def integrated_gradients(model: Transformer, ids: torch.Tensor, target: int, con
         f_edges = _f_only(model, ids, _interpolate(x, b, edges), target, contrast, batch_size).tolist()
     else:  # from zeros, no gradient at alpha = 0 (it overflows): f alone there
         f_rest, d_rest = evaluate(edges[first:])
-        f_edges = _f_only(model, ids, _interpolate(x, b, edges[:1]), target, contrast, batch_size).tolist()[:first] \
-            + f_rest.tolist()
+        f_zero = _f_only(model, ids, _interpolate(x, b, edges[:1]), target, contrast, batch_size).tolist() if first else []
+        f_edges = f_zero + f_rest.tolist()
         d_edges = d_edges[:first] + list(d_rest)
     if rule == "adaptive" and zero_rows:
         moved = f_edges[7] - f_edges[0]  # edges[7] is alpha = 1e-6

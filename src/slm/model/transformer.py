@@ -218,8 +218,8 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.device, self.dtype)
+    def new_cache(self, batch: int = 1, max_len: int | None = None, zeros=torch.zeros) -> KVCache:
+        return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.device, self.dtype, zeros)
 
     def embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The input embeddings [B, T, d] in the model's dtype (a quantized table gives fp32 rows),

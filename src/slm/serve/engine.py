@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import KVCache, RowKVCache
+from ..model import RowKVCache
 from ..model.config import ModelConfig
 from ..runtime.sampling import Row, Sampling, sample_rows
 from ..runtime.tokenizer import Detokenizer
@@ -405,8 +405,7 @@ class Engine:
         free = [i for i, s in enumerate(self.rows) if s is None and i not in reserved]
         req = self._next(len(free))
         if req is not None:
-            cache = self._allocator.submit(KVCache, self.model.config, 1, len(req.prompt_ids), self.model.device,
-                                           self.model.dtype, zeros=zeros_without_openmp)
+            cache = self._allocator.submit(self.model.new_cache, 1, len(req.prompt_ids), zeros=zeros_without_openmp)
             self.prefills.append(_Prefill(req, free[:req.n], cache))
         others = any(self.rows)
         # the first prompt whose cache is ready (with no row decoding, waiting for one costs nothing)

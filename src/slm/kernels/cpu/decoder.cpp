@@ -181,11 +181,13 @@ at::Tensor Decoder::run(const std::vector<int64_t>& tokens, const std::vector<in
               "slm_cpu.Decoder.", what, ": one cache per layer");
   TORCH_CHECK(T > 0 && embed.kind >= 0 && head.kind >= 0, "slm_cpu.Decoder.", what, ": no tokens, or the decoder is incomplete");
   for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < V, "slm_cpu.Decoder.", what, ": token ", t, " out of range");
-  const int64_t furthest = *std::max_element(positions.begin(), positions.end()), top = *std::max_element(row.begin(), row.end());
+  const int64_t furthest = *std::max_element(positions.begin(), positions.end());
+  const auto [lowest, top] = std::minmax_element(row.begin(), row.end());
+  TORCH_CHECK(*lowest >= 0, "slm_cpu.Decoder.", what, ": a negative row");
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(K[i].scalar_type() == at::kFloat && Vc[i].scalar_type() == at::kFloat && K[i].is_contiguous() &&
-                    Vc[i].is_contiguous() && K[i].dim() == 4 && K[i].sizes() == Vc[i].sizes() && K[i].size(0) > top &&
-                    K[i].size(1) == Hkv && K[i].size(3) == D && *std::min_element(row.begin(), row.end()) >= 0,
+                    Vc[i].is_contiguous() && K[i].dim() == 4 && K[i].sizes() == Vc[i].sizes() && K[i].size(0) > *top &&
+                    K[i].size(1) == Hkv && K[i].size(3) == D,
                 "slm_cpu.Decoder.", what, ": caches must be contiguous fp32 [rows, ", Hkv, ", S, ", D, "] with every row");
     TORCH_CHECK(pos[i].scalar_type() == at::kLong && pos[i].is_contiguous() && pos[i].dim() == 2 &&
                     pos[i].size(0) == K[i].size(0) && pos[i].size(1) == K[i].size(2),

@@ -506,7 +506,7 @@ void quantize_x2(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, fl
       for (int j = 0; j < 32; ++j) r[j] = xb[j] - d1 * float(q[32 * i + j]);
       const float d2 = d1 / 254.0f, id2 = d2 != 0.0f ? 1.0f / d2 : 0.0f;
       const int s2 = quantize_block(r, id2, q + K + 32 * i);
-      d[i] = d1, d[nb32 + i] = d2, sums[i] = d1 * float(s1) + d2 * float(s2), sums[nb32 + i] = d2 * float(s2);
+      d[nb32 + i] = d2, sums[i] = d1 * float(s1) + d2 * float(s2);  // what dot_row's PAIR reads
     }
   }
 }
