@@ -33,6 +33,7 @@ import concurrent.futures
 import ctypes
 import logging
 import math
+import mmap
 import os
 import sys
 import threading
@@ -50,14 +51,16 @@ from ..runtime.tokenizer import Detokenizer
 
 log = logging.getLogger("slm.serve")
 
+MAPPED_BYTES = 1 << 20  # prompt cache tensors at least this large are mapped from the system
 PREFILL_CHUNK = 512  # the most prompt tokens one prefill forward takes
 # The least while other rows decode (a forward's fixed cost dominates a few tokens' cost, so
 # smaller chunks would only admit slower); above it, a chunk is sized so that one of its layers
 # costs about half a turn.
 MIN_CHUNK = 16
-# While other rows decode, a turn of prefill may take this share of a decode step's time: the
-# running streams then slow by about 1.25x while a long prompt goes in at about a fifth of the
-# speed it gets alone. (At 0.5, with whole chunks a turn, a stream's largest gap reached 4-6x its
+# While other rows decode, a turn of prefill may take this share of a one-row decode step's time
+# (a stream's pace alone): the running streams then slow by about 1.25x while a long prompt goes in
+# at about a fifth of the speed it gets alone. Not a share of the current step: on a CPU a step of
+# 4 rows costs ~2.4x one row, and a share of that made a stream's gaps 3.5x its pace alone. (At 0.5, with whole chunks a turn, a stream's largest gap reached 4-6x its
 # pace alone: see tests/serve/test_hardening.py.)
 PREFILL_SHARE = 0.25
 
@@ -118,19 +121,23 @@ class Request:
 
 
 def zeros_without_openmp(shape, device=None, dtype=torch.float32) -> torch.Tensor:
-    """torch.zeros(shape) from calloc (numpy), for the prompt caches the allocator thread makes.
-    torch.zeros would fill a large tensor in an OpenMP parallel region, and the allocator thread
-    would keep a worker pool of its own beside the engine thread's: once a process holds more
-    OpenMP threads than CPUs, libgomp spins only ~100 times before putting a waiting worker to
+    """torch.zeros(shape) from fresh pages of the kernel, for the prompt caches the allocator thread
+    makes. torch.zeros would fill a large tensor in an OpenMP parallel region, and the allocator
+    thread would keep a worker pool of its own beside the engine thread's: once a process holds
+    more OpenMP threads than CPUs, libgomp spins only ~100 times before putting a waiting worker to
     sleep, so each of a decode step's ~120 parallel regions would wake its worker from sleep (a
-    SmolLM2 step took 15 ms instead of 5.3 on 2 cores). Nor is it filled here: fresh pages come
-    zeroed from the kernel and fault in as the prefill writes them, a few at each turn, where
-    filling a 4,000-token SmolLM2 prompt's 184 MB at once took a core from the running streams for
-    ~60 ms (their largest gap)."""
+    SmolLM2 step took 15 ms instead of 5.3 on 2 cores). Nor is it filled here: an anonymous mapping
+    comes zeroed and its pages fault in as the prefill writes them, a few at each turn. calloc
+    (numpy.zeros) did not do that for long: once glibc had freed a prompt cache its threshold for
+    mapping rose above the caches' size, and later ones came from the heap and were cleared, which
+    took a core from the running streams for 20-70 ms at each long prompt's arrival (their largest
+    gap). A mapping also goes back to the system as soon as the cache is freed."""
     if device is not None and torch.device(device).type != "cpu":
         return torch.zeros(shape, device=device, dtype=dtype)
     n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(n, dtype=np.uint8)).view(dtype).view(shape)
+    if n < MAPPED_BYTES:
+        return torch.from_numpy(np.zeros(n, dtype=np.uint8)).view(dtype).view(shape)
+    return torch.from_numpy(np.frombuffer(mmap.mmap(-1, n), dtype=np.uint8)).view(dtype).view(shape)
 
 
 def push_all(out: dict[Request, list[Delta]]) -> None:
@@ -280,9 +287,9 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.generated, self.peak = 0, 0  # tokens sampled and most rows in use at once, since start (/health)
         self._token_text: dict[int, str] = {}
-        # Seconds of the last decode steps (a moving average) and the prefill chunk that costs
-        # PREFILL_SHARE of that, adapted as the loop runs.
-        self._step_s: float | None = None
+        # Seconds of the last decode steps of each number of rows (moving averages), and the
+        # prefill chunk whose turns cost PREFILL_SHARE of the cheapest, adapted as the loop runs.
+        self._step_s: dict[int, float] = {}
         # On a CPU the times are the engine thread's own CPU time: on a shared machine, a step that
         # waited for a core would otherwise swell the budget of the next prefill turns (and so the
         # gaps of every stream). A GPU works apart from this thread: there, wall time.
@@ -421,7 +428,7 @@ class Engine:
                 self._fail(p)
                 return
         # With rows decoding, a turn of prefill may cost PREFILL_SHARE of a decode step; alone, no limit.
-        budget = PREFILL_SHARE * self._step_s if others and self._step_s is not None else None
+        budget = PREFILL_SHARE * min(self._step_s.values()) if others and self._step_s else None
         t = self._clock()
         try:
             if p.parts is None:
@@ -483,7 +490,8 @@ class Engine:
         logits = self.model(ids.to(self.device), cache=self.cache, pos=pos.to(self.device))[:, -1]
         self._advance(busy, logits, [s.row for s in busy])
         took = self._clock() - t
-        self._step_s = took if self._step_s is None else 0.8 * self._step_s + 0.2 * took
+        was = self._step_s.get(len(busy))
+        self._step_s[len(busy)] = took if was is None else 0.8 * was + 0.2 * took
 
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
         """Sample one token for each sequence from its row of logits and send what it produced."""
