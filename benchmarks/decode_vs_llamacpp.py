@@ -19,7 +19,7 @@ Every engine of a model is loaded first, then timed in turns (llama.cpp, then ea
 1-minute load average before and after is printed and recorded.
 Perplexity is slm's, on a fixed English passage (a story for the exported model: make demo's is
 trained on stories), for fp32 (quantize="none": the file's weights dequantized) and for each row,
-twice: over the whole passage at once (prefill: above 64 rows the layers multiply fp32
+twice: over the whole passage at once (prefill: above 32 rows the layers multiply fp32
 activations) and one token at a time through the KV cache (decode: the kernels' int8 activations,
 as generation runs); the ratio to fp32 is the cost of the int8 activations.
 """

@@ -17,6 +17,7 @@ from gguf.quants import dequantize, quantize  # noqa: E402
 import slm  # noqa: E402
 from slm import kernels  # noqa: E402
 from slm.quant.gguf_layers import Q5_0R4, GGUFLinear, q5_0_regroup, q5_0_ungroup, quantize_x_reference  # noqa: E402
+from slm.quant.layers import MAX_DIRECT  # noqa: E402
 
 needs_kernels = pytest.mark.skipif(kernels.cpu_ops() is None, reason=f"no CPU kernels: {kernels.kernel_error()}")
 TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -64,7 +65,7 @@ def test_linear_matches_reference(qtype, rows, monkeypatch):
     torch.manual_seed(0)
     m, w = layer([(qtype, 40)], 512)
     x = torch.randn(rows, 512)
-    xr = quantize_x_reference(x) if rows <= 64 else x  # the kernel's int8 x, up to MAX_DIRECT rows
+    xr = quantize_x_reference(x) if rows <= MAX_DIRECT else x  # the kernel's int8 x, up to MAX_DIRECT rows
     ref = (xr.double() @ w.double().T).float()
     tol = 1e-5 * ref.abs().max().item()
     if kernels.cpu_ops() is not None:

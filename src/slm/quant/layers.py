@@ -43,9 +43,12 @@ import torch.nn.functional as F
 from .. import kernels
 
 QK = 32  # the kernels' block: group sizes and in_features are multiples of it
-# Rows of x up to which the kernels stream the quantized weights; above: dequantize + ATen GEMM. The
-# streaming kernel runs at ~80 GFLOP/s on 2 cores, as fast as this CPU's fp32 GEMM up to ~64 rows.
-MAX_DIRECT = 64
+# Rows of x up to which the kernels stream the quantized weights; above: dequantize + ATen GEMM.
+# The streaming kernel's cost grows with each row of x (~2.5 ms a row for SmolLM2-135M on 2 cores,
+# bound by the vector multiplier), the GEMM's mostly with the weights it dequantizes: a prompt of
+# 32 tokens took about as long either way (SmolLM2 Q4_1 and int8, gemma-3-270m's blocks at ~40), one
+# of 64 1.35-1.6x as long streamed. Batch-1 decode and the serving engine's steps stay far below.
+MAX_DIRECT = 32
 _CHUNK = 8192  # weight rows quantized / dequantized at a time, to bound temporary memory
 
 
