@@ -143,3 +143,28 @@ def test_building_one_command_imports_only_its_module():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "['slm.cli.run']"
+
+
+def test_top_p_among_candidates_equals_the_full_sort(monkeypatch):
+    """top_p looks among the NUCLEUS_CANDIDATES most likely tokens first, and sorts the whole
+    vocabulary only when their probability falls short of top_p: the draws are those of the full
+    sort, for peaked rows (the candidates suffice), flat ones (they do not) and rows without top_p."""
+    import slm.runtime.sampling as sampling
+    V = 4096
+    g = torch.Generator().manual_seed(2)
+    settings = [Sampling(temperature=0.8, top_p=0.95, seed=1), Sampling(temperature=1.0, top_p=0.5, seed=2),
+                Sampling(temperature=1.0, seed=3), Sampling(temperature=3.0, top_p=0.99, seed=4)]
+    steps = []
+    for _ in range(30):
+        x = torch.randn(len(settings), V, generator=g)
+        x[:2] *= 8  # peaked: a few tokens hold nearly all the probability
+        steps.append(x)
+
+    def draws(candidates: int) -> list[list[int]]:
+        monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
+        rows = [Row(s, V, "cpu") for s in settings]
+        return [sample_rows(x, rows) for x in steps]
+    sorted_fully = draws(V)
+    assert draws(256) == sorted_fully
+    assert draws(1) == sorted_fully  # never enough: every step falls back to the sort
+    assert len({tuple(d) for d in sorted_fully}) > 1

@@ -37,6 +37,7 @@ the distribution it asked for."""
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 """The OpenAI API's documented default temperature, for server requests that omit it (see
 DEFAULT_TEMPERATURE)."""
+NUCLEUS_CANDIDATES = 256  # top_p looks among this many most likely tokens first (_pick)
 
 
 @dataclass
@@ -170,11 +171,23 @@ def _pick(x: torch.Tensor, settings: list[Sampling], gens: list[torch.Generator 
         kth = top.gather(1, (k.clamp(min=1) - 1)[:, None]).masked_fill(k[:, None] == 0, float("-inf"))
         y = y.masked_fill(y < kth, float("-inf"))
     probs = y.softmax(-1)
-    if any(s.top_p < 1 for s in ss):  # keep the smallest set of tokens whose probability reaches top_p
-        top_p = torch.tensor([s.top_p if s.top_p < 1 else float("inf") for s in ss], device=x.device)[:, None]
-        by_prob, idx = probs.sort(-1, descending=True)
-        drop = by_prob.cumsum(-1) - by_prob >= top_p
-        probs = probs.masked_fill(drop.scatter(1, idx, drop), 0)
+    nucleus = [j for j, s in enumerate(ss) if s.top_p < 1]
+    if nucleus:  # keep the smallest set of tokens whose probability reaches top_p
+        top_p = torch.tensor([ss[j].top_p for j in nucleus], device=x.device)[:, None]
+        p = probs[nucleus] if len(nucleus) < len(ss) else probs
+        # Sorting a 49,152-token vocabulary took ~2.7 ms a token, half a small model's decode step.
+        # The nucleus almost always lies among the most likely few hundred (topk, ~0.15 ms): then
+        # every later token has that much probability before it and is dropped, as the full sort
+        # would drop it (the same sums, in the same order). A flatter row sorts everything.
+        by_prob, idx = p.topk(min(NUCLEUS_CANDIDATES, p.shape[-1]), -1)
+        if not bool((by_prob.sum(-1, keepdim=True) >= top_p).all()):
+            by_prob, idx = p.sort(-1, descending=True)
+        keep = by_prob.cumsum(-1) - by_prob < top_p
+        p = p.masked_fill(~torch.zeros_like(p, dtype=torch.bool).scatter(1, idx, keep), 0)
+        if len(nucleus) < len(ss):
+            probs[nucleus] = p
+        else:
+            probs = p
     # The draw, in the vocabulary's order whatever the other rows ask for: u < the total, and
     # searchsorted's right side picks the first token whose cumulative probability exceeds u (so
     # one of probability > 0).
