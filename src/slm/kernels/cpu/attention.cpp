@@ -72,31 +72,61 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return y;
 }
 
+// One head of a new token as attention reads it: RMS-normalised by w (qk-norm, if w), then rotated
+// (rope over the first rd of its D values, cos c and sin s of its position). n: D floats of scratch.
+static void prep_head(const float* in, const float* w, double eps, float add, const float* c, const float* s,
+                      int64_t D, int64_t rd, float* n, float* out) {
+  if (w) {
+    rms_row(in, w, D, eps, add, n);
+  } else {
+    for (int64_t i = 0; i < D; ++i) n[i] = in[i];
+  }
+  const int64_t half = rd / 2;
+  for (int64_t i = 0; i < rd; ++i) out[i] = n[i] * c[i] + n[i < half ? i + half : i - half] * s[i];
+  for (int64_t i = rd; i < D; ++i) out[i] = n[i];
+}
+
 // attn_step for one sequence: row its qkv [(H + 2 Hkv) D], K and V its caches [Hkv, S, D], y [H D].
 void attn_step_row(const float* row, int64_t H, int64_t Hkv, int64_t D, int64_t rd, const float* qwp, const float* kwp,
                    double eps, bool plus_one, const float* c, const float* s, float* kp, float* vp, int64_t S, int64_t slot,
                    int64_t read, float sc, float* y) {
   const float add = plus_one ? 1.0f : 0.0f;
   std::vector<float> n(D), q(H * D), p(read);
-  // norm (if w) and rope of one head: in -> out
-  auto prep = [&](const float* in, const float* w, float* out) {
-    if (w) {
-      rms_row(in, w, D, eps, add, n.data());
-    } else {
-      for (int64_t i = 0; i < D; ++i) n[i] = in[i];
-    }
-    const int64_t half = rd / 2;
-    for (int64_t i = 0; i < rd; ++i) out[i] = n[i] * c[i] + n[i < half ? i + half : i - half] * s[i];
-    for (int64_t i = rd; i < D; ++i) out[i] = n[i];
-  };
   for (int64_t j = 0; j < Hkv; ++j) {
-    prep(row + (H + j) * D, kwp, kp + (j * S + slot) * D);
+    prep_head(row + (H + j) * D, kwp, eps, add, c, s, D, rd, n.data(), kp + (j * S + slot) * D);
     std::memcpy(vp + (j * S + slot) * D, row + (H + Hkv + j) * D, D * sizeof(float));
   }
-  for (int64_t h = 0; h < H; ++h) prep(row + h * D, qwp, q.data() + h * D);
+  for (int64_t h = 0; h < H; ++h) prep_head(row + h * D, qwp, eps, add, c, s, D, rd, n.data(), q.data() + h * D);
   const int64_t g = H / Hkv;
   for (int64_t h = 0; h < H; ++h)
     attend_row(q.data() + h * D, kp + (h / g) * S * D, D, vp + (h / g) * S * D, D, read, D, sc, p.data(), y + h * D);
+}
+
+void attn_step_rows(int64_t T, const float* qkv, int64_t H, int64_t Hkv, int64_t D, int64_t rd, const float* qwp,
+                    const float* kwp, double eps, bool plus_one, const float* cos, const float* sin,
+                    const int64_t* positions, const int64_t* rows, float* K, float* V, int64_t S, float sc, float* y) {
+  const float add = plus_one ? 1.0f : 0.0f;
+  const int64_t Q = (H + 2 * Hkv) * D, g = H / Hkv;
+  std::vector<float> n(D), q(T * H * D);
+  int64_t longest = 1;
+  for (int64_t t = 0; t < T; ++t) {  // every key and value first: a query reads only slots up to its own
+    const int64_t p = positions[t], cache = rows[t] * Hkv * S * D;
+    const float *row = qkv + t * Q, *c = cos + p * rd, *s = sin + p * rd;
+    for (int64_t j = 0; j < Hkv; ++j) {
+      prep_head(row + (H + j) * D, kwp, eps, add, c, s, D, rd, n.data(), K + cache + (j * S + p) * D);
+      std::memcpy(V + cache + (j * S + p) * D, row + (H + Hkv + j) * D, D * sizeof(float));
+    }
+    for (int64_t h = 0; h < H; ++h) prep_head(row + h * D, qwp, eps, add, c, s, D, rd, n.data(), q.data() + (t * H + h) * D);
+    longest = std::max(longest, p + 1);
+  }
+  // (token, head) pairs per task: at least ~1M multiply-adds, as attn_decode
+  at::parallel_for(0, T * H, std::max<int64_t>(1, (int64_t(1) << 20) / (2 * longest * D)), [&](int64_t a, int64_t e) {
+    std::vector<float> p(longest);
+    for (int64_t th = a; th < e; ++th) {
+      const int64_t t = th / H, h = th % H, cache = rows[t] * Hkv * S * D + (h / g) * S * D;
+      attend_row(q.data() + th * D, K + cache, D, V + cache, D, positions[t] + 1, D, sc, p.data(), y + th * D);
+    }
+  });
 }
 
 // One decoding step of attention for batch-1-style caches, after the QKV product: from qkv

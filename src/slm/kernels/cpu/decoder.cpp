@@ -208,10 +208,21 @@ at::Tensor Decoder::run(const std::vector<int64_t>& tokens, const std::vector<in
     Layer& L = layers[i];
     const int64_t S = K[i].size(2);
     L.lin[LinearRole::QKV].rows(in, T, qkv.data());
-    for (int64_t t = 0; t < T; ++t) {  // each after storing its key: causal within a row
+    const Norm &qn = L.norm[NormRole::Q], &kn = L.norm[NormRole::K];
+    if (T > 1 && !rolling[i]) {  // every key first, then the tokens' heads in parallel: slot p is position p
+      for (int64_t t = 0; t < T; ++t) pos[i].mutable_data_ptr<int64_t>()[row[t] * S + positions[t]] = positions[t];
+      attn_step_rows(T, qkv.data(), H, Hkv, D, rd, qn.kind ? qn.w.const_data_ptr<float>() : nullptr,
+                     kn.kind ? kn.w.const_data_ptr<float>() : nullptr, qn.eps, qn.add != 0.0f, L.cos.const_data_ptr<float>(),
+                     L.sin.const_data_ptr<float>(), positions.data(), row.data(), K[i].mutable_data_ptr<float>(),
+                     Vc[i].mutable_data_ptr<float>(), S, float(scale), y.data());
+      L.lin[LinearRole::O].rows(y.data(), T, out);
+      return;
+    }
+    // a ring (a sliding window's cache) one token after another, each after storing its key: a
+    // later token may take the slot of a key an earlier one still reads
+    for (int64_t t = 0; t < T; ++t) {
       const int64_t p = positions[t], slot = rolling[i] ? p % S : p, r = row[t], cache = r * Hkv * S * D;
       pos[i].mutable_data_ptr<int64_t>()[r * S + slot] = p;
-      const Norm &qn = L.norm[NormRole::Q], &kn = L.norm[NormRole::K];
       attn_step_row(qkv.data() + t * Q, H, Hkv, D, rd, qn.kind ? qn.w.const_data_ptr<float>() : nullptr,
                     kn.kind ? kn.w.const_data_ptr<float>() : nullptr, qn.eps, qn.add != 0.0f,
                     L.cos.const_data_ptr<float>() + p * rd, L.sin.const_data_ptr<float>() + p * rd,

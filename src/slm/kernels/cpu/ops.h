@@ -33,6 +33,14 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 void attn_step_row(const float* row, int64_t H, int64_t Hkv, int64_t D, int64_t rd, const float* qwp, const float* kwp,
                    double eps, bool plus_one, const float* c, const float* s, float* kp, float* vp, int64_t S, int64_t slot,
                    int64_t read, float sc, float* y);
+// attn_step_row for T tokens at once, into caches without a ring (position p in slot p): token t of
+// row rows[t] (K, V [rows, Hkv, S, D]) at positions[t], qkv [T, (H + 2 Hkv) D], cos and sin the rope
+// tables [positions, rd]. Every key and value is stored first, then each (token, head) attends over
+// its row's slots [0, p + 1) (causal: a later token of the same row sits in a later slot), the
+// pairs spread over the threads. -> y [T, H D].
+void attn_step_rows(int64_t T, const float* qkv, int64_t H, int64_t Hkv, int64_t D, int64_t rd, const float* qwp,
+                    const float* kwp, double eps, bool plus_one, const float* cos, const float* sin,
+                    const int64_t* positions, const int64_t* rows, float* K, float* V, int64_t S, float sc, float* y);
 at::Tensor attn_step(const at::Tensor& qkv, const std::optional<at::Tensor>& qw, const std::optional<at::Tensor>& kw,
                      double eps, bool plus_one, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& K, const at::Tensor& V,
                      int64_t slot, int64_t read, double scale, int64_t H);
