@@ -345,3 +345,67 @@ def test_large_prompt_caches_are_mapped_not_cleared():
     t.start()
     t.join()
     assert len(grown) == 5 and max(grown) < 32 * 2**20, grown
+
+
+@pytest.mark.parametrize("family", ["llama-untied", "mistral-gqa", "gemma3"])
+def test_a_chat_reuses_its_history_from_the_prefix_cache(family, tmp_path, tokenizer_dir):
+    """Four turns of a chat, each prompt the last one plus its reply plus a new message: each turn
+    after the first takes the whole earlier conversation from the prefix cache (the prompt and
+    all of the reply but its last token, which was never fed) and gives what the prompt gives
+    alone. Mistral (window 16) and Gemma 3 (window 8) wrap their rings, so only whole entries
+    serve; a prompt that shares just the first message then misses, where Llama reuses it."""
+    from slm.runtime.generate import generate_ids
+    fam, kw = FAMILIES[family]
+    lm = slm.load(make_checkpoint(str(tmp_path / "m"), fam, tokenizer_dir, **kw))
+    g = torch.Generator().manual_seed(1)
+    new = lambda n: torch.randint(5, 400, (n,), generator=g).tolist()  # noqa: E731
+    engine = Engine(lm, max_batch=2, max_len=128)
+    engine.start()
+    try:
+        prompt, expect_hit = new(12), 0
+        for turn in range(4):
+            (text,), = asyncio.run(run(engine, [(prompt, Params(max_tokens=10, temperature=0), 1)]))
+            assert text == "".join(lm.stream(prompt, max_new_tokens=10, temperature=0))
+            stats = engine.stats()["prefix_cache"]
+            assert (stats["hits"], stats["hit_tokens"]) == (turn, expect_hit)
+            hit_so_far = expect_hit
+            reply = [step[0] for step in generate_ids(lm.model, [prompt], 10)]
+            expect_hit += len(prompt) + len(reply) - 1
+            prompt = prompt + reply + new(5)
+        first_message = prompt[:12] + new(6)
+        (text,), = asyncio.run(run(engine, [(first_message, Params(max_tokens=5, temperature=0), 1)]))
+        assert text == "".join(lm.stream(first_message, max_new_tokens=5, temperature=0))
+        stats = engine.stats()["prefix_cache"]
+        wrapped = family != "llama-untied"
+        assert (stats["hits"], stats["hit_tokens"]) == ((3, hit_so_far) if wrapped else (4, hit_so_far + 12)), stats
+        assert 0 < stats["bytes"] <= stats["budget_bytes"]
+    finally:
+        engine.stop()
+
+
+def test_prefix_cache_keeps_to_its_budget_and_drops_what_it_extends():
+    """Entries beyond the budget go least recently used first; an entry that a new one extends
+    (its tokens a prefix of the new one's) goes at once; a match needs a token left to prefill."""
+    from slm.model import KVCache
+    from slm.model.config import ModelConfig
+    from slm.serve.prefix import PrefixCache
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+
+    def filled(n):
+        c = KVCache(cfg, 1, n)
+        c.seen = n
+        return c
+    pc = PrefixCache(budget=30 * 100)
+    pc.add([1, 2, 3], filled(3), 100)
+    pc.add([1, 2, 3, 4, 5], filled(5), 100)  # extends [1, 2, 3]
+    assert [e.tokens.tolist() for e in pc.entries.values()] == [[1, 2, 3, 4, 5]] and pc.nbytes == 500
+    assert pc.match([1, 2, 3, 4, 5])[1] == 4  # the last prompt token is prefilled for its logits
+    assert pc.match([1, 2, 9])[1] == 2 and pc.match([7, 1])[0] is None
+    pc.add(list(range(10, 30)), filled(20), 100)
+    pc.add(list(range(40, 50)), filled(10), 100)  # 500 + 2,000 + 1,000 > 3,000: the oldest goes
+    assert [len(e.tokens) for e in pc.entries.values()] == [20, 10] and pc.nbytes == 3000
+    pc.match(list(range(10, 15)))  # used: now the most recent
+    pc.add([60, 61, 62], filled(3), 100)
+    assert [len(e.tokens) for e in pc.entries.values()] == [20, 3]
+    pc.add(list(range(31)), filled(31), 100)  # alone over the budget: not kept
+    assert pc.nbytes == 2300 and (pc.hits, pc.misses) == (3, 1)

@@ -39,6 +39,8 @@ SERVE = [
                       "half a decode step", {"min": 1}),
     ("timeout", "seconds a client may take to send a request's head, or its body, or stay idle between requests",
      {"type": seconds}),
+    ("prefix_cache_mb", "MiB of finished conversations' keys and values kept for prompts that start with one "
+                        "(a chat's next turn, a shared system prompt); 0: none", {"min": 0}),
     ("log_prompts", "log prompts and outputs, not only token counts"),
 ]
 

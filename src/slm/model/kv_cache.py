@@ -114,13 +114,30 @@ class RowKVCache(KVCache):
 
     def load_row(self, row: int, src: KVCache) -> None:
         """Copy a batch-1 cache, filled from position 0 without padding, into `row`. Both keep
-        position p in slot p % size (src.size <= self.size, or both the same window)."""
+        position p in slot p % size (src.size <= self.size, or both the same window). Only the
+        slots src has filled are copied (it may have room for more)."""
         for w in self.pos:
             self.pos[w][row] = -1
         for i, (w, w_src) in enumerate(zip(self.windows, src.windows)):
-            n = src.size[w_src]
-            self.k[i][row, :, :n], self.v[i][row, :, :n] = src.k[i][0], src.v[i][0]
-            self.pos[w][row, :n] = src.pos[w_src][0]
+            n = min(src.seen, src.size[w_src])
+            self.k[i][row, :, :n], self.v[i][row, :, :n] = src.k[i][0, :, :n], src.v[i][0, :, :n]
+            self.pos[w][row, :n] = src.pos[w_src][0, :n]
+
+    def save_row(self, row: int, dst: KVCache, end: int) -> None:
+        """The inverse of load_row for the positions dst.seen .. end - 1 of `row`: copy them into
+        the batch-1 cache dst (which has room for them), which then holds positions 0 .. end - 1."""
+        start = dst.seen
+        if end <= start:
+            return
+        for i, (w, w_dst) in enumerate(zip(self.windows, dst.windows)):
+            S, S_dst = self.size[w], dst.size[w_dst]
+            first = max(start, end - S_dst)  # older ones would be overwritten in dst's ring anyway
+            p = torch.arange(first, end, device=dst.k[i].device)
+            src_slots, dst_slots = p % S, p % S_dst
+            dst.k[i][0, :, dst_slots] = self.k[i][row, :, src_slots]
+            dst.v[i][0, :, dst_slots] = self.v[i][row, :, src_slots]
+            dst.pos[w_dst][0, dst_slots] = self.pos[w][row, src_slots]
+        dst.seen = end
 
     def plan(self, window: int | None, qpos: torch.Tensor) -> AttentionPlan:
         if qpos.shape[1] != 1:

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException
 
 from ..runtime.lm import DEFAULT_MODEL, load
 from ..runtime.sampling import OPENAI_DEFAULT_TEMPERATURE
-from .engine import PREFILL_CHUNK, Engine, Params, QueueFull, deltas
+from .engine import PREFILL_CHUNK, PREFIX_CACHE_BYTES, Engine, Params, QueueFull, deltas
 from .engine import Request as EngineRequest
 
 log = logging.getLogger("slm.serve")
@@ -133,6 +133,7 @@ class ServeConfig:
     max_body: int = MAX_BODY  # bytes of request JSON
     prefill_chunk: int = PREFILL_CHUNK  # most prompt tokens per prefill forward (smaller while others decode)
     timeout: float = 10.0  # seconds a client may take to send a request's head, and its body, or stay idle
+    prefix_cache_mb: int = PREFIX_CACHE_BYTES // 2**20  # finished sequences kept for prompts that start with one; 0: none
 
     def __post_init__(self):
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -141,6 +142,8 @@ class ServeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, got {v!r}")
+        if isinstance(self.prefix_cache_mb, bool) or not isinstance(self.prefix_cache_mb, int) or self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be a whole number of at least 0, got {self.prefix_cache_mb!r}")
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or \
                 not math.isfinite(self.timeout) or self.timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
@@ -149,7 +152,8 @@ class ServeConfig:
 def create_app(lm, model_name: str, config: ServeConfig | None = None, local_only: bool = True) -> FastAPI:
     c = config or ServeConfig()
     api_key, log_prompts, max_body = c.api_key, c.log_prompts, c.max_body
-    engine = Engine(lm, max_batch=c.max_batch, max_len=c.context, prefill_chunk=c.prefill_chunk)
+    engine = Engine(lm, max_batch=c.max_batch, max_len=c.context, prefill_chunk=c.prefill_chunk,
+                    prefix_cache_bytes=c.prefix_cache_mb * 2**20)
     max_chars = CHARS_PER_TOKEN * engine.max_len
     created = int(time.time())
 

@@ -44,13 +44,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import RowKVCache
+from ..model import KVCache, RowKVCache
 from ..model.config import ModelConfig
 from ..runtime.sampling import Row, Sampling, sample_rows
 from ..runtime.tokenizer import Detokenizer
+from .prefix import Entry, PrefixCache
 
 log = logging.getLogger("slm.serve")
 
+PREFIX_CACHE_BYTES = 512 * 2**20  # finished sequences kept for prompts that start with one (serve/prefix.py)
 MAPPED_BYTES = 1 << 20  # prompt cache tensors at least this large are mapped from the system
 PREFILL_CHUNK = 512  # the most prompt tokens one prefill forward takes
 # The least while other rows decode (a forward's fixed cost dominates a few tokens' cost, so
@@ -191,6 +193,7 @@ class _Seq:
         self.req, self.index, self.row = req, index, row
         self.pos = len(req.prompt_ids)  # position of the next token fed to the model
         self.tokens: list[int] = []
+        self.prompt_cache: KVCache | None = None  # its prompt's, with room for it (a request of one choice)
         self.text = Detokenizer(tokenizer, p.stop)
         # One generator per choice: a seeded request samples the same tokens alone or in a batch.
         self.sampler = Row(p, vocab, device, prompt=req.prompt_ids, index=index)
@@ -203,10 +206,12 @@ class _Prefill:
     """A request whose prompt is going through the model, chunk by chunk, into a batch-1 cache;
     `rows` are the free rows it will take (kept for it meanwhile)."""
 
-    def __init__(self, req: Request, rows: list[int], cache: concurrent.futures.Future):
+    def __init__(self, req: Request, rows: list[int], cache: concurrent.futures.Future,
+                 prefix: tuple[Entry | None, int] = (None, 0)):
         # The batch-1 cache is allocated on another thread (zeroing a long prompt's cache takes
         # milliseconds the running streams would otherwise wait); `cache` holds it once ready.
         self.req, self.rows, self.pending, self.cache, self.done = req, rows, cache, None, 0
+        self.prefix = prefix  # (a prefix cache entry, how many of its tokens the prompt starts with)
         # A chunk going in layer by layer (Transformer.forward_by_layer), its length, the seconds
         # spent on it so far and the layers done; None between chunks.
         self.parts, self.n, self.spent, self.layers = None, 0, 0.0, 0
@@ -257,7 +262,7 @@ def release_heap() -> None:
 
 class Engine:
     def __init__(self, lm, max_batch: int, max_len: int | None = None, max_waiting: int = 256,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         if lm.tokenizer is None:
             raise ValueError("serving needs a tokenizer: load a folder with tokenizer.json or a .gguf file")
         for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting), ("prefill_chunk", prefill_chunk),
@@ -297,6 +302,9 @@ class Engine:
         self._chunk = min(MIN_CHUNK, prefill_chunk)
         self._allocator = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slm-prefill-cache")
         self._worked = False
+        # Finished sequences' keys and values, for prompts that start with one (serve/prefix.py).
+        self.prefixes = PrefixCache(prefix_cache_bytes)
+        self._token_bytes = kv_cache_bytes(cfg, 1, 1, self.model.dtype)  # one token's keys and values
 
     # -- called from the event loop ------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -331,7 +339,7 @@ class Engine:
         return {"running": sum(s is not None for s in self.rows),
                 "waiting": self.n_waiting + len(self.prefills),
                 "max_batch": self.max_batch, "context": self.max_len, "generated_tokens": self.generated,
-                "peak_running": self.peak}
+                "peak_running": self.peak, "prefix_cache": self.prefixes.stats()}
 
     def start(self) -> None:
         self.running = True
@@ -412,8 +420,11 @@ class Engine:
         free = [i for i, s in enumerate(self.rows) if s is None and i not in reserved]
         req = self._next(len(free))
         if req is not None:
-            cache = self._allocator.submit(self.model.new_cache, 1, len(req.prompt_ids), zeros=zeros_without_openmp)
-            self.prefills.append(_Prefill(req, free[:req.n], cache))
+            # Room for the completion too: the finished sequence stays in it for the prefix cache
+            # (mapped pages: the room costs memory only once written).
+            room = len(req.prompt_ids) + (req.params.max_tokens if req.n == 1 else 0)
+            cache = self._allocator.submit(self.model.new_cache, 1, room, zeros=zeros_without_openmp)
+            self.prefills.append(_Prefill(req, free[:req.n], cache, self.prefixes.match(req.prompt_ids)))
         others = any(self.rows)
         # the first prompt whose cache is ready (with no row decoding, waiting for one costs nothing)
         p = next((p for p in self.prefills if p.cache is not None or p.pending.done() or not others), None)
@@ -423,6 +434,11 @@ class Engine:
         if p.cache is None:
             try:
                 p.cache = p.pending.result()
+                entry, length = p.prefix
+                if entry is not None:  # the prompt's start from the prefix cache: prefilled from there
+                    PrefixCache.load(entry, length, p.cache)
+                    p.done = length
+                p.prefix = (None, 0)
             except Exception:
                 log.exception("prefill failed")
                 self._fail(p)
@@ -470,6 +486,8 @@ class Engine:
         for i, row in enumerate(p.rows):  # the lowest free rows: busy rows stay packed at the front
             self.cache.load_row(row, p.cache)
             seqs.append(_Seq(req, i, row, self.tokenizer, self.vocab, self.device))
+            if req.n == 1:
+                seqs[-1].prompt_cache = p.cache
             self.rows[row] = seqs[-1]
         self._advance(seqs, logits.expand(req.n, -1), list(range(req.n)))
 
@@ -522,8 +540,18 @@ class Engine:
             elif len(s.tokens) >= s.req.params.max_tokens:
                 d.text, d.finish_reason = d.text + s.text.flush(), "length"
         if d.finish_reason:
+            self._keep(s)
             self.rows[s.row] = None
         return d
+
+    def _keep(self, s: _Seq) -> None:
+        """Put a finished sequence in the prefix cache: its generated tokens' keys and values
+        (all fed but the last) go from its row into its prompt's cache, which has room for them."""
+        cache, s.prompt_cache = s.prompt_cache, None
+        if cache is None or self.prefixes.budget <= 0:
+            return
+        self.cache.save_row(s.row, cache, s.pos)
+        self.prefixes.add(s.req.prompt_ids + s.tokens[:-1], cache, self._token_bytes)
 
     def _finish(self, s: _Seq, deltas: list[Delta]) -> None:
         self.rows[s.row] = None

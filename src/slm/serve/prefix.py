@@ -1,0 +1,112 @@
+"""Prefix caching: the keys and values of finished sequences, kept for prompts that start with one.
+
+A chat sends its whole history each turn, and most applications put the same system prompt before
+every request. A prompt is prefilled into a batch-1 `KVCache` with room for its completion too;
+when the sequence finishes, the engine copies the keys and values of the tokens it generated
+(except the last, never fed back) from its cache row into that room and keeps the cache here. A
+new prompt whose first tokens are those takes them from here and is prefilled from there on, so
+the fifth turn of a chat costs about what its new message costs, not the whole history. Only the
+generated tokens are copied when a sequence finishes (a 4,000-token prompt's keys and values
+would take tens of milliseconds, a gap in every running stream).
+
+Layers with a sliding window keep only their last `window` positions (a ring), so a sequence
+longer than its window serves exactly its own length; one that fits serves any prefix of itself.
+Entries are dropped least recently used first to stay within the byte budget; an entry a prefill
+is reading stays alive until that prefill has copied it.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import torch
+
+from ..model import KVCache
+
+
+@dataclass
+class Entry:
+    tokens: torch.Tensor  # int64 [n]: the tokens whose keys and values `cache` holds
+    cache: KVCache
+    nbytes: int
+
+    @property
+    def whole_only(self) -> bool:
+        """Whether only the whole entry can be reused: a layer's ring has wrapped."""
+        return any(w is not None and len(self.tokens) > self.cache.size[w] for w in self.cache.windows)
+
+
+class PrefixCache:
+    """Stored sequences, at most `budget` bytes of keys and values, most recently used last."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.entries: collections.OrderedDict[int, Entry] = collections.OrderedDict()
+        self.nbytes = 0
+        self._next = 0
+        self.hits, self.misses, self.hit_tokens = 0, 0, 0
+
+    def stats(self) -> dict:
+        return {"entries": len(self.entries), "bytes": self.nbytes, "budget_bytes": self.budget,
+                "hits": self.hits, "misses": self.misses, "hit_tokens": self.hit_tokens}
+
+    def match(self, prompt: list[int]) -> tuple[Entry | None, int]:
+        """The stored entry sharing the longest usable prefix with `prompt`, and that length: at
+        most len(prompt) - 1 (the last prompt token must go through the model for its logits)."""
+        best, length = None, 0
+        if self.entries and len(prompt) > 1:
+            ids = torch.tensor(prompt[:-1], dtype=torch.long)
+            for key, e in self.entries.items():
+                m = min(len(ids), len(e.tokens))
+                differ = (ids[:m] != e.tokens[:m]).nonzero()
+                n = int(differ[0, 0]) if len(differ) else m
+                if e.whole_only and n < len(e.tokens):
+                    continue
+                if n > length:
+                    best, length, best_key = e, n, key
+            if best is not None:
+                self.entries.move_to_end(best_key)
+        if best is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self.hit_tokens += length
+        return best, length
+
+    def add(self, tokens: list[int], cache: KVCache, token_bytes: int) -> None:
+        """Keep `cache` (batch 1), which holds the keys and values of `tokens` (cache.seen of them),
+        unless it alone is over the budget; entries it extends are dropped. token_bytes: what one
+        token's keys and values take (the budget counts what the entry holds, not its room)."""
+        n = len(tokens)
+        size = n * token_bytes
+        if n < 2 or size > self.budget or cache.seen != n:
+            return
+        ids = torch.tensor(tokens, dtype=torch.long)
+        entry = Entry(ids, cache, size)
+        for key, e in list(self.entries.items()):
+            m = len(e.tokens)
+            if m <= n and torch.equal(e.tokens, ids[:m]) and (m == n or not entry.whole_only):
+                self._drop(key)  # a prefix of this one (or the same): this one serves it
+        self.entries[self._next] = entry
+        self._next += 1
+        self.nbytes += size
+        while self.nbytes > self.budget:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: int) -> None:
+        self.nbytes -= self.entries.pop(key).nbytes
+
+    @staticmethod
+    def load(entry: Entry, length: int, dst: KVCache) -> None:
+        """Copy the first `length` tokens of `entry` into the empty batch-1 cache `dst` (of a
+        prompt longer than `length`), which then continues from there."""
+        src = entry.cache
+        for i, (w_src, w_dst) in enumerate(zip(src.windows, dst.windows)):
+            s = min(length, src.size[w_src], dst.size[w_dst])  # a wrapped ring: all of it (length == n)
+            dst.k[i][0, :, :s] = src.k[i][0, :, :s]
+            dst.v[i][0, :, :s] = src.v[i][0, :, :s]
+        for w_src, w_dst in zip(src.windows, dst.windows):
+            s = min(length, src.size[w_src], dst.size[w_dst])
+            dst.pos[w_dst][0, :s] = src.pos[w_src][0, :s]
+        dst.seen = length
