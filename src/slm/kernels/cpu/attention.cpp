@@ -19,25 +19,71 @@
 
 namespace slm::cpu {
 
+// The sums of 8 vectors, as one vector: lane j holds the sum of a[j]'s 8 lanes.
+static inline __m256 hsum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // halves: keys 0-3 | 4-7 of each lane half
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 // One query row against S cached keys and values (rows ks and vs floats apart):
-// o = softmax(q K^T * sc) V, softmax in fp32; p holds S floats of scratch.
+// o = softmax(q K^T * sc) V, softmax in fp32; p holds S floats of scratch. Scores eight keys at a
+// time (one reduction for the eight, not one per key) and the exponentials eight at a time: with
+// a few hundred keys, the per-key reductions and scalar exp took most of a prompt chunk's attention.
 inline void attend_row(const float* qr, const float* kb, int64_t ks, const float* vb, int64_t vs, int64_t S,
                        int64_t D, float sc, float* p, float* o) {
-  float mx = -INFINITY;
-  for (int64_t s = 0; s < S; ++s) {
+  __m256 mx8 = _mm256_set1_ps(-INFINITY);
+  int64_t s = 0;
+  if (D % 8 == 0) {
+    for (; s + 8 <= S; s += 8) {
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < D; i += 8) {
+        const __m256 q = _mm256_loadu_ps(qr + i);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(q, _mm256_loadu_ps(kb + (s + j) * ks + i), acc[j]);
+      }
+      const __m256 sco = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(sc));
+      _mm256_storeu_ps(p + s, sco);
+      mx8 = _mm256_max_ps(mx8, sco);
+    }
+  }
+  float mx = hmax(mx8);
+  for (; s < S; ++s) {
     p[s] = dot_f32(qr, kb + s * ks, D) * sc;
     mx = std::max(mx, p[s]);
   }
-  float sum = 0.0f;
-  for (int64_t s = 0; s < S; ++s) sum += (p[s] = std::exp(p[s] - mx));
+  __m256 sum8 = _mm256_setzero_ps();
+  const __m256 m8 = _mm256_set1_ps(mx);
+  s = 0;
+  for (; s + 8 <= S; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), m8));
+    _mm256_storeu_ps(p + s, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  float sum = hsum(sum8);
+  for (; s < S; ++s) sum += (p[s] = std::exp(p[s] - mx));
   const float inv = 1.0f / sum;
-  for (int64_t i = 0; i < D; ++i) o[i] = 0.0f;
-  for (int64_t s = 0; s < S; ++s) {
-    const float* vr = vb + s * vs;
-    const __m256 ps = _mm256_set1_ps(p[s] * inv);
-    int64_t i = 0;
-    for (; i + 8 <= D; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + i)));
-    for (; i < D; ++i) o[i] += p[s] * inv * vr[i];
+  int64_t i0 = 0;
+  for (; i0 + 64 <= D; i0 += 64) {  // 64 of o at a time in registers, not through memory at every key
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (s = 0; s < S; ++s) {
+      const float* vr = vb + s * vs + i0;
+      const __m256 ps = _mm256_set1_ps(p[s]);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(o + i0 + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
+  }
+  if (i0 < D) {
+    for (int64_t i = i0; i < D; ++i) o[i] = 0.0f;
+    for (s = 0; s < S; ++s) {
+      const float* vr = vb + s * vs;
+      const __m256 ps = _mm256_set1_ps(p[s] * inv);
+      int64_t i = i0;
+      for (; i + 8 <= D; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + i)));
+      for (; i < D; ++i) o[i] += p[s] * inv * vr[i];
+    }
   }
 }
 
