@@ -2,11 +2,14 @@
 clients streaming chat completions at once, as ratios to 1 client (same server, same run); then
 the "mixed" scenario: short chats streaming while long prompts arrive among them, with each short
 chat's time to first token and the gaps between its tokens (p50, p99), against the same chats
-without the long prompts.
+without the long prompts; then a chat of --turns turns, each sending the conversation so far, with
+each turn's median time to first token over --chats chats (the server's prefix cache keeps earlier
+turns' keys and values).
 
     python benchmarks/serve_throughput.py [--model DIR|FILE.gguf|default] [--clients 1 4 16]
                                           [--requests 3] [--max-tokens 64] [--no-stream]
                                           [--mixed-chats 8] [--long-prompts 2] [--long-tokens 2000]
+                                          [--turns 5] [--chats 3] [--prefix-cache-mb MB]
 
 Without --model: a Llama of the stories15m shape (6 layers, 288 wide, 6 heads; a 2,048-token
 context) with random fp32 weights and a byte-level BPE trained on 3,000 documents of slm's synthetic corpus (2,861 tokens). `--model default` serves
@@ -66,9 +69,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, port: int, max_batch: int, log_path: str) -> subprocess.Popen:
+def start_server(model: str | None, port: int, max_batch: int, log_path: str,
+                 prefix_cache_mb: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "slm", "serve", "--port", str(port), "--max-batch", str(max_batch),
-           "--served-model-name", "bench"] + (["--model", model] if model else [])
+           "--served-model-name", "bench"] + (["--model", model] if model else []) + \
+        (["--prefix-cache-mb", str(prefix_cache_mb)] if prefix_cache_mb is not None else [])
     with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall the server
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
@@ -164,6 +169,25 @@ def run_mixed(client, chats: int, requests: int, max_tokens: int, long_prompts: 
     return out
 
 
+def run_turns(client, turns: int, max_tokens: int, chat: int) -> list[float]:
+    """Chat number `chat` of `turns` turns, each sending the whole conversation so far (as chat
+    clients do): the time to first token of each turn."""
+    topics = ["a cat", "the sea", "a small robot", "a garden", "the moon", "a train", "a baker", "winter"]
+    messages, ttft = [], []
+    for t in range(turns):
+        topic = topics[(t + chat) % len(topics)]
+        messages.append({"role": "user", "content": f"Chat {chat}: now tell me a short story about {topic}."})
+        t0, first, reply = time.perf_counter(), None, ""
+        for chunk in client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
+                                                    temperature=0, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                reply += chunk.choices[0].delta.content
+        ttft.append(first - t0)
+        messages.append({"role": "assistant", "content": reply})
+    return ttft
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder or .gguf ('default': gemma-3-270m)")
@@ -176,13 +200,19 @@ def main() -> None:
                                                                 "(0: skip the scenario)")
     ap.add_argument("--long-prompts", type=int, default=2, help="mixed scenario: long prompts among them")
     ap.add_argument("--long-tokens", type=int, default=2000, help="mixed scenario: tokens of each long prompt")
+    ap.add_argument("--turns", type=int, default=5, help="chat scenario: turns of one chat, each sending the "
+                                                         "conversation so far (0: skip the scenario)")
+    ap.add_argument("--chats", type=int, default=3, help="chat scenario: chats, one after another (the median "
+                                                         "of each turn is reported)")
+    ap.add_argument("--prefix-cache-mb", type=int, default=None, help="the server's --prefix-cache-mb "
+                                                                      "(default: its own; 0: none)")
     a = ap.parse_args()
     import openai
 
     with tempfile.TemporaryDirectory() as tmp:
         model = None if a.model == "default" else a.model or build_model(os.path.join(tmp, "stories15m-shape"))
         port = free_port()
-        server = start_server(model, port, a.max_batch, os.path.join(tmp, "server.log"))
+        server = start_server(model, port, a.max_batch, os.path.join(tmp, "server.log"), a.prefix_cache_mb)
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                    timeout=600)
@@ -227,6 +257,22 @@ def main() -> None:
                        alone_ttft_p99_ms=alone["ttft_p99_ms"], alone_itl_p50_ms=alone["itl_p50_ms"],
                        alone_itl_p99_ms=alone["itl_p99_ms"], alone_itl_max_ms=alone["itl_max_ms"],
                        vs_alone_itl_p99=round(mixed["itl_p99_ms"] / alone["itl_p99_ms"], 2))
+            if a.turns:
+                runs = [run_turns(client, a.turns, a.max_tokens, c) for c in range(a.chats)]
+                ttft = [sorted(r[t] for r in runs)[len(runs) // 2] for t in range(a.turns)]
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    cached = json.load(r).get("prefix_cache", {})
+                print(f"\nchat: {a.chats} chats of {a.turns} turns, replies of up to {a.max_tokens} tokens "
+                      f"(temperature 0); prefix cache {cached.get('budget_bytes', 0) / 2**20:.0f} MiB, "
+                      f"{cached.get('hits', 0)} hits, {cached.get('hit_tokens', 0)} tokens reused")
+                print("  median time to first token by turn: " + ", ".join(f"{1e3 * t:.0f} ms" for t in ttft) +
+                      f"; turn {a.turns} vs turn 1: {ttft[-1] / ttft[0]:.2f}x")
+                record("serve_throughput", scenario="chat turns", model=a.model or "stories15m shape, random weights",
+                       turns=a.turns, chats=a.chats, max_tokens=a.max_tokens,
+                       prefix_cache_mb=round(cached.get("budget_bytes", 0) / 2**20),
+                       prefix_hits=cached.get("hits", 0), prefix_hit_tokens=cached.get("hit_tokens", 0),
+                       **{f"ttft_turn{i + 1}_ms": round(1e3 * t, 1) for i, t in enumerate(ttft)},
+                       last_vs_first=round(ttft[-1] / ttft[0], 2))
         finally:
             server.terminate()
             server.wait(30)
