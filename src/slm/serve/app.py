@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException
 from ..runtime.lm import DEFAULT_MODEL, load
 from ..runtime.sampling import OPENAI_DEFAULT_TEMPERATURE
 from .engine import PREFILL_CHUNK, PREFIX_CACHE_BYTES, Engine, Params, QueueFull, deltas
+from .grammar import GrammarError, grammar_for
 from .engine import Request as EngineRequest
 
 log = logging.getLogger("slm.serve")
@@ -52,6 +53,7 @@ MAX_N = 8  # choices per prompt
 MAX_STOP = 8  # stop strings per request
 MAX_PROMPTS = 128  # prompts per /v1/completions request
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit too)
+MAX_GRAMMAR = 64_000  # characters of a GBNF grammar
 # Characters of text per token of the context that a request may send: text beyond this cannot fit
 # the context in any real tokenizer (English runs about 4 characters a token), and bounding it
 # bounds the tokenizer's work before it starts.
@@ -96,6 +98,10 @@ class _Common(BaseModel):
     logit_bias: dict[int, float] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # structured outputs (serve/grammar.py): {"type": "json_object"}, or {"type": "json_schema",
+    # "json_schema": {"name": ..., "schema": {...}}}; or llama.cpp's GBNF grammar
+    response_format: dict | None = None
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR)
 
 
 class CompletionRequest(_Common):
@@ -210,7 +216,19 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
 
-    def params(body: _Common, prompt_len: int, default_max: int | None, logprobs: int | None) -> Params:
+    async def grammar_of(body: _Common) -> str | None:
+        """The request's grammar (response_format or grammar), checked against the vocabulary in a
+        worker thread (the first also builds llguidance's view of the tokenizer, ~0.2 s)."""
+        try:
+            g = grammar_for(body.response_format, body.grammar)
+            if g is not None:
+                await asyncio.to_thread(engine.constraints.check, g)
+            return g
+        except GrammarError as e:
+            raise APIError(400, str(e), param="grammar" if body.grammar is not None else "response_format") from None
+
+    def params(body: _Common, prompt_len: int, default_max: int | None, logprobs: int | None,
+               grammar: str | None = None) -> Params:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP or any(not s for s in stop):
             raise APIError(400, f"stop: give up to {MAX_STOP} non-empty strings", param="stop")
@@ -234,7 +252,7 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         given = {"top_p": body.top_p, "seed": body.seed, "presence_penalty": body.presence_penalty,
                  "frequency_penalty": body.frequency_penalty, "logit_bias": body.logit_bias}
         temperature = OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
-        return Params(max_tokens=max_tokens, logprobs=logprobs, stop=stop, temperature=temperature,
+        return Params(max_tokens=max_tokens, logprobs=logprobs, stop=stop, temperature=temperature, grammar=grammar,
                       **{k: v for k, v in given.items() if v is not None})
 
     def submit(prompts: list[list[int]], ps: list[Params], n: int) -> list[EngineRequest]:
@@ -290,7 +308,8 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         for ids in prompts:
             if not ids or any(not 0 <= t < engine.vocab for t in ids):
                 raise APIError(400, f"prompt: token ids must be in [0, {engine.vocab}) and not empty", param="prompt")
-        ps = [params(body, len(ids), 16, body.logprobs) for ids in prompts]  # OpenAI's default max_tokens: 16
+        grammar = await grammar_of(body)
+        ps = [params(body, len(ids), 16, body.logprobs, grammar) for ids in prompts]  # OpenAI's default max_tokens: 16
         reqs = submit(prompts, ps, body.n or 1)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if log_prompts:
@@ -330,7 +349,7 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         except Exception as e:  # the checkpoint's template may refuse an order of roles
             raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
         k = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = submit([ids], [params(body, len(ids), None, k)], body.n or 1)
+        reqs = submit([ids], [params(body, len(ids), None, k, await grammar_of(body))], body.n or 1)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if log_prompts:
             log.info("%s messages: %r", rid, messages)

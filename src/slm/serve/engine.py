@@ -48,6 +48,7 @@ from ..model import KVCache, RowKVCache
 from ..model.config import ModelConfig
 from ..runtime.sampling import Row, Sampling, sample_rows
 from ..runtime.tokenizer import Detokenizer
+from .grammar import Constraints
 from .prefix import Entry, PrefixCache
 
 log = logging.getLogger("slm.serve")
@@ -73,6 +74,7 @@ class Params(Sampling):
     many tokens it may generate, and the logprobs it wants."""
     max_tokens: int
     logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k
+    grammar: str | None = None  # llguidance's grammar the text must follow (serve/grammar.py), None: free
 
 
 @dataclass
@@ -194,6 +196,8 @@ class _Seq:
         self.pos = len(req.prompt_ids)  # position of the next token fed to the model
         self.tokens: list[int] = []
         self.prompt_cache: KVCache | None = None  # its prompt's, with room for it (a request of one choice)
+        self.matcher = None  # its grammar's state (serve/grammar.py), if it follows one
+        self.complete = False  # its grammar is complete: nothing may follow
         self.text = Detokenizer(tokenizer, p.stop)
         # One generator per choice: a seeded request samples the same tokens alone or in a batch.
         self.sampler = Row(p, vocab, device, prompt=req.prompt_ids, index=index)
@@ -304,6 +308,7 @@ class Engine:
         self._worked = False
         # Finished sequences' keys and values, for prompts that start with one (serve/prefix.py).
         self.prefixes = PrefixCache(prefix_cache_bytes)
+        self.constraints = Constraints(self.tokenizer, self.vocab, self.eos_ids)
         self._token_bytes = kv_cache_bytes(cfg, 1, 1, self.model.dtype)  # one token's keys and values
 
     # -- called from the event loop ------------------------------------------------------------
@@ -486,6 +491,8 @@ class Engine:
         for i, row in enumerate(p.rows):  # the lowest free rows: busy rows stay packed at the front
             self.cache.load_row(row, p.cache)
             seqs.append(_Seq(req, i, row, self.tokenizer, self.vocab, self.device))
+            if req.params.grammar is not None:
+                seqs[-1].matcher = self.constraints.matcher(req.params.grammar)
             if req.n == 1:
                 seqs[-1].prompt_cache = p.cache
             self.rows[row] = seqs[-1]
@@ -514,7 +521,16 @@ class Engine:
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
         """Sample one token for each sequence from its row of logits and send what it produced."""
         x = logits if rows == list(range(logits.shape[0])) else logits[rows]
-        toks = sample_rows(x, [s.sampler for s in seqs])
+        bound = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if bound:  # what the grammars allow, the rest at -inf
+            allowed = self.constraints.allowed([seqs[i].matcher for i in bound]).to(x.device)
+            sampled_from = x.float().clone()
+            sampled_from[bound] = sampled_from[bound].masked_fill(~allowed, float("-inf"))
+        toks = sample_rows(sampled_from if bound else x, [s.sampler for s in seqs])
+        for i in bound:
+            s = seqs[i]
+            s.matcher.consume_token(toks[i])
+            s.complete = s.matcher.is_stopped()
         lps: list[TokenLogprob | None] = [None] * len(seqs)
         want = [i for i, s in enumerate(seqs) if s.req.params.logprobs is not None]
         if want:  # logprobs are the model's own distribution (raw logits), as vLLM reports by default
@@ -535,8 +551,8 @@ class Engine:
             d.text, d.finish_reason = s.text.flush(), "stop"
         else:
             d.text, stopped = s.text.add(tok)
-            if stopped:
-                d.finish_reason = "stop"
+            if stopped or s.complete:
+                d.text, d.finish_reason = d.text + (s.text.flush() if s.complete else ""), "stop"
             elif len(s.tokens) >= s.req.params.max_tokens:
                 d.text, d.finish_reason = d.text + s.text.flush(), "length"
         if d.finish_reason:
