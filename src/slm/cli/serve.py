@@ -70,4 +70,4 @@ def serve(a) -> None:
     signal.signal(signal.SIGTERM, stop)
     with track("serve", path=a.receipt, device=a.device) as receipt:  # written when the server stops
         run(a.model, c, dtype=a.dtype, device=a.device, quantize=a.quantize, group_size=a.group_size,
-            tokenizer=a.tokenizer, on_load=receipt.watch)
+            tokenizer=a.tokenizer, on_load=receipt.watch, footprint=receipt)

@@ -145,6 +145,7 @@ class EnergyMeter:
         self._cpu0 = _cpu_seconds()
         self._t0 = time.perf_counter()
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the sampling thread and read() (a server's /metrics) take turns
         self._thread = None
         if self.rapl.zones or (self.nvml and self.nvml.handles):
             self._thread = threading.Thread(target=self._run, name="slm-energy", daemon=True)
@@ -155,14 +156,19 @@ class EnergyMeter:
             self.sample()
 
     def sample(self) -> None:
-        self.rapl.sample()
-        if self.nvml:
-            self.nvml.sample()
+        with self._lock:
+            self.rapl.sample()
+            if self.nvml:
+                self.nvml.sample()
 
     def stop(self) -> Energy:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        return self.read()
+
+    def read(self) -> Energy:
+        """The energy so far (the meter keeps running)."""
         self.sample()
         seconds = time.perf_counter() - self._t0
         cpu_s = (_cpu_seconds() - self._cpu0) * self.processes

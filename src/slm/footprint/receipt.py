@@ -151,6 +151,13 @@ class Tracker:
 
         return model.register_forward_pre_hook(hook, with_kwargs=True)
 
+    def so_far(self) -> dict:
+        """Energy (kWh), CO2 (g) and tokens since the session started, while it runs (a server's
+        /metrics): the receipt's figures before the receipt."""
+        kwh = self.meter.read().kwh if self.meter is not None else 0.0
+        return {"kwh": kwh, "co2_g": kwh * self.rates.pue * self.rates.grid, "tokens": dict(self.tokens),
+                "flops": self.flops}
+
     # -- the receipt ---------------------------------------------------------------------------
     def finish(self) -> dict:
         energy = self.meter.stop()

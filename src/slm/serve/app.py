@@ -44,6 +44,8 @@ from ..runtime.lm import DEFAULT_MODEL, load
 from ..runtime.sampling import OPENAI_DEFAULT_TEMPERATURE
 from .engine import PREFILL_CHUNK, PREFIX_CACHE_BYTES, Engine, Params, QueueFull, deltas
 from .grammar import GrammarError, grammar_for
+from .metrics import CONTENT_TYPE as METRICS_TYPE
+from .metrics import Metrics
 from .engine import Request as EngineRequest
 
 log = logging.getLogger("slm.serve")
@@ -155,7 +157,10 @@ class ServeConfig:
             raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
 
 
-def create_app(lm, model_name: str, config: ServeConfig | None = None, local_only: bool = True) -> FastAPI:
+def create_app(lm, model_name: str, config: ServeConfig | None = None, local_only: bool = True,
+               footprint=None) -> FastAPI:
+    """The app serving `lm` as `model_name`; footprint: a running footprint Tracker, whose energy and
+    CO2 so far /metrics reports."""
     c = config or ServeConfig()
     api_key, log_prompts, max_body = c.api_key, c.log_prompts, c.max_body
     engine = Engine(lm, max_batch=c.max_batch, max_len=c.context, prefill_chunk=c.prefill_chunk,
@@ -170,6 +175,8 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
 
     app = FastAPI(title="slm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    metrics = app.state.metrics = Metrics(engine, footprint)
+    engine.observer = metrics
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -193,6 +200,10 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         with open(os.path.join(os.path.dirname(__file__), "chat.html"), encoding="utf-8") as f:
             html = f.read()
         return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=METRICS_TYPE)
 
     @app.get("/health")
     async def health():
@@ -437,6 +448,7 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     app.add_middleware(_Guard, api_key=api_key, local_only=local_only, max_body=max_body, timeout=c.timeout)
+    app.add_middleware(_Counted, metrics=metrics)  # outermost: the guard's refusals count too
     return app
 
 
@@ -453,6 +465,23 @@ def legacy_logprobs(lps) -> dict:
 def chat_logprob(x) -> dict:
     entry = lambda t, lp: {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}  # noqa: E731
     return {**entry(x.token, x.logprob), "top_logprobs": [entry(t, lp) for t, lp in x.top]}
+
+
+class _Counted:
+    """Counts every answer by route and status (/metrics), streamed ones as they start."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.request(scope["path"], message["status"])
+            await send(message)
+        await self.app(scope, receive, counted)
 
 
 # -- host check, API key, body size: before any route runs -------------------------------------
@@ -616,7 +645,7 @@ def in_passing_thread(fn):
 
 
 def run(model: str | None = None, config: ServeConfig | None = None, dtype=None, device=None, quantize=None,
-        group_size=None, on_load=None, tokenizer=None) -> None:
+        group_size=None, on_load=None, tokenizer=None, footprint=None) -> None:
     c = config or ServeConfig()
     host, port, name = c.host, c.port, c.name
     local = is_loopback(host)
@@ -635,7 +664,7 @@ def run(model: str | None = None, config: ServeConfig | None = None, dtype=None,
             lm = load(model, dtype=dtype, device=device, quantize=quantize, group_size=group_size, tokenizer=tokenizer)
             if on_load is not None:  # e.g. the footprint receipt's token counter
                 on_load(lm)
-            return create_app(lm, name, c, local_only=local)
+            return create_app(lm, name, c, local_only=local, footprint=footprint)
         # Loaded in a thread that then ends, and with it the OpenMP worker pool that loading
         # started: the engine thread's must be the process's only one (engine.zeros_without_openmp).
         app = in_passing_thread(build)

@@ -107,6 +107,7 @@ class Request:
         self.prompt_ids, self.params, self.n, self.first_index = prompt_ids, params, n, first_index
         self.completion_tokens = [0] * n
         self.cancelled = False
+        self.created = time.perf_counter()  # for its time to first token
         self._loop = asyncio.get_running_loop()
         # Several prompts of one API call share one queue; they also form one group, which the
         # engine admits in turn with the other groups.
@@ -197,6 +198,7 @@ class _Seq:
         self.tokens: list[int] = []
         self.prompt_cache: KVCache | None = None  # its prompt's, with room for it (a request of one choice)
         self.matcher = None  # its grammar's state (serve/grammar.py), if it follows one
+        self.last: float | None = None  # when its last token was sampled
         self.complete = False  # its grammar is complete: nothing may follow
         self.text = Detokenizer(tokenizer, p.stop)
         # One generator per choice: a seeded request samples the same tokens alone or in a batch.
@@ -295,6 +297,8 @@ class Engine:
         self.running = False
         self.thread: threading.Thread | None = None
         self.generated, self.peak = 0, 0  # tokens sampled and most rows in use at once, since start (/health)
+        self.prompt_tokens = 0  # prompt tokens admitted since start
+        self.observer = None  # first_token(s), token_gap(s): serve/metrics.py's histograms
         self._token_text: dict[int, str] = {}
         # Seconds of the last decode steps of each number of rows (moving averages), and the
         # prefill chunk whose turns cost PREFILL_SHARE of the cheapest, adapted as the loop runs.
@@ -344,7 +348,7 @@ class Engine:
         return {"running": sum(s is not None for s in self.rows),
                 "waiting": self.n_waiting + len(self.prefills),
                 "max_batch": self.max_batch, "context": self.max_len, "generated_tokens": self.generated,
-                "peak_running": self.peak, "prefix_cache": self.prefixes.stats()}
+                "peak_running": self.peak, "prompt_tokens": self.prompt_tokens, "prefix_cache": self.prefixes.stats()}
 
     def start(self) -> None:
         self.running = True
@@ -430,6 +434,7 @@ class Engine:
             room = len(req.prompt_ids) + (req.params.max_tokens if req.n == 1 else 0)
             cache = self._allocator.submit(self.model.new_cache, 1, room, zeros=zeros_without_openmp)
             self.prefills.append(_Prefill(req, free[:req.n], cache, self.prefixes.match(req.prompt_ids)))
+            self.prompt_tokens += len(req.prompt_ids)
         others = any(self.rows)
         # the first prompt whose cache is ready (with no row decoding, waiting for one costs nothing)
         p = next((p for p in self.prefills if p.cache is not None or p.pending.done() or not others), None)
@@ -537,6 +542,14 @@ class Engine:
             logp = F.log_softmax(x[want].float(), -1)
             for j, i in enumerate(want):
                 lps[i] = self._logprob(logp[j], toks[i], seqs[i].req.params.logprobs, seqs[i])
+        if self.observer is not None:
+            now = time.perf_counter()
+            for s in seqs:
+                if s.last is None:
+                    self.observer.first_token(now - s.req.created)
+                else:
+                    self.observer.token_gap(now - s.last)
+                s.last = now
         out: dict[Request, list[Delta]] = {}
         for s, tok, lp in zip(seqs, toks, lps):
             self.generated += 1
