@@ -18,6 +18,7 @@ and lets the API calls take turns for rows.
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import gc
 import hmac
@@ -56,6 +57,7 @@ MAX_STOP = 8  # stop strings per request
 MAX_PROMPTS = 128  # prompts per /v1/completions request
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit too)
 MAX_GRAMMAR = 64_000  # characters of a GBNF grammar
+MAX_EMBED_INPUTS = 2048  # inputs of one /v1/embeddings request (OpenAI's limit too)
 # Characters of text per token of the context that a request may send: text beyond this cannot fit
 # the context in any real tokenizer (English runs about 4 characters a token), and bounding it
 # bounds the tokenizer's work before it starts.
@@ -125,6 +127,13 @@ class ChatRequest(_Common):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 # -- the app -----------------------------------------------------------------------------------
@@ -343,6 +352,45 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         return {**base, "choices": [choice(d, text, lps) for d, text, lps in out], "usage": usage(reqs)}
 
     # -- /v1/chat/completions ------------------------------------------------------------------
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        check_model(body.model)
+        xs = body.input
+        if isinstance(xs, str) or (xs and isinstance(xs[0], int)):
+            xs = [xs]
+        if not xs:
+            raise APIError(400, "input: empty", param="input")
+        if len(xs) > MAX_EMBED_INPUTS:
+            raise APIError(400, f"input: at most {MAX_EMBED_INPUTS} inputs per request, got {len(xs)}", param="input")
+        for i, x in enumerate(xs):
+            if isinstance(x, str):
+                if not x:
+                    raise APIError(400, f"input[{i}]: an empty string", param="input")
+                check_length(x, "input")
+
+        def encode_all() -> list[list[int]]:  # in a worker thread
+            return [lm.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in xs]
+        try:
+            ids = await asyncio.to_thread(encode_all)
+        except Exception:
+            raise APIError(400, "input: not valid Unicode text", param="input") from None
+        for i, p in enumerate(ids):
+            if not p or any(not 0 <= t < engine.vocab for t in p):
+                raise APIError(400, f"input[{i}]: token ids must be in [0, {engine.vocab}) and not empty", param="input")
+            if len(p) > engine.max_len:
+                raise APIError(400, f"input[{i}]: {len(p)} tokens, more than this model's context of "
+                                    f"{engine.max_len}", param="input", code="context_length_exceeded")
+        vectors = await asyncio.gather(*(asyncio.wrap_future(f) for f in engine.embed(ids)))
+
+        def encoded(v):
+            if body.encoding_format == "base64":  # OpenAI's: the fp32 values' little-endian bytes
+                return base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+            return v.tolist()
+        n = sum(map(len, ids))
+        return {"object": "list", "model": model_name,
+                "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)

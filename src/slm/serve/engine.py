@@ -53,6 +53,7 @@ from .prefix import Entry, PrefixCache
 
 log = logging.getLogger("slm.serve")
 
+EMBED_TOKENS = 2048  # padded tokens of one embedding batch (one engine turn)
 PREFIX_CACHE_BYTES = 512 * 2**20  # finished sequences kept for prompts that start with one (serve/prefix.py)
 MAPPED_BYTES = 1 << 20  # prompt cache tensors at least this large are mapped from the system
 PREFILL_CHUNK = 512  # the most prompt tokens one prefill forward takes
@@ -223,6 +224,18 @@ class _Prefill:
         self.parts, self.n, self.spent, self.layers = None, 0, 0.0, 0
 
 
+def embed_batch(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Mean-pooled, L2-normalised final hidden states of prompts (left-padded into one batch; the
+    padding neither attends nor is attended to, nor counted in the mean): fp32 [d] each."""
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    h = model(ids, attention_mask=mask if len(prompts) > 1 else None, return_hidden=True).float()
+    m = mask[..., None].to(h.dtype)
+    mean = (h * m).sum(1) / m.sum(1)
+    return list(F.normalize(mean, dim=-1).cpu())
+
+
 def kv_cache_bytes(cfg: ModelConfig, rows: int, max_len: int, dtype: torch.dtype) -> int:
     """The bytes of a RowKVCache of `rows` rows of `max_len` tokens (keys and values; a layer with
     a shorter sliding window keeps only its window)."""
@@ -298,6 +311,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.generated, self.peak = 0, 0  # tokens sampled and most rows in use at once, since start (/health)
         self.prompt_tokens = 0  # prompt tokens admitted since start
+        self.jobs: collections.deque = collections.deque()  # embedding batches: (prompts, futures)
         self.observer = None  # first_token(s), token_gap(s): serve/metrics.py's histograms
         self._token_text: dict[int, str] = {}
         # Seconds of the last decode steps of each number of rows (moving averages), and the
@@ -365,7 +379,43 @@ class Engine:
 
     # -- the loop (engine thread) --------------------------------------------------------------
     def _idle(self) -> bool:
-        return not self.n_waiting and not self.prefills and not any(self.rows)
+        return not self.n_waiting and not self.prefills and not any(self.rows) and not self.jobs
+
+    # -- embeddings: run on the engine thread, between its turns ---------------------------------
+    def embed(self, prompts: list[list[int]]) -> list[concurrent.futures.Future]:
+        """Mean-pooled, L2-normalised final hidden states of the prompts (what llama.cpp's server
+        gives for a decoder model), as futures of fp32 [d] tensors. Computed on the engine thread
+        (its OpenMP pool is the process's only one) in batches of at most EMBED_TOKENS padded
+        tokens, one batch a turn, so running streams keep their pace."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad little
+        futures = [concurrent.futures.Future() for _ in prompts]
+        batches, batch = [], []
+        for i in order:
+            if batch and (len(batch) + 1) * len(prompts[i]) > EMBED_TOKENS:
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        batches.append(batch)
+        with self.cond:
+            for b in batches:
+                self.jobs.append(([prompts[i] for i in b], [futures[i] for i in b]))
+            self.cond.notify()
+        return futures
+
+    def _embed_turn(self) -> None:
+        with self.cond:
+            if not self.jobs:
+                return
+            prompts, futures = self.jobs.popleft()
+        futures = [f for f in futures if f.set_running_or_notify_cancel()]
+        if not futures:
+            return
+        try:
+            for f, e in zip(futures, embed_batch(self.model, prompts)):
+                f.set_result(e)
+        except Exception as e:  # noqa: BLE001 - handed to the waiting request
+            for f in futures:
+                f.set_exception(e)
 
     def _loop(self) -> None:
         with torch.inference_mode():
@@ -380,6 +430,7 @@ class Engine:
                         break
                 self._worked = True
                 try:
+                    self._embed_turn()
                     self._drop_cancelled()
                     self._prefill()
                     if any(self.rows):
