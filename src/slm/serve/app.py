@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -110,6 +110,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: only with echo (the prompt's logprobs, nothing generated)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None
@@ -303,8 +304,10 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        if body.echo or body.suffix is not None:
-            raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
+        if body.suffix is not None:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens: at least 1 (0 only with echo)", param="max_tokens")
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise APIError(400, "best_of must equal n (every sample is returned)", param="best_of")
         p = body.prompt
@@ -329,27 +332,68 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
             if not ids or any(not 0 <= t < engine.vocab for t in ids):
                 raise APIError(400, f"prompt: token ids must be in [0, {engine.vocab}) and not empty", param="prompt")
         grammar = await grammar_of(body)
-        ps = [params(body, len(ids), 16, body.logprobs, grammar) for ids in prompts]  # OpenAI's default max_tokens: 16
-        reqs = submit(prompts, ps, body.n or 1)
+        n = body.n or 1
+        if body.max_tokens == 0:  # echo alone: the prompts' logprobs, nothing generated
+            for ids in prompts:
+                if len(ids) > engine.max_len:
+                    raise APIError(400, f"this model's maximum context length is {engine.max_len} tokens; the "
+                                        f"prompt has {len(ids)}", param="prompt", code="context_length_exceeded")
+            reqs = []
+        else:
+            ps = [params(body, len(ids), 16, body.logprobs, grammar) for ids in prompts]  # OpenAI's default: 16
+            reqs = submit(prompts, ps, n)
+        echo: list[tuple[str, list]] = []  # each prompt's text and (with logprobs) its tokens' logprobs
+        if body.echo:
+            texts = [x if isinstance(x, str) else lm.tokenizer.decode(x, skip_special_tokens=False) for x in p]
+            if body.logprobs is not None:
+                try:
+                    lps = await asyncio.gather(*(asyncio.wrap_future(engine.prompt_logprobs(ids, body.logprobs))
+                                                 for ids in prompts))
+                except BaseException:
+                    for r in reqs:
+                        r.cancel()
+                    raise
+            else:
+                lps = [[] for _ in prompts]
+            echo = list(zip(texts, lps))
         rid = f"cmpl-{uuid.uuid4().hex}"
         if log_prompts:
             log.info("%s prompt: %r", rid, body.prompt)
         base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
 
-        def choice(d, text, lps):
-            return {"index": d.index, "text": text, "logprobs": legacy_logprobs(lps) if body.logprobs is not None
-                    else None, "finish_reason": d.finish_reason}
+        def choice(index, text, lps, finish):
+            return {"index": index, "text": text, "logprobs": legacy_logprobs(lps) if body.logprobs is not None
+                    else None, "finish_reason": finish}
+
+        def echoed(index, text, lps):  # the prompt before what was generated; offsets after it
+            if not echo:
+                return text, lps
+            head, head_lps = echo[index // n]
+            return head + text, head_lps + [replace(x, offset=x.offset + len(head)) for x in lps]
+
+        def counts() -> dict:
+            if reqs:
+                return usage(reqs)
+            tokens = n * sum(map(len, prompts))
+            return {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
 
         if body.stream:
             async def events():
+                for i in range(n * len(prompts) if echo else 0):  # the prompts first
+                    text, lps = echo[i // n]
+                    yield sse({**base, "choices": [choice(i, text, lps, None if reqs else "length")]})
                 async for d in checked(reqs):
                     if d.text or d.logprobs or d.finish_reason:
-                        yield sse({**base, "choices": [choice(d, d.text, d.logprobs)]})
+                        lps = [replace(x, offset=x.offset + len(echo[d.index // n][0])) for x in d.logprobs] \
+                            if echo else d.logprobs
+                        yield sse({**base, "choices": [choice(d.index, d.text, lps, d.finish_reason)]})
                 if body.stream_options and body.stream_options.include_usage:
-                    yield sse({**base, "choices": [], "usage": usage(reqs)})
+                    yield sse({**base, "choices": [], "usage": counts()})
             return stream(events(), reqs, rid)
-        out = await collect(request, reqs, rid)
-        return {**base, "choices": [choice(d, text, lps) for d, text, lps in out], "usage": usage(reqs)}
+        out = await collect(request, reqs, rid) if reqs else \
+            [(None, "", []) for _ in range(n * len(prompts))]
+        return {**base, "choices": [choice(i, *echoed(i, text, lps), d.finish_reason if d else "length")
+                                    for i, (d, text, lps) in enumerate(out)], "usage": counts()}
 
     # -- /v1/chat/completions ------------------------------------------------------------------
     @app.post("/v1/embeddings")
@@ -505,9 +549,12 @@ def sse(obj) -> str:
 
 
 def legacy_logprobs(lps) -> dict:
-    """/v1/completions' logprobs: parallel lists, top alternatives as {token: logprob}."""
+    """/v1/completions' logprobs: parallel lists, top alternatives as {token: logprob} (two tokens
+    of the same text, as byte pieces, share a key: the likelier one's logprob); an echoed prompt's
+    first token has neither (nothing comes before it), as OpenAI's null."""
     return {"tokens": [x.token for x in lps], "token_logprobs": [x.logprob for x in lps],
-            "top_logprobs": [dict(x.top) for x in lps], "text_offset": [x.offset for x in lps]}
+            "top_logprobs": [dict(reversed(x.top)) if x.logprob is not None else None for x in lps],
+            "text_offset": [x.offset for x in lps]}
 
 
 def chat_logprob(x) -> dict:

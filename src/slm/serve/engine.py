@@ -53,6 +53,7 @@ from .prefix import Entry, PrefixCache
 
 log = logging.getLogger("slm.serve")
 
+PROMPT_LOGPROB_ROWS = 256  # positions whose full logits are held at once (echo: the prompt's logprobs)
 EMBED_TOKENS = 2048  # padded tokens of one embedding batch (one engine turn)
 PREFIX_CACHE_BYTES = 512 * 2**20  # finished sequences kept for prompts that start with one (serve/prefix.py)
 MAPPED_BYTES = 1 << 20  # prompt cache tensors at least this large are mapped from the system
@@ -81,7 +82,7 @@ class Params(Sampling):
 @dataclass
 class TokenLogprob:
     token: str
-    logprob: float
+    logprob: float | None  # None: an echoed prompt's first token (nothing before it)
     top: list[tuple[str, float]]
     offset: int  # where the token's text starts in the completion
 
@@ -311,7 +312,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.generated, self.peak = 0, 0  # tokens sampled and most rows in use at once, since start (/health)
         self.prompt_tokens = 0  # prompt tokens admitted since start
-        self.jobs: collections.deque = collections.deque()  # embedding batches: (prompts, futures)
+        self.jobs: collections.deque = collections.deque()  # (run() -> results, their futures), one a turn
         self.observer = None  # first_token(s), token_gap(s): serve/metrics.py's histograms
         self._token_text: dict[int, str] = {}
         # Seconds of the last decode steps of each number of rows (moving averages), and the
@@ -398,20 +399,47 @@ class Engine:
         batches.append(batch)
         with self.cond:
             for b in batches:
-                self.jobs.append(([prompts[i] for i in b], [futures[i] for i in b]))
+                self.jobs.append((lambda ps=[prompts[i] for i in b]: embed_batch(self.model, ps), [futures[i] for i in b]))
             self.cond.notify()
         return futures
 
-    def _embed_turn(self) -> None:
+    def prompt_logprobs(self, ids: list[int], k: int) -> concurrent.futures.Future:
+        """A future of the prompt's own tokens' logprobs (`echo` with `logprobs` on completions,
+        which evaluation harnesses use for log-likelihoods): each token's TokenLogprob given the ones
+        before it, with the top k (the first token's logprob None). On the engine thread."""
+        future = concurrent.futures.Future()
+        with self.cond:
+            self.jobs.append((lambda: [self._prompt_logprobs(ids, k)], [future]))
+            self.cond.notify()
+        return future
+
+    def _prompt_logprobs(self, ids: list[int], k: int) -> list[TokenLogprob]:
+        h = self.model(torch.tensor([ids], device=self.device), return_hidden=True)[0]
+        out = [TokenLogprob(self.token_text(ids[0]), None, [], 0)]  # nothing before it: no logprob
+        offset = len(out[0].token)
+        for a in range(0, len(ids) - 1, PROMPT_LOGPROB_ROWS):  # the LM head a few hundred rows at a time
+            b = min(a + PROMPT_LOGPROB_ROWS, len(ids) - 1)
+            logp = F.log_softmax(self.model.lm_head(h[a:b]).float(), -1)
+            tops = logp.topk(k) if k else None
+            for j in range(b - a):
+                tok = ids[a + j + 1]
+                top = [(self.token_text(i), v) for i, v in zip(tops.indices[j].tolist(), tops.values[j].tolist())] \
+                    if k else []
+                text = self.token_text(tok)
+                out.append(TokenLogprob(text, float(logp[j, tok]), top, offset))
+                offset += len(text)
+        return out
+
+    def _job_turn(self) -> None:
+        """One queued job (an embedding batch, a prompt's logprobs) between two decode steps."""
         with self.cond:
             if not self.jobs:
                 return
-            prompts, futures = self.jobs.popleft()
-        futures = [f for f in futures if f.set_running_or_notify_cancel()]
-        if not futures:
-            return
+            run, futures = self.jobs.popleft()
+        if not all(f.set_running_or_notify_cancel() for f in futures):
+            return  # its request went away
         try:
-            for f, e in zip(futures, embed_batch(self.model, prompts)):
+            for f, e in zip(futures, run()):
                 f.set_result(e)
         except Exception as e:  # noqa: BLE001 - handed to the waiting request
             for f in futures:
@@ -430,7 +458,7 @@ class Engine:
                         break
                 self._worked = True
                 try:
-                    self._embed_turn()
+                    self._job_turn()
                     self._drop_cancelled()
                     self._prefill()
                     if any(self.rows):
