@@ -135,7 +135,8 @@ class Tokenizer:
         return self.tk.token_to_id(token)
 
     # -- chat ----------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"each chat message needs 'role' and 'content', got {m!r}")
@@ -148,7 +149,7 @@ class Tokenizer:
                 check_text(m["content"], "a chat message")
         try:
             return _compile(template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+                messages=messages, add_generation_prompt=add_generation_prompt, **({"tools": tools} if tools else {}),
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", pad_token=self.pad_token or "")
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(f"the model's chat template is unusable: syntax error at line {e.lineno}: {e.message}") from None
@@ -160,9 +161,10 @@ class Tokenizer:
             # expects fields the messages lack: the template cannot render this conversation.
             raise ValueError(f"the model's chat template is unusable: {type(e).__name__}: {e}") from None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         # The template writes BOS itself where the model wants one; do not add a second.
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
         ids = self.encode(text, add_special_tokens=False)
         if self.bos_id is not None and self.bos_token and not text.startswith(self.bos_token) and self._adds_bos():
             ids = [self.bos_id] + ids

@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException
 from ..runtime.lm import DEFAULT_MODEL, load
 from ..runtime.sampling import OPENAI_DEFAULT_TEMPERATURE
 from .engine import PREFILL_CHUNK, PREFIX_CACHE_BYTES, Engine, Params, QueueFull, deltas
+from . import tools
 from .grammar import GrammarError, grammar_for
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import Metrics
@@ -57,6 +58,7 @@ MAX_STOP = 8  # stop strings per request
 MAX_PROMPTS = 128  # prompts per /v1/completions request
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit too)
 MAX_GRAMMAR = 64_000  # characters of a GBNF grammar
+MAX_TOOLS = 128  # tools offered in one chat request
 MAX_EMBED_INPUTS = 2048  # inputs of one /v1/embeddings request (OpenAI's limit too)
 # Characters of text per token of the context that a request may send: text beyond this cannot fit
 # the context in any real tokenizer (English runs about 4 characters a token), and bounding it
@@ -119,12 +121,16 @@ class CompletionRequest(_Common):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's calls (serve/tools.py)
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: str | dict | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -445,14 +451,34 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
                 if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
                     raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
                 content = "".join(part["text"] for part in content)
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or "",
+                             **({"tool_calls": m.tool_calls} if m.tool_calls else {})})
+        try:
+            fns, must_call = tools.chosen(tools.functions(body.tools or []), body.tool_choice)
+            takes_tools = "tools" in (lm.tokenizer.chat_template or "")
+            messages = tools.messages_with_tools(messages, fns, takes_tools)
+        except tools.ToolError as e:
+            raise APIError(400, str(e), param="tools") from None
         check_length("".join(m["content"] for m in messages), "messages")
         try:  # in a worker thread: rendering and tokenizing a long conversation takes a while
-            ids = await asyncio.to_thread(lm.tokenizer.encode_chat, messages)
+            ids = await asyncio.to_thread(lm.tokenizer.encode_chat, messages,
+                                          tools=[{"type": "function", "function": f} for f in fns] if takes_tools and fns
+                                          else None)
         except Exception as e:  # the checkpoint's template may refuse an order of roles
             raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
         k = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = submit([ids], [params(body, len(ids), None, k, await grammar_of(body))], body.n or 1)
+        if must_call:  # the reply is a call: its arguments follow the function's schema
+            if body.response_format or body.grammar:
+                raise APIError(400, "tool_choice 'required' or a named function, and a response format: give one",
+                               param="tool_choice")
+            try:
+                grammar = tools.call_grammar(fns)
+                await asyncio.to_thread(engine.constraints.check, grammar)
+            except GrammarError as e:
+                raise APIError(400, str(e), param="tools") from None
+        else:
+            grammar = await grammar_of(body)
+        reqs = submit([ids], [params(body, len(ids), None, k, grammar)], body.n or 1)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if log_prompts:
             log.info("%s messages: %r", rid, messages)
@@ -462,6 +488,36 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         def lp_content(lps):
             return {"content": [chat_logprob(x) for x in lps]} if body.logprobs else None
 
+        def message(text: str, finish: str | None) -> tuple[dict, str | None]:
+            """The assistant's message (its tool calls parsed out, where tools were offered)."""
+            if not fns:
+                return {"role": "assistant", "content": text}, finish
+            content, calls = tools.parse(text, fns)
+            if not calls:
+                return {"role": "assistant", "content": text}, finish
+            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+
+        if body.stream and fns:  # a tool call is known only once complete: each choice comes whole
+            async def with_tools():
+                texts, lps = {}, {}
+                for i in range(body.n or 1):
+                    yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}]})
+                async for d in checked(reqs):
+                    texts[d.index] = texts.get(d.index, "") + d.text
+                    lps[d.index] = lps.get(d.index, []) + d.logprobs
+                    if d.finish_reason:
+                        msg, finish = message(texts[d.index], d.finish_reason)
+                        delta = {"content": msg["content"]} if msg["content"] else {}
+                        if "tool_calls" in msg:
+                            delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(msg["tool_calls"])]
+                        yield sse({**base, "choices": [{"index": d.index, "delta": delta,
+                                                        "logprobs": lp_content(lps[d.index]), "finish_reason": None}]})
+                        yield sse({**base, "choices": [{"index": d.index, "delta": {}, "logprobs": None,
+                                                        "finish_reason": finish}]})
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({**base, "choices": [], "usage": usage(reqs)})
+            return stream(with_tools(), reqs, rid)
         if body.stream:
             async def events():
                 for i in range(body.n or 1):
@@ -477,9 +533,11 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
                     yield sse({**base, "choices": [], "usage": usage(reqs)})
             return stream(events(), reqs, rid)
         out = await collect(request, reqs, rid)
-        return {**base, "choices": [{"index": d.index, "message": {"role": "assistant", "content": text},
-                                     "logprobs": lp_content(lps), "finish_reason": d.finish_reason}
-                                    for d, text, lps in out], "usage": usage(reqs)}
+        choices = []
+        for d, text, lps in out:
+            msg, finish = message(text, d.finish_reason)
+            choices.append({"index": d.index, "message": msg, "logprobs": lp_content(lps), "finish_reason": finish})
+        return {**base, "choices": choices, "usage": usage(reqs)}
 
     # -- shared by both routes -----------------------------------------------------------------
     def stream(events, reqs, rid) -> StreamingResponse:
