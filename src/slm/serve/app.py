@@ -136,6 +136,18 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+class ResponsesRequest(BaseModel):
+    """OpenAI's newer /v1/responses, for text in and out (no tools, no stored conversations)."""
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: str | list[dict] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool | None = False
+
+
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -402,6 +414,83 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
                                     for i, (d, text, lps) in enumerate(out)], "usage": counts()}
 
     # -- /v1/chat/completions ------------------------------------------------------------------
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        check_model(body.model)
+        messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+        if isinstance(body.input, str):
+            messages.append({"role": "user", "content": body.input})
+        else:
+            for i, item in enumerate(body.input):
+                content = item.get("content") if isinstance(item, dict) else None
+                if isinstance(content, list):  # input_text / output_text parts
+                    if any(not isinstance(p, dict) or not isinstance(p.get("text"), str) for p in content):
+                        raise APIError(400, "only text content parts are supported", param=f"input.{i}.content")
+                    content = "".join(p["text"] for p in content)
+                role = item.get("role") if isinstance(item, dict) else None
+                if role not in ("system", "developer", "user", "assistant") or not isinstance(content, str):
+                    raise APIError(400, "input: messages with a role (system, developer, user, assistant) and text "
+                                        "content", param=f"input.{i}")
+                messages.append({"role": "system" if role == "developer" else role, "content": content})
+        check_length("".join(m["content"] for m in messages), "input")
+        try:
+            ids = await asyncio.to_thread(lm.tokenizer.encode_chat, messages)
+        except Exception as e:
+            raise APIError(400, f"input: the chat template refused it: {e}", param="input") from None
+        chat = ChatRequest(model=body.model, messages=[{"role": "user", "content": ""}],
+                           max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p)
+        reqs = submit([ids], [params(chat, len(ids), None, None)], 1)
+        rid, mid = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+
+        def response(text: str, status: str, finish: str | None) -> dict:
+            out = [] if status == "in_progress" else [
+                {"type": "message", "id": mid, "status": "completed", "role": "assistant",
+                 "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+            u = usage(reqs)
+            return {"id": rid, "object": "response", "created_at": int(time.time()), "model": model_name,
+                    "status": status, "output": out, "error": None,
+                    "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,
+                    "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+                    "temperature": body.temperature, "top_p": body.top_p, "parallel_tool_calls": False,
+                    "tool_choice": "none", "tools": [],
+                    "usage": {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
+                              "total_tokens": u["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                              "output_tokens_details": {"reasoning_tokens": 0}}}
+
+        def final_status(finish: str | None) -> str:
+            return "incomplete" if finish == "length" else "completed"
+
+        if body.stream:
+            async def events():
+                n = 0
+
+                def event(kind, **fields):
+                    nonlocal n
+                    n += 1
+                    return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': n, **fields})}\n\n"
+                yield event("response.created", response=response("", "in_progress", None))
+                item = {"type": "message", "id": mid, "status": "in_progress", "role": "assistant", "content": []}
+                yield event("response.output_item.added", output_index=0, item=item)
+                part = {"type": "output_text", "text": "", "annotations": []}
+                yield event("response.content_part.added", item_id=mid, output_index=0, content_index=0, part=part)
+                text, finish = "", None
+                async for d in checked(reqs):
+                    if d.text:
+                        text += d.text
+                        yield event("response.output_text.delta", item_id=mid, output_index=0, content_index=0,
+                                    delta=d.text)
+                    finish = d.finish_reason or finish
+                yield event("response.output_text.done", item_id=mid, output_index=0, content_index=0, text=text)
+                part = {"type": "output_text", "text": text, "annotations": []}
+                yield event("response.content_part.done", item_id=mid, output_index=0, content_index=0, part=part)
+                item = {**item, "status": "completed", "content": [part]}
+                yield event("response.output_item.done", output_index=0, item=item)
+                done_kind = "response.completed" if finish != "length" else "response.incomplete"
+                yield event(done_kind, response=response(text, final_status(finish), finish))
+            return stream(events(), reqs, rid, done_line=False)
+        (d, text, _), = await collect(request, reqs, rid)
+        return response(text, final_status(d.finish_reason), d.finish_reason)
+
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         check_model(body.model)
@@ -540,7 +629,7 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         return {**base, "choices": choices, "usage": usage(reqs)}
 
     # -- shared by both routes -----------------------------------------------------------------
-    def stream(events, reqs, rid) -> StreamingResponse:
+    def stream(events, reqs, rid, done_line: bool = True) -> StreamingResponse:
         async def body():
             t0 = time.perf_counter()
             try:
@@ -552,7 +641,8 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
             finally:  # the client went away (or we are done): stop spending compute on it
                 for r in reqs:
                     r.cancel()
-            yield "data: [DONE]\n\n"
+            if done_line:  # chat and completions end with it; /v1/responses with its own last event
+                yield "data: [DONE]\n\n"
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def collect(request: Request, reqs, rid):
