@@ -306,6 +306,32 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
                            type="rate_limit_error") from None
         return reqs
 
+    async def tokenized(given, param: str, limit: int, noun: str, code: str | None = None, empty_text: bool = True):
+        """(the inputs as a list, their token ids) of a prompt or input field: a string, token ids
+        or a list of either; each checked (length, ids in the vocabulary), tokenized in a worker."""
+        xs = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else given
+        if not xs:
+            raise APIError(400, f"{param}: empty", param=param)
+        if len(xs) > limit:
+            raise APIError(400, f"{param}: at most {limit} {noun} per request, got {len(xs)}", param=param, code=code)
+        for i, x in enumerate(xs):
+            if isinstance(x, str):
+                if not x and not empty_text:
+                    raise APIError(400, f"{param}[{i}]: an empty string", param=param)
+                check_length(x, param)
+
+        def encode_all() -> list[list[int]]:  # in a worker thread
+            return [lm.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in xs]
+        try:
+            ids = await asyncio.to_thread(encode_all)
+        except Exception:  # the tokenizer takes valid Unicode only (no lone surrogates)
+            raise APIError(400, f"{param}: not valid Unicode text", param=param) from None
+        for i, p in enumerate(ids):
+            if not p or any(not 0 <= t < engine.vocab for t in p):
+                raise APIError(400, f"{param}[{i}]: token ids must be in [0, {engine.vocab}) and not empty",
+                               param=param)
+        return xs, ids
+
     def check_length(text: str, param: str) -> None:
         if len(text) > max_chars:
             raise APIError(400, f"{param}: {len(text)} characters, more than the {max_chars} this server takes "
@@ -328,27 +354,7 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
             raise APIError(400, "max_tokens: at least 1 (0 only with echo)", param="max_tokens")
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise APIError(400, "best_of must equal n (every sample is returned)", param="best_of")
-        p = body.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            p = [p]
-        if not p:
-            raise APIError(400, "prompt: empty", param="prompt")
-        if len(p) > MAX_PROMPTS:
-            raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(p)}", param="prompt",
-                           code="too_many_prompts")
-        for x in p:
-            if isinstance(x, str):
-                check_length(x, "prompt")
-
-        def encode_all() -> list[list[int]]:  # in a worker thread
-            return [lm.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
-        try:
-            prompts = await asyncio.to_thread(encode_all)
-        except Exception:  # the tokenizer takes valid Unicode only (no lone surrogates)
-            raise APIError(400, "prompt: not valid Unicode text", param="prompt") from None
-        for ids in prompts:
-            if not ids or any(not 0 <= t < engine.vocab for t in ids):
-                raise APIError(400, f"prompt: token ids must be in [0, {engine.vocab}) and not empty", param="prompt")
+        p, prompts = await tokenized(body.prompt, "prompt", MAX_PROMPTS, "prompts", code="too_many_prompts")
         grammar = await grammar_of(body)
         n = body.n or 1
         if body.max_tokens == 0:  # echo alone: the prompts' logprobs, nothing generated
@@ -494,28 +500,8 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         check_model(body.model)
-        xs = body.input
-        if isinstance(xs, str) or (xs and isinstance(xs[0], int)):
-            xs = [xs]
-        if not xs:
-            raise APIError(400, "input: empty", param="input")
-        if len(xs) > MAX_EMBED_INPUTS:
-            raise APIError(400, f"input: at most {MAX_EMBED_INPUTS} inputs per request, got {len(xs)}", param="input")
-        for i, x in enumerate(xs):
-            if isinstance(x, str):
-                if not x:
-                    raise APIError(400, f"input[{i}]: an empty string", param="input")
-                check_length(x, "input")
-
-        def encode_all() -> list[list[int]]:  # in a worker thread
-            return [lm.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in xs]
-        try:
-            ids = await asyncio.to_thread(encode_all)
-        except Exception:
-            raise APIError(400, "input: not valid Unicode text", param="input") from None
+        _, ids = await tokenized(body.input, "input", MAX_EMBED_INPUTS, "inputs", empty_text=False)
         for i, p in enumerate(ids):
-            if not p or any(not 0 <= t < engine.vocab for t in p):
-                raise APIError(400, f"input[{i}]: token ids must be in [0, {engine.vocab}) and not empty", param="input")
             if len(p) > engine.max_len:
                 raise APIError(400, f"input[{i}]: {len(p)} tokens, more than this model's context of "
                                     f"{engine.max_len}", param="input", code="context_length_exceeded")
