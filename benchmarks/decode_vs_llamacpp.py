@@ -84,6 +84,24 @@ def decode_perplexity(lm, text: str) -> float:
     return math.exp(nll / (len(ids) - 1))
 
 
+def load_llama(path: str, threads: int, n_ctx: int, repack: bool = True, **kw):
+    """llama.cpp (llama-cpp-python) on the file, with or without its run-time weight repacking
+    (use_extra_bufts), in which llama-cpp-python 0.3.36 crashes on these files."""
+    import llama_cpp
+    defaults = llama_cpp.llama_cpp.llama_model_default_params  # what Llama.__init__ starts from
+
+    def params():
+        p = defaults()
+        if not repack and hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False, **kw)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
 def x_rows(mode: str, fn):
     """fn() with the kernels' x in one int8 row (SLM_GGUF_X_ROWS=1, llama.cpp's way) for the mode
     x1row, else in two (x and its residual, the default)."""
@@ -101,19 +119,7 @@ def compare(path: str, modes: list[str], new_tokens: int, repeats: int, threads:
     """Every engine is loaded first, then timed in turns (llama.cpp, then each slm row, `repeats`
     rounds, best of each): on a shared machine the load drifts, and interleaving exposes all rows
     to the same drift."""
-    import llama_cpp
-    defaults = llama_cpp.llama_cpp.llama_model_default_params  # what Llama.__init__ starts from
-
-    def params():
-        p = defaults()
-        if NO_REPACK and hasattr(p, "use_extra_bufts"):
-            p.use_extra_bufts = False
-        return p
-    llama_cpp.llama_cpp.llama_model_default_params = params
-    try:
-        llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
+    llm = load_llama(path, threads, n_ctx=512, repack=not NO_REPACK)
 
     def run_llama():
         out = llm(PROMPT, max_tokens=new_tokens, temperature=0)

@@ -30,32 +30,15 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import slm  # noqa: E402
 from slm.runtime.models import resolve  # noqa: E402
-from decode_vs_llamacpp import STORY, TEXT, perplexity  # noqa: E402
+from decode_vs_llamacpp import STORY, TEXT, load_llama, perplexity  # noqa: E402
 from results_log import record  # noqa: E402
-
-
-def llama_without_repacking(path: str, threads: int, n_ctx: int):
-    import llama_cpp
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def params():
-        p = defaults()
-        if hasattr(p, "use_extra_bufts"):
-            p.use_extra_bufts = False
-        return p
-    llama_cpp.llama_cpp.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                               verbose=False)
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
 def compare(name: str, lengths: list[int], repeats: int, threads: int) -> None:
     path = resolve(name)[0]
     lm = slm.load(path)
     model = lm.model
-    llm = llama_without_repacking(path, threads, max(lengths) + 16)
+    llm = load_llama(path, threads, n_ctx=max(lengths) + 16, repack=False, n_batch=512)
     vocab = min(model.config.vocab_size, 5000)
     first = iter(range(200, 200 + 10 * repeats * len(lengths) + 10))
 
