@@ -45,10 +45,7 @@ def grammar_for(response_format: dict | None = None, grammar: str | None = None)
     ll = _llguidance() if grammar is not None or kind != "text" else None
     if grammar is not None:
         from llguidance.gbnf_to_lark import gbnf_to_lark
-        try:
-            return ll.LLMatcher.grammar_from_lark(gbnf_to_lark(grammar))
-        except Exception as e:  # noqa: BLE001 - the converter's own errors, whatever their class
-            raise GrammarError(f"grammar: not a GBNF grammar slm can use: {e}") from None
+        return lark_grammar(lambda: gbnf_to_lark(grammar), "grammar: not a GBNF grammar slm can use")
     if kind == "json_object":
         return ll.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_DEFAULTS)
     if kind == "json_schema":
@@ -57,6 +54,16 @@ def grammar_for(response_format: dict | None = None, grammar: str | None = None)
             raise GrammarError("response_format.json_schema: an object with the JSON schema under 'schema'")
         return ll.LLMatcher.grammar_from_json_schema(spec.get("schema", {}), defaults=JSON_DEFAULTS)
     return None
+
+
+def lark_grammar(lark, what: str) -> str:
+    """The llguidance grammar of a Lark grammar (lark(): its text, which may fail to build too);
+    GrammarError starting with `what` where either cannot be used."""
+    ll = _llguidance()
+    try:
+        return ll.LLMatcher.grammar_from_lark(lark())
+    except Exception as e:  # noqa: BLE001 - the converter's and the library's own errors, whatever their class
+        raise GrammarError(f"{what}: {e}") from None
 
 
 class Constraints:

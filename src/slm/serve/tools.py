@@ -19,7 +19,7 @@ import json
 import re
 import uuid
 
-from .grammar import JSON_DEFAULTS, GrammarError, _llguidance
+from .grammar import JSON_DEFAULTS, lark_grammar
 
 CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 
@@ -104,15 +104,11 @@ def _arguments(function: dict):
 
 def call_grammar(fns: list[dict]) -> str:
     """An llguidance grammar for one <tool_call> to one of fns, its arguments per the function's schema."""
-    ll = _llguidance()
     schema = {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                          "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]}} for f in fns],
               "x-guidance": JSON_DEFAULTS}  # compact, as response_format's JSON
     lark = 'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json ' + json.dumps(schema)
-    try:
-        return ll.LLMatcher.grammar_from_lark(lark)
-    except Exception as e:  # noqa: BLE001 - the library's own errors
-        raise GrammarError(f"tools: the functions' parameters cannot be used: {e}") from None
+    return lark_grammar(lambda: lark, "tools: the functions' parameters cannot be used")
 
 
 def parse(text: str, fns: list[dict]) -> tuple[str | None, list[dict]]:
