@@ -23,6 +23,7 @@ merge_lora), so that the old weights go at once.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -51,6 +52,8 @@ class Transformer(reference.Transformer):
                 attention_mask: torch.Tensor | None = None, last_only: bool = False,
                 return_hidden: bool = False) -> torch.Tensor:
         B, T = input_ids.shape
+        if self.__dict__.get("_module_path", 0):  # within module_path(): hooks must see every call
+            return super().forward(input_ids, cache, pos, attention_mask, last_only, return_hidden)
         if B == 1 and cache is not None and T <= MAX_TOKENS and attention_mask is None \
                 and not return_hidden and input_ids.is_cpu and not torch.is_grad_enabled() \
                 and not torch.is_autocast_enabled("cpu"):
@@ -76,6 +79,17 @@ class Transformer(reference.Transformer):
                     logits[busy] = out
                     return logits
         return super().forward(input_ids, cache, pos, attention_mask, last_only, return_hidden)
+
+
+@contextlib.contextmanager
+def module_path(model):
+    """Within the block, `model` runs every forward on the module path. For hooks added for a few
+    calls (serving's LoRA rows): a cache notes its decoder once, so it would not see them."""
+    model.__dict__["_module_path"] = model.__dict__.get("_module_path", 0) + 1
+    try:
+        yield
+    finally:
+        model.__dict__["_module_path"] -= 1
 
 
 def _linear(m: nn.Module):

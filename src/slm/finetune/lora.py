@@ -15,7 +15,9 @@ from checkpoint/hf.py's layout, so every family is covered by the same code:
 
 Saved as PEFT saves them: `adapter_model.safetensors` with keys like
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` and `adapter_config.json`, so
-`peft.PeftModel.from_pretrained(transformers_model, adapter_dir)` gives the same outputs.
+`peft.PeftModel.from_pretrained(transformers_model, adapter_dir)` gives the same outputs. Reading
+and checking those files, and the names of each family's targets, live in runtime/adapters.py,
+which serving shares.
 """
 
 from __future__ import annotations
@@ -27,21 +29,14 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..accel import accelerate, accelerated
-from ..checkpoint import hf
 from ..files import atomic_path
 from ..model import Transformer
 from ..quant.layers import QuantLinear, _set_module
-
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
-TARGETS = {  # every projection of a block, by Hugging Face module name
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
-}
-TARGETS["mistral"] = TARGETS["gemma3"] = TARGETS["llama"]
+from ..runtime.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, TARGETS,  # noqa: F401 - this module's API
+                                check_targets, layout, read_adapter_config, read_adapter_tensors)
 
 
 class LoRALinear(nn.Module):
@@ -99,31 +94,6 @@ class LoRALinear(nn.Module):
         return w
 
 
-def _layout(model: Transformer) -> dict[str, list[tuple[str, slice]]]:
-    """Each linear layer inside a block (our name) -> its parts: (Hugging Face module name, rows)."""
-    out: dict[str, list[tuple[str, slice]]] = {}
-    for hf_tensor, (ours, rows) in hf.hf_layout(model).items():
-        mod_name, _, kind = ours.rpartition(".")
-        if not mod_name.startswith("blocks.") or kind not in ("weight", "qweight"):
-            continue
-        mod = model.get_submodule(mod_name)
-        if isinstance(mod, (nn.Linear, QuantLinear)):
-            out.setdefault(mod_name, []).append((hf_tensor.rsplit(".", 1)[0], rows or slice(0, mod.out_features)))
-    return {m: sorted(parts, key=lambda p: p[1].start) for m, parts in out.items()}
-
-
-def check_targets(family: str, targets: list[str] | None) -> list[str]:
-    """The Hugging Face module names to adapt (default: all of a block's projections)."""
-    valid = TARGETS[family]
-    if not targets:
-        return list(valid)
-    bad = [t for t in targets if t not in valid]
-    if bad:
-        raise ValueError(f"unknown LoRA target module(s) {', '.join(bad)} for a {family} model; "
-                         f"choose from {', '.join(valid)}")
-    return list(dict.fromkeys(targets))
-
-
 def apply_lora(model: Transformer, targets: list[str] | None = None, r: int = 8, alpha: float = 16.0,
                dropout: float = 0.0, seed: int = 0) -> list[str]:
     """Freeze the model and wrap the targeted projections in LoRALinear layers, in place.
@@ -139,7 +109,7 @@ def apply_lora(model: Transformer, targets: list[str] | None = None, r: int = 8,
         p.requires_grad_(False)
     torch.manual_seed(seed)
     adapted = []
-    for mod, parts in _layout(model).items():
+    for mod, parts in layout(model).items():
         names = [name for name, _ in parts if name.rsplit(".", 1)[-1] in targets]
         if names:
             _set_module(model, mod, LoRALinear(model.get_submodule(mod), parts, names, r, alpha, dropout))
@@ -189,48 +159,17 @@ def _atomic(folder: str, name: str, write) -> None:
         write(tmp)
 
 
-def read_adapter_config(adapter_dir: str) -> dict:
-    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
-    if not os.path.isdir(adapter_dir):
-        raise FileNotFoundError(f"{adapter_dir}: no such adapter folder")
-    cfg = hf.read_json(path)
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}; slm reads LoRA adapters only")
-    for key, default in (("use_dora", False), ("use_rslora", False), ("fan_in_fan_out", False)):
-        if cfg.get(key, default) != default:
-            raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"{path}: per-module rank_pattern/alpha_pattern are not supported")
-    if not cfg.get("r") or not cfg.get("target_modules"):
-        raise ValueError(f"{path}: needs r and target_modules")
-    return cfg
-
-
 def load_adapter(model: Transformer, adapter_dir: str) -> list[str]:
     """Wrap the model with the adapter's LoRA layers and load its weights (PEFT's format)."""
-    cfg = read_adapter_config(adapter_dir)
-    targets = cfg["target_modules"]
-    if isinstance(targets, str):
-        raise ValueError(f"{adapter_dir}: target_modules is a pattern ({targets!r}); slm reads a list of names")
-    apply_lora(model, targets, cfg["r"], cfg.get("lora_alpha", 8), 0.0)
-    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: file not found")
-    tensors = load_file(path)
+    cfg, tensors = read_adapter_tensors(model, adapter_dir)
+    apply_lora(model, cfg["target_modules"], cfg["r"], cfg.get("lora_alpha", 8), 0.0)
     params = {}
     for layer in lora_layers(model).values():
         for key, name in layer.hf_names.items():
             params[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[key]
             params[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[key]
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        what = f"lacks {missing[0]!r}" if missing else f"has unexpected {unexpected[0]!r}"
-        raise ValueError(f"{path}: {what} for this {model.config.family} model "
-                         f"({len(missing)} missing, {len(unexpected)} unexpected)")
     with torch.no_grad():
         for k, p in params.items():
-            if tuple(tensors[k].shape) != tuple(p.shape):
-                raise ValueError(f"{path}: {k} has shape {list(tensors[k].shape)}, the model needs {list(p.shape)}")
             p.copy_(tensors[k])
     return list(params)
 
