@@ -27,6 +27,16 @@ def seconds(text: str) -> float:
 
 seconds.__name__ = "number of seconds"
 
+
+def lora_pair(text: str) -> tuple[str, str]:
+    name, eq, folder = text.partition("=")
+    if not eq or not name.strip() or not folder or "/" in name:
+        raise argparse.ArgumentTypeError(f"give NAME=DIR (a name without '/', then the adapter's folder), got {text!r}")
+    return name.strip(), folder
+
+
+lora_pair.__name__ = "NAME=DIR"
+
 # The flags of serve.app.ServeConfig (defaults from there).
 SERVE = [
     ("host", "the address to listen on; a non-loopback one needs --api-key"),
@@ -52,6 +62,9 @@ def serve_flags(p) -> None:
         p.error(f"serving needs FastAPI and uvicorn ({e}): pip install 'slm[serve]'")
     model_flag(p, default="smollm2-135m-instruct")  # a chat model: what clients of a server ask for
     add_flags(p, ServeConfig, SERVE)
+    p.add_argument("--lora", action="append", type=lora_pair, default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter (a PEFT folder, as slm finetune writes) as model NAME beside the base "
+                        "model; requests choose by their model field and decode in the same batch (repeatable)")
     load_flags(p)
     receipt_flag(p, " when the server stops")
 
@@ -62,7 +75,10 @@ def serve(a) -> None:
     from ..footprint import track
     from ..serve.app import ServeConfig, run
 
-    c = ServeConfig(**{**values(a, SERVE), "api_key": a.api_key or os.environ.get("SLM_API_KEY")})
+    names = [n for n, _ in a.lora]
+    if len(set(names)) < len(names):
+        raise ValueError(f"--lora: the name {next(n for n in names if names.count(n) > 1)!r} is given twice")
+    c = ServeConfig(**{**values(a, SERVE), "api_key": a.api_key or os.environ.get("SLM_API_KEY"), "lora": dict(a.lora)})
     check_load_flags(a)
 
     def stop(signum, frame):  # uvicorn shuts down gracefully, then re-raises SIGTERM here

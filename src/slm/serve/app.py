@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -41,6 +41,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from ..runtime.adapters import RowAdapters, read_adapter_config
 from ..runtime.lm import DEFAULT_MODEL, load
 from ..runtime.sampling import OPENAI_DEFAULT_TEMPERATURE
 from .engine import PREFILL_CHUNK, PREFIX_CACHE_BYTES, Engine, Params, QueueFull, deltas
@@ -170,6 +171,7 @@ class ServeConfig:
     prefill_chunk: int = PREFILL_CHUNK  # most prompt tokens per prefill forward (smaller while others decode)
     timeout: float = 10.0  # seconds a client may take to send a request's head, and its body, or stay idle
     prefix_cache_mb: int = PREFIX_CACHE_BYTES // 2**20  # finished sequences kept for prompts that start with one; 0: none
+    lora: dict[str, str] = field(default_factory=dict)  # LoRA adapters (PEFT folders) served by name beside the model
 
     def __post_init__(self):
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -180,9 +182,25 @@ class ServeConfig:
                 raise ValueError(f"{name} must be a whole number of at least 1, got {v!r}")
         if isinstance(self.prefix_cache_mb, bool) or not isinstance(self.prefix_cache_mb, int) or self.prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be a whole number of at least 0, got {self.prefix_cache_mb!r}")
+        for name, folder in self.lora.items():
+            if not isinstance(name, str) or not name or name != name.strip() or "/" in name:
+                raise ValueError(f"an adapter's name must be a non-empty word without '/', got {name!r}")
+            if not isinstance(folder, str) or not folder:
+                raise ValueError(f"the adapter {name!r} needs a folder")
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or \
                 not math.isfinite(self.timeout) or self.timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+
+
+def check_adapters(lora: dict[str, str], model_name: str) -> None:
+    """What can be checked of the adapters before the model loads: their names and configs."""
+    for name, folder in lora.items():
+        if name == model_name:
+            raise ValueError(f"the adapter name {name!r} is the served model's own: choose another")
+        try:
+            read_adapter_config(folder)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"adapter {name!r}: {e}") from None
 
 
 def create_app(lm, model_name: str, config: ServeConfig | None = None, local_only: bool = True,
@@ -191,8 +209,15 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
     CO2 so far /metrics reports."""
     c = config or ServeConfig()
     api_key, log_prompts, max_body = c.api_key, c.log_prompts, c.max_body
+    adapters = RowAdapters(lm.model)
+    check_adapters(c.lora, model_name)
+    for name, folder in c.lora.items():
+        try:
+            adapters.add(name, folder)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"adapter {name!r}: {e}") from None
     engine = Engine(lm, max_batch=c.max_batch, max_len=c.context, prefill_chunk=c.prefill_chunk,
-                    prefix_cache_bytes=c.prefix_cache_mb * 2**20)
+                    prefix_cache_bytes=c.prefix_cache_mb * 2**20, adapters=adapters)
     max_chars = CHARS_PER_TOKEN * engine.max_len
     created = int(time.time())
 
@@ -237,23 +262,30 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
     async def health():
         return {"status": "ok", "model": model_name, **engine.stats()}
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "slm",
-                "context_length": engine.max_len}
+    def model_card(name: str) -> dict:
+        card = {"id": name, "object": "model", "created": created, "owned_by": "slm", "context_length": engine.max_len}
+        if name != model_name:  # an adapter: as vLLM lists its LoRA models
+            card.update(parent=model_name, root=adapters.adapters[name].folder)
+        return card
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in [model_name, *adapters.adapters]]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         check_model(model_id)
-        return model_card()
+        return model_card(model_id)
 
     def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
+        if name != model_name and name not in adapters.adapters:
+            also = f" and the adapters {', '.join(map(repr, adapters.adapters))}" if adapters.adapters else ""
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'{also}",
                            param="model", code="model_not_found")
+
+    def adapter_of(name: str) -> str | None:
+        """The adapter a request's (checked) model names, None for the base model."""
+        return None if name == model_name else name
 
     async def grammar_of(body: _Common) -> str | None:
         """The request's grammar (response_format or grammar), checked against the vocabulary in a
@@ -292,7 +324,7 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
                  "frequency_penalty": body.frequency_penalty, "logit_bias": body.logit_bias}
         temperature = OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
         return Params(max_tokens=max_tokens, logprobs=logprobs, stop=stop, temperature=temperature, grammar=grammar,
-                      **{k: v for k, v in given.items() if v is not None})
+                      adapter=adapter_of(body.model), **{k: v for k, v in given.items() if v is not None})
 
     def submit(prompts: list[list[int]], ps: list[Params], n: int) -> list[EngineRequest]:
         queue = asyncio.Queue()
@@ -371,7 +403,8 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
             texts = [x if isinstance(x, str) else lm.tokenizer.decode(x, skip_special_tokens=False) for x in p]
             if body.logprobs is not None:
                 try:
-                    lps = await asyncio.gather(*(asyncio.wrap_future(engine.prompt_logprobs(ids, body.logprobs))
+                    lps = await asyncio.gather(*(asyncio.wrap_future(engine.prompt_logprobs(ids, body.logprobs,
+                                                                                      adapter_of(body.model)))
                                                  for ids in prompts))
                 except BaseException:
                     for r in reqs:
@@ -383,7 +416,7 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         rid = f"cmpl-{uuid.uuid4().hex}"
         if log_prompts:
             log.info("%s prompt: %r", rid, body.prompt)
-        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
+        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
 
         def choice(index, text, lps, finish):
             return {"index": index, "text": text, "logprobs": legacy_logprobs(lps) if body.logprobs is not None
@@ -453,7 +486,7 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
                 {"type": "message", "id": mid, "status": "completed", "role": "assistant",
                  "content": [{"type": "output_text", "text": text, "annotations": []}]}]
             u = usage(reqs)
-            return {"id": rid, "object": "response", "created_at": int(time.time()), "model": model_name,
+            return {"id": rid, "object": "response", "created_at": int(time.time()), "model": body.model,
                     "status": status, "output": out, "error": None,
                     "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,
                     "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
@@ -505,14 +538,14 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
             if len(p) > engine.max_len:
                 raise APIError(400, f"input[{i}]: {len(p)} tokens, more than this model's context of "
                                     f"{engine.max_len}", param="input", code="context_length_exceeded")
-        vectors = await asyncio.gather(*(asyncio.wrap_future(f) for f in engine.embed(ids)))
+        vectors = await asyncio.gather(*(asyncio.wrap_future(f) for f in engine.embed(ids, adapter_of(body.model))))
 
         def encoded(v):
             if body.encoding_format == "base64":  # OpenAI's: the fp32 values' little-endian bytes
                 return base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
             return v.tolist()
         n = sum(map(len, ids))
-        return {"object": "list", "model": model_name,
+        return {"object": "list", "model": body.model,
                 "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": n, "total_tokens": n}}
 
@@ -558,7 +591,7 @@ def create_app(lm, model_name: str, config: ServeConfig | None = None, local_onl
         if log_prompts:
             log.info("%s messages: %r", rid, messages)
         base = {"id": rid, "object": "chat.completion.chunk" if body.stream else "chat.completion",
-                "created": int(time.time()), "model": model_name}
+                "created": int(time.time()), "model": body.model}
 
         def lp_content(lps):
             return {"content": [chat_logprob(x) for x in lps]} if body.logprobs else None
@@ -888,6 +921,7 @@ def run(model: str | None = None, config: ServeConfig | None = None, dtype=None,
         if name is None:
             name = DEFAULT_MODEL if model is None else os.path.basename(os.path.normpath(model))
             name = name[:-5] if name.endswith(".gguf") else name
+        check_adapters(c.lora, name)
 
         def build():
             lm = load(model, dtype=dtype, device=device, quantize=quantize, group_size=group_size, tokenizer=tokenizer)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..model import KVCache, RowKVCache
 from ..model.config import ModelConfig
+from ..runtime.adapters import RowAdapters
 from ..runtime.sampling import Row, Sampling, sample_rows
 from ..runtime.tokenizer import Detokenizer
 from .grammar import Constraints
@@ -77,6 +78,7 @@ class Params(Sampling):
     max_tokens: int
     logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k
     grammar: str | None = None  # llguidance's grammar the text must follow (serve/grammar.py), None: free
+    adapter: str | None = None  # the LoRA adapter its rows decode with (Engine's `adapters`), None: the base model
 
 
 @dataclass
@@ -282,7 +284,8 @@ def release_heap() -> None:
 
 class Engine:
     def __init__(self, lm, max_batch: int, max_len: int | None = None, max_waiting: int = 256,
-                 prefill_chunk: int = PREFILL_CHUNK, prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
+                 prefill_chunk: int = PREFILL_CHUNK, prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
+                 adapters: RowAdapters | None = None):
         if lm.tokenizer is None:
             raise ValueError("serving needs a tokenizer: load a folder with tokenizer.json or a .gguf file")
         for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting), ("prefill_chunk", prefill_chunk),
@@ -329,6 +332,9 @@ class Engine:
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.constraints = Constraints(self.tokenizer, self.vocab, self.eos_ids)
         self._token_bytes = kv_cache_bytes(cfg, 1, 1, self.model.dtype)  # one token's keys and values
+        # LoRA adapters that requests may name (Params.adapter): each row decodes with its own, in
+        # the same step as the others (runtime/adapters.py).
+        self.adapters = adapters or RowAdapters(self.model)
 
     # -- called from the event loop ------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -339,6 +345,8 @@ class Engine:
         for req in reqs:
             if not req.prompt_ids:
                 raise ValueError("the prompt is empty")
+            if req.params.adapter is not None and req.params.adapter not in self.adapters.adapters:
+                raise ValueError(f"no adapter named {req.params.adapter!r}")
             if len(req.prompt_ids) + req.params.max_tokens > self.max_len:
                 raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) plus max_tokens ({req.params.max_tokens}) "
                                  f"must fit the context of {self.max_len} tokens")
@@ -383,7 +391,7 @@ class Engine:
         return not self.n_waiting and not self.prefills and not any(self.rows) and not self.jobs
 
     # -- embeddings: run on the engine thread, between its turns ---------------------------------
-    def embed(self, prompts: list[list[int]]) -> list[concurrent.futures.Future]:
+    def embed(self, prompts: list[list[int]], adapter: str | None = None) -> list[concurrent.futures.Future]:
         """Mean-pooled, L2-normalised final hidden states of the prompts (what llama.cpp's server
         gives for a decoder model), as futures of fp32 [d] tensors. Computed on the engine thread
         (its OpenMP pool is the process's only one) in batches of at most EMBED_TOKENS padded
@@ -399,19 +407,25 @@ class Engine:
         batches.append(batch)
         with self.cond:
             for b in batches:
-                self.jobs.append((lambda ps=[prompts[i] for i in b]: embed_batch(self.model, ps), [futures[i] for i in b]))
+                self.jobs.append((lambda ps=[prompts[i] for i in b]: self._with_adapter(adapter, len(ps), embed_batch,
+                                                                         self.model, ps), [futures[i] for i in b]))
             self.cond.notify()
         return futures
 
-    def prompt_logprobs(self, ids: list[int], k: int) -> concurrent.futures.Future:
+    def prompt_logprobs(self, ids: list[int], k: int, adapter: str | None = None) -> concurrent.futures.Future:
         """A future of the prompt's own tokens' logprobs (`echo` with `logprobs` on completions,
         which evaluation harnesses use for log-likelihoods): each token's TokenLogprob given the ones
         before it, with the top k (the first token's logprob None). On the engine thread."""
         future = concurrent.futures.Future()
         with self.cond:
-            self.jobs.append((lambda: [self._prompt_logprobs(ids, k)], [future]))
+            self.jobs.append((lambda: [self._with_adapter(adapter, 1, self._prompt_logprobs, ids, k)], [future]))
             self.cond.notify()
         return future
+
+    def _with_adapter(self, adapter: str | None, rows: int, fn, *args):
+        """fn(*args) with every one of `rows` batch rows decoding with `adapter` (None: the base)."""
+        with self.adapters.applied({adapter: list(range(rows))} if adapter is not None else {}):
+            return fn(*args)
 
     def _prompt_logprobs(self, ids: list[int], k: int) -> list[TokenLogprob]:
         h = self.model(torch.tensor([ids], device=self.device), return_hidden=True)[0]
@@ -512,7 +526,8 @@ class Engine:
             # (mapped pages: the room costs memory only once written).
             room = len(req.prompt_ids) + (req.params.max_tokens if req.n == 1 else 0)
             cache = self._allocator.submit(self.model.new_cache, 1, room, zeros=zeros_without_openmp)
-            self.prefills.append(_Prefill(req, free[:req.n], cache, self.prefixes.match(req.prompt_ids)))
+            self.prefills.append(_Prefill(req, free[:req.n], cache,
+                                          self.prefixes.match(req.prompt_ids, req.params.adapter)))
             self.prompt_tokens += len(req.prompt_ids)
         others = any(self.rows)
         # the first prompt whose cache is ready (with no row decoding, waiting for one costs nothing)
@@ -535,38 +550,18 @@ class Engine:
         # With rows decoding, a turn of prefill may cost PREFILL_SHARE of a decode step; alone, no limit.
         budget = PREFILL_SHARE * min(self._step_s.values()) if others and self._step_s else None
         t = self._clock()
+        adapter = p.req.params.adapter
         try:
-            if p.parts is None:
-                size = self._chunk if others else self.prefill_chunk
-                ids = torch.tensor([p.req.prompt_ids[p.done:p.done + size]], device=self.device)
-                if budget is None:  # no row is waiting for its next token: the chunk in one go
-                    logits, n = self.model(ids, cache=p.cache, last_only=True)[:, -1], ids.shape[1]
-                else:  # rows are decoding: the chunk goes through as many layers a turn as the budget holds
-                    p.parts, p.n, p.spent, p.layers = self.model.forward_by_layer(ids, p.cache), ids.shape[1], 0.0, 0
-            if p.parts is not None:
-                while True:
-                    try:
-                        next(p.parts)
-                    except StopIteration as done:
-                        logits, p.parts, n = done.value[:, -1], None, p.n
-                        break
-                    p.layers += 1
-                    elapsed = self._clock() - t
-                    layer_s = (p.spent + elapsed) / p.layers  # what a layer of this chunk costs
-                    if budget is not None and elapsed + layer_s > budget:  # the next layer would overrun
-                        break
-                if p.parts is not None:  # the chunk's other layers in its next turns
-                    p.spent += self._clock() - t
-                    self.prefills.append(p)
-                    return
-                if budget is not None:  # the next chunk: one of its layers costs about half a turn
-                    layer_s = (p.spent + self._clock() - t) / max(p.layers, 1)
-                    grow = min(1.25, max(0.5, 0.5 * budget / max(layer_s, 1e-6)))
-                    self._chunk = min(self.prefill_chunk, max(MIN_CHUNK, int(n * grow)))
+            with self.adapters.applied({adapter: [0]} if adapter is not None else {}):
+                ran = self._chunk_turn(p, others, budget, t)
         except Exception:
             log.exception("prefill failed")
             self._fail(p)
             return
+        if ran is None:
+            self.prefills.append(p)
+            return
+        logits, n = ran
         p.done += n
         if p.done < len(p.req.prompt_ids):
             self.prefills.append(p)  # to the back: the next prompt's turn
@@ -582,6 +577,37 @@ class Engine:
             self.rows[row] = seqs[-1]
         self._advance(seqs, logits.expand(req.n, -1), list(range(req.n)))
 
+    def _chunk_turn(self, p: _Prefill, others: bool, budget: float | None, t: float):
+        """Put p's next chunk through the model, or as many of its layers as the budget holds:
+        (logits of its last position, its tokens) once the chunk is through, else None."""
+        if p.parts is None:
+            size = self._chunk if others else self.prefill_chunk
+            ids = torch.tensor([p.req.prompt_ids[p.done:p.done + size]], device=self.device)
+            if budget is None:  # no row is waiting for its next token: the chunk in one go
+                logits, n = self.model(ids, cache=p.cache, last_only=True)[:, -1], ids.shape[1]
+            else:  # rows are decoding: the chunk goes through as many layers a turn as the budget holds
+                p.parts, p.n, p.spent, p.layers = self.model.forward_by_layer(ids, p.cache), ids.shape[1], 0.0, 0
+        if p.parts is not None:
+            while True:
+                try:
+                    next(p.parts)
+                except StopIteration as done:
+                    logits, p.parts, n = done.value[:, -1], None, p.n
+                    break
+                p.layers += 1
+                elapsed = self._clock() - t
+                layer_s = (p.spent + elapsed) / p.layers  # what a layer of this chunk costs
+                if budget is not None and elapsed + layer_s > budget:  # the next layer would overrun
+                    break
+            if p.parts is not None:  # the chunk's other layers in its next turns
+                p.spent += self._clock() - t
+                return None
+            if budget is not None:  # the next chunk: one of its layers costs about half a turn
+                layer_s = (p.spent + self._clock() - t) / max(p.layers, 1)
+                grow = min(1.25, max(0.5, 0.5 * budget / max(layer_s, 1e-6)))
+                self._chunk = min(self.prefill_chunk, max(MIN_CHUNK, int(n * grow)))
+        return logits, n
+
     @staticmethod
     def _fail(p: _Prefill) -> None:
         p.req._push([Delta(p.req.first_index + i, finish_reason="error") for i in range(p.req.n)])
@@ -596,7 +622,12 @@ class Engine:
         for s in busy:
             ids[s.row, 0], pos[s.row, 0] = s.tokens[-1], s.pos
             s.pos += 1
-        logits = self.model(ids.to(self.device), cache=self.cache, pos=pos.to(self.device))[:, -1]
+        adapted: dict[str, list[int]] = {}  # each adapter's rows
+        for s in busy:
+            if s.req.params.adapter is not None:
+                adapted.setdefault(s.req.params.adapter, []).append(s.row)
+        with self.adapters.applied(adapted):
+            logits = self.model(ids.to(self.device), cache=self.cache, pos=pos.to(self.device))[:, -1]
         self._advance(busy, logits, [s.row for s in busy])
         took = self._clock() - t
         was = self._step_s.get(len(busy))
@@ -659,7 +690,7 @@ class Engine:
         if cache is None or self.prefixes.budget <= 0:
             return
         self.cache.save_row(s.row, cache, s.pos)
-        self.prefixes.add(s.req.prompt_ids + s.tokens[:-1], cache, self._token_bytes)
+        self.prefixes.add(s.req.prompt_ids + s.tokens[:-1], cache, self._token_bytes, s.req.params.adapter)
 
     def _finish(self, s: _Seq, deltas: list[Delta]) -> None:
         self.rows[s.row] = None

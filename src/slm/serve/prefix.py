@@ -30,6 +30,7 @@ class Entry:
     tokens: torch.Tensor  # int64 [n]: the tokens whose keys and values `cache` holds
     cache: KVCache
     nbytes: int
+    adapter: str | None = None  # the LoRA adapter that computed them (None: the base model)
 
     @property
     def whole_only(self) -> bool:
@@ -51,13 +52,16 @@ class PrefixCache:
         return {"entries": len(self.entries), "bytes": self.nbytes, "budget_bytes": self.budget,
                 "hits": self.hits, "misses": self.misses, "hit_tokens": self.hit_tokens}
 
-    def match(self, prompt: list[int]) -> tuple[Entry | None, int]:
-        """The stored entry sharing the longest usable prefix with `prompt`, and that length: at
-        most len(prompt) - 1 (the last prompt token must go through the model for its logits)."""
+    def match(self, prompt: list[int], adapter: str | None = None) -> tuple[Entry | None, int]:
+        """The stored entry of the same adapter sharing the longest usable prefix with `prompt`, and
+        that length: at most len(prompt) - 1 (the last prompt token must go through the model for
+        its logits)."""
         best, length = None, 0
         if self.entries and len(prompt) > 1:
             ids = torch.tensor(prompt[:-1], dtype=torch.long)
             for key, e in self.entries.items():
+                if e.adapter != adapter:  # other weights made other keys and values
+                    continue
                 m = min(len(ids), len(e.tokens))
                 differ = (ids[:m] != e.tokens[:m]).nonzero()
                 n = int(differ[0, 0]) if len(differ) else m
@@ -74,7 +78,7 @@ class PrefixCache:
             self.hit_tokens += length
         return best, length
 
-    def add(self, tokens: list[int], cache: KVCache, token_bytes: int) -> None:
+    def add(self, tokens: list[int], cache: KVCache, token_bytes: int, adapter: str | None = None) -> None:
         """Keep `cache` (batch 1), which holds the keys and values of `tokens` (cache.seen of them),
         unless it alone is over the budget; entries it extends are dropped. token_bytes: what one
         token's keys and values take (the budget counts what the entry holds, not its room)."""
@@ -83,10 +87,10 @@ class PrefixCache:
         if n < 2 or size > self.budget or cache.seen != n:
             return
         ids = torch.tensor(tokens, dtype=torch.long)
-        entry = Entry(ids, cache, size)
+        entry = Entry(ids, cache, size, adapter)
         for key, e in list(self.entries.items()):
             m = len(e.tokens)
-            if m <= n and torch.equal(e.tokens, ids[:m]) and (m == n or not entry.whole_only):
+            if e.adapter == adapter and m <= n and torch.equal(e.tokens, ids[:m]) and (m == n or not entry.whole_only):
                 self._drop(key)  # a prefix of this one (or the same): this one serves it
         self.entries[self._next] = entry
         self._next += 1
