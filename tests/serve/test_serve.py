@@ -329,3 +329,66 @@ def test_chat_page_streams_a_reply(server, lm, tmp_path):
                 shutil.copy(shot, os.environ["SLM_SCREENSHOT"])
         finally:
             browser.close()
+
+
+def test_chat_page_json_tools_and_failed_turns(server, tmp_path):
+    """The page's JSON switch asks for response_format json_object; with tools offered and the
+    model made to call one, the call shows as it streams and the next message goes back as the
+    tool's result; a turn the server refused (a message longer than the context) stays out of the
+    history; max tokens at or above the context leaves the length to the server."""
+    browser_path = chromium()
+    from playwright.sync_api import sync_playwright
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["city"],
+        "properties": {"city": {"type": "string", "maxLength": 12}}}}}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            sent = []  # the JSON bodies the page posted
+            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+            page.goto(server.url + "/")
+            page.locator("#model", has_text="tiny").wait_for()
+            assert page.get_attribute("#max-tokens", "max") == str(CONTEXT)
+            page.fill("#temperature", "0")
+
+            def turn(text, status=re.compile("^(done|error)")):
+                n = page.locator(".msg").count()
+                page.fill("#input", text)
+                page.press("#input", "Enter")
+                page.locator(".msg").nth(n).wait_for()
+                page.locator("#status", has_text=status).wait_for(timeout=30000)
+                return sent[-1]
+
+            page.fill("#max-tokens", "60")
+            page.check("#json")
+            body = turn("Describe a cat as JSON.")
+            assert body["response_format"] == {"type": "json_object"} and body["max_tokens"] == 60
+            assert page.locator(".assistant").last.text_content().lstrip().startswith("{")
+            page.uncheck("#json")
+
+            page.fill("#input", "x" * (16 * CONTEXT + 10))  # more than the server takes: a 400
+            page.press("#input", "Enter")
+            page.locator(".error").wait_for(timeout=30000)
+            assert page.locator(".user.failed").count() == 1
+
+            page.click("#tools-box summary")
+            page.fill("#tools", json.dumps([tool]))
+            page.select_option("#tool-choice", "required")
+            page.fill("#max-tokens", "100000")  # more than the context: the server's room
+            body = turn("What is the weather in Paris?")
+            assert "max_tokens" not in body and body["tool_choice"] == "required" and body["tools"] == [tool]
+            assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]  # not the failed turn
+            shown = page.locator(".tool-call").last.text_content()
+            assert shown.startswith("\N{WRENCH} get_weather({") and json.loads(shown[len("\N{WRENCH} get_weather("):-1])
+            page.select_option("#tool-choice", "none")
+            page.fill("#max-tokens", "30")
+            body = turn('{"celsius": 21}')
+            (call,) = body["messages"][-2]["tool_calls"]
+            assert body["messages"][-1] == {"role": "tool", "tool_call_id": call["id"], "content": '{"celsius": 21}'}
+            assert call["function"]["name"] == "get_weather" and page.locator(".tool").count() == 1
+            shot = tmp_path / "chat-tools.png"
+            page.screenshot(path=str(shot))
+            assert shot.read_bytes()[:4] == b"\x89PNG"
+        finally:
+            browser.close()
