@@ -347,3 +347,38 @@ def test_one_int8_row_of_x(qtype, monkeypatch):
     ref = (_int8_blocks(x)[0].double() @ w.double().T).float()
     torch.testing.assert_close(quantize_x_reference(x), _int8_blocks(x)[0])
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+def _avx512() -> bool:
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+
+
+FAST = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q6_K]  # the types rows_gguf_f32 dequantizes (Q5_0 regrouped)
+
+
+@needs_kernels
+@pytest.mark.skipif(not _avx512(), reason="the fp32 rows path runs on CPUs with AVX-512")
+@pytest.mark.parametrize("qtype", FAST, ids=lambda q: q.name)
+def test_several_rows_of_x_take_exact_products_with_avx512(qtype, monkeypatch):
+    """8 to 96 rows of x (a server's batched step, a short prompt): each row of weights dequantized
+    exactly as dequant_row (bitwise, against the scalar loop and gguf-py) and dotted with the
+    unquantized x, so within fp32 rounding of the dequantized weights' products; below 8 rows, and
+    with SLM_NO_AVX512=1, the int8 x of the other path."""
+    torch.manual_seed(0)
+    k = 512
+    m, w = layer([(qtype, 44), (Q.Q8_0, 6)], k, bias=True)  # 44 + 6 rows: tiles of 4 and a remainder
+    monkeypatch.setenv("SLM_NO_AVX512", "1")
+    scalar = m.dequantize()
+    monkeypatch.setenv("SLM_NO_AVX512", "0")
+    assert torch.equal(m.dequantize(), scalar) and torch.equal(scalar, w)
+    for rows in (8, 13, 33, 96):
+        x = torch.randn(rows, k)
+        exact = (x.double() @ w.double().T).float() + m.bias
+        scale = exact.abs().max().item()
+        torch.testing.assert_close(m(x), exact, rtol=0, atol=1e-6 * scale, msg=f"{rows} rows")
+    for rows, avx512 in ((7, "0"), (8, "1"), (32, "1")):  # the int8 path: x quantized
+        monkeypatch.setenv("SLM_NO_AVX512", avx512)
+        x = torch.randn(rows, k)
+        ref = (quantize_x_reference(x).double() @ w.double().T).float() + m.bias
+        torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item(), msg=f"{rows} rows")

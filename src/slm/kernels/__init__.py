@@ -5,7 +5,8 @@ compiled on first use; `decoder.py`, a whole batch-1 decoding step in one call t
 `cpu_train.py`, the CPU training step's GLU, rotation, RMSNorm and attention, with autograd;
 `abi.py`, the numbers for layouts, norms, blocks and roles that Python passes to them.
 
-`cpu/` (AVX2 + FMA + F16C, threads from ATen's pool) registers `torch.ops.slm_cpu.*` and
+`cpu/` (AVX2 + FMA + F16C, threads from ATen's pool; a few functions compiled for AVX-512 too,
+run only where the CPU has it and SLM_NO_AVX512 is unset) registers `torch.ops.slm_cpu.*` and
 `torch.classes.slm_cpu.Decoder`:
   matvec_int8.cpp  `linear`, `dequantize`: int8 weight-only linear layers
   matvec_int4.cpp  `linear_q4`, `dequantize_q4`: int4

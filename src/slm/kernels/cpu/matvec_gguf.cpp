@@ -13,7 +13,8 @@
 // the weights arrive as one sequential stream per core: on the 2-core EPYC that reaches the
 // memory bandwidth (~16 GB/s), where reading 2-4 rows side by side (several streams, as the int8
 // tile in matvec_int8.cpp) drew half of it. Above max_direct rows: dequantize blocks of rows to
-// fp32 and GEMM.
+// fp32 and GEMM. On a CPU with AVX-512, F32_ROWS to F32_MAX_ROWS rows of x take rows_gguf_f32
+// instead: rows of weights dequantized to fp32 in L1, dotted with the unquantized x.
 // The PyTorch fallback (slm.quantize_gguf) computes the same: the same int8 x, the file's weights
 // dequantized by gguf.quants.
 
@@ -44,6 +45,12 @@ constexpr int64_t T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_
 // 2 instructions a block, where Q5_0's 32-bit masks take 5, and the scales convert 4 at a time: the
 // loop does ~11 vector operations a block instead of ~19, enough to keep up with the memory.
 constexpr int64_t T_Q5_0R4 = 1006;
+// From this many rows of x, gguf_direct dots fp32 x with each row of weights dequantized to fp32
+// (rows_gguf_f32) instead of quantizing x (measured: benchmarks/batched_decode.py).
+constexpr int64_t F32_ROWS = 8;
+// ... and up to this many, above max_direct, instead of dequantizing blocks of rows for ATen's GEMM
+// (measured: the direct path 1.3-1.5x the GEMM's speed at 32-64 rows, even at 128).
+constexpr int64_t F32_MAX_ROWS = 96;
 
 inline int64_t block_weights(int64_t t) { return t == T_Q4_K || t == T_Q5_K || t == T_Q6_K ? 256 : 32; }
 inline int64_t block_bytes(int64_t t) {
@@ -570,11 +577,18 @@ void rows_gguf(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, cons
   }
 }
 
-// fp32 rows [n0, n1) of the stacked parts into out (row stride K).
+bool cpu_has_avx512();
+bool dequant_row_fast(int64_t t, const uint8_t* w, int64_t K, float* out);
+
+// fp32 rows [n0, n1) of the stacked parts into out (row stride K): dequant_row's values, with
+// AVX-512 where the CPU has it and the type allows (prefill's GEMM dequantizes every weight once a
+// chunk of prompt: the scalar loop cost gemma-3-270m ~20% of a 512-token prompt).
 void dequant_rows(const Parts& P, const uint8_t* bp, int64_t K, int64_t n0, int64_t n1, float* out) {
+  const bool wide = cpu_has_avx512();
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t p = P.part(n);
-    dequant_row(P.types[p], bp + P.byte0[p] + (n - P.row0[p]) * P.row_bytes[p], K, out + (n - n0) * K);
+    const uint8_t* w = bp + P.byte0[p] + (n - P.row0[p]) * P.row_bytes[p];
+    if (!wide || !dequant_row_fast(P.types[p], w, K, out + (n - n0) * K)) dequant_row(P.types[p], w, K, out + (n - n0) * K);
   }
 }
 
@@ -594,10 +608,222 @@ at::Tensor dequantize_gguf(const at::Tensor& blocks, at::IntArrayRef types, at::
   return out;
 }
 
+
+// Several rows of x against rows of weights dequantized to fp32 (where the CPU has AVX-512): each
+// thread dequantizes 4 rows of weights at a time into a buffer in L1, exactly as dequant_row does,
+// and dots them with every row of fp32 x, a register tile of 4 rows of weights by 4 rows of x.
+// From F32_ROWS rows of x this beats the int8 path: one FMA takes 16 weights of one row, where the
+// int8 pair spends ~5 instructions on 32 (two vpmaddwd, an add, a conversion, a scaled FMA) of 8
+// lanes; x is not quantized, so the products are the dequantized weights' exactly, up to the
+// order of the sums. AVX-512 doubles the FMAs of 8-wide ones (measured on a Xeon: 100 against 45 G
+// multiply-adds a second and core); with AVX2 alone this path was no faster than the int8 one for
+// the LM head, so the int8 path serves every row count there.
+#define SLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+// Which types dequantize_row_512 decodes (Q5_0R4 only as whole groups of 4 blocks).
+constexpr bool fast_dequant(int64_t t, int64_t K) {
+  return t == T_Q8_0 || t == T_Q4_0 || t == T_Q4_1 || t == T_Q4_K || t == T_Q6_K || (t == T_Q5_0R4 && K / 32 % 4 == 0);
+}
+
+// 16 bytes of unsigned values as 16 fp32
+SLM_AVX512 SLM_INLINE __m512 u8x16_f32(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)); }
+SLM_AVX512 SLM_INLINE __m512 i8x16_f32(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
+SLM_INLINE __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
+// One row of weights (a fast_dequant type) to fp32: dequant_row's values exactly (the same
+// products and sums, in the same order: the compiler contracts none of them into FMAs).
+SLM_AVX512 SLM_INLINE void dequantize_row_512(int64_t t, const uint8_t* w, int64_t K, float* __restrict out) {
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const int64_t nb = K / 32;
+  if (t == T_Q8_0) {
+    for (int64_t i = 0; i < nb; ++i, w += 34, out += 32) {
+      const __m512 d = _mm512_set1_ps(f16(w));
+      _mm512_storeu_ps(out, _mm512_mul_ps(d, i8x16_f32(load16(w + 2))));
+      _mm512_storeu_ps(out + 16, _mm512_mul_ps(d, i8x16_f32(load16(w + 18))));
+    }
+  } else if (t == T_Q4_0 || t == T_Q4_1) {  // d (q - 8); d q + m. Byte j: weights j (low nibble), j + 16
+    const bool q41 = t == T_Q4_1;
+    const __m128i c = _mm_set1_epi8(q41 ? 0 : 8);
+    for (int64_t i = 0; i < nb; ++i, w += q41 ? 20 : 18, out += 32) {
+      const __m512 d = _mm512_set1_ps(f16(w)), m = _mm512_set1_ps(q41 ? f16(w + 2) : 0.0f);
+      const __m128i b = load16(w + (q41 ? 4 : 2));
+      const __m128i lo = _mm_sub_epi8(_mm_and_si128(b, m4), c), hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m4), c);
+      const __m512 flo = q41 ? u8x16_f32(lo) : i8x16_f32(lo), fhi = q41 ? u8x16_f32(hi) : i8x16_f32(hi);
+      _mm512_storeu_ps(out, q41 ? _mm512_add_ps(_mm512_mul_ps(d, flo), m) : _mm512_mul_ps(d, flo));
+      _mm512_storeu_ps(out + 16, q41 ? _mm512_add_ps(_mm512_mul_ps(d, fhi), m) : _mm512_mul_ps(d, fhi));
+    }
+  } else if (t == T_Q5_0R4) {  // groups of 4 blocks: 4 scales, the high-bit plane, 4 x 16 bytes of nibbles
+    const __m128i one = _mm_set1_epi8(1), sixteen = _mm_set1_epi8(16);
+    for (int64_t i = 0; i < nb; i += 4, w += 88) {
+      const __m128i plane = load16(w + 8);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g, out += 32) {
+        const __m512 d = _mm512_set1_ps(f16(w + 2 * g));
+        const __m128i b = load16(w + 24 + 16 * g);
+        const __m128i hl = _mm_and_si128(_mm_srli_epi16(plane, g), one), hh = _mm_and_si128(_mm_srli_epi16(plane, 4 + g), one);
+        const __m128i lo = _mm_sub_epi8(_mm_or_si128(_mm_and_si128(b, m4), _mm_slli_epi16(hl, 4)), sixteen);
+        const __m128i hi = _mm_sub_epi8(_mm_or_si128(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_slli_epi16(hh, 4)), sixteen);
+        _mm512_storeu_ps(out, _mm512_mul_ps(d, i8x16_f32(lo)));
+        _mm512_storeu_ps(out + 16, _mm512_mul_ps(d, i8x16_f32(hi)));
+      }
+    }
+  } else if (t == T_Q4_K) {  // d sc q - dmin m per sub-block of 32
+    for (int64_t i = 0; i < K / 256; ++i, w += 144) {
+      const float d = f16(w), dmin = f16(w + 2);
+      const uint8_t* sc = w + 4;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j, out += 32) {
+        int s, m;
+        if (j < 4) s = sc[j] & 63, m = sc[j + 4] & 63;
+        else s = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+        const __m512 ds = _mm512_set1_ps(d * s), dm = _mm512_set1_ps(dmin * m);
+        const uint8_t* q = w + 16 + 32 * (j / 2);
+        for (int h = 0; h < 2; ++h) {
+          const __m128i b = load16(q + 16 * h);
+          const __m128i n = j % 2 ? _mm_and_si128(_mm_srli_epi16(b, 4), m4) : _mm_and_si128(b, m4);
+          _mm512_storeu_ps(out + 16 * h, _mm512_sub_ps(_mm512_mul_ps(ds, u8x16_f32(n)), dm));
+        }
+      }
+    }
+  } else {  // Q6_K: d sc (q - 32), q of 6 bits: 4 from ql, 2 from qh
+    const __m128i m2 = _mm_set1_epi8(3), c32 = _mm_set1_epi8(32);
+    for (int64_t i = 0; i < K / 256; ++i, w += 210, out += 256) {
+      const float d = f16(w + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t *ql = w + 64 * h, *qh = w + 128 + 32 * h;
+        float* y = out + 128 * h;
+        for (int l = 0; l < 32; l += 16) {
+          const int is = 8 * h + l / 16;
+          const __m128i a = load16(ql + l), b = load16(ql + l + 32), hb = load16(qh + l);
+          auto six = [&](__m128i low4, int shift) __attribute__((always_inline)) {
+            const __m128i top = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(hb, shift), m2), 4);
+            return _mm_sub_epi8(_mm_or_si128(low4, top), c32);
+          };
+          _mm512_storeu_ps(y + l, _mm512_mul_ps(_mm512_set1_ps(d * sc[is]), i8x16_f32(six(_mm_and_si128(a, m4), 0))));
+          _mm512_storeu_ps(y + l + 32, _mm512_mul_ps(_mm512_set1_ps(d * sc[is + 2]), i8x16_f32(six(_mm_and_si128(b, m4), 2))));
+          _mm512_storeu_ps(y + l + 64, _mm512_mul_ps(_mm512_set1_ps(d * sc[is + 4]),
+                                                     i8x16_f32(six(_mm_and_si128(_mm_srli_epi16(a, 4), m4), 4))));
+          _mm512_storeu_ps(y + l + 96, _mm512_mul_ps(_mm512_set1_ps(d * sc[is + 6]),
+                                                     i8x16_f32(six(_mm_and_si128(_mm_srli_epi16(b, 4), m4), 6))));
+        }
+      }
+    }
+  }
+}
+
+// dequantize_row_512 where the type allows (true), else nothing (false). Only on a CPU with AVX-512.
+SLM_AVX512 bool dequant_row_fast(int64_t t, const uint8_t* w, int64_t K, float* out) {
+  if (!fast_dequant(t, K)) return false;
+  dequantize_row_512(t, w, K, out);
+  return true;
+}
+
+// out[i * RX + b] = w_i . x_b for RW rows of fp32 weights w (stride K) and RX rows of fp32 x
+// (stride K): each weight and x vector loaded once a step and used RX (RW) times.
+template <int RW, int RX>
+SLM_AVX512 SLM_INLINE void dot_tile_512(const float* __restrict w, const float* __restrict x, int64_t K, float* out) {
+  __m512 acc[RW][RX];
+#pragma GCC unroll 8
+  for (int i = 0; i < RW; ++i)
+#pragma GCC unroll 8
+    for (int b = 0; b < RX; ++b) acc[i][b] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 wv[RW];
+#pragma GCC unroll 8
+    for (int i = 0; i < RW; ++i) wv[i] = _mm512_loadu_ps(w + i * K + k);
+#pragma GCC unroll 8
+    for (int b = 0; b < RX; ++b) {
+      const __m512 xv = _mm512_loadu_ps(x + b * K + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < RW; ++i) acc[i][b] = _mm512_fmadd_ps(wv[i], xv, acc[i][b]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RW; ++i)
+#pragma GCC unroll 8
+    for (int b = 0; b < RX; ++b) out[i * RX + b] = _mm512_reduce_add_ps(acc[i][b]);
+}
+
+// y[b, n + i] (+ bias) for the RW dequantized rows in w and every row of x, 4 rows of x at a time.
+template <int RW>
+SLM_AVX512 void dot_rows_512(const float* w, const float* x, int64_t B, int64_t K, float* y, int64_t ldy, int64_t n,
+                             const float* bias) {
+  for (int64_t b = 0; b < B;) {
+    float out[RW * 4];
+    const int64_t nb = std::min<int64_t>(B - b, 4);
+    const float* xb = x + b * K;
+    switch (nb) {
+      case 1: dot_tile_512<RW, 1>(w, xb, K, out); break;
+      case 2: dot_tile_512<RW, 2>(w, xb, K, out); break;
+      case 3: dot_tile_512<RW, 3>(w, xb, K, out); break;
+      default: dot_tile_512<RW, 4>(w, xb, K, out); break;
+    }
+    for (int i = 0; i < RW; ++i)
+      for (int64_t j = 0; j < nb; ++j) y[(b + j) * ldy + n + i] = out[i * nb + j] + (bias ? bias[n + i] : 0.0f);
+    b += nb;
+  }
+}
+
+// Rows [n0, n1) of one part (type t) for B rows of fp32 x, four rows of weights at a time
+// (buf: 4K floats). bias0: where the part's rows start in y and bias.
+SLM_AVX512 void rows_gguf_f32(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, const float* x,
+                              int64_t B, int64_t K, float* buf, float* y, int64_t ldy, const float* bias, int64_t bias0) {
+  y += bias0;
+  if (bias) bias += bias0;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    for (int i = 0; i < 4; ++i) dequantize_row_512(t, w + (n + i) * row_bytes, K, buf + i * K);
+    dot_rows_512<4>(buf, x, B, K, y, ldy, n, bias);
+  }
+  for (; n < n1; ++n) {
+    dequantize_row_512(t, w + n * row_bytes, K, buf);
+    dot_rows_512<1>(buf, x, B, K, y, ldy, n, bias);
+  }
+}
+
+// Whether the CPU has AVX-512 (F, BW, VL, DQ) and SLM_NO_AVX512 is unset.
+bool cpu_has_avx512() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }();
+  const char* e = std::getenv("SLM_NO_AVX512");  // read at each call: tests and benchmarks compare both paths
+  return has && !(e && *e && std::strcmp(e, "0") != 0);
+}
+
+// The least rows of x for which gguf_direct takes rows_gguf_f32 (SLM_GGUF_F32_ROWS overrides it,
+// read at each call).
+int64_t f32_rows() {
+  const char* e = std::getenv("SLM_GGUF_F32_ROWS");
+  return e ? std::max<int64_t>(1, std::atoll(e)) : int64_t(F32_ROWS);
+}
+
+// Whether gguf_direct takes rows_gguf_f32 for B rows of x.
+bool f32_path(const Parts& P, int64_t B, int64_t K) {
+  return B >= f32_rows() && cpu_has_avx512() &&
+         std::all_of(P.types.begin(), P.types.end(), [K](int64_t t) { return fast_dequant(t, K); });
+}
+
 // y [B, N] (+ bias) for B rows of x [B, K]: x quantized to int8 blocks, then each thread streams
-// one contiguous range of weight rows (the direct path, for few rows of x).
+// one contiguous range of weight rows (the direct path, for few rows of x). From f32_rows() rows of
+// x, on a CPU with AVX-512 and where every part is a fast_dequant type: rows_gguf_f32.
 void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int64_t K, float* yp, const float* bias_p) {
   const int64_t N = P.N;
+  if (f32_path(P, B, K)) {
+    const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, P.row_bytes[0]));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      std::vector<float> buf(4 * K);
+      for (size_t p = 0; p < P.types.size(); ++p) {
+        const int64_t a = std::max(n0, P.row0[p]), b = std::min(n1, p + 1 < P.types.size() ? P.row0[p + 1] : N);
+        if (a < b)
+          rows_gguf_f32(P.types[p], bp + P.byte0[p], P.row_bytes[p], a - P.row0[p], b - P.row0[p], x, B, K, buf.data(),
+                        yp, N, bias_p, P.row0[p]);
+      }
+    });
+    return;
+  }
   const int64_t R = x_rows();
   std::vector<int8_t> xq(R * B * K);
   std::vector<float> dx(R * B * K / 32), xs(R * B * K / 32);
@@ -647,7 +873,7 @@ at::Tensor linear_gguf(const at::Tensor& x_in, const at::Tensor& blocks, at::Int
   const uint8_t* bp = blocks.const_data_ptr<uint8_t>();
   const float* bias_p = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* yp = y.mutable_data_ptr<float>();
-  if (B <= max_direct) {
+  if (B <= max_direct || (B <= F32_MAX_ROWS && f32_path(P, B, K))) {
     gguf_direct(P, bp, x.const_data_ptr<float>(), B, K, yp, bias_p);
     return finish(x_in, y, N);
   }
