@@ -409,3 +409,48 @@ def test_prefix_cache_keeps_to_its_budget_and_drops_what_it_extends():
     assert [len(e.tokens) for e in pc.entries.values()] == [20, 3]
     pc.add(list(range(31)), filled(31), 100)  # alone over the budget: not kept
     assert pc.nbytes == 2300 and (pc.hits, pc.misses) == (3, 1)
+
+
+@pytest.mark.parametrize("family", ["llama-untied", "gemma3"])
+def test_cache_copies_go_a_layer_a_turn_beside_running_rows(family, tmp_path, tokenizer_dir, monkeypatch):
+    """While a row decodes, a prompt's keys and values go into its rows, and a prefix cache hit's
+    into its prompt cache, a layer a turn (a long prompt's are tens of MB: copied in one go, a gap
+    that long in the running stream); what every request generates is what it gives alone, and the
+    rows being loaded are left alone by the steps between (Gemma 3's rings fill and wrap)."""
+    import slm.serve.engine as engine_mod
+    from slm.model import KVCache, RowKVCache
+    fam, kw = FAMILIES[family]
+    lm = slm.load(make_checkpoint(str(tmp_path / "m"), fam, tokenizer_dir, **kw))
+    monkeypatch.setattr(engine_mod, "PREFILL_SHARE", 1e-9)  # every turn: one layer of a chunk or a copy
+    engine = Engine(lm, max_batch=3, max_len=160, prefill_chunk=32)
+    turns = []
+    copy_turn = engine._copy_turn
+    engine._copy_turn = lambda *a: turns.append(copy_turn(*a)) or turns[-1]
+    g = torch.Generator().manual_seed(3)
+    new = lambda n: torch.randint(5, 400, (n,), generator=g).tolist()  # noqa: E731
+    stream, prompt = new(4), new(70)
+    greedy = lambda ids, n: "".join(lm.stream(ids, max_new_tokens=n, temperature=0))  # noqa: E731
+    from slm.runtime.generate import generate_ids
+    reply = [step[0] for step in generate_ids(lm.model, [prompt], 8)]
+    engine.start()
+    try:
+        # the second time the prompt, its reply and more: its start comes from the prefix cache
+        for ids in (prompt, prompt + reply + new(6)):
+            jobs = [(stream, Params(max_tokens=120, temperature=0), 1), (ids, Params(max_tokens=8, temperature=0), 1)]
+            (a,), (b,) = asyncio.run(run(engine, jobs))  # the stream decodes while the prompt goes in
+            assert a == greedy(stream, 120) and b == greedy(ids, 8)
+        assert engine.stats()["prefix_cache"]["hit_tokens"] >= len(prompt) + len(reply) - 1
+        # the copies took a turn a layer: into the rows twice, from the prefix cache once
+        assert turns.count(False) >= 3 * len(lm.model.blocks), turns
+    finally:
+        engine.stop()
+    # a step of a RowKVCache leaves an idle row (-1) as it is, on the module path too
+    cfg = lm.model.config
+    rows = RowKVCache(cfg, 2, 32, lm.model.device, lm.model.dtype)
+    src = KVCache(cfg, 1, 32)
+    with torch.no_grad():
+        lm.model(torch.tensor([new(32)]), cache=src)
+        rows.load_row(1, src)
+        before = [k[1].clone() for k in rows.k]
+        super(type(lm.model), lm.model).forward(torch.tensor([[7], [0]]), cache=rows, pos=torch.tensor([[0], [-1]]))
+    assert all(torch.equal(k[1], b) for k, b in zip(rows.k, before))

@@ -106,8 +106,9 @@ class RowKVCache(KVCache):
     decode step writes one slot per row at that row's own position, and masks come from `pos`.
 
     A request's prompt is prefilled in an ordinary batch-1 KVCache and copied in with `load_row`.
-    Steps take one token per row (position -1 marks an idle row) and may cover only the first
-    rows: idle rows at the end cost nothing."""
+    Steps take one token per row (position -1 marks an idle row, whose cache a step leaves as it
+    is: a row being loaded meanwhile keeps what it got) and may cover only the first rows: idle
+    rows at the end cost nothing."""
 
     # No length shared by all rows: positions are passed to every forward and kept per row in `pos`.
     seen = property(lambda self: 0, lambda self, value: None)
@@ -116,11 +117,20 @@ class RowKVCache(KVCache):
         """Copy a batch-1 cache, filled from position 0 without padding, into `row`. Both keep
         position p in slot p % size (src.size <= self.size, or both the same window). Only the
         slots src has filled are copied (it may have room for more)."""
-        for w in self.pos:
-            self.pos[w][row] = -1
-        for i, (w, w_src) in enumerate(zip(self.windows, src.windows)):
+        for _ in self.load_row_layers(row, src):
+            pass
+
+    def load_row_layers(self, row: int, src: KVCache):
+        """load_row one layer at a time: a generator that yields after each layer's keys and
+        values (a long prompt's are tens of MB; a server spreads them over several turns). The
+        row is idle meanwhile (steps leave idle rows untouched); its positions go in last."""
+        for i, w_src in enumerate(src.windows):
             n = min(src.seen, src.size[w_src])
             self.k[i][row, :, :n], self.v[i][row, :, :n] = src.k[i][0, :, :n], src.v[i][0, :, :n]
+            yield
+        for w, w_src in zip(self.windows, src.windows):
+            n = min(src.seen, src.size[w_src])
+            self.pos[w][row] = -1
             self.pos[w][row, :n] = src.pos[w_src][0, :n]
 
     def save_row(self, row: int, dst: KVCache, end: int) -> None:
@@ -143,13 +153,15 @@ class RowKVCache(KVCache):
         if qpos.shape[1] != 1:
             raise ValueError("a RowKVCache steps one token per row; prefill in a KVCache and load_row it")
         B, S = qpos.shape[0], self.size[window]
-        rows, slots = torch.arange(B, device=qpos.device), qpos[:, 0] % S  # an idle row (-1) -> last slot
+        busy = (qpos[:, 0] >= 0).nonzero()[:, 0]  # an idle row (-1) is neither written nor read from
+        rows, slots = busy, qpos[busy, 0] % S
         pos = self.pos[window][:B]
-        pos[rows, slots] = qpos[:, 0]
+        pos[rows, slots] = qpos[busy, 0]
         read = min(int(qpos.max()) + 1, S)  # slots past the furthest row hold nothing yet
         return AttentionPlan(causal_mask(qpos, pos[:, :read], window), False, (rows, slots), read)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan):
         K, V, B = self.k[layer], self.v[layer], k.shape[0]
-        K[plan.write[0], :, plan.write[1]], V[plan.write[0], :, plan.write[1]] = k[:, :, 0], v[:, :, 0]
+        rows, slots = plan.write
+        K[rows, :, slots], V[rows, :, slots] = k[rows, :, 0], v[rows, :, 0]
         return K[:B, :, :plan.read], V[:B, :, :plan.read]
