@@ -7,6 +7,7 @@ large for memory is refused before it is allocated."""
 import asyncio
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -454,3 +455,34 @@ def test_cache_copies_go_a_layer_a_turn_beside_running_rows(family, tmp_path, to
         before = [k[1].clone() for k in rows.k]
         super(type(lm.model), lm.model).forward(torch.tensor([[7], [0]]), cache=rows, pos=torch.tensor([[0], [-1]]))
     assert all(torch.equal(k[1], b) for k, b in zip(rows.k, before))
+
+
+@pytest.mark.parametrize("kept", [0, 1])  # none kept; one kept at a time, the older dropped
+def test_prompt_caches_are_freed_off_the_engine_thread(kept, tmp_path, tokenizer_dir):
+    """Unmapping a long prompt's cache takes ~20 ms (180 MB for 4,000 SmolLM2 tokens): the engine
+    hands the caches it lets go (not kept, or dropped from the prefix cache) to its allocator
+    thread, so the last reference goes there."""
+    import threading
+    import weakref
+    lm = slm.load(make_checkpoint(str(tmp_path / "m"), "llama", tokenizer_dir))
+    engine = Engine(lm, max_batch=2, max_len=64)
+    engine.prefixes.budget = kept * 16 * engine._token_bytes  # room for one sequence of 12 + 4 tokens
+    freed_on = []
+    new_cache = lm.model.new_cache
+
+    def watched(*a, **kw):
+        cache = new_cache(*a, **kw)
+        weakref.finalize(cache, lambda: freed_on.append(threading.current_thread().name))
+        return cache
+    lm.model.new_cache = watched
+    engine.start()
+    try:
+        for seed in range(3):
+            prompt = torch.randint(5, 400, (12,), generator=torch.Generator().manual_seed(seed)).tolist()
+            asyncio.run(run(engine, [(prompt, Params(max_tokens=5, temperature=0), 1)]))
+        deadline = time.time() + 5
+        while len(freed_on) < 3 - kept and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert len(freed_on) == 3 - kept and all(name.startswith("slm-prefill-cache") for name in freed_on), freed_on

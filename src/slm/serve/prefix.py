@@ -47,6 +47,7 @@ class PrefixCache:
         self.nbytes = 0
         self._next = 0
         self.hits, self.misses, self.hit_tokens = 0, 0, 0
+        self.dropped: list[Entry] = []  # entries dropped since the owner last took them
 
     def stats(self) -> dict:
         return {"entries": len(self.entries), "bytes": self.nbytes, "budget_bytes": self.budget,
@@ -78,14 +79,14 @@ class PrefixCache:
             self.hit_tokens += length
         return best, length
 
-    def add(self, tokens: list[int], cache: KVCache, token_bytes: int, adapter: str | None = None) -> None:
+    def add(self, tokens: list[int], cache: KVCache, token_bytes: int, adapter: str | None = None) -> bool:
         """Keep `cache` (batch 1), which holds the keys and values of `tokens` (cache.seen of them),
-        unless it alone is over the budget; entries it extends are dropped. token_bytes: what one
-        token's keys and values take (the budget counts what the entry holds, not its room)."""
+        unless it alone is over the budget (False); entries it extends are dropped. token_bytes: what
+        one token's keys and values take (the budget counts what the entry holds, not its room)."""
         n = len(tokens)
         size = n * token_bytes
         if n < 2 or size > self.budget or cache.seen != n:
-            return
+            return False
         ids = torch.tensor(tokens, dtype=torch.long)
         entry = Entry(ids, cache, size, adapter)
         for key, e in list(self.entries.items()):
@@ -97,9 +98,12 @@ class PrefixCache:
         self.nbytes += size
         while self.nbytes > self.budget:
             self._drop(next(iter(self.entries)))
+        return True
 
     def _drop(self, key: int) -> None:
-        self.nbytes -= self.entries.pop(key).nbytes
+        entry = self.entries.pop(key)
+        self.nbytes -= entry.nbytes
+        self.dropped.append(entry)  # freed by the engine off its thread (Engine._free)
 
     @staticmethod
     def load_layers(entry: Entry, length: int, dst: KVCache):
