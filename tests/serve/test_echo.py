@@ -9,20 +9,6 @@ import pytest
 import torch
 
 import slm
-from support.models import make_checkpoint
-from support.server import Server
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer_dir) -> str:
-    return make_checkpoint(str(tmp_path_factory.mktemp("echo") / "tiny"), "llama", tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    s = Server(model_dir, str(tmp_path_factory.mktemp("log") / "server.log"), "--max-batch", "4")
-    yield s
-    s.stop()
 
 
 def test_echo_gives_the_prompts_logprobs(server, model_dir):

@@ -9,8 +9,6 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.models import make_checkpoint
-from support.server import Server
 
 
 def scrape(server) -> dict[tuple[str, tuple], float]:
@@ -18,14 +16,6 @@ def scrape(server) -> dict[tuple[str, tuple], float]:
     assert status == 200
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(body.decode()) for s in family.samples}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tokenizer_dir):
-    model = make_checkpoint(str(tmp_path_factory.mktemp("metrics") / "tiny"), "llama", tokenizer_dir)
-    s = Server(model, str(tmp_path_factory.mktemp("log") / "server.log"), "--max-batch", "4")
-    yield s
-    s.stop()
 
 
 def test_metrics_count_what_the_server_did(server):

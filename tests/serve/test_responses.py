@@ -7,16 +7,6 @@ from __future__ import annotations
 import openai
 import pytest
 
-from support.models import make_checkpoint
-from support.server import Server
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tokenizer_dir):
-    model = make_checkpoint(str(tmp_path_factory.mktemp("responses") / "tiny"), "llama", tokenizer_dir)
-    s = Server(model, str(tmp_path_factory.mktemp("log") / "server.log"), "--max-batch", "4")
-    yield s
-    s.stop()
 
 
 def test_responses_equal_chat_streamed_or_not(server):

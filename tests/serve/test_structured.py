@@ -17,7 +17,6 @@ import torch
 from pydantic import BaseModel, Field
 
 import slm
-from support.models import make_checkpoint
 from support.server import Server
 from slm.serve.engine import Engine, Params, Request, deltas
 from slm.serve.grammar import GrammarError, grammar_for
@@ -35,11 +34,6 @@ def fits(text: str) -> bool:
     return set(v) == {"colour", "ok", "n", "tags"} and v["colour"] in ("red", "green", "blue") and \
         isinstance(v["ok"], bool) and isinstance(v["n"], int) and 0 <= v["n"] <= 99 and \
         len(v["tags"]) <= 3 and set(v["tags"]) <= {"a", "b"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer_dir) -> str:
-    return make_checkpoint(str(tmp_path_factory.mktemp("structured") / "tiny"), "llama", tokenizer_dir)
 
 
 def test_constrained_rows_fit_their_schema_beside_free_rows(model_dir):
