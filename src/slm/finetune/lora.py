@@ -35,8 +35,8 @@ from ..accel import accelerate, accelerated
 from ..files import atomic_path
 from ..model import Transformer
 from ..quant.layers import QuantLinear, _set_module
-from ..runtime.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, TARGETS,  # noqa: F401 - this module's API
-                                check_targets, layout, read_adapter_config, read_adapter_tensors)
+from ..runtime.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, check_targets, layout,
+                                read_adapter_tensors)
 
 
 class LoRALinear(nn.Module):
