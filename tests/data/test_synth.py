@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from slm.data import synth
+from slm.data import lessons, synth, vocab
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,10 @@ def test_stats(sample):
 
 def test_mix_and_lengths(sample):
     stories = [d for d, m in sample if m["kind"] == "story"]
-    assert 0.65 < len(stories) / len(sample) < 0.85
+    world = [m["skeleton"] for d, m in sample if m["kind"] == "world"]
+    assert abs(len(stories) / len(sample) - synth.STORY_SHARE) < 0.04
+    assert abs(len(world) / len(sample) - synth.WORLD_SHARE) < 0.04
+    assert {s.split("/")[1] for s in world} == set(lessons.LESSONS)  # every kind of fact is taught
     assert all(80 <= len(d.split()) <= 250 for d in stories)
     assert all('"' in d for d in stories[:50]) or sum('"' in d for d in stories) > 0.7 * len(stories)
 
@@ -87,6 +90,13 @@ def test_arithmetic_answers(sample):
                 checked += 1
             for a, rel, b in re.findall(r"(\d+) is (more|less) than (\d+)", line):
                 assert (int(a) > int(b)) == (rel == "more"), line
+                checked += 1
+        if m["skeleton"] == "world/counting":  # the counting lessons' scenes: x and y make x + y, ...
+            for x, op, y, z in re.findall(r"(\d+) (and|take away) (\d+) (?:make|is) (\d+)", d):
+                assert (int(x) + int(y) if op == "and" else int(x) - int(y)) == int(z), d
+                checked += 1
+            for x, y, z in re.findall(r"had (\d+) \w+\. \w+ ate (\w+) of them, so \w+ had (\d+)", d):
+                assert int(x) - vocab.NUM_WORDS.index(y) == int(z), d
                 checked += 1
         if m["skeleton"] in ("textbook/add", "textbook/sub", "textbook/mul"):
             # Every exercise's answer also agrees with the numbers in its question.

@@ -12,8 +12,11 @@ ARC or PIQA: the context, then " " + each choice. Chance level is the mean of 1 
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 
-from .synth import BOYS, FOODS, GIRLS, NUM_WORDS, PLACES, TOYS, a, cap, plural
+from ..runtime.lm import LM
+from ..runtime.loglik import encode_pair, loglikelihoods
+from .vocab import BOYS, FOODS, GIRLS, NUM_WORDS, PLACES, TOYS, a, cap, plural
 
 # -- facts of the synthetic world, restated ---------------------------------------------------
 SOUNDS = {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "pig": "oink", "sheep": "baa",
@@ -221,3 +224,26 @@ def probes(per_kind: int = 20, seed: int = 0) -> list[dict]:
             seen.setdefault(p["context"], p)
         by_kind.append(list(seen.values()))
     return [ps[i] for i in range(per_kind) for ps in by_kind if i < len(ps)]
+
+
+def score(lm: LM, items: list[dict], batch_size: int = 32) -> dict:
+    """How lm answers the probes, scored as `slm eval --task builtin` scores them (lm-eval's acc:
+    the choice whose " " + text is likeliest after the context, encoded with BOS):
+    {"acc", "chance", "by_kind": {kind: acc}, "tokens", "sequences": what was read}. For use during training,
+    where the full evaluation (slm.eval, a layer above) is out of reach."""
+    requests = [encode_pair(lm, p["context"], " " + c, add_bos=True) for p in items for c in p["choices"]]
+    lls = iter(ll for ll, _ in loglikelihoods(lm, requests, batch_size=batch_size, progress=False))
+    right = defaultdict(list)
+    for p in items:
+        scores = [next(lls) for _ in p["choices"]]
+        right[p["kind"]].append(float(max(range(len(scores)), key=scores.__getitem__) == p["gold"]))
+    every = [x for xs in right.values() for x in xs]
+    return {"acc": sum(every) / len(every), "chance": sum(1 / len(p["choices"]) for p in items) / len(items),
+            "by_kind": {k: sum(xs) / len(xs) for k, xs in right.items()},
+            "tokens": sum(len(c) + len(x) for c, x in requests), "sequences": len(requests)}
+
+
+def summary(scored: dict) -> str:
+    """One line of score()'s result: the accuracy against chance, and the kinds from best to worst."""
+    kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(scored["by_kind"].items(), key=lambda kv: -kv[1]))
+    return f"built-in probes: acc {scored['acc']:.3f} (chance {scored['chance']:.3f}); {kinds}"

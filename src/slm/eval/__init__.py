@@ -17,7 +17,7 @@ import os
 from .. import files
 
 from .choice import build_requests, evaluate, format_table
-from .loglik import encode_pair, loglikelihoods
+from ..runtime.loglik import encode_pair, loglikelihoods
 from .perplexity import perplexity, rolling_windows
 from .tasks import FORMATS, Doc, load_task
 

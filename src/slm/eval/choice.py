@@ -22,7 +22,7 @@ from collections import defaultdict
 import numpy as np
 
 from ..runtime.lm import LM
-from .loglik import context_length, encode_pair, loglikelihoods
+from ..runtime.loglik import context_length, encode_pair, loglikelihoods
 from .tasks import Doc, load_task
 
 FEWSHOT_SEED = 1234  # lm-eval's default --fewshot_random_seed

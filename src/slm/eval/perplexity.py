@@ -20,7 +20,7 @@ import math
 import re
 
 from ..runtime.lm import LM
-from .loglik import context_length, encode, loglikelihoods, prefix_token
+from ..runtime.loglik import context_length, encode, loglikelihoods, prefix_token
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_len: int, context_len: int = 1):

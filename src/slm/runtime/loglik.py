@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from ..runtime.lm import LM
+from .lm import LM
 
 # Rows of [positions, vocab] fp32 log-probabilities held at once (gemma's 262k vocabulary: ~256 MB).
 _LOGIT_BUDGET = 64 * 1024 * 1024
