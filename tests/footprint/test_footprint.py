@@ -250,7 +250,8 @@ def test_training_writes_a_receipt(tmp_path, prepared, monkeypatch, capsys):
     monkeypatch.setenv("SLM_RAPL_ROOT", str(tmp_path))  # no counters here: the labelled estimate
     cfg = get_config("slm-1m").replace(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=128)
     c = TrainConfig(out=str(tmp_path / "run"), data=data, tokenizer=tok, seq_len=32, batch_size=4, max_steps=3,
-                    warmup=1, eval_every=2, eval_batches=2, save_every=10, log_every=1, optimizer="adamw")
+                    warmup=1, eval_every=2, eval_batches=2, save_every=10, log_every=1, optimizer="adamw",
+                    probes=0)  # the probes' forwards are counted too (test_probes_are_counted_as_inferred_tokens)
     trainer = Trainer(c, cfg)
     trainer.train(progress=False)
     with open(tmp_path / "run" / "receipt.json") as f:
@@ -260,6 +261,7 @@ def test_training_writes_a_receipt(tmp_path, prepared, monkeypatch, capsys):
     fpt = flops_per_token(trainer.model_cfg, 32)
     assert r["flops"] == pytest.approx(3 * 128 * fpt + 512 * flops_per_token(trainer.model_cfg, 32, False))
     assert r["energy"]["method"] == "estimated" and "CPU core-seconds" in r["energy"]["how"]
+
     assert "receipt (train)" in capsys.readouterr().out
     c.max_steps = 5  # --resume: the second session is added to the first
     Trainer(c, cfg).train(resume=True, progress=False)
@@ -269,6 +271,16 @@ def test_training_writes_a_receipt(tmp_path, prepared, monkeypatch, capsys):
     assert len(r2["sessions"]) == 2 and r2["tokens"]["trained"] == 5 * 128
     assert r2["wall_seconds"] == pytest.approx(sum(s["wall_seconds"] for s in r2["sessions"]))
     assert r2["energy"]["joules"] == pytest.approx(sum(s["energy"]["joules"] for s in r2["sessions"]))
+
+    # With the built-in probes scored at each evaluation, their tokens are inferred tokens too
+    from slm.data.probes import probes, score
+    from slm.runtime.lm import LM
+    c.out, c.probes, c.max_steps = str(tmp_path / "probed"), 2, 3
+    trainer = Trainer(c, cfg)
+    trainer.train(progress=False)
+    probe_tokens = score(LM(trainer.model, trainer.tokenizer), probes(2))["tokens"]
+    with open(tmp_path / "probed" / "receipt.json") as f:
+        assert json.load(f)["tokens"]["inferred"] == 2 * 2 * 4 * 32 + 2 * probe_tokens
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,14 @@ def test_training_writes_a_transformers_model(reference_run):
     assert [s for s, _, _ in rows] == list(range(5, 41, 5))
     assert rows[-1][1] < rows[0][1] - 0.5  # it learns
     assert os.path.exists(os.path.join(reference_run, "loss.png"))
+    # The built-in probes are scored with every validation loss (and plotted beside the losses)
+    rows = [json.loads(line) for line in open(os.path.join(reference_run, "metrics.jsonl"))]
+    probed = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in probed] == [10, 20, 30, 40]
+    assert all(0 <= r["probes"] <= 1 for r in probed) and not any("probes" in r for r in rows if r not in probed)
+    from PIL import Image
+    width, height = Image.open(os.path.join(reference_run, "loss.png")).size
+    assert width > 2 * height  # two panels side by side
     from transformers import AutoModelForCausalLM, AutoTokenizer
     ref = AutoModelForCausalLM.from_pretrained(reference_run).eval()
     tok = AutoTokenizer.from_pretrained(reference_run)

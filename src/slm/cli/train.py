@@ -28,7 +28,8 @@ TRAIN = [
     ("schedule", "wsd: warmup, stable, then linear decay over the last --cooldown of the run; cosine",
      {"choices": ["wsd", "cosine"]}),
     ("cooldown", "wsd: the fraction of the run spent decaying"),
-    ("eval_every", "steps between validation losses", {"min": 1}),
+    ("eval_every", "steps between validation losses (and built-in probe scores)", {"min": 1}),
+    ("probes", "built-in probes per kind scored with each validation loss (0: none)", {"min": 0}),
     ("save_every", "steps between checkpoints (for --resume)", {"min": 1}),
     ("log_every", "steps between lines of metrics.jsonl", {"min": 1}),
     ("seed", "seed of the initial weights and of every step's batch", {"min": 0}),
@@ -112,6 +113,9 @@ def train(a) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"trained {result['steps']} steps in {result['minutes']:.1f} min; "
               f"validation loss {result['val_loss']:.4f}; model in {a.out}")
+        if "probes" in result:
+            from ..data.probes import summary
+            print(summary(result["probes"]))
 
 
 def tokenizer_train_flags(p) -> None:

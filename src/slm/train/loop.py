@@ -38,12 +38,14 @@ from ..checkpoint import hf
 from ..checkpoint.safetensors_io import CheckpointError, read_header, read_into
 from ..model.config import ModelConfig
 from ..data.prepare import load_meta, load_tokens
+from ..data.probes import probes
+from ..data.probes import score as score_probes
 from ..files import atomic_write, output_folder, read_json_object
 from ..footprint import track
 from ..footprint.devices import peak_flops  # noqa: F401 (re-exported: benchmarks import it from here)
 from ..footprint.flops import flops_per_token
 from ..model import Transformer
-from ..runtime.lm import check_device
+from ..runtime.lm import LM, check_device
 from ..runtime.tokenizer import Tokenizer
 from .loss import fused_linear_cross_entropy
 from . import distributed
@@ -74,6 +76,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_batches: int = 10
+    # Built-in probes (data/probes.py) per kind scored with each validation loss: what the model
+    # knows of its world, not only how well it predicts text. 0: none.
+    probes: int = 20
     save_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -93,7 +98,7 @@ class TrainConfig:
         for name, v in positive.items():
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-        for name, v in {"warmup": self.warmup, "seed": self.seed}.items():
+        for name, v in {"warmup": self.warmup, "seed": self.seed, "probes": self.probes}.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"--{name} must be a non-negative integer, got {v}")
         numbers = {"lr": self.lr, "muon_lr": self.muon_lr, "grad_clip": self.grad_clip, "cooldown": self.cooldown,
@@ -350,6 +355,7 @@ class Trainer:
         self.forward = distributed.wrap(self.model, self.world, self.fsdp, self.device)
         self.optimizers = build_optimizers(self.model, c.optimizer, c.lr, c.weight_decay, c.muon_lr)
         self.step, self.receipt = 0, None
+        self.probe_items = probes(c.probes) if c.probes else []
         self.loss = loss_function(self.model, self.forward, self.device, c.compile, self.fsdp)
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -477,6 +483,21 @@ class Trainer:
         self.model.train()
         return sum(losses) / len(losses)
 
+    @torch.no_grad()
+    def probe(self) -> dict | None:
+        """The built-in probes' scores (data.probes.score), or None where there are none to take:
+        --probes 0, or weights sharded over processes (FSDP), which one process cannot run alone."""
+        if not self.c.probes or self.fsdp:
+            return None
+        self.model.eval()
+        try:
+            result = score_probes(LM(self.model, self.tokenizer), self.probe_items, batch_size=64)
+        finally:
+            self.model.train()
+        if self.receipt is not None:  # forward passes only, of sequences this long on average
+            self.receipt.add_tokens(result["tokens"], "inferred", max(1, result["tokens"] // result["sequences"]))
+        return result
+
     def _clock(self, start: float) -> float:
         """Seconds since start. Under torchrun, rank 0's: every process must take the same learning
         rate (it follows the elapsed time) and stop after the same step, or their updates drift
@@ -540,6 +561,7 @@ class Trainer:
         bar = tqdm(total=None if budget else c.max_steps, initial=self.step, desc="training",
                    disable=not progress or self.rank != 0, unit="step")
         last_t, last_step, val, final_val = time.perf_counter(), self.step, None, None
+        probe_acc = shown_probes = final_probes = None  # the built-in probes: last scored, last shown, at the end
         self.model.train()
         while self.step < c.max_steps and not (budget and elapsed > budget):
             progress = None
@@ -556,8 +578,10 @@ class Trainer:
             elapsed = self._clock(start) if budget else 0.0
             last = self.step == c.max_steps or bool(budget and elapsed > budget)
             if self.step % c.eval_every == 0 or last:
-                val = self.evaluate()
+                val, probed = self.evaluate(), self.probe() if self.rank == 0 else None
                 final_val = val if last else None
+                if probed is not None:
+                    probe_acc, final_probes = probed["acc"], probed if last else None
             if self.step % c.log_every == 0 or last:  # the last step is always logged
                 if self.world > 1:  # report the loss of the whole global batch
                     torch.distributed.all_reduce(total)
@@ -571,27 +595,37 @@ class Trainer:
                 if val is not None:
                     row["val_loss"] = round(val, 5)
                     val = None
+                if probe_acc is not None:
+                    row["probes"] = round(probe_acc, 4)
+                    shown_probes, probe_acc = probe_acc, None
                 if self.rank == 0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{row['mfu']:.0%}")
+                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{row['mfu']:.0%}",
+                                **({"probes": f"{shown_probes:.2f}"} if shown_probes is not None else {}))
             bar.update(1)
             if self.step % c.save_every == 0 and (self.rank == 0 or self.fsdp):
                 self.save_checkpoint()
         bar.close()
         self._check_ranks_agree()
         final_val = self.evaluate() if final_val is None else final_val
+        if final_probes is None and self.rank == 0:
+            final_probes = self.probe()
         model = self.save_checkpoint() if self.rank == 0 or self.fsdp else None
+        result = {"steps": self.step, "val_loss": final_val, "minutes": (time.time() - start) / 60}
+        if final_probes is not None:
+            result["probes"] = {k: v for k, v in final_probes.items() if k not in ("tokens", "sequences")}
         if self.rank != 0:
-            return {"steps": self.step, "val_loss": final_val, "minutes": (time.time() - start) / 60}
+            return result
         final = os.path.join(c.out, ".final")  # written whole, then moved in file by file
         hf.save_model(model, final, tokenizer=self.tokenizer)
         for name in os.listdir(final):
             os.replace(os.path.join(final, name), os.path.join(c.out, name))
         os.rmdir(final)
-        plot_metrics(metrics_path, os.path.join(c.out, "loss.png"))
+        plot_metrics(metrics_path, os.path.join(c.out, "loss.png"), chance=(final_probes or {}).get("chance"))
         self.receipt.finish()
-        return {"steps": self.step, "val_loss": final_val, "minutes": (time.time() - start) / 60}
+        result["minutes"] = (time.time() - start) / 60
+        return result
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -604,13 +638,17 @@ def _truncate_metrics(path: str, step: int) -> None:
         f.writelines(rows)
 
 
-def plot_metrics(metrics_path: str, png: str) -> None:
+def plot_metrics(metrics_path: str, png: str, chance: float | None = None) -> None:
+    """The loss curves, and beside them the built-in probes' accuracy where the run scored them
+    (with chance level, the score of guessing: `chance`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    probed = [r for r in rows if "probes" in r]
+    fig, axes = plt.subplots(1, 2 if probed else 1, figsize=(12 if probed else 7, 4), squeeze=False)
+    ax = axes[0][0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
     val = [r for r in rows if "val_loss" in r]
     if val:
@@ -619,6 +657,17 @@ def plot_metrics(metrics_path: str, png: str) -> None:
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if probed:
+        ax = axes[0][1]
+        ax.plot([r["step"] for r in probed], [r["probes"] for r in probed], "o-", color="tab:green",
+                label="built-in probes")
+        if chance is not None:
+            ax.axhline(chance, color="gray", linestyle="--", label=f"chance ({chance:.2f})")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     with atomic_write(png, "wb") as f:
         fig.savefig(f, dpi=120, format="png")
