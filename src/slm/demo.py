@@ -16,7 +16,29 @@ import torch
 from . import load
 from .checkpoint.safetensors_io import CheckpointError
 from .model.config import get_config
+from .data.probes import summary as probe_summary
+from .data.synth import MATH
+from .eval.judge import judge
 from .runtime.models import DEFAULT_CHAT_MODEL
+
+LESSON_SAMPLES, STORY_SAMPLES = 20, 10
+
+
+def judge_samples(lm, seed: int = 0) -> dict:
+    """The judge's grades (eval/judge.py) of LESSON_SAMPLES arithmetic lessons and STORY_SAMPLES
+    stories the model writes from their first line, sampled as `slm generate` does."""
+    lessons = [f"Lesson: {title}\n{intro}\nExercise:" for title, intro, _ in MATH.values()]
+    texts = []
+    for i in range(LESSON_SAMPLES):
+        prompt = lessons[i % len(lessons)]
+        texts.append(prompt + lm.generate(prompt, max_new_tokens=100, temperature=0.7, top_k=50, seed=seed + i,
+                                          stop=["<|endoftext|>", "\n\n"]))
+    stories = [lm.generate("Once upon a time", max_new_tokens=150, temperature=0.7, top_k=50, seed=seed + i,
+                           stop=["<|endoftext|>", "\n\n"]) for i in range(STORY_SAMPLES)]
+    grades = judge(texts)
+    grades["pronouns"] = judge(stories)["pronouns"]
+    grades["repetition"] = judge(stories)["repetition"]
+    return grades
 
 
 def main(out: str = "runs/demo", minutes: float = 7.0) -> None:
@@ -34,11 +56,18 @@ def main(out: str = "runs/demo", minutes: float = 7.0) -> None:
                     eval_every=200, save_every=500, log_every=20)  # the default recipe: Muon, WSD
     result = Trainer(c, cfg).train(overwrite=True)
     print(f"validation loss {result['val_loss']:.3f} after {result['steps']} steps "
-          f"({result['minutes']:.1f} min); loss curve: {c.out}/loss.png")
+          f"({result['minutes']:.1f} min); loss and probes: {c.out}/loss.png")
+    print(probe_summary(result["probes"]))
     lm = load(c.out)
     for seed, prompt in enumerate(["Once upon a time", "One day, a little girl named", "Lesson: Adding numbers"]):
         print(f"\n--- sample {seed + 1} ---")
         print(prompt + lm.generate(prompt, max_new_tokens=120, temperature=0.7, top_k=50, seed=seed, stop=["<|endoftext|>"]))
+    grades = judge_samples(lm)
+    right, checked = grades["arithmetic"]
+    agree, named = grades["pronouns"]
+    print(f"\njudge: {right} of {checked} sums right in {LESSON_SAMPLES} sampled lessons"
+          f" ({right / max(checked, 1):.0%}); pronouns agree with the name in {agree} of {named} sentences of "
+          f"{STORY_SAMPLES} stories; {grades['repetition']:.1%} of 4-grams repeat")
 
     print("\n== 2. Load it back as Hugging Face does ==")
     try:

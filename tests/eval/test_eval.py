@@ -206,6 +206,52 @@ def test_builtin_task_runs_and_states_chance(ours):
     assert set(r["by_kind"]) == {it["kind"] for it in r["items"]}
 
 
+def test_probe_scores_during_training_are_slm_evals(ours):
+    """data.probes.score (what `slm train` logs with each validation loss) gives the accuracy that
+    `slm eval --task builtin` gives, item for item."""
+    from slm.data.probes import probes, score, summary
+    r = evaluate(ours, "builtin", limit=40, batch_size=16, progress=False)
+    s = score(ours, probes()[:40], batch_size=7)
+    assert s["acc"] == r["metrics"]["acc"] and s["chance"] == r["metrics"]["chance"]
+    assert s["by_kind"] == {k: m["acc"] for k, m in r["by_kind"].items()}
+    assert summary(s).startswith(f"built-in probes: acc {s['acc']:.3f} (chance {s['chance']:.3f}); ")
+
+
+# -- the judge ---------------------------------------------------------------------------------------------
+def test_judge_grades_arithmetic_pronouns_and_repetition():
+    from slm.eval import judge
+    lesson = "Exercise: Tom has 3 cups.\nAnswer: 3 + 4 = 7. And 10 - 3 = 6, and 2 x 5 = 10."
+    assert judge.arithmetic([lesson]) == (2, 3)
+    story = ("Lily went to the park, and she saw her friend. Tom lost his kite, and she helped him. "
+             "Ben said she was late. Lily and Tom ran home. Mom told Lily she was kind.")
+    # checked: Lily/She (agree), Tom-she-him (both genders: skipped), Ben/she (disagree); Mom: skipped
+    assert judge.pronouns([story]) == (1, 2)
+    assert judge.repetition(["a b c d a b c d"]) == 1 / 5
+    assert judge.repetition(["a b c d e f"]) == 0.0
+
+
+def test_judge_perplexity_is_the_models_own(ours):
+    from slm.eval import judge
+    text = "Once upon a time there was a cat."
+    ids = ours.tokenizer.encode(text, add_special_tokens=False)
+    start = judge.prefix_token(ours)
+    with torch.no_grad():
+        logp = torch.log_softmax(ours.model(torch.tensor([[start] + ids[:-1]]))[0].double(), -1)
+    nll = -logp[torch.arange(len(ids)), torch.tensor(ids)].mean().item()
+    assert abs(judge.perplexity(ours, [text]) - math.exp(nll)) < 1e-3 * math.exp(nll)
+    g = judge.judge([text], reference=ours)
+    assert g["samples"] == 1 and g["perplexity"] == judge.perplexity(ours, [text])
+
+
+def test_demo_judges_the_samples_it_prints(ours):
+    from slm.demo import LESSON_SAMPLES, judge_samples
+    g = judge_samples(ours)
+    assert g["samples"] == LESSON_SAMPLES
+    right, checked = g["arithmetic"]
+    agree, named = g["pronouns"]
+    assert 0 <= right <= checked and 0 <= agree <= named and 0 <= g["repetition"] <= 1
+
+
 # -- the command line ------------------------------------------------------------------------------------
 def test_cli_task_writes_json(model_dir, tmp_path, capsys):
     out = tmp_path / "results.json"
