@@ -17,7 +17,7 @@ from . import load
 from .checkpoint.safetensors_io import CheckpointError
 from .model.config import get_config
 from .data.probes import summary as probe_summary
-from .data.synth import MATH
+from .data.synth import MATH, iter_documents_with_meta
 from .eval.judge import judge
 from .runtime.models import DEFAULT_CHAT_MODEL
 
@@ -35,9 +35,11 @@ def judge_samples(lm, seed: int = 0) -> dict:
                                           stop=["<|endoftext|>", "\n\n"]))
     stories = [lm.generate("Once upon a time", max_new_tokens=150, temperature=0.7, top_k=50, seed=seed + i,
                            stop=["<|endoftext|>", "\n\n"]) for i in range(STORY_SAMPLES)]
-    grades = judge(texts)
-    grades["pronouns"] = judge(stories)["pronouns"]
-    grades["repetition"] = judge(stories)["repetition"]
+    grades, of_stories = judge(texts), judge(stories)
+    for key in ("pronouns", "names", "repetition"):
+        grades[key] = of_stories[key]
+    corpus = [d for d, m in iter_documents_with_meta(seed + 1, 10 * STORY_SAMPLES) if m["kind"] == "story"]
+    grades["corpus_names"] = judge(corpus)["names"]  # the reference: the cast of the corpus's own stories
     return grades
 
 
@@ -67,7 +69,8 @@ def main(out: str = "runs/demo", minutes: float = 7.0) -> None:
     agree, named = grades["pronouns"]
     print(f"\njudge: {right} of {checked} sums right in {LESSON_SAMPLES} sampled lessons"
           f" ({right / max(checked, 1):.0%}); pronouns agree with the name in {agree} of {named} sentences of "
-          f"{STORY_SAMPLES} stories; {grades['repetition']:.1%} of 4-grams repeat")
+          f"{STORY_SAMPLES} stories, which name {grades['names']:.1f} children each (the corpus's stories "
+          f"{grades['corpus_names']:.1f}); {grades['repetition']:.1%} of 4-grams repeat")
 
     print("\n== 2. Load it back as Hugging Face does ==")
     try:

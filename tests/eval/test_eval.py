@@ -226,6 +226,7 @@ def test_judge_grades_arithmetic_pronouns_and_repetition():
              "Ben said she was late. Lily and Tom ran home. Mom told Lily she was kind.")
     # checked: Lily/She (agree), Tom-she-him (both genders: skipped), Ben/she (disagree); Mom: skipped
     assert judge.pronouns([story]) == (1, 2)
+    assert judge.names([story, "Mia and Mia."]) == (3 + 1) / 2  # Lily, Tom, Ben; Mia
     assert judge.repetition(["a b c d a b c d"]) == 1 / 5
     assert judge.repetition(["a b c d e f"]) == 0.0
 
@@ -250,6 +251,7 @@ def test_demo_judges_the_samples_it_prints(ours):
     right, checked = g["arithmetic"]
     agree, named = g["pronouns"]
     assert 0 <= right <= checked and 0 <= agree <= named and 0 <= g["repetition"] <= 1
+    assert 1.5 <= g["corpus_names"] <= 3 and g["names"] >= 0
 
 
 # -- the command line ------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ number from a real pretrained model:
 - arithmetic: the share of "a + b = c" (also -, x) in generated lessons that are right;
 - pronouns: in sentences that name one child of the synthetic world (whose names say she or he)
   and use a personal pronoun, the share whose pronouns agree with the name;
+- names: how many children's names a story uses, on average (a story's cast: the corpus's own
+  stories name about two; a model that loses track of who is who names more);
 - repetition: the share of word 4-grams that repeat an earlier 4-gram of the same sample (a
   looping model scores high);
 - fluency: the perplexity of the samples under a real pretrained model (gemma-3-270m or
@@ -55,6 +57,13 @@ def pronouns(texts: list[str]) -> tuple[int, int]:
     return agree, checked
 
 
+def names(texts: list[str]) -> float:
+    """The mean number of distinct children's names (of the synthetic world's) in a text."""
+    if not texts:
+        return 0.0
+    return sum(len({w for w in re.findall(r"\b[A-Z][a-z]+\b", t) if w in _GENDER}) for t in texts) / len(texts)
+
+
 def repetition(texts: list[str], n: int = 4) -> float:
     """The share of word n-grams that repeat an earlier n-gram of the same text."""
     repeated = total = 0
@@ -84,9 +93,9 @@ def perplexity(lm: LM, texts: list[str], batch_size: int = 8) -> float:
 
 def judge(texts: list[str], reference: LM | None = None) -> dict:
     """Every grade of the samples: {"arithmetic": [right, checked], "pronouns": [agree, checked],
-    "repetition", and with a reference model "perplexity"}."""
+    "names", "repetition", and with a reference model "perplexity"}."""
     out = {"samples": len(texts), "arithmetic": list(arithmetic(texts)), "pronouns": list(pronouns(texts)),
-           "repetition": repetition(texts)}
+           "names": names(texts), "repetition": repetition(texts)}
     if reference is not None:
         out["perplexity"] = perplexity(reference, texts)
     return out
