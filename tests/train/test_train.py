@@ -394,3 +394,11 @@ def test_resume_refuses_a_different_optimizer(tmp_path, prepared, reference_run)
     r = subprocess.run([sys.executable, "-m", "slm", "train", "--out", out, "--data", data, "--tokenizer", tok, *ARGS,
                         "--max-steps", "60", "--optimizer", "muon", "--resume"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "trained with --optimizer adamw" in r.stderr, r.stderr
+
+
+def test_a_time_budget_alone_is_not_cut_short_by_the_default_step_count():
+    from slm.cli.train import UNLIMITED_STEPS, step_limit
+    from slm.train.loop import TrainConfig
+    assert step_limit(None, 60) == UNLIMITED_STEPS  # `slm train --max-minutes 60`: the minutes decide
+    assert step_limit(None, None) == TrainConfig.max_steps == 1000
+    assert step_limit(500, 60) == 500  # both given: whichever comes first
