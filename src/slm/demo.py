@@ -18,7 +18,7 @@ from .checkpoint.safetensors_io import CheckpointError
 from .model.config import get_config
 from .data.probes import summary as probe_summary
 from .data.synth import MATH, iter_documents_with_meta
-from .eval.judge import judge
+from .eval.judge import arithmetic, judge, perplexity
 from .runtime.models import DEFAULT_CHAT_MODEL
 
 LESSON_SAMPLES, STORY_SAMPLES = 20, 10
@@ -26,7 +26,8 @@ LESSON_SAMPLES, STORY_SAMPLES = 20, 10
 
 def judge_samples(lm, seed: int = 0) -> dict:
     """The judge's grades (eval/judge.py) of LESSON_SAMPLES arithmetic lessons and STORY_SAMPLES
-    stories the model writes from their first line, sampled as `slm generate` does."""
+    stories the model writes from their first line, sampled as `slm generate` does; the samples
+    themselves under "texts" (for the fluency grade, which needs a real model)."""
     lessons = [f"Lesson: {title}\n{intro}\nExercise:" for title, intro, _ in MATH.values()]
     texts = []
     for i in range(LESSON_SAMPLES):
@@ -35,9 +36,10 @@ def judge_samples(lm, seed: int = 0) -> dict:
                                           stop=["<|endoftext|>", "\n\n"]))
     stories = [lm.generate("Once upon a time", max_new_tokens=150, temperature=0.7, top_k=50, seed=seed + i,
                            stop=["<|endoftext|>", "\n\n"]) for i in range(STORY_SAMPLES)]
-    grades, of_stories = judge(texts), judge(stories)
-    for key in ("pronouns", "names", "repetition"):
-        grades[key] = of_stories[key]
+    grades = judge(stories)  # pronouns, names and repetition: of the stories; the sums: of the lessons
+    grades["samples"] = {"lessons": len(texts), "stories": len(stories)}
+    grades["texts"] = {"lessons": texts, "stories": ["Once upon a time" + t for t in stories]}
+    grades["arithmetic"] = list(arithmetic(texts))
     corpus = [d for d, m in iter_documents_with_meta(seed + 1, 10 * STORY_SAMPLES) if m["kind"] == "story"]
     grades["corpus_names"] = judge(corpus)["names"]  # the reference: the cast of the corpus's own stories
     return grades
@@ -94,6 +96,9 @@ def main(out: str = "runs/demo", minutes: float = 7.0) -> None:
     for chunk in real.stream(prompt, max_new_tokens=40, temperature=0):
         print(chunk, end="", flush=True)
     print()
+    corpus = [d for d, m in iter_documents_with_meta(1, 10 * STORY_SAMPLES) if m["kind"] == "story"][:STORY_SAMPLES]
+    print(f"judge, fluency: gemma-3-270m reads the stories of step 1 at perplexity "
+          f"{perplexity(real, grades['texts']['stories']):.1f}, the corpus's own at {perplexity(real, corpus):.1f}")
 
     print("\n== 4. A chat: SmolLM2-135M-Instruct (slm chat, slm serve) ==")
     try:

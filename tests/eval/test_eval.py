@@ -245,9 +245,9 @@ def test_judge_perplexity_is_the_models_own(ours):
 
 
 def test_demo_judges_the_samples_it_prints(ours):
-    from slm.demo import LESSON_SAMPLES, judge_samples
+    from slm.demo import LESSON_SAMPLES, STORY_SAMPLES, judge_samples
     g = judge_samples(ours)
-    assert g["samples"] == LESSON_SAMPLES
+    assert g["samples"] == {"lessons": LESSON_SAMPLES, "stories": STORY_SAMPLES}
     right, checked = g["arithmetic"]
     agree, named = g["pronouns"]
     assert 0 <= right <= checked and 0 <= agree <= named and 0 <= g["repetition"] <= 1
