@@ -1,0 +1,92 @@
+"""What a from-scratch model knows against the minutes it trained: the built-in probes' accuracy and
+the validation loss of finished `slm train` runs, drawn against training time, and recorded.
+
+    python benchmarks/train_quality.py RUN [RUN ...] [--plot docs/train_quality.png] [--record]
+
+Each RUN is a finished run's folder (metrics.jsonl, config.json, receipt.json). A run's minutes are
+its training steps' time, summed from metrics.jsonl (each row's steps x tokens a step / its
+tokens per second): evaluations and checkpoints are left out, so runs on the same machine compare
+by the time spent learning. A run trained with --max-minutes M decays its learning rate to 0 at M
+minutes, so only its last point is an M-minute run; the points before are the same run midway
+(on a high learning rate), drawn thinner. --record appends each run's last point to
+benchmarks/results/train_quality.jsonl.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def curve(run: str) -> dict:
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(run, "receipt.json")) as f:
+        receipt = json.load(f)
+    tokens_per_step = receipt["tokens"]["trained"] / rows[-1]["step"]
+    seconds, last_step, points = 0.0, 0, []
+    for r in rows:
+        seconds += (r["step"] - last_step) * tokens_per_step / r["tokens_per_s"]
+        last_step = r["step"]
+        if "probes" in r:
+            points.append({"minutes": seconds / 60, "step": r["step"], "probes": r["probes"], "val_loss": r["val_loss"]})
+    params = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    return {"run": run, "shape": f"{params[1]} layers x {params[0]}, vocabulary {params[2]}", "points": points,
+            "wall_minutes": receipt["wall_seconds"] / 60}
+
+
+def plot(curves: list[dict], png: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    for c in curves:
+        xs = [p["minutes"] for p in c["points"]]
+        label = f"{os.path.basename(c['run'].rstrip('/'))}: {c['shape']}"
+        line, = a.plot(xs, [p["probes"] for p in c["points"]], "-", alpha=0.5, label=label)
+        a.plot(xs[-1:], [c["points"][-1]["probes"]], "o", color=line.get_color())
+        b.plot(xs, [p["val_loss"] for p in c["points"]], "-", alpha=0.5, color=line.get_color(), label=label)
+        b.plot(xs[-1:], [c["points"][-1]["val_loss"]], "o", color=line.get_color())
+    a.axhline(0.325, color="gray", linestyle="--", label="chance (0.325)")
+    a.axhline(0.755, color="tab:red", linestyle=":", label="gemma-3-270m (0.755)")
+    a.set_ylim(0, 1)
+    a.set_ylabel("built-in probes (acc)")
+    b.set_ylabel("validation loss (nats/token, each run's own tokenizer)")
+    for ax in (a, b):
+        ax.set_xlabel("training minutes (2 CPU cores)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("From scratch on the synthetic corpus: dots are finished runs, lines the same runs midway")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--plot", default=None, help="write the figure here")
+    p.add_argument("--record", action="store_true", help="append each run's last point to the results")
+    a = p.parse_args()
+    curves = [curve(r) for r in a.runs]
+    for c in curves:
+        last = c["points"][-1]
+        print(f"{c['run']}: {c['shape']}; {last['minutes']:.1f} training minutes ({c['wall_minutes']:.1f} wall), "
+              f"step {last['step']}, probes {last['probes']:.3f}, validation loss {last['val_loss']:.3f}")
+        if a.record:
+            from results_log import record
+            record("train_quality", run=c["run"], shape=c["shape"], training_minutes=round(last["minutes"], 1),
+                   wall_minutes=round(c["wall_minutes"], 1), steps=last["step"], probes=last["probes"],
+                   val_loss=last["val_loss"],
+                   probes_midway=[[round(q["minutes"], 1), q["probes"]] for q in c["points"][:-1]][::10])
+    if a.plot:
+        plot(curves, a.plot)
+        print(f"figure: {a.plot}")
+
+
+if __name__ == "__main__":
+    main()
