@@ -46,7 +46,7 @@ def plot(curves: list[dict], png: str) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     for c in curves:
         xs = [p["minutes"] for p in c["points"]]
-        label = f"{os.path.basename(c['run'].rstrip('/'))}: {c['shape']}"
+        label = f"{'/'.join(c['run'].rstrip('/').split('/')[-2:])}: {c['shape']}"
         line, = a.plot(xs, [p["probes"] for p in c["points"]], "-", alpha=0.5, label=label)
         a.plot(xs[-1:], [c["points"][-1]["probes"]], "o", color=line.get_color())
         b.plot(xs, [p["val_loss"] for p in c["points"]], "-", alpha=0.5, color=line.get_color(), label=label)
@@ -55,7 +55,7 @@ def plot(curves: list[dict], png: str) -> None:
     a.axhline(0.755, color="tab:red", linestyle=":", label="gemma-3-270m (0.755)")
     a.set_ylim(0, 1)
     a.set_ylabel("built-in probes (acc)")
-    b.set_ylabel("validation loss (nats/token, each run's own tokenizer)")
+    b.set_ylabel("validation loss (nats/token)")
     for ax in (a, b):
         ax.set_xlabel("training minutes (2 CPU cores)")
         ax.grid(alpha=0.3)
