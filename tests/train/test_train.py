@@ -397,8 +397,9 @@ def test_resume_refuses_a_different_optimizer(tmp_path, prepared, reference_run)
 
 
 def test_a_time_budget_alone_is_not_cut_short_by_the_default_step_count():
-    from slm.cli.train import UNLIMITED_STEPS, step_limit
-    from slm.train.loop import TrainConfig
-    assert step_limit(None, 60) == UNLIMITED_STEPS  # `slm train --max-minutes 60`: the minutes decide
-    assert step_limit(None, None) == TrainConfig.max_steps == 1000
-    assert step_limit(500, 60) == 500  # both given: whichever comes first
+    from slm.train.loop import DEFAULT_STEPS, UNLIMITED_STEPS, TrainConfig
+    def steps(**kw):
+        return TrainConfig(out="run", data="", tokenizer="", **kw).max_steps
+    assert steps(max_minutes=60) == UNLIMITED_STEPS  # `slm train --max-minutes 60`: the minutes decide
+    assert steps() == DEFAULT_STEPS == 1000
+    assert steps(max_steps=500, max_minutes=60) == 500  # both given: whichever comes first

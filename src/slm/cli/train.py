@@ -10,7 +10,6 @@ import sys
 from .flags import add_flags, at_least, values
 
 N_DOCS, VOCAB_SIZE = 100_000, 4096  # the synthetic corpus and its tokenizer, here and in `slm train`
-UNLIMITED_STEPS = 10**12  # --max-minutes without --max-steps: the minutes decide
 
 # The flags of train.loop.TrainConfig (defaults from there). Its data and tokenizer are flags of
 # their own: without them, `slm train` synthesizes both.
@@ -67,7 +66,6 @@ def train_flags(p) -> None:
     p.add_argument("--n-docs", type=at_least(2), default=N_DOCS, help="documents to synthesize when no --data")
     p.add_argument("--vocab-size", type=vocab_size_flag, default=VOCAB_SIZE, help="tokenizer size when no --data")
     add_flags(p, TrainConfig, TRAIN)
-    p.set_defaults(max_steps=None)  # filled in by train(): it depends on --max-minutes
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out (its checkpoint, metrics and model), instead of refusing")
@@ -90,15 +88,6 @@ def model_config(a):
                        num_kv_heads=heads, head_dim=dim // heads, intermediate_size=mlp)
 
 
-def step_limit(max_steps: int | None, max_minutes: float | None) -> int:
-    """--max-steps as given; unset, 1000 (TrainConfig's), or with --max-minutes no limit: a time
-    budget alone runs for its minutes (`--max-minutes 60` stopped after 1000 steps, in 9 minutes)."""
-    from ..train.loop import TrainConfig
-    if max_steps is not None:
-        return max_steps
-    return UNLIMITED_STEPS if max_minutes else TrainConfig.max_steps
-
-
 def train(a) -> None:
     import torch
     from ..files import output_folder
@@ -107,7 +96,6 @@ def train(a) -> None:
     check_new_run(a.out, a.resume, a.overwrite)
     cfg = model_config(a)
     data, tokenizer = a.data, a.tokenizer
-    a.max_steps = step_limit(a.max_steps, a.max_minutes)
     # every flag is checked before the corpus is synthesized (minutes for the default 100,000 documents)
     c = TrainConfig(data=data or "", tokenizer=tokenizer or "", **values(a, TRAIN))
     if data is None:  # nothing given: synthesize a corpus and train a tokenizer on it

@@ -60,7 +60,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 32  # sequences per micro-batch
     grad_accum: int = 1
-    max_steps: int = 1000
+    max_steps: int | None = None  # None: DEFAULT_STEPS, or with max_minutes as many as the minutes allow
     max_minutes: float | None = None
     # The default recipe is the one benchmarks/train_speed.py measures (1.6x faster to a given
     # validation loss than AdamW with cosine decay): Muon at 0.02 on the blocks' matrices, AdamW at
@@ -88,6 +88,8 @@ class TrainConfig:
 
 
     def __post_init__(self):
+        if self.max_steps is None:  # a time budget alone runs for its minutes (60 minutes once stopped at 1000 steps)
+            self.max_steps = UNLIMITED_STEPS if self.max_minutes else DEFAULT_STEPS
         if self.lr is None:
             self.lr = 6e-3 if self.optimizer == "muon" else 2e-3
         if self.min_lr_ratio is None:
@@ -130,6 +132,8 @@ class TrainConfig:
 
 
 WARMUP_SHARE = 4  # warmup takes at most 1/4 of the steps
+DEFAULT_STEPS = 1000  # --max-steps unset, without --max-minutes
+UNLIMITED_STEPS = 10**12  # --max-minutes without --max-steps: the minutes decide
 
 
 def _check_device(name: str) -> str:
