@@ -1,7 +1,7 @@
 """What a from-scratch model knows against the minutes it trained: the built-in probes' accuracy and
 the validation loss of finished `slm train` runs, drawn against training time, and recorded.
 
-    python benchmarks/train_quality.py RUN [RUN ...] [--plot docs/train_quality.png] [--record]
+    python benchmarks/train_quality.py RUN [RUN ...] [--plot docs/train_quality.png] [--judge] [--record]
 
 Each RUN is a finished run's folder (metrics.jsonl, config.json, receipt.json). A run's minutes are
 its training steps' time, summed from metrics.jsonl (each row's steps x tokens a step / its
@@ -9,7 +9,9 @@ tokens per second): evaluations and checkpoints are left out, so runs on the sam
 by the time spent learning. A run trained with --max-minutes M decays its learning rate to 0 at M
 minutes, so only its last point is an M-minute run; the points before are the same run midway
 (on a high learning rate), drawn thinner. --record appends each run's last point to
-benchmarks/results/train_quality.jsonl.
+benchmarks/results/train_quality.jsonl. --judge adds the judge's grades (slm.eval.judge) of the
+lessons and stories each model writes, as `make demo` prints them, and gemma-3-270m's perplexity of
+its stories against the corpus's own.
 """
 
 import argparse
@@ -37,6 +39,24 @@ def curve(run: str) -> dict:
     params = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     return {"run": run, "shape": f"{params[1]} layers x {params[0]}, vocabulary {params[2]}", "points": points,
             "wall_minutes": receipt["wall_seconds"] / 60}
+
+
+def grade(run: str, reader) -> dict:
+    """The judge's grades of a finished run's samples, as make demo prints them (slm.demo)."""
+    from slm import load
+    from slm.data.synth import iter_documents_with_meta
+    from slm.demo import STORY_SAMPLES, judge_samples
+    from slm.eval.judge import perplexity
+    grades = judge_samples(load(run))
+    right, checked = grades["arithmetic"]
+    agree, named = grades["pronouns"]
+    out = {"sums_right": [right, checked], "pronouns_agree": [agree, named], "names_per_story": round(grades["names"], 2),
+           "corpus_names_per_story": round(grades["corpus_names"], 2), "repetition": round(grades["repetition"], 4)}
+    if reader is not None:
+        corpus = [d for d, m in iter_documents_with_meta(1, 10 * STORY_SAMPLES) if m["kind"] == "story"][:STORY_SAMPLES]
+        out["gemma_perplexity"] = round(perplexity(reader, grades["texts"]["stories"]), 1)
+        out["gemma_perplexity_corpus"] = round(perplexity(reader, corpus), 1)
+    return out
 
 
 def plot(curves: list[dict], png: str) -> None:
@@ -70,19 +90,32 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+")
     p.add_argument("--plot", default=None, help="write the figure here")
+    p.add_argument("--judge", action="store_true",
+                   help="also grade each model's samples (sums, pronouns, names, repetition, gemma's perplexity)")
     p.add_argument("--record", action="store_true", help="append each run's last point to the results")
     a = p.parse_args()
     curves = [curve(r) for r in a.runs]
+    reader = None
+    if a.judge:
+        from slm import load
+        from slm.checkpoint.safetensors_io import CheckpointError
+        try:
+            reader = load()  # gemma-3-270m, the default model
+        except CheckpointError as e:
+            print(f"no fluency grade: {e}", file=sys.stderr)
     for c in curves:
         last = c["points"][-1]
         print(f"{c['run']}: {c['shape']}; {last['minutes']:.1f} training minutes ({c['wall_minutes']:.1f} wall), "
               f"step {last['step']}, probes {last['probes']:.3f}, validation loss {last['val_loss']:.3f}")
+        grades = grade(c["run"], reader) if a.judge else {}
+        if grades:
+            print("  judge: " + ", ".join(f"{k} {v}" for k, v in grades.items()))
         if a.record:
             from results_log import record
             record("train_quality", run=c["run"], shape=c["shape"], training_minutes=round(last["minutes"], 1),
                    wall_minutes=round(c["wall_minutes"], 1), steps=last["step"], probes=last["probes"],
                    val_loss=last["val_loss"],
-                   probes_midway=[[round(q["minutes"], 1), q["probes"]] for q in c["points"][:-1]][::10])
+                   probes_midway=[[round(q["minutes"], 1), q["probes"]] for q in c["points"][:-1]][::10], **grades)
     if a.plot:
         plot(curves, a.plot)
         print(f"figure: {a.plot}")

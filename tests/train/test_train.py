@@ -403,3 +403,33 @@ def test_a_time_budget_alone_is_not_cut_short_by_the_default_step_count():
     assert steps(max_minutes=60) == UNLIMITED_STEPS  # `slm train --max-minutes 60`: the minutes decide
     assert steps() == DEFAULT_STEPS == 1000
     assert steps(max_steps=500, max_minutes=60) == 500  # both given: whichever comes first
+
+
+def test_a_time_budget_without_a_shape_picks_the_recipe_for_its_minutes():
+    from slm.cli import build_parser
+    from slm.cli.train import N_DOCS, VOCAB_SIZE, apply_budget_recipe, model_config
+    from slm.train.loop import BATCH_SIZE, SEQ_LEN, TrainConfig
+    from slm.train.recipe import RECIPES, recipe_for
+
+    def parsed(*flags):
+        a = build_parser(["train"]).parse_args(["train", "--out", "run", *flags])
+        return a, apply_budget_recipe(a)
+
+    budgets = [r.up_to_minutes for r in RECIPES]
+    assert budgets == sorted(budgets) and budgets[-1] == float("inf")  # every budget has a recipe
+    assert recipe_for(10) == RECIPES[0] and recipe_for(60) == RECIPES[-1] != RECIPES[0]
+    a, recipe = parsed("--max-minutes", "60")
+    assert recipe == recipe_for(60)
+    cfg = model_config(a)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads) == (recipe.layers, recipe.dim, recipe.heads)
+    assert (a.vocab_size, a.n_docs, a.seq_len, a.batch_size) == (recipe.vocab_size, recipe.n_docs, recipe.seq_len,
+                                                                 recipe.batch_size)
+    a, _ = parsed("--max-minutes", "60", "--vocab-size", "1000", "--batch-size", "4")  # what is given stays
+    assert (a.vocab_size, a.batch_size, a.seq_len) == (1000, 4, recipe.seq_len)
+    for flags in (["--max-minutes", "60", "--preset", "slm-1m"], ["--max-minutes", "60", "--dim", "64"], []):
+        a, recipe = parsed(*flags)  # a preset, a shape flag or no budget: the preset's shape and the defaults
+        assert recipe is None and a.preset == "slm-1m" and (a.vocab_size, a.n_docs) == (VOCAB_SIZE, N_DOCS)
+        c = TrainConfig(out="run", data="", tokenizer="", seq_len=a.seq_len, batch_size=a.batch_size)
+        assert (c.seq_len, c.batch_size) == (SEQ_LEN, BATCH_SIZE)
+    with pytest.raises(ValueError, match="positive"):
+        recipe_for(0)

@@ -15,8 +15,8 @@ N_DOCS, VOCAB_SIZE = 100_000, 4096  # the synthetic corpus and its tokenizer, he
 # their own: without them, `slm train` synthesizes both.
 TRAIN = [
     ("out", "folder for the model, metrics.jsonl, loss.png and checkpoint/"),
-    ("seq_len", "tokens per training sequence", {"min": 1}),
-    ("batch_size", "sequences per micro-batch", {"min": 1}),
+    ("seq_len", "tokens per training sequence (default: 256, or the budget recipe's)", {"min": 1}),
+    ("batch_size", "sequences per micro-batch (default: 32, or the budget recipe's)", {"min": 1}),
     ("grad_accum", "micro-batches per optimizer step", {"min": 1}),
     ("max_steps", "optimizer steps (default: 1000, or with --max-minutes as many as the minutes allow)",
      {"min": 1}),
@@ -56,25 +56,46 @@ vocab_size_flag.__name__ = "vocabulary size"
 
 def train_flags(p) -> None:
     from ..train.loop import TrainConfig
-    p.add_argument("--preset", default="slm-1m", help="the architecture, from the registry (see `slm info`)")
+    p.add_argument("--preset", help="the architecture, from the registry (see `slm info`; default: slm-1m, or with "
+                   "--max-minutes and no shape flags the recipe for the budget, docs/training.md)")
     p.add_argument("--dim", type=at_least(1), help="hidden size (default: the preset's)")
     p.add_argument("--layers", type=at_least(1), help="blocks (default: the preset's)")
     p.add_argument("--heads", type=at_least(1), help="attention heads, each a KV head too (default: the preset's)")
     p.add_argument("--mlp", type=at_least(1), help="MLP width (default: 8/3 x dim, rounded up to 256)")
     p.add_argument("--data", help="folder from `slm data prepare` (default: synthesize)")
     p.add_argument("--tokenizer", help="tokenizer folder the data was prepared with (default: the synthesized one)")
-    p.add_argument("--n-docs", type=at_least(2), default=N_DOCS, help="documents to synthesize when no --data")
-    p.add_argument("--vocab-size", type=vocab_size_flag, default=VOCAB_SIZE, help="tokenizer size when no --data")
+    p.add_argument("--n-docs", type=at_least(2),
+                   help=f"documents to synthesize when no --data (default: {N_DOCS:,}, or the budget recipe's)")
+    p.add_argument("--vocab-size", type=vocab_size_flag,
+                   help=f"tokenizer size when no --data (default: {VOCAB_SIZE:,}, or the budget recipe's)")
     add_flags(p, TrainConfig, TRAIN)
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out (its checkpoint, metrics and model), instead of refusing")
 
 
+def apply_budget_recipe(a):
+    """With --max-minutes and neither --preset nor a shape flag, the recipe for the budget
+    (train/recipe.py) fills in the shape, and the vocabulary, corpus size and batch not given.
+    Returns the recipe, or None where none applies; the other defaults are filled in either way."""
+    recipe = None
+    if a.max_minutes and a.preset is None and all(v is None for v in (a.dim, a.layers, a.heads, a.mlp)):
+        from ..train.recipe import recipe_for
+        recipe = recipe_for(a.max_minutes)
+        a.layers, a.dim, a.heads = recipe.layers, recipe.dim, recipe.heads
+        for flag in ("vocab_size", "n_docs", "seq_len", "batch_size"):
+            if getattr(a, flag) is None:
+                setattr(a, flag, getattr(recipe, flag))
+    a.preset = a.preset or "slm-1m"
+    a.vocab_size = a.vocab_size or VOCAB_SIZE
+    a.n_docs = a.n_docs or N_DOCS
+    return recipe
+
+
 def model_config(a):
     """The preset, with --dim/--layers/--heads/--mlp applied (each checked here, before any work)."""
     from ..model.config import get_config
-    cfg = get_config(a.preset)
+    cfg = get_config(a.preset or "slm-1m")
     if a.dim is None and a.layers is None and a.heads is None and a.mlp is None:
         return cfg
     dim, heads = a.dim or cfg.hidden_size, a.heads or cfg.num_heads
@@ -94,6 +115,9 @@ def train(a) -> None:
     from ..train.loop import TrainConfig, Trainer, check_memory, check_new_run
     output_folder(a.out)
     check_new_run(a.out, a.resume, a.overwrite)
+    recipe = apply_budget_recipe(a)
+    if recipe is not None and int(os.environ.get("RANK", 0)) == 0:
+        print(f"the recipe for {a.max_minutes:g} minutes: {recipe.describe()} (docs/training.md)", file=sys.stderr)
     cfg = model_config(a)
     data, tokenizer = a.data, a.tokenizer
     # every flag is checked before the corpus is synthesized (minutes for the default 100,000 documents)

@@ -57,8 +57,8 @@ class TrainConfig:
     out: str
     data: str  # folder written by `slm data prepare`
     tokenizer: str  # folder with tokenizer.json
-    seq_len: int = 256
-    batch_size: int = 32  # sequences per micro-batch
+    seq_len: int | None = None  # None: SEQ_LEN (`slm train --max-minutes` fills in its recipe's)
+    batch_size: int | None = None  # sequences per micro-batch; None: BATCH_SIZE
     grad_accum: int = 1
     max_steps: int | None = None  # None: DEFAULT_STEPS, or with max_minutes as many as the minutes allow
     max_minutes: float | None = None
@@ -88,6 +88,8 @@ class TrainConfig:
 
 
     def __post_init__(self):
+        self.seq_len = SEQ_LEN if self.seq_len is None else self.seq_len
+        self.batch_size = BATCH_SIZE if self.batch_size is None else self.batch_size
         if self.max_steps is None:  # a time budget alone runs for its minutes (60 minutes once stopped at 1000 steps)
             self.max_steps = UNLIMITED_STEPS if self.max_minutes else DEFAULT_STEPS
         if self.lr is None:
@@ -134,6 +136,7 @@ class TrainConfig:
 WARMUP_SHARE = 4  # warmup takes at most 1/4 of the steps
 DEFAULT_STEPS = 1000  # --max-steps unset, without --max-minutes
 UNLIMITED_STEPS = 10**12  # --max-minutes without --max-steps: the minutes decide
+SEQ_LEN, BATCH_SIZE = 256, 32  # --seq-len and --batch-size unset (and no budget recipe)
 
 
 def _check_device(name: str) -> str:
