@@ -123,3 +123,28 @@ def test_rms_norm_matches_torch(plus_one):
     assert torch.allclose(ours, ref, atol=1e-5)
     for a, b in zip(g_ours, g_ref):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _denormals(t: torch.Tensor) -> int:
+    return int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+
+
+def test_training_kernels_write_no_denormals_and_leave_the_float_mode_alone():
+    """A trained model's softmaxes are peaked: many probabilities fall below float's smallest normal,
+    and every product that makes or reads such a denormal takes a slow path (training slowed 2.6x as
+    it learnt). The kernels flush them to zero, the loss's gradient and attention's output too, and
+    restore the thread's flags: a denormal made after the call is still a denormal."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 512) * 40  # spread of ~200 nats: e^-100 and below is < 1.2e-38
+    reference = (torch.softmax(logits.double(), -1) - F.one_hot(torch.zeros(64, dtype=torch.long), 512)) / 64
+    assert _denormals(reference.float()) > 0  # what PyTorch's fp32 softmax would hand the head's products
+    g = logits.clone()
+    kernels.fused_op("softmax_xent_")(g, torch.zeros(64, dtype=torch.long), -100, 1 / 64)
+    assert _denormals(g) == 0 and torch.allclose(g.double(), reference, atol=1e-7)
+    qkv = torch.randn(1, 96, 3 * 2 * 16) * 30  # peaked attention
+    q, k, v = qkv.view(1, 96, 6, 16)[:, :, :2], qkv.view(1, 96, 6, 16)[:, :, 2:4], qkv.view(1, 96, 6, 16)[:, :, 4:]
+    qkv.requires_grad_()
+    out = cpu_train.attention(q, k, v, 1.0)
+    assert "_Attention" in type(out.grad_fn).__name__ and _denormals(out) == 0
+    tiny = torch.tensor([torch.finfo(torch.float32).tiny])
+    assert _denormals(tiny / 4) == 1  # the caller's thread still computes denormals
