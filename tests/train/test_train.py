@@ -433,3 +433,4 @@ def test_a_time_budget_without_a_shape_picks_the_recipe_for_its_minutes():
         assert (c.seq_len, c.batch_size) == (SEQ_LEN, BATCH_SIZE)
     with pytest.raises(ValueError, match="positive"):
         recipe_for(0)
+    assert parsed("--max-minutes", "-1")[1] is None  # left to TrainConfig: "--max-minutes must be positive"

@@ -79,7 +79,8 @@ def apply_budget_recipe(a):
     (train/recipe.py) fills in the shape, and the vocabulary, corpus size and batch not given.
     Returns the recipe, or None where none applies; the other defaults are filled in either way."""
     recipe = None
-    if a.max_minutes and a.preset is None and all(v is None for v in (a.dim, a.layers, a.heads, a.mlp)):
+    # a budget of 0 or less gets TrainConfig's one-line error, as with a preset
+    if a.max_minutes is not None and a.max_minutes > 0 and a.preset is None and all(v is None for v in (a.dim, a.layers, a.heads, a.mlp)):
         from ..train.recipe import recipe_for
         recipe = recipe_for(a.max_minutes)
         a.layers, a.dim, a.heads = recipe.layers, recipe.dim, recipe.heads
