@@ -44,8 +44,7 @@ def curve(run: str) -> dict:
 def grade(run: str, reader) -> dict:
     """The judge's grades of a finished run's samples, as make demo prints them (slm.demo)."""
     from slm import load
-    from slm.data.synth import iter_documents_with_meta
-    from slm.demo import STORY_SAMPLES, judge_samples
+    from slm.demo import corpus_stories, judge_samples
     from slm.eval.judge import perplexity
     grades = judge_samples(load(run))
     right, checked = grades["arithmetic"]
@@ -53,9 +52,8 @@ def grade(run: str, reader) -> dict:
     out = {"sums_right": [right, checked], "pronouns_agree": [agree, named], "names_per_story": round(grades["names"], 2),
            "corpus_names_per_story": round(grades["corpus_names"], 2), "repetition": round(grades["repetition"], 4)}
     if reader is not None:
-        corpus = [d for d, m in iter_documents_with_meta(1, 10 * STORY_SAMPLES) if m["kind"] == "story"][:STORY_SAMPLES]
         out["gemma_perplexity"] = round(perplexity(reader, grades["texts"]["stories"]), 1)
-        out["gemma_perplexity_corpus"] = round(perplexity(reader, corpus), 1)
+        out["gemma_perplexity_corpus"] = round(perplexity(reader, corpus_stories()), 1)
     return out
 
 

@@ -45,6 +45,12 @@ def judge_samples(lm, seed: int = 0) -> dict:
     return grades
 
 
+def corpus_stories() -> list[str]:
+    """STORY_SAMPLES of the corpus's own stories (another seed than training's): the fluency grade's
+    reference, read by the same real model as the samples."""
+    return [d for d, m in iter_documents_with_meta(1, 10 * STORY_SAMPLES) if m["kind"] == "story"][:STORY_SAMPLES]
+
+
 def main(out: str = "runs/demo", minutes: float = 7.0) -> None:
     print("== 1. Train a small model from scratch on this machine ==")
     print("(slm train: synthesize stories and lessons, train a tokenizer, train a ~2M-parameter Llama; "
@@ -96,7 +102,7 @@ def main(out: str = "runs/demo", minutes: float = 7.0) -> None:
     for chunk in real.stream(prompt, max_new_tokens=40, temperature=0):
         print(chunk, end="", flush=True)
     print()
-    corpus = [d for d, m in iter_documents_with_meta(1, 10 * STORY_SAMPLES) if m["kind"] == "story"][:STORY_SAMPLES]
+    corpus = corpus_stories()
     print(f"judge, fluency: gemma-3-270m reads the stories of step 1 at perplexity "
           f"{perplexity(real, grades['texts']['stories']):.1f}, the corpus's own at {perplexity(real, corpus):.1f}")
 
