@@ -10,6 +10,7 @@ import sys
 from .flags import add_flags, at_least, values
 
 N_DOCS, VOCAB_SIZE = 100_000, 4096  # the synthetic corpus and its tokenizer, here and in `slm train`
+PRESET = "slm-1m"  # `slm train` without --preset, shape flags or a budget recipe
 
 # The flags of train.loop.TrainConfig (defaults from there). Its data and tokenizer are flags of
 # their own: without them, `slm train` synthesizes both.
@@ -80,14 +81,15 @@ def apply_budget_recipe(a):
     Returns the recipe, or None where none applies; the other defaults are filled in either way."""
     recipe = None
     # a budget of 0 or less gets TrainConfig's one-line error, as with a preset
-    if a.max_minutes is not None and a.max_minutes > 0 and a.preset is None and all(v is None for v in (a.dim, a.layers, a.heads, a.mlp)):
+    shape_given = any(v is not None for v in (a.dim, a.layers, a.heads, a.mlp))
+    if a.max_minutes is not None and a.max_minutes > 0 and a.preset is None and not shape_given:
         from ..train.recipe import recipe_for
         recipe = recipe_for(a.max_minutes)
         a.layers, a.dim, a.heads = recipe.layers, recipe.dim, recipe.heads
         for flag in ("vocab_size", "n_docs", "seq_len", "batch_size"):
             if getattr(a, flag) is None:
                 setattr(a, flag, getattr(recipe, flag))
-    a.preset = a.preset or "slm-1m"
+    a.preset = a.preset or PRESET
     a.vocab_size = a.vocab_size or VOCAB_SIZE
     a.n_docs = a.n_docs or N_DOCS
     return recipe
@@ -96,7 +98,7 @@ def apply_budget_recipe(a):
 def model_config(a):
     """The preset, with --dim/--layers/--heads/--mlp applied (each checked here, before any work)."""
     from ..model.config import get_config
-    cfg = get_config(a.preset or "slm-1m")
+    cfg = get_config(a.preset or PRESET)
     if a.dim is None and a.layers is None and a.heads is None and a.mlp is None:
         return cfg
     dim, heads = a.dim or cfg.hidden_size, a.heads or cfg.num_heads
