@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import slm  # noqa: E402
-from slm.train.loop import (TrainConfig, Trainer, batch, flops_per_token, lm_loss, loss_function,  # noqa: E402
+from slm.train.loop import (TrainConfig, Trainer, batch, flops_per_token, loss_function,  # noqa: E402
                             peak_flops, train_step)
 from slm.runtime.tokenizer import Tokenizer  # noqa: E402
 from slm.train.optim import build_optimizers  # noqa: E402
