@@ -171,7 +171,8 @@ def test_a_stream_keeps_its_pace_while_others_send_long_and_many_prompts(tmp_pat
     decoder is several times faster than any batched step, and the comparison is of the scheduler,
     not of the kernels). Without chunked prefill the stream would wait for the whole 4,000-token
     prefill (about 190x its median gap); with it, each of its steps waits for at most a turn of
-    prefill costing about a quarter of a step: the whole layers of a chunk that fit in it.
+    prefill costing about a quarter of a step (half while two prompts or more are going in): the
+    whole layers of a chunk that fit in it.
 
     Measured on a quiet 2-core host (engine turns of whole layers within a quarter step, timed in
     CPU time; one event-loop wake-up per step): the 99th percentile 2.2-2.9x the median alone, the

@@ -5,10 +5,11 @@ does one piece of prefill, then one decode step of every busy row:
 
 - Prefill: a waiting request's prompt goes through the model in chunks, in a batch-1 cache. While
   other rows are decoding, a turn of prefill puts a chunk through as many whole layers as fit in a
-  quarter of a decode step (Transformer.forward_by_layer; the loop times both), stopping before a
-  layer that would overrun, so a long prompt slows the running streams by about 1.25x instead of
-  stopping them for its whole prefill. Several prompts may be going in at once (as many as there are free rows
-  for), taking turns chunk by chunk: a short prompt is not held up behind a long one. Once a
+  quarter of a decode step (half while two or more prompts are going in; Transformer.forward_by_layer;
+  the loop times both), stopping before a layer that would overrun, so a long prompt slows the
+  running streams by about 1.25x instead of stopping them for its whole prefill. Several prompts
+  may be going in at once (as many as there are free rows for); each turn goes to the one with the
+  fewest tokens left: a short prompt is not held up behind a long one. Once a
   prompt is in, its cache is copied into its rows (n rows for n choices) and the first token is
   sampled. The copies (into its rows, and from the prefix cache before its first chunk) go a
   layer at a time within the same budget: a 4,000-token prompt's keys and values are ~180 MB
@@ -65,12 +66,21 @@ PREFILL_CHUNK = 512  # the most prompt tokens one prefill forward takes
 # smaller chunks would only admit slower); above it, a chunk is sized so that one of its layers
 # costs about half a turn.
 MIN_CHUNK = 16
-# While other rows decode, a turn of prefill may take this share of a one-row decode step's time
-# (a stream's pace alone): the running streams then slow by about 1.25x while a long prompt goes in
-# at about a fifth of the speed it gets alone. Not a share of the current step: on a CPU a step of
-# 4 rows costs ~2.4x one row, and a share of that made a stream's gaps 3.5x its pace alone. (At 0.5, with whole chunks a turn, a stream's largest gap reached 4-6x its
-# pace alone: see tests/serve/test_hardening.py.)
+# While other rows decode, a turn of prefill may take this share of a decode step of as many rows
+# as are decoding: the running streams then slow by about 1.25x while a long prompt goes in at
+# about a fifth of the speed it gets alone. (At 0.5, with whole chunks a turn, a stream's largest
+# gap reached 4-6x its pace alone: see tests/serve/test_hardening.py.) A share of the one-row step
+# instead, whatever the load, starved admission under load: with 16 clients the steps of 10-16
+# SmolLM2 rows cost 35-50 ms, a quarter of a one-row step ~2 ms, and most steps ran with one row
+# while the other prompts crawled in (16 clients 1.36x one client).
 PREFILL_SHARE = 0.25
+# With this many prompts or more going in, a turn of prefill may take that many times
+# PREFILL_SHARE: a crowd of new requests (16 clients arriving at once) fills the free rows sooner,
+# for streams that slow by at most 1.5x meanwhile. Measured (benchmarks/serve_throughput.py, SmolLM2,
+# 16 clients, tokens/s): one-row share ~158; share of the current step 1 -> ~185, 2 -> ~226,
+# 4 -> ~226. The stream-gap test's largest gap, median of 6 rounds: 3.4x its pace alone with the
+# one-row share, 3.5x at 1, 3.65x at 2, 4.0x at 4.
+PREFILL_CROWD = 2
 
 
 @dataclass(kw_only=True)
@@ -540,11 +550,16 @@ class Engine:
             self.prefills.append(_Prefill(req, free[:req.n], cache,
                                           self.prefixes.match(req.prompt_ids, req.params.adapter)))
             self.prompt_tokens += len(req.prompt_ids)
-        others = any(self.rows)
-        # the first prompt whose cache is ready (with no row decoding, waiting for one costs nothing)
-        p = next((p for p in self.prefills if p.cache is not None or p.pending.done() or not others), None)
-        if p is None:
+        busy = sum(s is not None for s in self.rows)
+        others = busy > 0
+        # Of the prompts whose cache is ready (with no row decoding, waiting for one costs nothing),
+        # the one with the fewest tokens left goes next: a short prompt is in after a turn or two
+        # whatever is going in beside it, and a crowd of short prompts starts one by one instead of
+        # all of them together after as many turns as they take in all.
+        ready = [p for p in self.prefills if p.cache is not None or p.pending.done() or not others]
+        if not ready:
             return
+        p = min(ready, key=lambda p: len(p.req.prompt_ids) - p.done)
         self.prefills.remove(p)
         if p.cache is None:
             try:
@@ -557,8 +572,10 @@ class Engine:
                 log.exception("prefill failed")
                 self._fail(p)
                 return
-        # With rows decoding, a turn of prefill may cost PREFILL_SHARE of a decode step; alone, no limit.
-        budget = PREFILL_SHARE * min(self._step_s.values()) if others and self._step_s else None
+        # With rows decoding, a turn of prefill may cost PREFILL_SHARE of a decode step of as many
+        # rows as are decoding now; alone, no limit.
+        crowd = min(len(self.prefills) + 1, PREFILL_CROWD)
+        budget = crowd * PREFILL_SHARE * self._step_time(busy) if others and self._step_s else None
         t = self._clock()
         if p.copy is not None:  # keys and values being copied: from the prefix cache, or into its rows
             try:
@@ -597,6 +614,11 @@ class Engine:
             self._start(p)
         else:
             self.prefills.append(p)
+
+    def _step_time(self, rows: int) -> float:
+        """Seconds of a decode step of `rows` rows: measured, or that of the most rows below it."""
+        fewer = [n for n in self._step_s if n <= rows]
+        return self._step_s[max(fewer)] if fewer else min(self._step_s.values())
 
     def _copy_turn(self, p: _Prefill, budget: float | None, t: float) -> bool:
         """Advance p's copy a layer at a time while the turn's budget holds (at least one layer):
