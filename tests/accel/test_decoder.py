@@ -91,12 +91,28 @@ def test_row_0_of_a_serving_cache(checkpoint, monkeypatch):
     assert_same(*with_and_without(serve, monkeypatch))
 
 
-def test_several_rows_of_a_serving_cache(checkpoint, monkeypatch):
+def test_fp32_products_of_several_rows_equal_torch():
+    """matvec_f32 on a few rows of x (f32_rows_direct: each weight read once for all rows, the
+    products of Decoder.step_rows on fp32 weights) against torch, for every count of rows the
+    tiles split into (1-4 and their sums), rows of weights that do not fill a tile or a chunk, and
+    an in_features that is not a multiple of the vector width."""
+    op = kernels.cpu_ops().matvec_f32.default
+    g = torch.Generator().manual_seed(0)
+    for N, K in ((1, 8), (7, 37), (33, 64), (130, 200)):
+        w, bias = torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+        for B in (2, 3, 4, 5, 7, 9, 16, 17):
+            x = torch.randn(B, K, generator=g)
+            torch.testing.assert_close(op(x, w, bias), torch.addmm(bias, x, w.t()), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(op(x[None], w, None), (x @ w.t())[None], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_several_rows_of_a_serving_cache(checkpoint, quantize, monkeypatch):
     """The serving engine's step of several rows (Decoder.step_rows): three requests at different
     positions in rows 0, 1 and 3 (row 2 idle, position -1), stepping together, the same logits and
-    caches as the modules give."""
+    caches as the modules give, with fp32 weights and int8."""
     from slm.model import RowKVCache
-    lm = slm.load(checkpoint, quantize="int8")
+    lm = slm.load(checkpoint, quantize=quantize)
     model, busy = lm.model, [0, 1, 3]
     prompts = [[9, 8, 7, 6, 5, 4, 3, 2, 1] * 3, [5, 6, 7], [11, 12, 13, 14, 15, 16]]
 

@@ -21,12 +21,18 @@
 
 namespace slm::cpu {
 
+// Up to this many rows, fp32 products read the weights once for all rows (f32_rows_direct): on
+// a small model's matrices 1.2-2.2x ATen's GEMM at 2-8 rows and 1.05-1.4x at 16 (2 threads).
+constexpr int64_t F32_DIRECT_ROWS = 16;
+
 void Lin::rows(const float* x, int64_t B, float* y) const {
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   switch (kind) {
     case Layout::F32:
       if (B == 1) {
         f32_direct(x, a.const_data_ptr<float>(), N, K, y, bp);
+      } else if (B <= F32_DIRECT_ROWS) {
+        f32_rows_direct(x, B, a.const_data_ptr<float>(), N, K, y, bp);
       } else {  // F.linear's GEMM
         auto xt = at::from_blob(const_cast<float*>(x), {B, K}, at::kFloat);
         auto yt = at::from_blob(y, {B, N}, at::kFloat);

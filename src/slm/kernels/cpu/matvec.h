@@ -73,6 +73,8 @@ at::Tensor linear_gguf(const at::Tensor& x_in, const at::Tensor& blocks, at::Int
 // -- fp32 (matvec_f32.cpp) -------------------------------------------------------------------------
 // y [N] (+ bias) = w [N, K] x [K].
 void f32_direct(const float* xp, const float* wp, int64_t N, int64_t K, float* yp, const float* bp);
+// y [B, N] (+ bias) = x [B, K] w^T, w [N, K], for a few rows of x (each weight read once for them all).
+void f32_rows_direct(const float* xp, int64_t B, const float* wp, int64_t N, int64_t K, float* yp, const float* bp);
 // y [N] (+ bias) = x [K] W^T for W stored column-major: wt = W^T [K, N] contiguous.
 void f32t_direct(const float* xp, const float* wt, int64_t N, int64_t K, float* yp, const float* bp);
 at::Tensor matvec_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias_);
