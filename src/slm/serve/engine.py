@@ -216,6 +216,7 @@ class _Seq:
         self.matcher = None  # its grammar's state (serve/grammar.py), if it follows one
         self.last: float | None = None  # when its last token was sampled
         self.complete = False  # its grammar is complete: nothing may follow
+        self.done = False  # finished: its last delta is made
         self.text = Detokenizer(tokenizer, p.stop)
         # One generator per choice: a seeded request samples the same tokens alone or in a batch.
         self.sampler = Row(p, vocab, device, prompt=req.prompt_ids, index=index)
@@ -735,6 +736,16 @@ class Engine:
             s.req.completion_tokens[s.index] += 1
             out.setdefault(s.req, []).append(self._delta(s, tok, lp))
         push_all(out)
+        # Then the finished sequences go to the prefix cache: saving one copies its keys and values
+        # into pages touched for the first time (~25 ms for 700 tokens of a 512-wide model), which
+        # its last token does not wait for.
+        for s in seqs:
+            if self.rows[s.row] is s and s.done:
+                self.rows[s.row] = None
+                try:
+                    self._keep(s)
+                except Exception:  # noqa: BLE001 - its reply is complete; the cache only misses it
+                    log.exception("keeping a finished sequence for the prefix cache failed")
 
     def _delta(self, s: _Seq, tok: int, lp: TokenLogprob | None) -> Delta:
         d = Delta(s.req.first_index + s.index, logprobs=[lp] if lp else [])
@@ -746,9 +757,7 @@ class Engine:
                 d.text, d.finish_reason = d.text + (s.text.flush() if s.complete else ""), "stop"
             elif len(s.tokens) >= s.req.params.max_tokens:
                 d.text, d.finish_reason = d.text + s.text.flush(), "length"
-        if d.finish_reason:
-            self._keep(s)
-            self.rows[s.row] = None
+        s.done = d.finish_reason is not None  # _advance saves it and frees its row
         return d
 
     def _keep(self, s: _Seq) -> None:
