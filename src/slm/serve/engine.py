@@ -78,8 +78,9 @@ PREFILL_SHARE = 0.25
 # PREFILL_SHARE: a crowd of new requests (16 clients arriving at once) fills the free rows sooner,
 # for streams that slow by at most 1.5x meanwhile. Measured (benchmarks/serve_throughput.py, SmolLM2,
 # 16 clients, tokens/s): one-row share ~158; share of the current step 1 -> ~185, 2 -> ~226,
-# 4 -> ~226. The stream-gap test's largest gap, median of 6 rounds: 3.4x its pace alone with the
-# one-row share, 3.5x at 1, 3.65x at 2, 4.0x at 4.
+# 4 -> ~226. The stream-gap scenario's largest gap (tests/serve/test_hardening.py's requests, on
+# its earlier 64-wide module-path model), median of 6 rounds: 3.4x its pace alone with the one-row
+# share, 3.5x at 1, 3.65x at 2, 4.0x at 4.
 PREFILL_CROWD = 2
 
 
