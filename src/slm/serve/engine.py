@@ -228,7 +228,6 @@ class _Seq:
         self.matcher = None  # its grammar's state (serve/grammar.py), if it follows one
         self.last: float | None = None  # when its last token was sampled
         self.complete = False  # its grammar is complete: nothing may follow
-        self.done = False  # finished: its last delta is made
         self.text = Detokenizer(tokenizer, p.stop)
         # One generator per choice: a seeded request samples the same tokens alone or in a batch.
         self.sampler = Row(p, vocab, device, prompt=req.prompt_ids, index=index)
@@ -743,22 +742,25 @@ class Engine:
                     self.observer.token_gap(now - s.last)
                 s.last = now
         out: dict[Request, list[Delta]] = {}
+        finished: list[_Seq] = []
         for s, tok, lp in zip(seqs, toks, lps):
             self.generated += 1
             s.tokens.append(tok)
             s.req.completion_tokens[s.index] += 1
-            out.setdefault(s.req, []).append(self._delta(s, tok, lp))
+            d = self._delta(s, tok, lp)
+            out.setdefault(s.req, []).append(d)
+            if d.finish_reason:
+                finished.append(s)
         push_all(out)
         # Then the finished sequences go to the prefix cache: saving one copies its keys and values
         # into pages touched for the first time (~25 ms for 700 tokens of a 512-wide model), which
         # its last token does not wait for.
-        for s in seqs:
-            if self.rows[s.row] is s and s.done:
-                self.rows[s.row] = None
-                try:
-                    self._keep(s)
-                except Exception:  # noqa: BLE001 - its reply is complete; the cache only misses it
-                    log.exception("keeping a finished sequence for the prefix cache failed")
+        for s in finished:
+            self.rows[s.row] = None
+            try:
+                self._keep(s)
+            except Exception:  # noqa: BLE001 - its reply is complete; the cache only misses it
+                log.exception("keeping a finished sequence for the prefix cache failed")
 
     def _delta(self, s: _Seq, tok: int, lp: TokenLogprob | None) -> Delta:
         d = Delta(s.req.first_index + s.index, logprobs=[lp] if lp else [])
@@ -770,7 +772,6 @@ class Engine:
                 d.text, d.finish_reason = d.text + (s.text.flush() if s.complete else ""), "stop"
             elif len(s.tokens) >= s.req.params.max_tokens:
                 d.text, d.finish_reason = d.text + s.text.flush(), "length"
-        s.done = d.finish_reason is not None  # _advance saves it and frees its row
         return d
 
     def _keep(self, s: _Seq) -> None:
