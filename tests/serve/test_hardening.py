@@ -129,7 +129,7 @@ def test_idle_and_half_sent_connections_are_closed(server):
 
 
 # -- fairness -------------------------------------------------------------------------------------
-ROUNDS = 4
+ROUNDS = 3
 
 def anonymous_rss(pid: int) -> int:
     """Bytes of the process's resident anonymous memory (heap, tensors): what a burst could leave
@@ -184,6 +184,9 @@ def test_a_stream_keeps_its_pace_while_others_send_long_and_many_prompts(tmp_pat
     prefill; a round that a busy host spoils is run again, up to ROUNDS times.
     /health answers within 100 ms throughout, and the server's resident anonymous memory
     (anonymous_rss) returns within 10% of where it was before the burst."""
+    # The streaming client shares this process with the other clients' threads: with Python's
+    # default 5 ms switch interval its reads could wait that long for the interpreter, which the
+    # gaps would then count against the server.
     switch = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)
     model = make_checkpoint(str(tmp_path / "deep"), "llama", tokenizer_dir, max_position_embeddings=4608,
