@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import KVCache
+from ..model import KVCache, copy_slices
 
 
 @dataclass
@@ -109,14 +109,16 @@ class PrefixCache:
     def load_layers(entry: Entry, length: int, dst: KVCache):
         """Copy the first `length` tokens of `entry` into the empty batch-1 cache `dst` (of a
         prompt longer than `length`), which then continues from there: a generator that yields
-        after each layer's keys and values (a 4,000-token prompt's are ~180 MB for SmolLM2, ~40 ms
-        in one go, a gap that long in every running stream: the engine spreads them over turns)."""
+        after each slice of a layer's keys and values (copy_slices: a 4,000-token prompt's are
+        ~180 MB for SmolLM2, ~40 ms in one go, a gap that long in every running stream: the engine
+        spreads them over turns)."""
         src = entry.cache
         for i, (w_src, w_dst) in enumerate(zip(src.windows, dst.windows)):
-            s = min(length, src.size[w_src], dst.size[w_dst])  # a wrapped ring: all of it (length == n)
-            dst.k[i][0, :, :s] = src.k[i][0, :, :s]
-            dst.v[i][0, :, :s] = src.v[i][0, :, :s]
-            yield
+            n = min(length, src.size[w_src], dst.size[w_dst])  # a wrapped ring: all of it (length == n)
+            for s in copy_slices(n, src.k[i]):
+                dst.k[i][0, :, s] = src.k[i][0, :, s]
+                dst.v[i][0, :, s] = src.v[i][0, :, s]
+                yield
         for w_src, w_dst in zip(src.windows, dst.windows):
             s = min(length, src.size[w_src], dst.size[w_dst])
             dst.pos[w_dst][0, :s] = src.pos[w_src][0, :s]
