@@ -245,7 +245,7 @@ at::Tensor Decoder::run(const std::vector<int64_t>& tokens, const std::vector<in
       const float* u = up.data() + t * W;
       float* o = g.data() + t * F;
       if (act == MlpKind::SWIGLU) {  // SwiGLU: silu(gate) * up
-        for (int64_t j = 0; j < F; ++j) o[j] = u[j] / (1.0f + std::exp(-u[j])) * u[F + j];
+        silu_mul_row(u, u + F, o, F);
       } else {
         gelu_tanh_mul_row(u, act == MlpKind::GEGLU ? u + F : nullptr, o, F);
       }

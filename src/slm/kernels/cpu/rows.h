@@ -1,5 +1,6 @@
 // One-row kernels that several ops and the Decoder share: RMSNorm of a row (norm_rope.cpp,
-// attention.cpp, train.cpp, decoder.cpp) and gelu_tanh(gate) * up (gelu.cpp, decoder.cpp).
+// attention.cpp, train.cpp, decoder.cpp), gelu_tanh(gate) * up (gelu.cpp, decoder.cpp) and
+// silu(gate) * up (decoder.cpp).
 #pragma once
 
 #include <immintrin.h>
@@ -35,6 +36,20 @@ inline void gelu_tanh_mul_row(const float* g, const float* u, float* o, int64_t 
     const float a = 0.5f * v * (1.0f + std::tanh(k0 * (v + k1 * v * v * v)));
     o[i] = u ? a * u[i] : a;
   }
+}
+
+// o = silu(g) * u = g / (1 + exp(-g)) * u over F values (SwiGLU's activation), eight at a time:
+// a decode step of 16 rows of SmolLM2 takes 737,280 of them, ~3-4 ms of scalar expf on one core.
+// exp8 clamps its argument, so a large |g| gives g or 0 as the scalar form does.
+inline void silu_mul_row(const float* g, const float* u, float* o, int64_t F) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= F; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < F; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
 }  // namespace slm::cpu
