@@ -146,9 +146,10 @@ def test_building_one_command_imports_only_its_module():
 
 
 def test_top_p_among_candidates_equals_the_full_sort(monkeypatch):
-    """top_p looks among the NUCLEUS_CANDIDATES most likely tokens first, and sorts the whole
-    vocabulary only when their probability falls short of top_p: the draws are those of the full
-    sort, for peaked rows (the candidates suffice), flat ones (they do not) and rows without top_p."""
+    """top_p looks among the most likely tokens first (NUCLEUS_WIDENING), widening the search only
+    for the rows whose nucleus reaches further, and sorts a row's whole vocabulary only when no
+    narrower search holds top_p: the draws are those of the full sort, for peaked rows (the first
+    candidates suffice), flat ones (they do not) and rows without top_p, side by side in one batch."""
     import slm.runtime.sampling as sampling
     V = 4096
     g = torch.Generator().manual_seed(2)
@@ -160,11 +161,12 @@ def test_top_p_among_candidates_equals_the_full_sort(monkeypatch):
         x[:2] *= 8  # peaked: a few tokens hold nearly all the probability
         steps.append(x)
 
-    def draws(candidates: int) -> list[list[int]]:
-        monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
+    def draws(widening: tuple[int, ...]) -> list[list[int]]:
+        monkeypatch.setattr(sampling, "NUCLEUS_WIDENING", widening)
         rows = [Row(s, V, "cpu") for s in settings]
         return [sample_rows(x, rows) for x in steps]
-    sorted_fully = draws(V)
-    assert draws(256) == sorted_fully
-    assert draws(1) == sorted_fully  # never enough: every step falls back to the sort
+    sorted_fully = draws((2**62,))
+    assert draws((256, 2**62)) == sorted_fully
+    assert draws((256, 1024, 2**62)) == sorted_fully
+    assert draws((1, 2, 2**62)) == sorted_fully  # never enough: every row falls back to the sort
     assert len({tuple(d) for d in sorted_fully}) > 1
