@@ -4,12 +4,13 @@ the "mixed" scenario: short chats streaming while long prompts arrive among them
 chat's time to first token and the gaps between its tokens (p50, p99), against the same chats
 without the long prompts; then a chat of --turns turns, each sending the conversation so far, with
 each turn's median time to first token over --chats chats (the server's prefix cache keeps earlier
-turns' keys and values).
+turns' keys and values); --chat-document puts a long document in each chat's first message.
 
     python benchmarks/serve_throughput.py [--model DIR|FILE.gguf|default] [--clients 1 4 16]
                                           [--requests 3] [--max-tokens 64] [--no-stream]
                                           [--mixed-chats 8] [--long-prompts 2] [--long-tokens 2000]
-                                          [--turns 5] [--chats 3] [--prefix-cache-mb MB]
+                                          [--turns 5] [--chats 3] [--chat-document LINES]
+                                          [--prefix-cache-mb MB]
 
 Without --model: a Llama of the stories15m shape (6 layers, 288 wide, 6 heads; a 2,048-token
 context) with random fp32 weights and a byte-level BPE trained on 3,000 documents of slm's synthetic corpus (2,861 tokens). `--model default` serves
@@ -169,14 +170,22 @@ def run_mixed(client, chats: int, requests: int, max_tokens: int, long_prompts: 
     return out
 
 
-def run_turns(client, turns: int, max_tokens: int, chat: int) -> list[float]:
+def document(lines: int) -> str:
+    """A list of `lines` short facts (~15 tokens each), as a RAG prompt carries."""
+    colours = ["red", "blue", "green"]
+    return "\n".join(f"Item {i}: the {colours[i % 3]} box holds {i * 7 % 13} stones." for i in range(lines))
+
+
+def run_turns(client, turns: int, max_tokens: int, chat: int, doc_lines: int = 0) -> list[float]:
     """Chat number `chat` of `turns` turns, each sending the whole conversation so far (as chat
-    clients do): the time to first token of each turn."""
+    clients do), the first message with a document of `doc_lines` lines: the time to first token
+    of each turn."""
     topics = ["a cat", "the sea", "a small robot", "a garden", "the moon", "a train", "a baker", "winter"]
     messages, ttft = [], []
     for t in range(turns):
         topic = topics[(t + chat) % len(topics)]
-        messages.append({"role": "user", "content": f"Chat {chat}: now tell me a short story about {topic}."})
+        doc = f"Read this list.\n{document(doc_lines)}\n" if doc_lines and t == 0 else ""
+        messages.append({"role": "user", "content": f"Chat {chat}: {doc}now tell me a short story about {topic}."})
         t0, first, reply = time.perf_counter(), None, ""
         for chunk in client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
                                                     temperature=0, stream=True):
@@ -204,6 +213,9 @@ def main() -> None:
                                                          "conversation so far (0: skip the scenario)")
     ap.add_argument("--chats", type=int, default=3, help="chat scenario: chats, one after another (the median "
                                                          "of each turn is reported)")
+    ap.add_argument("--chat-document", type=int, default=0, metavar="LINES",
+                    help="chat scenario: the first message carries a list of LINES facts (~15 tokens each, as a "
+                         "RAG prompt), so that every later turn's history holds it")
     ap.add_argument("--prefix-cache-mb", type=int, default=None, help="the server's --prefix-cache-mb "
                                                                       "(default: its own; 0: none)")
     a = ap.parse_args()
@@ -258,17 +270,18 @@ def main() -> None:
                        alone_itl_p99_ms=alone["itl_p99_ms"], alone_itl_max_ms=alone["itl_max_ms"],
                        vs_alone_itl_p99=round(mixed["itl_p99_ms"] / alone["itl_p99_ms"], 2))
             if a.turns:
-                runs = [run_turns(client, a.turns, a.max_tokens, c) for c in range(a.chats)]
+                runs = [run_turns(client, a.turns, a.max_tokens, c, a.chat_document) for c in range(a.chats)]
                 ttft = [sorted(r[t] for r in runs)[len(runs) // 2] for t in range(a.turns)]
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
                     cached = json.load(r).get("prefix_cache", {})
-                print(f"\nchat: {a.chats} chats of {a.turns} turns, replies of up to {a.max_tokens} tokens "
+                print(f"\nchat: {a.chats} chats of {a.turns} turns, replies of up to {a.max_tokens} tokens, "
+                      f"a document of {a.chat_document} lines in the first message "
                       f"(temperature 0); prefix cache {cached.get('budget_bytes', 0) / 2**20:.0f} MiB, "
                       f"{cached.get('hits', 0)} hits, {cached.get('hit_tokens', 0)} tokens reused")
                 print("  median time to first token by turn: " + ", ".join(f"{1e3 * t:.0f} ms" for t in ttft) +
                       f"; turn {a.turns} vs turn 1: {ttft[-1] / ttft[0]:.2f}x")
                 record("serve_throughput", scenario="chat turns", model=a.model or "stories15m shape, random weights",
-                       turns=a.turns, chats=a.chats, max_tokens=a.max_tokens,
+                       turns=a.turns, chats=a.chats, max_tokens=a.max_tokens, document_lines=a.chat_document,
                        prefix_cache_mb=round(cached.get("budget_bytes", 0) / 2**20),
                        prefix_hits=cached.get("hits", 0), prefix_hit_tokens=cached.get("hit_tokens", 0),
                        **{f"ttft_turn{i + 1}_ms": round(1e3 * t, 1) for i, t in enumerate(ttft)},

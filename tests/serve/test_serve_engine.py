@@ -348,19 +348,29 @@ def test_large_prompt_caches_are_mapped_not_cleared():
     assert len(grown) == 5 and max(grown) < 32 * 2**20, grown
 
 
+@pytest.mark.parametrize("room", [False, True])
 @pytest.mark.parametrize("family", ["llama-untied", "mistral-gqa", "gemma3"])
-def test_a_chat_reuses_its_history_from_the_prefix_cache(family, tmp_path, tokenizer_dir):
+def test_a_chat_reuses_its_history_from_the_prefix_cache(family, room, tmp_path, tokenizer_dir, monkeypatch):
     """Four turns of a chat, each prompt the last one plus its reply plus a new message: each turn
     after the first takes the whole earlier conversation from the prefix cache (the prompt and
     all of the reply but its last token, which was never fed) and gives what the prompt gives
     alone. Mistral (window 16) and Gemma 3 (window 8) wrap their rings, so only whole entries
-    serve; a prompt that shares just the first message then misses, where Llama reuses it."""
+    serve; a prompt that shares just the first message then misses, where Llama reuses it.
+    room: every prompt cache is mapped (as a real model's are), so it has NEXT_TURN_ROOM tokens
+    of room and each next turn goes on in the entry's own cache, taken with no copy; without it
+    (a tiny model's caches come from the heap) the history is copied into a new cache."""
+    import slm.serve.engine as engine_mod
     from slm.runtime.generate import generate_ids
+    if room:
+        monkeypatch.setattr(engine_mod, "MAPPED_BYTES", 0)
     fam, kw = FAMILIES[family]
     lm = slm.load(make_checkpoint(str(tmp_path / "m"), fam, tokenizer_dir, **kw))
     g = torch.Generator().manual_seed(1)
     new = lambda n: torch.randint(5, 400, (n,), generator=g).tolist()  # noqa: E731
     engine = Engine(lm, max_batch=2, max_len=128)
+    taken = []
+    take = engine.prefixes.take
+    engine.prefixes.take = lambda entry: taken.append(entry) or take(entry)
     engine.start()
     try:
         prompt, expect_hit = new(12), 0
@@ -380,6 +390,7 @@ def test_a_chat_reuses_its_history_from_the_prefix_cache(family, tmp_path, token
         wrapped = family != "llama-untied"
         assert (stats["hits"], stats["hit_tokens"]) == ((3, hit_so_far) if wrapped else (4, hit_so_far + 12)), stats
         assert 0 < stats["bytes"] <= stats["budget_bytes"]
+        assert len(taken) == (3 if room else 0)  # the last prompt shares only the first message: copied
     finally:
         engine.stop()
 

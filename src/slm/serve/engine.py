@@ -60,7 +60,14 @@ log = logging.getLogger("slm.serve")
 PROMPT_LOGPROB_ROWS = 256  # positions whose full logits are held at once (echo: the prompt's logprobs)
 EMBED_TOKENS = 2048  # padded tokens of one embedding batch (one engine turn)
 PREFIX_CACHE_BYTES = 512 * 2**20  # finished sequences kept for prompts that start with one (serve/prefix.py)
-MAPPED_BYTES = 1 << 20  # prompt cache tensors at least this large are mapped from the system
+MAPPED_BYTES = 1 << 18  # prompt cache tensors at least this large are mapped from the system
+# Tokens of room beyond its completion in the cache of a prompt of one choice, where that room
+# costs nothing until written (mapped tensors, on a CPU): the chat's next turn (this prompt, its
+# reply and a new message) then continues in the same cache when it is taken from the prefix
+# cache, with no allocation and no copy of the history (serve/prefix.py). Measured on SmolLM2's
+# fifth turn of a chat (benchmarks/serve_throughput.py --turns 5): allocating and copying the
+# history cost ~10 ms of its ~60 ms to first token.
+NEXT_TURN_ROOM = 1024
 PREFILL_CHUNK = 512  # the most prompt tokens one prefill forward takes
 # The least while other rows decode (a forward's fixed cost dominates a few tokens' cost, so
 # smaller chunks would only admit slower); above it, a chunk is sized so that one of its layers
@@ -241,11 +248,13 @@ class _Prefill:
     `rows` are the free rows it will take (kept for it meanwhile)."""
 
     def __init__(self, req: Request, rows: list[int], cache: concurrent.futures.Future,
-                 prefix: tuple[Entry | None, int] = (None, 0)):
+                 prefix: tuple[Entry | None, int] = (None, 0), taken: bool = False):
         # The batch-1 cache is allocated on another thread (zeroing a long prompt's cache takes
         # milliseconds the running streams would otherwise wait); `cache` holds it once ready.
         self.req, self.rows, self.pending, self.cache, self.done = req, rows, cache, None, 0
-        self.prefix = prefix  # (a prefix cache entry, how many of its tokens the prompt starts with)
+        # (a prefix cache entry, how many of its tokens the prompt starts with), until they are
+        # copied; taken: the entry's cache is the prompt's (`cache` holds it already)
+        self.prefix, self.taken = prefix, taken
         # A chunk going in layer by layer (Transformer.forward_by_layer), its length, the seconds
         # spent on it so far and the layers done; None between chunks.
         self.parts, self.n, self.spent, self.layers = None, 0, 0.0, 0
@@ -558,10 +567,17 @@ class Engine:
         if req is not None:
             # Room for the completion too: the finished sequence stays in it for the prefix cache
             # (mapped pages: the room costs memory only once written).
-            room = len(req.prompt_ids) + (req.params.max_tokens if req.n == 1 else 0)
-            cache = self._allocator.submit(self.model.new_cache, 1, room, zeros=zeros_without_openmp)
-            self.prefills.append(_Prefill(req, free[:req.n], cache,
-                                          self.prefixes.match(req.prompt_ids, req.params.adapter)))
+            need = len(req.prompt_ids) + (req.params.max_tokens if req.n == 1 else 0)
+            entry, length = self.prefixes.match(req.prompt_ids, req.params.adapter)
+            taken = req.n == 1 and self._can_take(entry, length, need)
+            if taken:  # the prompt continues the whole entry, which has room: it goes on in its cache
+                self.prefixes.take(entry)
+                cache = concurrent.futures.Future()
+                cache.set_result(entry.cache)
+            else:
+                room = self._room(need) if req.n == 1 else need
+                cache = self._allocator.submit(self.model.new_cache, 1, room, zeros=zeros_without_openmp)
+            self.prefills.append(_Prefill(req, free[:req.n], cache, (entry, length), taken))
             self.prompt_tokens += len(req.prompt_ids)
         busy = sum(s is not None for s in self.rows)
         others = busy > 0
@@ -578,9 +594,12 @@ class Engine:
             try:
                 p.cache = p.pending.result()
                 entry, length = p.prefix
-                if entry is not None:  # the prompt's start from the prefix cache: prefilled from there
+                if p.taken:  # the entry's own cache: it holds the prompt's start already
+                    p.done, p.prefix = length, (None, 0)
+                elif entry is not None:  # the prompt's start from the prefix cache: prefilled from there
                     p.copy, p.done = PrefixCache.load_layers(entry, length, p.cache), length
-                p.prefix = (None, 0)
+                else:
+                    p.prefix = (None, 0)
             except Exception:
                 log.exception("prefill failed")
                 self._fail(p)
@@ -603,6 +622,7 @@ class Engine:
             if p.logits is not None:  # into its rows: the sequences start
                 self._start(p)
                 return
+            p.prefix = (None, 0)  # the copy from the prefix cache is done: its entry may be taken now
         adapter = p.req.params.adapter
         try:
             with self.adapters.applied({adapter: [0]} if adapter is not None else {}):
@@ -627,6 +647,23 @@ class Engine:
             self._start(p)
         else:
             self.prefills.append(p)
+
+    def _room(self, need: int) -> int:
+        """Tokens of cache for a prompt of one choice and its completion (`need`): NEXT_TURN_ROOM
+        more, within the context, where the layers that keep every position are then mapped
+        tensors (zeros_without_openmp) whose room costs no memory until written; else `need`."""
+        cfg = self.model.config
+        room = max(need, min(self.max_len, need + NEXT_TURN_ROOM))
+        per_token = cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=self.model.dtype).element_size()
+        return room if self.device.type == "cpu" and per_token * room >= MAPPED_BYTES else need
+
+    def _can_take(self, entry: Entry | None, length: int, need: int) -> bool:
+        """Whether a prompt of one choice that starts with `length` tokens of `entry` may go on in
+        the entry's own cache: it continues the whole entry, the cache has room for the prompt and
+        its completion, and no other prompt is still copying from it (which a ring's new keys
+        could overwrite)."""
+        return (entry is not None and length == len(entry.tokens) and entry.cache.max_len >= need
+                and not any(q.prefix[0] is entry for q in self.prefills))
 
     def _step_time(self, rows: int) -> float:
         """Seconds of a decode step of `rows` rows: measured, or that of the most rows below it."""

@@ -5,7 +5,10 @@ every request. A prompt is prefilled into a batch-1 `KVCache` with room for its 
 when the sequence finishes, the engine copies the keys and values of the tokens it generated
 (except the last, never fed back) from its cache row into that room and keeps the cache here. A
 new prompt whose first tokens are those takes them from here and is prefilled from there on, so
-the fifth turn of a chat costs about what its new message costs, not the whole history. Only the
+the fifth turn of a chat costs about what its new message costs, not the whole history. A prompt
+that continues a whole entry takes the entry's cache itself when it has room for the prompt and
+its completion (the engine leaves room for a next turn where that room costs no memory until
+written): no allocation and no copy. Only the
 generated tokens are copied when a sequence finishes (a 4,000-token prompt's keys and values
 would take tens of milliseconds, a gap in every running stream).
 
@@ -99,6 +102,16 @@ class PrefixCache:
         while self.nbytes > self.budget:
             self._drop(next(iter(self.entries)))
         return True
+
+    def take(self, entry: Entry) -> None:
+        """Remove `entry` without freeing it: a prompt that continues the whole of it goes on in its
+        cache (the engine checks it has room), so nothing is allocated or copied."""
+        for key, e in self.entries.items():
+            if e is entry:
+                del self.entries[key]
+                self.nbytes -= entry.nbytes
+                return
+        raise KeyError("not an entry of this cache")
 
     def _drop(self, key: int) -> None:
         entry = self.entries.pop(key)
