@@ -26,6 +26,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -765,13 +766,101 @@ SLM_AVX512 void dot_rows_512(const float* w, const float* x, int64_t B, int64_t 
   }
 }
 
-// Rows [n0, n1) of one part (type t) for B rows of fp32 x, four rows of weights at a time
-// (buf: 4K floats). bias0: where the part's rows start in y and bias.
+// acc[r] += x[r * K] wv for RX rows of x (x: the column of x the 16 weights in wv multiply).
+template <int RX>
+SLM_AVX512 SLM_INLINE void fma_rows(__m512* acc, const float* x, int64_t K, __m512 wv) {
+#pragma GCC unroll 16
+  for (int r = 0; r < RX; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K]), wv, acc[r]);
+}
+
+// y[r, 0..16) (+ bias) for 16 rows of weights w (stride row_bytes; type T: Q8_0, Q4_0 or Q4_1) and
+// RX rows of x (stride K), read across the rows: for each k, the 16 rows' weights as one vector,
+// their blocks' bytes gathered and decoded in registers (dequant_row's values exactly: d q, d (q -
+// 8), d q + m), then multiplied into RX accumulators, x[r, k] broadcast. No row of weights goes
+// through memory as fp32 and no sum across lanes is left for the end: rows_gguf_f32's tiles of 4
+// rows by 4 rows of x spent ~30% of a 16-row SmolLM2 step decoding rows into a buffer and more
+// reducing their 16 accumulators.
+template <int64_t T, int RX>
+SLM_AVX512 void cols16_gguf(const uint8_t* __restrict w, int64_t row_bytes, const float* __restrict x, int64_t K,
+                            int64_t rows, float* y, int64_t ldy, const float* bias) {
+  constexpr int64_t BB = T == T_Q8_0 ? 34 : T == T_Q4_1 ? 20 : 18;  // bytes a block
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(int32_t(row_bytes)));
+  const __m512i m4 = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8);
+  __m512 acc[RX];
+#pragma GCC unroll 16
+  for (int r = 0; r < RX; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < K / 32; ++i) {
+    const uint8_t* blk = w + i * BB;
+    const float* xb = x + 32 * i;
+    const __m512i head = _mm512_i32gather_epi32(idx, blk, 1);  // d (low 16 bits); Q4_1: m (high 16)
+    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+    const __m512 m = T == T_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16))) : d;
+    if constexpr (T == T_Q8_0) {
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {  // weights 4j .. 4j + 3 of the 16 rows
+        const __m512i q = _mm512_i32gather_epi32(idx, blk + 2 + 4 * j, 1);
+#pragma GCC unroll 4
+        for (int b = 0; b < 4; ++b) {
+          const __m512i v = _mm512_srai_epi32(_mm512_slli_epi32(q, 24 - 8 * b), 24);
+          fma_rows<RX>(acc, xb + 4 * j + b, K, _mm512_mul_ps(d, _mm512_cvtepi32_ps(v)));
+        }
+      }
+    } else {
+      constexpr int64_t QS = T == T_Q4_1 ? 4 : 2;  // byte j: weight j (low nibble), j + 16 (high)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m512i q = _mm512_i32gather_epi32(idx, blk + QS + 4 * j, 1);
+#pragma GCC unroll 8
+        for (int h = 0; h < 8; ++h) {  // h = 2 b + high: the nibble at bit 4 h
+          __m512i v = _mm512_and_si512(_mm512_srli_epi32(q, 4 * h), m4);
+          if constexpr (T == T_Q4_0) v = _mm512_sub_epi32(v, eight);
+          const __m512 f = _mm512_mul_ps(d, _mm512_cvtepi32_ps(v));
+          fma_rows<RX>(acc, xb + 16 * (h % 2) + 4 * j + h / 2, K, T == T_Q4_1 ? _mm512_add_ps(f, m) : f);
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    _mm512_storeu_ps(y + r * ldy, bias ? _mm512_add_ps(acc[r], _mm512_loadu_ps(bias)) : acc[r]);
+}
+
+// cols16_gguf for the 16 rows of weights at w and every row of x, 16 rows of x at a time (the
+// last up to 8 or 16 from a zero-padded copy).
+template <int64_t T>
+SLM_AVX512 void cols16_rows(const uint8_t* w, int64_t row_bytes, const float* x, int64_t B, int64_t K, float* pad,
+                            float* y, int64_t ldy, const float* bias) {
+  for (int64_t b = 0; b < B; b += 16) {
+    const int64_t rows = std::min<int64_t>(16, B - b);
+    const float* xs = x + b * K;
+    if (rows < 16 && rows != 8) {
+      std::memcpy(pad, xs, rows * K * sizeof(float));
+      std::memset(pad + rows * K, 0, ((rows < 8 ? 8 : 16) - rows) * K * sizeof(float));
+      xs = pad;
+    }
+    if (rows <= 8) cols16_gguf<T, 8>(w, row_bytes, xs, K, rows, y + b * ldy, ldy, bias);
+    else cols16_gguf<T, 16>(w, row_bytes, xs, K, rows, y + b * ldy, ldy, bias);
+  }
+}
+
+// Rows [n0, n1) of one part (type t) for B rows of fp32 x: Q8_0, Q4_0 and Q4_1 sixteen rows of
+// weights at a time (cols16_rows; pad: 16K floats), the rest four rows at a time (buf: 4K floats).
+// bias0: where the part's rows start in y and bias.
 SLM_AVX512 void rows_gguf_f32(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, const float* x,
                               int64_t B, int64_t K, float* buf, float* y, int64_t ldy, const float* bias, int64_t bias0) {
   y += bias0;
   if (bias) bias += bias0;
   int64_t n = n0;
+  if (t == T_Q8_0 || t == T_Q4_0 || t == T_Q4_1) {
+    std::vector<float> pad(B % 16 == 0 || B % 16 == 8 ? 0 : 16 * K);  // only the last rows of x need it
+    for (; n + 16 <= n1; n += 16) {
+      const uint8_t* wn = w + n * row_bytes;
+      const float* bn = bias ? bias + n : nullptr;
+      if (t == T_Q8_0) cols16_rows<T_Q8_0>(wn, row_bytes, x, B, K, pad.data(), y + n, ldy, bn);
+      else if (t == T_Q4_0) cols16_rows<T_Q4_0>(wn, row_bytes, x, B, K, pad.data(), y + n, ldy, bn);
+      else cols16_rows<T_Q4_1>(wn, row_bytes, x, B, K, pad.data(), y + n, ldy, bn);
+    }
+  }
   for (; n + 4 <= n1; n += 4) {
     for (int i = 0; i < 4; ++i) dequantize_row_512(t, w + (n + i) * row_bytes, K, buf + i * K);
     dot_rows_512<4>(buf, x, B, K, y, ldy, n, bias);
@@ -812,14 +901,22 @@ bool f32_path(const Parts& P, int64_t B, int64_t K) {
 void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int64_t K, float* yp, const float* bias_p) {
   const int64_t N = P.N;
   if (f32_path(P, B, K)) {
-    const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, P.row_bytes[0]));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    // The threads take chunks of rows from a shared counter as they finish, not half the rows
+    // each: with halves, whichever thread had been held up (a shared host, a late wake-up) kept
+    // the other waiting at the end of every product, ~10% of a 16-row SmolLM2 step.
+    const int64_t chunk = 16 * std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, 16 * P.row_bytes[0]));
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), (N + chunk - 1) / chunk);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       std::vector<float> buf(4 * K);
-      for (size_t p = 0; p < P.types.size(); ++p) {
-        const int64_t a = std::max(n0, P.row0[p]), b = std::min(n1, p + 1 < P.types.size() ? P.row0[p + 1] : N);
-        if (a < b)
-          rows_gguf_f32(P.types[p], bp + P.byte0[p], P.row_bytes[p], a - P.row0[p], b - P.row0[p], x, B, K, buf.data(),
-                        yp, N, bias_p, P.row0[p]);
+      for (int64_t n0; (n0 = next.fetch_add(chunk)) < N;) {
+        const int64_t n1 = std::min(N, n0 + chunk);
+        for (size_t p = 0; p < P.types.size(); ++p) {
+          const int64_t a = std::max(n0, P.row0[p]), b = std::min(n1, p + 1 < P.types.size() ? P.row0[p + 1] : N);
+          if (a < b)
+            rows_gguf_f32(P.types[p], bp + P.byte0[p], P.row_bytes[p], a - P.row0[p], b - P.row0[p], x, B, K,
+                          buf.data(), yp, N, bias_p, P.row0[p]);
+        }
       }
     });
     return;
