@@ -355,6 +355,12 @@ def _avx512() -> bool:
 
 
 FAST = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q6_K]  # the types rows_gguf_f32 dequantizes (Q5_0 regrouped)
+VNNI = [Q.Q8_0, Q.Q4_0, Q.Q4_1]  # the types cols16_vnni takes
+
+
+def _vnni() -> bool:
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    return _avx512() and "avx512_vnni" in flags
 
 
 @needs_kernels
@@ -364,8 +370,10 @@ def test_several_rows_of_x_take_exact_products_with_avx512(qtype, monkeypatch):
     """8 to 96 rows of x (a server's batched step, a short prompt): each row of weights dequantized
     exactly as dequant_row (bitwise, against the scalar loop and gguf-py) and dotted with the
     unquantized x, so within fp32 rounding of the dequantized weights' products; below 8 rows, and
-    with SLM_NO_AVX512=1, the int8 x of the other path."""
+    with SLM_NO_AVX512=1, the int8 x of the other path. (Up to MAX_DIRECT rows of the VNNI types
+    take cols16_vnni where the CPU has VNNI: SLM_NO_VNNI=1 here, the next test for that path.)"""
     torch.manual_seed(0)
+    monkeypatch.setenv("SLM_NO_VNNI", "1")
     k = 512
     m, w = layer([(qtype, 44), (Q.Q8_0, 6)], k, bias=True)  # 44 + 6 rows: tiles of 4 and a remainder
     monkeypatch.setenv("SLM_NO_AVX512", "1")
@@ -382,3 +390,31 @@ def test_several_rows_of_x_take_exact_products_with_avx512(qtype, monkeypatch):
         x = torch.randn(rows, k)
         ref = (quantize_x_reference(x).double() @ w.double().T).float() + m.bias
         torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item(), msg=f"{rows} rows")
+
+
+@needs_kernels
+@pytest.mark.skipif(not _vnni(), reason="cols16_vnni runs on CPUs with AVX-512 VNNI")
+@pytest.mark.parametrize("qtype", VNNI, ids=lambda q: q.name)
+def test_vnni_rows_compute_what_the_int8_path_computes(qtype, monkeypatch):
+    """4 to MAX_DIRECT rows of x through cols16_vnni (16 rows of weights at a time, the 12 left of
+    a part and a part that starts off a multiple of 16 through rows_gguf): x in quantize_x2's pairs,
+    the same integers and scales as the one-row path, so within fp32 summation order of it (which
+    SLM_GGUF_VNNI_ROWS=1000 takes), and of the int8 reference; above MAX_DIRECT, x as it is."""
+    torch.manual_seed(0)
+    k = 512
+    m, w = layer([(qtype, 44), (Q.Q8_0, 6), (qtype, 32)], k, bias=True)
+    for rows in (4, 5, 8, 13, 16, 17, 32):
+        x = torch.randn(rows, k)
+        monkeypatch.setenv("SLM_GGUF_VNNI_ROWS", "1000")
+        monkeypatch.setenv("SLM_GGUF_F32_ROWS", "1000")
+        int8_path = m(x)
+        monkeypatch.delenv("SLM_GGUF_VNNI_ROWS")
+        monkeypatch.delenv("SLM_GGUF_F32_ROWS")
+        vnni = m(x)
+        ref = (quantize_x_reference(x).double() @ w.double().T).float() + m.bias
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(vnni, int8_path, rtol=0, atol=1e-6 * scale, msg=f"{rows} rows")
+        torch.testing.assert_close(vnni, ref, rtol=0, atol=1e-5 * scale, msg=f"{rows} rows")
+    x = torch.randn(MAX_DIRECT + 1, k)
+    torch.testing.assert_close(m(x), (x.double() @ w.double().T).float() + m.bias, rtol=0,
+                               atol=1e-6 * (x @ w.T).abs().max().item())

@@ -14,7 +14,10 @@
 // memory bandwidth (~16 GB/s), where reading 2-4 rows side by side (several streams, as the int8
 // tile in matvec_int8.cpp) drew half of it. Above max_direct rows: dequantize blocks of rows to
 // fp32 and GEMM. On a CPU with AVX-512, F32_ROWS to F32_MAX_ROWS rows of x take rows_gguf_f32
-// instead: rows of weights dequantized to fp32 in L1, dotted with the unquantized x.
+// instead: rows of weights dequantized to fp32 in L1, dotted with the unquantized x. On a CPU with
+// AVX-512 VNNI, VNNI_ROWS to max_direct rows of x of Q8_0/Q4_0/Q4_1 layers take cols16_vnni: the
+// same pairs of int8 x as the one-row path, 16 rows of weights at a time with vpdpbusd (a 16-row
+// SmolLM2 step 28 -> 24 ms against rows_gguf_f32).
 // The PyTorch fallback (slm.quantize_gguf) computes the same: the same int8 x, the file's weights
 // dequantized by gguf.quants.
 
@@ -501,7 +504,7 @@ void quantize_x(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, flo
 // gemma-3-270m's perplexity by ~0.45% from its dequantized weights, the pair by ~0.00%. The fixed
 // ratio lets the kernels dot both rows in one int32 (254 q + q', dot_row's PAIR); the weights are
 // decoded once for both, so the memory read per token is the same as with one row.
-void quantize_x2(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, float* xs) {
+void quantize_x2(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, float* xs, int32_t* S) {
   const int64_t nb32 = K / 32;
   float r[32];
   for (int64_t b = 0; b < B; ++b) {
@@ -515,6 +518,7 @@ void quantize_x2(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, fl
       const float d2 = d1 / 254.0f, id2 = d2 != 0.0f ? 1.0f / d2 : 0.0f;
       const int s2 = quantize_block(r, id2, q + K + 32 * i);
       d[nb32 + i] = d2, sums[i] = d1 * float(s1) + d2 * float(s2);  // what dot_row's PAIR reads
+      if (S) S[b * nb32 + i] = 254 * s1 + s2;  // the same sum in integers (cols16_vnni's)
     }
   }
 }
@@ -843,6 +847,96 @@ SLM_AVX512 void cols16_rows(const uint8_t* w, int64_t row_bytes, const float* x,
   }
 }
 
+#define SLM_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+// The int8 path's products (quantize_x2's pairs, as for few rows of x) for 16 rows of weights w
+// (type T: Q8_0, Q4_0 or Q4_1) and RX pairs of x rows, read across the rows as cols16_gguf does,
+// with AVX-512 VNNI: each gathered dword holds 4 weights of each of the 16 rows as unsigned bytes
+// (Q4's nibbles; Q8_0's bytes + 128) and vpdpbusd adds their products with 4 bytes of x, for 16
+// rows at once. A block's integer dot is 254 (w . q) + (w . q') (within int32: |w| <= 255, 32
+// weights), less 8 (Q4_0) or 128 (Q8_0) times the pair's integer sum S; then d d' and, for Q4_1,
+// m times the pair's sum xs, as dot_row's wide16 path computes it. xq: 2 RX int8 rows (stride K),
+// dx and xs: 2 RX rows of nb32 (quantize_x2's), S: RX rows of nb32.
+template <int64_t T, int RX>
+SLM_VNNI void cols16_vnni(const uint8_t* __restrict w, int64_t row_bytes, const int8_t* __restrict xq, int64_t K,
+                          const float* __restrict dx, const float* __restrict xs, const int32_t* __restrict S,
+                          int64_t nb32, int64_t rows, float* y, int64_t ldy, const float* bias) {
+  constexpr int64_t BB = T == T_Q8_0 ? 34 : T == T_Q4_1 ? 20 : 18;  // bytes a block
+  constexpr int32_t OFFSET = T == T_Q8_0 ? 128 : T == T_Q4_0 ? 8 : 0;  // what the unsigned weights add
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(int32_t(row_bytes)));
+  const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(char(0x80));
+  __m512 acc[RX];
+#pragma GCC unroll 16
+  for (int r = 0; r < RX; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < nb32; ++i) {
+    const uint8_t* blk = w + i * BB;
+    const __m512i head = _mm512_i32gather_epi32(idx, blk, 1);  // d (low 16 bits); Q4_1: m (high 16)
+    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+    const __m512 m = T == T_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16))) : d;
+    __m512i W[8];  // W[j]: weights 4j .. 4j + 3 of the 16 rows
+    if constexpr (T == T_Q8_0) {
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) W[j] = _mm512_xor_si512(_mm512_i32gather_epi32(idx, blk + 2 + 4 * j, 1), flip);
+    } else {  // byte j: weight j (low nibble), j + 16 (high)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m512i q = _mm512_i32gather_epi32(idx, blk + (T == T_Q4_1 ? 4 : 2) + 4 * j, 1);
+        W[j] = _mm512_and_si512(q, m4);
+        W[4 + j] = _mm512_and_si512(_mm512_srli_epi32(q, 4), m4);
+      }
+    }
+    // G rows of x at a time, their dots side by side: one row's 16 vpdpbusd in a chain would
+    // wait on each other's latency.
+    constexpr int G = RX < 8 ? RX : 8;
+#pragma GCC unroll 2
+    for (int r0 = 0; r0 < RX; r0 += G) {
+      const int8_t* x1 = xq + 2 * r0 * K + 32 * i;  // row r's pair: x1 + 2 r K, and K further
+      __m512i v[G];
+#pragma GCC unroll 8
+      for (int r = 0; r < G; ++r) v[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j)
+#pragma GCC unroll 8
+        for (int r = 0; r < G; ++r)
+          v[r] = _mm512_dpbusd_epi32(v[r], W[j], _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x1 + 2 * r * K + 4 * j)));
+#pragma GCC unroll 8
+      for (int r = 0; r < G; ++r) v[r] = _mm512_sub_epi32(_mm512_slli_epi32(v[r], 8), _mm512_slli_epi32(v[r], 1));  // 254 v
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j)
+#pragma GCC unroll 8
+        for (int r = 0; r < G; ++r)
+          v[r] = _mm512_dpbusd_epi32(v[r], W[j], _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x1 + (2 * r + 1) * K + 4 * j)));
+#pragma GCC unroll 8
+      for (int r = 0; r < G; ++r) {
+        const int64_t row = r0 + r;
+        if constexpr (OFFSET != 0) v[r] = _mm512_sub_epi32(v[r], _mm512_set1_epi32(OFFSET * S[row * nb32 + i]));
+        acc[row] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(dx[(2 * row + 1) * nb32 + i])), _mm512_cvtepi32_ps(v[r]), acc[row]);
+        if constexpr (T == T_Q4_1) acc[row] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[2 * row * nb32 + i]), acc[row]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    _mm512_storeu_ps(y + r * ldy, bias ? _mm512_add_ps(acc[r], _mm512_loadu_ps(bias)) : acc[r]);
+}
+
+// cols16_vnni for the 16 rows of weights at w and every row of x, 16 rows of x at a time (the
+// arrays hold zero rows up to a multiple of 8, for the last 4, 8 or 16).
+template <int64_t T>
+SLM_VNNI void cols16_vnni_rows(const uint8_t* w, int64_t row_bytes, const int8_t* xq, const float* dx, const float* xs,
+                               const int32_t* S, int64_t B, int64_t K, float* y, int64_t ldy, const float* bias) {
+  const int64_t nb32 = K / 32;
+  for (int64_t b = 0; b < B; b += 16) {
+    const int64_t rows = std::min<int64_t>(16, B - b);
+    const int8_t* q = xq + 2 * b * K;
+    const float *d = dx + 2 * b * nb32, *sx = xs + 2 * b * nb32;
+    const int32_t* sb = S + b * nb32;
+    if (rows <= 4) cols16_vnni<T, 4>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
+    else if (rows <= 8) cols16_vnni<T, 8>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
+    else cols16_vnni<T, 16>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
+  }
+}
+
 // Rows [n0, n1) of one part (type t) for B rows of fp32 x: Q8_0, Q4_0 and Q4_1 sixteen rows of
 // weights at a time (cols16_rows; pad: 16K floats), the rest four rows at a time (buf: 4K floats).
 // bias0: where the part's rows start in y and bias.
@@ -895,30 +989,105 @@ bool f32_path(const Parts& P, int64_t B, int64_t K) {
          std::all_of(P.types.begin(), P.types.end(), [K](int64_t t) { return fast_dequant(t, K); });
 }
 
+// y [B, N] (+ bias) for B rows of fp32 x through rows_gguf_f32 (x as it is; AVX-512).
+void gguf_f32(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int64_t K, float* yp, const float* bias_p) {
+  const int64_t N = P.N;
+  // The threads take chunks of rows from a shared counter as they finish, not half the rows
+  // each: with halves, whichever thread had been held up (a shared host, a late wake-up) kept
+  // the other waiting at the end of every product, ~10% of a 16-row SmolLM2 step.
+  const int64_t chunk = 16 * std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, 16 * P.row_bytes[0]));
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (N + chunk - 1) / chunk);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<float> buf(4 * K);
+    for (int64_t n0; (n0 = next.fetch_add(chunk)) < N;) {
+      const int64_t n1 = std::min(N, n0 + chunk);
+      for (size_t p = 0; p < P.types.size(); ++p) {
+        const int64_t a = std::max(n0, P.row0[p]), b = std::min(n1, p + 1 < P.types.size() ? P.row0[p + 1] : N);
+        if (a < b)
+          rows_gguf_f32(P.types[p], bp + P.byte0[p], P.row_bytes[p], a - P.row0[p], b - P.row0[p], x, B, K,
+                        buf.data(), yp, N, bias_p, P.row0[p]);
+      }
+    }
+  });
+}
+
+// Whether the CPU has AVX-512 with VNNI and neither SLM_NO_AVX512 nor SLM_NO_VNNI is set.
+bool cpu_has_vnni() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+  }();
+  const char* e = std::getenv("SLM_NO_VNNI");  // read at each call: tests and benchmarks compare both paths
+  return has && cpu_has_avx512() && !(e && *e && std::strcmp(e, "0") != 0);
+}
+
+// From this many rows of x, Q8_0/Q4_0/Q4_1 layers take cols16_vnni on a CPU with AVX-512 VNNI
+// (SLM_GGUF_VNNI_ROWS overrides it, read at each call).
+constexpr int64_t VNNI_ROWS = 4;
+
+// Whether gguf_direct takes cols16_vnni for B rows of x: every part Q8_0, Q4_0 or Q4_1, x in pairs.
+bool vnni_path(const Parts& P, int64_t B) {
+  const char* e = std::getenv("SLM_GGUF_VNNI_ROWS");
+  const int64_t least = e ? std::max<int64_t>(1, std::atoll(e)) : VNNI_ROWS;
+  return B >= least && x_rows() == 2 && cpu_has_vnni() &&
+         std::all_of(P.types.begin(), P.types.end(), [](int64_t t) { return t == T_Q8_0 || t == T_Q4_0 || t == T_Q4_1; });
+}
+
+// y [B, N] (+ bias) for B rows of x through cols16_vnni (the int8 path's numbers, 16 rows of weights
+// at a time; a part's rows short of 16 through rows_gguf). The threads take chunks of rows from a
+// shared counter, as in the fp32 path.
+void gguf_vnni(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int64_t K, float* yp, const float* bias_p) {
+  const int64_t N = P.N, nb32 = K / 32, Bp = (B + 7) / 8 * 8;  // rows of x padded with zeros to a multiple of 8
+  std::vector<int8_t> xq(2 * Bp * K, 0);
+  std::vector<float> dx(2 * Bp * nb32, 0.0f), xs(2 * Bp * nb32, 0.0f);
+  std::vector<int32_t> S(Bp * nb32, 0);  // each pair's block sums, 254 q + q'
+  quantize_x2(x, B, K, xq.data(), dx.data(), xs.data(), S.data());
+  std::vector<int16_t> x16;  // the pairs as int16, for rows_gguf: where a part's rows are not whole 16s
+  if (N % 16 != 0 || std::any_of(P.row0.begin(), P.row0.end(), [](int64_t r) { return r % 16 != 0; })) {
+    x16.resize(B * K);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < K; ++k) x16[b * K + k] = int16_t(254 * xq[2 * b * K + k] + xq[(2 * b + 1) * K + k]);
+  }
+  const int64_t chunk = 16 * std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, 16 * P.row_bytes[0]));
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (N + chunk - 1) / chunk);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t n0; (n0 = next.fetch_add(chunk)) < N;) {
+      const int64_t n1 = std::min(N, n0 + chunk);
+      for (size_t p = 0; p < P.types.size(); ++p) {
+        const int64_t r0 = P.row0[p], a = std::max(n0, r0), b = std::min(n1, p + 1 < P.types.size() ? P.row0[p + 1] : N);
+        if (a >= b) continue;
+        const int64_t t = P.types[p], rb = P.row_bytes[p];
+        const uint8_t* w = bp + P.byte0[p];
+        int64_t n = a - r0;
+        for (; n + 16 <= b - r0; n += 16) {
+          const float* bn = bias_p ? bias_p + r0 + n : nullptr;
+          if (t == T_Q8_0) cols16_vnni_rows<T_Q8_0>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
+          else if (t == T_Q4_0) cols16_vnni_rows<T_Q4_0>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
+          else cols16_vnni_rows<T_Q4_1>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
+        }
+        if (n < b - r0) {
+          if (t == T_Q8_0) rows_gguf<T_Q8_0>(w, rb, n, b - r0, xq.data(), x16.data(), dx.data(), xs.data(), B, 2, K, yp, N, bias_p, r0);
+          else if (t == T_Q4_0) rows_gguf<T_Q4_0>(w, rb, n, b - r0, xq.data(), x16.data(), dx.data(), xs.data(), B, 2, K, yp, N, bias_p, r0);
+          else rows_gguf<T_Q4_1>(w, rb, n, b - r0, xq.data(), x16.data(), dx.data(), xs.data(), B, 2, K, yp, N, bias_p, r0);
+        }
+      }
+    }
+  });
+}
+
 // y [B, N] (+ bias) for B rows of x [B, K]: x quantized to int8 blocks, then each thread streams
 // one contiguous range of weight rows (the direct path, for few rows of x). From f32_rows() rows of
 // x, on a CPU with AVX-512 and where every part is a fast_dequant type: rows_gguf_f32.
 void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int64_t K, float* yp, const float* bias_p) {
   const int64_t N = P.N;
+  if (vnni_path(P, B)) {
+    gguf_vnni(P, bp, x, B, K, yp, bias_p);
+    return;
+  }
   if (f32_path(P, B, K)) {
-    // The threads take chunks of rows from a shared counter as they finish, not half the rows
-    // each: with halves, whichever thread had been held up (a shared host, a late wake-up) kept
-    // the other waiting at the end of every product, ~10% of a 16-row SmolLM2 step.
-    const int64_t chunk = 16 * std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, 16 * P.row_bytes[0]));
-    const int64_t threads = std::min<int64_t>(at::get_num_threads(), (N + chunk - 1) / chunk);
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-      std::vector<float> buf(4 * K);
-      for (int64_t n0; (n0 = next.fetch_add(chunk)) < N;) {
-        const int64_t n1 = std::min(N, n0 + chunk);
-        for (size_t p = 0; p < P.types.size(); ++p) {
-          const int64_t a = std::max(n0, P.row0[p]), b = std::min(n1, p + 1 < P.types.size() ? P.row0[p + 1] : N);
-          if (a < b)
-            rows_gguf_f32(P.types[p], bp + P.byte0[p], P.row_bytes[p], a - P.row0[p], b - P.row0[p], x, B, K,
-                          buf.data(), yp, N, bias_p, P.row0[p]);
-        }
-      }
-    });
+    gguf_f32(P, bp, x, B, K, yp, bias_p);
     return;
   }
   const int64_t R = x_rows();
@@ -926,7 +1095,7 @@ void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, i
   std::vector<float> dx(R * B * K / 32), xs(R * B * K / 32);
   std::vector<int16_t> x16;
   if (R == 2) {
-    quantize_x2(x, B, K, xq.data(), dx.data(), xs.data());
+    quantize_x2(x, B, K, xq.data(), dx.data(), xs.data(), nullptr);
     if (std::any_of(P.types.begin(), P.types.end(), wide16)) {  // the pairs as int16, for dot_row
       x16.resize(B * K);
       for (int64_t b = 0; b < B; ++b)
@@ -970,8 +1139,12 @@ at::Tensor linear_gguf(const at::Tensor& x_in, const at::Tensor& blocks, at::Int
   const uint8_t* bp = blocks.const_data_ptr<uint8_t>();
   const float* bias_p = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* yp = y.mutable_data_ptr<float>();
-  if (B <= max_direct || (B <= F32_MAX_ROWS && f32_path(P, B, K))) {
+  if (B <= max_direct) {
     gguf_direct(P, bp, x.const_data_ptr<float>(), B, K, yp, bias_p);
+    return finish(x_in, y, N);
+  }
+  if (B <= F32_MAX_ROWS && f32_path(P, B, K)) {  // x as it is, as the GEMM below takes it
+    gguf_f32(P, bp, x.const_data_ptr<float>(), B, K, yp, bias_p);
     return finish(x_in, y, N);
   }
   const int64_t chunk = std::max<int64_t>(64, ((int64_t(1) << 20) / K + 63) / 64 * 64);
