@@ -166,14 +166,23 @@ def _pick(x: torch.Tensor, settings: list[Sampling], gens: list[torch.Generator 
     y = x[hot].float() if len(hot) < len(settings) else x.float()
     # (y - max) / T: at a tiny temperature the best token stays finite and the rest go to -inf
     temps = torch.tensor([s.temperature for s in ss], device=x.device)[:, None].clamp(min=torch.finfo().tiny)
-    y = (y - y.max(-1, keepdim=True).values) / temps
+    y = (y - y.max(-1, keepdim=True).values).mul_(1 / temps)  # a product: dividing 16 x 49,152 took ~0.7 ms
     k = torch.tensor([min(s.top_k, y.shape[-1]) for s in ss], device=x.device)
     if k.any():
         top = torch.topk(y, int(k.max())).values
         kth = top.gather(1, (k.clamp(min=1) - 1)[:, None]).masked_fill(k[:, None] == 0, float("-inf"))
         y = y.masked_fill(y < kth, float("-inf"))
-    probs = y.softmax(-1)
+    # The draw below scales u by each row's total, so only the nucleus needs probabilities that sum
+    # to one: the other rows keep exp(y) as it is (softmax's sum and division were ~0.5 ms a step
+    # of 16 SmolLM2 rows). Each row's numbers depend on its own settings alone, as they must for a
+    # seeded row to draw the same alone or in a batch.
+    probs = y.exp_()
     nucleus = [j for j, s in enumerate(ss) if s.top_p < 1]
+    if nucleus:
+        sums = probs.sum(-1, keepdim=True)
+        if len(nucleus) < len(ss):  # the other rows divided by one: as they are
+            sums = torch.ones_like(sums).index_copy_(0, torch.tensor(nucleus, device=x.device), sums[nucleus])
+        probs.div_(sums)
     if nucleus:  # keep the smallest set of tokens whose probability reaches top_p
         top_p = torch.tensor([ss[j].top_p for j in nucleus], device=x.device)[:, None]
         p = probs[nucleus] if len(nucleus) < len(ss) else probs
@@ -183,7 +192,9 @@ def _pick(x: torch.Tensor, settings: list[Sampling], gens: list[torch.Generator 
         # would drop it (the same sums, in the same order). A flatter row looks among more, and
         # only that row: one row sorting its whole vocabulary made every row of a 16-row step sort
         # theirs (~30 ms for SmolLM2's).
-        inside = torch.zeros_like(p, dtype=torch.bool)
+        # The kept tokens' probabilities scattered into zeros (what masking the others would give,
+        # without a mask of the whole vocabulary and a copy of each row to shape it).
+        kept = torch.zeros_like(p)
         left = torch.arange(p.shape[0], device=p.device)
         for k in NUCLEUS_WIDENING:
             rows = p[left] if len(left) < p.shape[0] else p
@@ -194,11 +205,17 @@ def _pick(x: torch.Tensor, settings: list[Sampling], gens: list[torch.Generator 
                 by_prob, idx = rows.sort(-1, descending=True)
                 found = torch.ones(len(left), dtype=torch.bool, device=p.device)
             keep = by_prob.cumsum(-1) - by_prob < top_p[left]
-            inside[left[found]] = torch.zeros_like(rows[found], dtype=torch.bool).scatter(1, idx[found], keep[found])
+            vals = by_prob.masked_fill(~keep, 0)
+            if bool(found.all()) and len(left) == p.shape[0]:
+                kept.scatter_(1, idx, vals)
+            else:
+                done = left[found]
+                kept[done] = torch.zeros(len(done), p.shape[-1], dtype=p.dtype, device=p.device).scatter_(
+                    1, idx[found], vals[found])
             left = left[~found]
             if not len(left):
                 break
-        p = p.masked_fill(~inside, 0)
+        p = kept
         if len(nucleus) < len(ss):
             probs[nucleus] = p
         else:
