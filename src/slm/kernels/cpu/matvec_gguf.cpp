@@ -997,26 +997,38 @@ bool f32_path(const Parts& P, int64_t B, int64_t K) {
          std::all_of(P.types.begin(), P.types.end(), [K](int64_t t) { return fast_dequant(t, K); });
 }
 
-// y [B, N] (+ bias) for B rows of fp32 x through rows_gguf_f32 (x as it is; AVX-512).
-void gguf_f32(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int64_t K, float* yp, const float* bias_p) {
-  const int64_t N = P.N;
-  // The threads take chunks of rows from a shared counter as they finish, not half the rows
-  // each: with halves, whichever thread had been held up (a shared host, a late wake-up) kept
-  // the other waiting at the end of every product, ~10% of a 16-row SmolLM2 step.
-  const int64_t chunk = 16 * std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, 16 * P.row_bytes[0]));
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (N + chunk - 1) / chunk);
+// The rows of weights a thread takes from a shared counter at a time (whole 16s, ~32 KB of blocks),
+// and the threads worth starting for N rows. The threads take chunks as they finish, not half the
+// rows each: with halves, whichever thread had been held up (a shared host, a late wake-up) kept
+// the other waiting at the end of every product, ~10% of a 16-row SmolLM2 step.
+struct SharedChunks {
+  int64_t chunk, threads;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> buf(4 * K);
-    for (int64_t n0; (n0 = next.fetch_add(chunk)) < N;) {
-      const int64_t n1 = std::min(N, n0 + chunk);
+  explicit SharedChunks(const Parts& P)
+      : chunk(16 * std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, 16 * P.row_bytes[0]))),
+        threads(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (P.N + chunk - 1) / chunk))) {}
+  // fn(p, a, b) for each part p with rows in the chunks this thread takes: its rows [a, b), counted
+  // from the part's first row
+  template <class F>
+  void each(const Parts& P, F&& fn) {
+    for (int64_t n0; (n0 = next.fetch_add(chunk)) < P.N;) {
+      const int64_t n1 = std::min(P.N, n0 + chunk);
       for (size_t p = 0; p < P.types.size(); ++p) {
-        const int64_t a = std::max(n0, P.row0[p]), b = std::min(n1, p + 1 < P.types.size() ? P.row0[p + 1] : N);
-        if (a < b)
-          rows_gguf_f32(P.types[p], bp + P.byte0[p], P.row_bytes[p], a - P.row0[p], b - P.row0[p], x, B, K,
-                        buf.data(), yp, N, bias_p, P.row0[p]);
+        const int64_t a = std::max(n0, P.row0[p]), b = std::min(n1, p + 1 < P.types.size() ? P.row0[p + 1] : P.N);
+        if (a < b) fn(p, a - P.row0[p], b - P.row0[p]);
       }
     }
+  }
+};
+
+// y [B, N] (+ bias) for B rows of fp32 x through rows_gguf_f32 (x as it is; AVX-512).
+void gguf_f32(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int64_t K, float* yp, const float* bias_p) {
+  SharedChunks work(P);
+  at::parallel_for(0, work.threads, 1, [&](int64_t, int64_t) {
+    std::vector<float> buf(4 * K);
+    work.each(P, [&](size_t p, int64_t a, int64_t b) {
+      rows_gguf_f32(P.types[p], bp + P.byte0[p], P.row_bytes[p], a, b, x, B, K, buf.data(), yp, P.N, bias_p, P.row0[p]);
+    });
   });
 }
 
@@ -1053,13 +1065,11 @@ void gguf_vnni(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int
   // the pairs as int16, for rows_gguf: where a part's rows are not whole 16s
   const bool tails = N % 16 != 0 || std::any_of(P.row0.begin(), P.row0.end(), [](int64_t r) { return r % 16 != 0; });
   std::vector<int16_t> x16(tails ? B * K : 0);
-  const int64_t chunk = 16 * std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, 16 * P.row_bytes[0]));
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + chunk - 1) / chunk)));
-  std::atomic<int64_t> next{0};
+  SharedChunks work(P);
   // One parallel region: the threads quantize the rows of x between them, then take chunks of
   // rows of weights from a shared counter (a quantization before the region kept the other
   // thread waiting, as did a second region's start).
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(int(work.threads))
   {
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
@@ -1068,27 +1078,22 @@ void gguf_vnni(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int
       if (tails)
         for (int64_t k = 0; k < K; ++k) x16[b * K + k] = int16_t(254 * xq[2 * b * K + k] + xq[(2 * b + 1) * K + k]);
     }
-    for (int64_t n0; (n0 = next.fetch_add(chunk)) < N;) {
-      const int64_t n1 = std::min(N, n0 + chunk);
-      for (size_t p = 0; p < P.types.size(); ++p) {
-        const int64_t r0 = P.row0[p], a = std::max(n0, r0), b = std::min(n1, p + 1 < P.types.size() ? P.row0[p + 1] : N);
-        if (a >= b) continue;
-        const int64_t t = P.types[p], rb = P.row_bytes[p];
-        const uint8_t* w = bp + P.byte0[p];
-        int64_t n = a - r0;
-        for (; n + 16 <= b - r0; n += 16) {
-          const float* bn = bias_p ? bias_p + r0 + n : nullptr;
-          if (t == T_Q8_0) cols16_vnni_rows<T_Q8_0>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
-          else if (t == T_Q4_0) cols16_vnni_rows<T_Q4_0>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
-          else cols16_vnni_rows<T_Q4_1>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
-        }
-        if (n < b - r0) {
-          if (t == T_Q8_0) rows_gguf<T_Q8_0>(w, rb, n, b - r0, xq.data(), x16.data(), dx.data(), xs.data(), B, 2, K, yp, N, bias_p, r0);
-          else if (t == T_Q4_0) rows_gguf<T_Q4_0>(w, rb, n, b - r0, xq.data(), x16.data(), dx.data(), xs.data(), B, 2, K, yp, N, bias_p, r0);
-          else rows_gguf<T_Q4_1>(w, rb, n, b - r0, xq.data(), x16.data(), dx.data(), xs.data(), B, 2, K, yp, N, bias_p, r0);
-        }
+    work.each(P, [&](size_t p, int64_t a, int64_t b) {
+      const int64_t t = P.types[p], rb = P.row_bytes[p], r0 = P.row0[p];
+      const uint8_t* w = bp + P.byte0[p];
+      int64_t n = a;
+      for (; n + 16 <= b; n += 16) {
+        const float* bn = bias_p ? bias_p + r0 + n : nullptr;
+        if (t == T_Q8_0) cols16_vnni_rows<T_Q8_0>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
+        else if (t == T_Q4_0) cols16_vnni_rows<T_Q4_0>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
+        else cols16_vnni_rows<T_Q4_1>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
       }
-    }
+      if (n < b) {
+        if (t == T_Q8_0) rows_gguf<T_Q8_0>(w, rb, n, b, xq.data(), x16.data(), dx.data(), xs.data(), B, 2, K, yp, N, bias_p, r0);
+        else if (t == T_Q4_0) rows_gguf<T_Q4_0>(w, rb, n, b, xq.data(), x16.data(), dx.data(), xs.data(), B, 2, K, yp, N, bias_p, r0);
+        else rows_gguf<T_Q4_1>(w, rb, n, b, xq.data(), x16.data(), dx.data(), xs.data(), B, 2, K, yp, N, bias_p, r0);
+      }
+    });
   }
 }
 
