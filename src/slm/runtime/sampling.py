@@ -183,7 +183,7 @@ def _pick(x: torch.Tensor, settings: list[Sampling], gens: list[torch.Generator 
         if len(nucleus) < len(ss):  # the other rows divided by one: as they are
             sums = torch.ones_like(sums).index_copy_(0, torch.tensor(nucleus, device=x.device), sums[nucleus])
         probs.div_(sums)
-    if nucleus:  # keep the smallest set of tokens whose probability reaches top_p
+        # keep the smallest set of tokens whose probability reaches top_p
         top_p = torch.tensor([ss[j].top_p for j in nucleus], device=x.device)[:, None]
         p = probs[nucleus] if len(nucleus) < len(ss) else probs
         # Sorting a 49,152-token vocabulary took ~2.7 ms a token, half a small model's decode step.

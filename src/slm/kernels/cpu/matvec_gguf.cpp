@@ -523,6 +523,11 @@ void quantize_x2(const float* x, int64_t B, int64_t K, int8_t* xq, float* dx, fl
   }
 }
 
+// Row b of quantize_x2's pairs as one int16 row, 254 q + q' (dot_row's wide16 x), into x16 + b K.
+inline void pair16(const int8_t* xq, int64_t b, int64_t K, int16_t* x16) {
+  for (int64_t k = 0; k < K; ++k) x16[b * K + k] = int16_t(254 * xq[2 * b * K + k] + xq[(2 * b + 1) * K + k]);
+}
+
 // Prefetch distance in bytes for the GGUF-block rows (SLM_PREFETCH overrides it, 0: none).
 int64_t prefetch_bytes() {
   static const int64_t v = [] {
@@ -777,6 +782,30 @@ SLM_AVX512 SLM_INLINE void fma_rows(__m512* acc, const float* x, int64_t K, __m5
   for (int r = 0; r < RX; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K]), wv, acc[r]);
 }
 
+// What cols16_gguf and cols16_vnni share about 16 rows of weights (stride row_bytes) read across:
+// each row's offset (for the gathers), the prefetch of the next 16 rows' bytes (contiguous after
+// these) a share a block (without it the first gather of each block waited on memory for ~18% of
+// the loop's time), and each block's scales d and, for Q4_1, m (fp16 at the block's start).
+struct Rows16 {
+  __m512i idx;
+  int64_t ahead, share;
+  SLM_AVX512 Rows16(int64_t row_bytes, int64_t nb32)
+      : idx(_mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                               _mm512_set1_epi32(int32_t(row_bytes)))),
+        ahead(16 * row_bytes), share((16 * row_bytes + nb32 - 1) / nb32) {}
+  SLM_AVX512 SLM_INLINE void prefetch(const uint8_t* w, int64_t i) const {
+    for (int64_t o = i * share; o < std::min(ahead, (i + 1) * share); o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + ahead + o), _MM_HINT_T0);
+  }
+  SLM_AVX512 SLM_INLINE __m512i gather(const uint8_t* p) const { return _mm512_i32gather_epi32(idx, p, 1); }
+  template <int64_t T>
+  SLM_AVX512 SLM_INLINE void scales(const uint8_t* blk, __m512& d, __m512& m) const {
+    const __m512i head = gather(blk);  // d (low 16 bits); Q4_1: m (high 16)
+    d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+    m = T == T_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16))) : d;
+  }
+};
+
 // y[r, 0..16) (+ bias) for 16 rows of weights w (stride row_bytes; type T: Q8_0, Q4_0 or Q4_1) and
 // RX rows of x (stride K), read across the rows: for each k, the 16 rows' weights as one vector,
 // their blocks' bytes gathered and decoded in registers (dequant_row's values exactly: d q, d (q -
@@ -787,26 +816,23 @@ SLM_AVX512 SLM_INLINE void fma_rows(__m512* acc, const float* x, int64_t K, __m5
 template <int64_t T, int RX>
 SLM_AVX512 void cols16_gguf(const uint8_t* __restrict w, int64_t row_bytes, const float* __restrict x, int64_t K,
                             int64_t rows, float* y, int64_t ldy, const float* bias) {
-  constexpr int64_t BB = T == T_Q8_0 ? 34 : T == T_Q4_1 ? 20 : 18;  // bytes a block
-  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                         _mm512_set1_epi32(int32_t(row_bytes)));
+  constexpr int64_t BB = block_bytes_c(T);
+  const int64_t nb32 = K / 32;
+  const Rows16 R(row_bytes, nb32);
   const __m512i m4 = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8);
   __m512 acc[RX];
 #pragma GCC unroll 16
   for (int r = 0; r < RX; ++r) acc[r] = _mm512_setzero_ps();
-  const int64_t nb32 = K / 32, ahead = 16 * row_bytes, share = (ahead + nb32 - 1) / nb32;  // as cols16_vnni
   for (int64_t i = 0; i < nb32; ++i) {
     const uint8_t* blk = w + i * BB;
     const float* xb = x + 32 * i;
-    for (int64_t o = i * share; o < std::min(ahead, (i + 1) * share); o += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(w + ahead + o), _MM_HINT_T0);
-    const __m512i head = _mm512_i32gather_epi32(idx, blk, 1);  // d (low 16 bits); Q4_1: m (high 16)
-    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
-    const __m512 m = T == T_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16))) : d;
+    R.prefetch(w, i);
+    __m512 d, m;
+    R.scales<T>(blk, d, m);
     if constexpr (T == T_Q8_0) {
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {  // weights 4j .. 4j + 3 of the 16 rows
-        const __m512i q = _mm512_i32gather_epi32(idx, blk + 2 + 4 * j, 1);
+        const __m512i q = R.gather(blk + 2 + 4 * j);
 #pragma GCC unroll 4
         for (int b = 0; b < 4; ++b) {
           const __m512i v = _mm512_srai_epi32(_mm512_slli_epi32(q, 24 - 8 * b), 24);
@@ -817,7 +843,7 @@ SLM_AVX512 void cols16_gguf(const uint8_t* __restrict w, int64_t row_bytes, cons
       constexpr int64_t QS = T == T_Q4_1 ? 4 : 2;  // byte j: weight j (low nibble), j + 16 (high)
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
-        const __m512i q = _mm512_i32gather_epi32(idx, blk + QS + 4 * j, 1);
+        const __m512i q = R.gather(blk + QS + 4 * j);
 #pragma GCC unroll 8
         for (int h = 0; h < 8; ++h) {  // h = 2 b + high: the nibble at bit 4 h
           __m512i v = _mm512_and_si512(_mm512_srli_epi32(q, 4 * h), m4);
@@ -864,32 +890,26 @@ template <int64_t T, int RX>
 SLM_VNNI void cols16_vnni(const uint8_t* __restrict w, int64_t row_bytes, const int8_t* __restrict xq, int64_t K,
                           const float* __restrict dx, const float* __restrict xs, const int32_t* __restrict S,
                           int64_t nb32, int64_t rows, float* y, int64_t ldy, const float* bias) {
-  constexpr int64_t BB = T == T_Q8_0 ? 34 : T == T_Q4_1 ? 20 : 18;  // bytes a block
+  constexpr int64_t BB = block_bytes_c(T);
   constexpr int32_t OFFSET = T == T_Q8_0 ? 128 : T == T_Q4_0 ? 8 : 0;  // what the unsigned weights add
-  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                         _mm512_set1_epi32(int32_t(row_bytes)));
+  const Rows16 R(row_bytes, nb32);
   const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(char(0x80));
   __m512 acc[RX];
 #pragma GCC unroll 16
   for (int r = 0; r < RX; ++r) acc[r] = _mm512_setzero_ps();
-  // The next 16 rows' bytes (contiguous after these), fetched a share a block: without it the
-  // first gather of each block waited on memory for ~18% of this loop's time.
-  const int64_t ahead = 16 * row_bytes, share = (ahead + nb32 - 1) / nb32;
   for (int64_t i = 0; i < nb32; ++i) {
     const uint8_t* blk = w + i * BB;
-    for (int64_t o = i * share; o < std::min(ahead, (i + 1) * share); o += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(w + ahead + o), _MM_HINT_T0);
-    const __m512i head = _mm512_i32gather_epi32(idx, blk, 1);  // d (low 16 bits); Q4_1: m (high 16)
-    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
-    const __m512 m = T == T_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16))) : d;
+    R.prefetch(w, i);
+    __m512 d, m;
+    R.scales<T>(blk, d, m);
     __m512i W[8];  // W[j]: weights 4j .. 4j + 3 of the 16 rows
     if constexpr (T == T_Q8_0) {
 #pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) W[j] = _mm512_xor_si512(_mm512_i32gather_epi32(idx, blk + 2 + 4 * j, 1), flip);
+      for (int j = 0; j < 8; ++j) W[j] = _mm512_xor_si512(R.gather(blk + 2 + 4 * j), flip);
     } else {  // byte j: weight j (low nibble), j + 16 (high)
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
-        const __m512i q = _mm512_i32gather_epi32(idx, blk + (T == T_Q4_1 ? 4 : 2) + 4 * j, 1);
+        const __m512i q = R.gather(blk + (T == T_Q4_1 ? 4 : 2) + 4 * j);
         W[j] = _mm512_and_si512(q, m4);
         W[4 + j] = _mm512_and_si512(_mm512_srli_epi32(q, 4), m4);
       }
@@ -1075,8 +1095,7 @@ void gguf_vnni(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int
     for (int64_t b = 0; b < B; ++b) {
       quantize_x2(x + b * K, 1, K, xq.data() + 2 * b * K, dx.data() + 2 * b * nb32, xs.data() + 2 * b * nb32,
                   S.data() + b * nb32);
-      if (tails)
-        for (int64_t k = 0; k < K; ++k) x16[b * K + k] = int16_t(254 * xq[2 * b * K + k] + xq[(2 * b + 1) * K + k]);
+      if (tails) pair16(xq.data(), b, K, x16.data());
     }
     work.each(P, [&](size_t p, int64_t a, int64_t b) {
       const int64_t t = P.types[p], rb = P.row_bytes[p], r0 = P.row0[p];
@@ -1118,8 +1137,7 @@ void gguf_direct(const Parts& P, const uint8_t* bp, const float* x, int64_t B, i
     quantize_x2(x, B, K, xq.data(), dx.data(), xs.data(), nullptr);
     if (std::any_of(P.types.begin(), P.types.end(), wide16)) {  // the pairs as int16, for dot_row
       x16.resize(B * K);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t k = 0; k < K; ++k) x16[b * K + k] = int16_t(254 * xq[2 * b * K + k] + xq[(2 * b + 1) * K + k]);
+      for (int64_t b = 0; b < B; ++b) pair16(xq.data(), b, K, x16.data());
     }
   } else {
     quantize_x(x, B, K, xq.data(), dx.data(), xs.data());
