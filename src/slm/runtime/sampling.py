@@ -172,60 +172,58 @@ def _pick(x: torch.Tensor, settings: list[Sampling], gens: list[torch.Generator 
         top = torch.topk(y, int(k.max())).values
         kth = top.gather(1, (k.clamp(min=1) - 1)[:, None]).masked_fill(k[:, None] == 0, float("-inf"))
         y = y.masked_fill(y < kth, float("-inf"))
-    # The draw below scales u by each row's total, so only the nucleus needs probabilities that sum
-    # to one: the other rows keep exp(y) as it is (softmax's sum and division were ~0.5 ms a step
-    # of 16 SmolLM2 rows). Each row's numbers depend on its own settings alone, as they must for a
-    # seeded row to draw the same alone or in a batch.
+    # Each row's numbers depend on its own settings alone, as they must for a seeded row to draw
+    # the same alone or in a batch; each row's generator gives one number, in the rows' order.
     probs = y.exp_()
+    u = torch.cat([torch.rand(1, generator=gens[j], device=x.device) for j in hot])[:, None]
+    picked = torch.zeros(len(ss), dtype=torch.long, device=x.device)
     nucleus = [j for j, s in enumerate(ss) if s.top_p < 1]
-    if nucleus:
-        sums = probs.sum(-1, keepdim=True)
-        if len(nucleus) < len(ss):  # the other rows divided by one: as they are
-            sums = torch.ones_like(sums).index_copy_(0, torch.tensor(nucleus, device=x.device), sums[nucleus])
-        probs.div_(sums)
-        # keep the smallest set of tokens whose probability reaches top_p
+    if nucleus:  # keep the smallest set of tokens whose probability reaches top_p, and draw among them
+        at = torch.tensor(nucleus, device=x.device)
+        p = probs[at] if len(nucleus) < len(ss) else probs
+        sums = p.sum(-1, keepdim=True)
         top_p = torch.tensor([ss[j].top_p for j in nucleus], device=x.device)[:, None]
-        p = probs[nucleus] if len(nucleus) < len(ss) else probs
         # Sorting a 49,152-token vocabulary took ~2.7 ms a token, half a small model's decode step.
         # The nucleus almost always lies among the most likely few hundred (topk, ~0.15 ms): then
         # every later token has that much probability before it and is dropped, as the full sort
         # would drop it (the same sums, in the same order). A flatter row looks among more, and
         # only that row: one row sorting its whole vocabulary made every row of a 16-row step sort
         # theirs (~30 ms for SmolLM2's).
-        # The kept tokens' probabilities scattered into zeros (what masking the others would give,
-        # without a mask of the whole vocabulary and a copy of each row to shape it).
-        kept = torch.zeros_like(p)
         left = torch.arange(p.shape[0], device=p.device)
         for k in NUCLEUS_WIDENING:
             rows = p[left] if len(left) < p.shape[0] else p
             if k < p.shape[-1]:
                 by_prob, idx = rows.topk(k, -1)
+                by_prob = by_prob / sums[left]
                 found = by_prob.sum(-1) >= top_p[left, 0]
             else:
                 by_prob, idx = rows.sort(-1, descending=True)
+                by_prob = by_prob / sums[left]
                 found = torch.ones(len(left), dtype=torch.bool, device=p.device)
             keep = by_prob.cumsum(-1) - by_prob < top_p[left]
-            vals = by_prob.masked_fill(~keep, 0)
-            if bool(found.all()) and len(left) == p.shape[0]:
-                kept.scatter_(1, idx, vals)
-            else:
-                done = left[found]
-                kept[done] = torch.zeros(len(done), p.shape[-1], dtype=p.dtype, device=p.device).scatter_(
-                    1, idx[found], vals[found])
+            done = found.nonzero()[:, 0]
+            # The kept tokens in the vocabulary's order, the others at zero: the draw below among
+            # them picks what it would pick from the whole row with every other token at zero
+            # (the same sums in the same order), without passes over the whole vocabulary.
+            order, perm = idx[done].sort(-1)
+            vals = by_prob[done].masked_fill(~keep[done], 0).gather(1, perm)
+            picked[at[left[done]]] = order.gather(1, _draw(vals, u[at[left[done]]]))[:, 0]
             left = left[~found]
             if not len(left):
                 break
-        p = kept
-        if len(nucleus) < len(ss):
-            probs[nucleus] = p
-        else:
-            probs = p
-    # The draw, in the vocabulary's order whatever the other rows ask for: u < the total, and
-    # searchsorted's right side picks the first token whose cumulative probability exceeds u (so
-    # one of probability > 0).
-    cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
-    u = torch.cat([torch.rand(1, generator=gens[j], device=x.device) for j in hot])[:, None] * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    tok[hot] = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)[:, 0]
+    whole = [j for j, s in enumerate(ss) if s.top_p >= 1]
+    if whole:  # a draw from the whole row, in the vocabulary's order
+        at = torch.tensor(whole, device=x.device)
+        picked[at] = _draw(probs[at] if len(whole) < len(ss) else probs, u[at])[:, 0]
+    tok[hot] = picked
     return tok
+
+
+def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For each row of weights [n, m] (>= 0, not all zero) and its uniform number u [n, 1]: the
+    index [n, 1] whose cumulative weight is the first to exceed u times the row's total (so one of
+    weight > 0)."""
+    cdf = weights.cumsum(-1)
+    total = cdf[:, -1:]
+    r = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, r, right=True).clamp(max=cdf.shape[-1] - 1)
