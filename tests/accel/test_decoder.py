@@ -144,6 +144,54 @@ def test_several_rows_of_a_serving_cache(checkpoint, quantize, monkeypatch):
         assert torch.equal(cf.pos[w][busy], cs.pos[w][busy])
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_prompts_ride_beside_decoding_rows(checkpoint, quantize, monkeypatch):
+    """Chunked prefill in the serving engine's step (Decoder.step_rows with several tokens of a
+    row): row 0 decodes a token a step while a prompt goes into row 2 five tokens a step, after its
+    first three came from a cache that holds more (RowKVCache.load_row_layers with n), past the
+    sliding windows' lengths; only the tokens asked for get logits. Both rows' logits and keys are
+    what the module path gives each sequence alone in a batch-1 cache."""
+    from slm.model import RowKVCache
+    model = slm.load(checkpoint, quantize=quantize).model
+    a, b = [9, 8, 7, 6, 5, 4, 3, 2, 1] * 2, [(13 * i + 5) % 400 for i in range(23)]
+    steps = [(7 * i + 1) % 400 for i in range(4)]  # row 0's tokens; row 2's prompt: 3 + 4 x 5 tokens
+    with torch.no_grad():
+        rows = RowKVCache(model.config, 3, 48, model.device, model.dtype)
+        alone = model.new_cache(1, len(a) + len(steps))
+        model(torch.tensor([a]), cache=alone)
+        rows.load_row(0, alone)
+        longer = model.new_cache(1, 48)
+        model(torch.tensor([b[:6]]), cache=longer)  # within Gemma's 8-slot rings: its first 3 are still there
+        for _ in rows.load_row_layers(2, longer, 3):
+            pass
+        step = decoder.fused_rows(model, rows)
+        assert step is not None, "the decoder does not run this model"
+        got_a, got_b, done = [], [], 3
+        for i, tok in enumerate(steps):
+            chunk = b[done:done + 5]
+            logits = step([tok] + chunk, [0] + [2] * 5, [len(a) + i] + list(range(done, done + 5)), [0, 5])
+            assert logits.shape == (2, 1, model.config.vocab_size)
+            got_a.append(logits[0, 0])
+            got_b.append(logits[1, 0])
+            done += 5
+        with pytest.raises(RuntimeError, match="consecutive positions"):
+            step([1, 2], [1, 1], [4, 6], [1])
+        with monkeypatch.context() as m:  # each sequence alone, on the module path
+            m.setenv("SLM_NO_DECODER", "1")
+            ref_a = []
+            for tok in steps:
+                ref_a.append(model(torch.tensor([[tok]]), cache=alone)[0, -1])
+            ref = model.new_cache(1, 48)
+            ref_b = model(torch.tensor([b]), cache=ref)[0]
+        assert ref.__dict__.get("_step") is False
+    torch.testing.assert_close(torch.stack(got_a), torch.stack(ref_a), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack(got_b), ref_b[[7, 12, 17, 22]], rtol=1e-4, atol=1e-4)
+    for i, w in enumerate(rows.windows):  # row 2's keys and values where the lone cache has them
+        n = min(len(b), rows.size[w])
+        torch.testing.assert_close(rows.k[i][2, :, :n], ref.k[i][0, :, :n], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rows.v[i][2, :, :n], ref.v[i][0, :, :n], rtol=1e-4, atol=1e-4)
+
+
 def test_a_column_major_head(checkpoint, monkeypatch):
     """checkpoint/hf.py stores a tall fp32 LM head column-major (and a tied embedding with it)."""
     lm = slm.load(checkpoint)

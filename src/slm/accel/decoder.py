@@ -287,13 +287,30 @@ def _noted_step(model, cache, note: str, make):
 
 
 def rows_step_for(model, cache):
-    """A function (tokens, rows, positions) -> logits [n, 1, V] that steps one token for each of
-    those rows of this RowKVCache in one call, or None where the module path must run it."""
+    """A function (tokens, rows, positions, want=None) -> logits [n, 1, V] that steps those tokens
+    of those rows of this RowKVCache in one call (a row's tokens at consecutive positions, in order),
+    giving the logits of the tokens listed in `want` (None: every token), or None where the module
+    path must run it."""
     def make(dec):
         ks, vs, pos = cache.k, cache.v, [cache.pos[w] for w in cache.windows]
         rolling = [int(w is not None) for w in cache.windows]
-        return lambda tokens, rows, at: dec.step_rows(tokens, rows, at, ks, vs, pos, rolling)
+
+        def step(tokens, rows, at, want=None):
+            want = range(len(tokens)) if want is None else want
+            return dec.step_rows(tokens, rows, at, ks, vs, pos, rolling, list(want))
+        return step
     return _noted_step(model, cache, "_rows_step", make)
+
+
+def fused_rows(model, cache):
+    """rows_step_for(model, cache) where a forward of `model` would run the decoder now (slm's
+    accelerated model, outside module_path(), no autograd or autocast), else None. For the serving
+    engine: the prompts going in then ride in its decode steps as extra tokens of their rows
+    (chunked prefill), which the module path's RowKVCache (one token a row) cannot take."""
+    if not isinstance(model, Transformer) or model.__dict__.get("_module_path", 0) or type(cache) is not RowKVCache \
+            or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return None
+    return rows_step_for(model, cache)
 
 
 def step_for(model, cache):

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 #include "abi.h"
@@ -161,27 +162,35 @@ at::Tensor Decoder::step(std::vector<int64_t> tokens, int64_t seen, std::vector<
                          bool last_only) {
   const int64_t T = tokens.size();
   TORCH_CHECK(seen >= 0, "slm_cpu.Decoder.step: a negative position");
-  std::vector<int64_t> rows(T, 0), positions(T);
+  std::vector<int64_t> rows(T, 0), positions(T), want(last_only ? 1 : T);
   for (int64_t t = 0; t < T; ++t) positions[t] = seen + t;
-  return run(tokens, rows, positions, K, Vc, pos, rolling, last_only, "step");
+  for (int64_t w = 0; w < int64_t(want.size()); ++w) want[w] = T - int64_t(want.size()) + w;
+  return run(tokens, rows, positions, K, Vc, pos, rolling, want, "step");
 }
 
 at::Tensor Decoder::step_rows(std::vector<int64_t> tokens, std::vector<int64_t> rows, std::vector<int64_t> positions,
                               std::vector<at::Tensor> K, std::vector<at::Tensor> Vc, std::vector<at::Tensor> pos,
-                              std::vector<int64_t> rolling) {
-  TORCH_CHECK(rows.size() == tokens.size() && positions.size() == tokens.size(), "slm_cpu.Decoder.step_rows: one row and one "
+                              std::vector<int64_t> rolling, std::vector<int64_t> want) {
+  const int64_t T = tokens.size();
+  TORCH_CHECK(int64_t(rows.size()) == T && int64_t(positions.size()) == T, "slm_cpu.Decoder.step_rows: one row and one "
               "position per token");
-  std::vector<int64_t> seen_rows(rows);
-  std::sort(seen_rows.begin(), seen_rows.end());
-  TORCH_CHECK(std::adjacent_find(seen_rows.begin(), seen_rows.end()) == seen_rows.end(),
-              "slm_cpu.Decoder.step_rows: one token per row");
   for (int64_t p : positions) TORCH_CHECK(p >= 0, "slm_cpu.Decoder.step_rows: a negative position");
-  return run(tokens, rows, positions, K, Vc, pos, rolling, false, "step_rows").view({int64_t(tokens.size()), 1, V});
+  // A row's tokens follow one another: attention reads a row's slots up to each token's position,
+  // and a sliding window's ring is written token after token.
+  std::unordered_map<int64_t, int64_t> next;
+  for (int64_t t = 0; t < T; ++t) {
+    auto it = next.find(rows[t]);
+    TORCH_CHECK(it == next.end() || it->second == positions[t],
+                "slm_cpu.Decoder.step_rows: a row's tokens must be at consecutive positions, in order");
+    next[rows[t]] = positions[t] + 1;
+  }
+  for (int64_t w : want) TORCH_CHECK(w >= 0 && w < T, "slm_cpu.Decoder.step_rows: wanted token ", w, " out of range");
+  return run(tokens, rows, positions, K, Vc, pos, rolling, want, "step_rows").view({int64_t(want.size()), 1, V});
 }
 
 at::Tensor Decoder::run(const std::vector<int64_t>& tokens, const std::vector<int64_t>& row, const std::vector<int64_t>& positions,
                         std::vector<at::Tensor>& K, std::vector<at::Tensor>& Vc, std::vector<at::Tensor>& pos,
-                        const std::vector<int64_t>& rolling, bool last_only, const char* what) {
+                        const std::vector<int64_t>& rolling, const std::vector<int64_t>& want, const char* what) {
   const int64_t n = layers.size(), Q = (H + 2 * Hkv) * D, T = tokens.size();
   TORCH_CHECK(int64_t(K.size()) == n && int64_t(Vc.size()) == n && int64_t(pos.size()) == n && int64_t(rolling.size()) == n,
               "slm_cpu.Decoder.", what, ": one cache per layer");
@@ -277,11 +286,10 @@ at::Tensor Decoder::run(const std::vector<int64_t>& tokens, const std::vector<in
       for (int64_t j = 0; j < T * d; ++j) x[j] = x[j] + m[j];
     }
   }
-  const int64_t R = last_only ? 1 : T;
-  const float* last = x.data() + (T - R) * d;
-  for (int64_t t = 0; t < R; ++t) final_norm(last + t * d, h.data() + t * d, d);
+  const int64_t R = want.size();
+  for (int64_t w = 0; w < R; ++w) final_norm(x.data() + want[w] * d, h.data() + w * d, d);
   auto logits = at::empty({1, R, head.N}, at::TensorOptions().dtype(at::kFloat));
-  head.rows(h.data(), R, logits.mutable_data_ptr<float>());
+  if (R > 0) head.rows(h.data(), R, logits.mutable_data_ptr<float>());
   return logits;
 }
 

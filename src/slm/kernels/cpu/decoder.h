@@ -78,20 +78,23 @@ struct Decoder : torch::CustomClassHolder {
   // for the last token only.
   at::Tensor step(std::vector<int64_t> tokens, int64_t seen, std::vector<at::Tensor> K, std::vector<at::Tensor> Vc,
                   std::vector<at::Tensor> pos, std::vector<int64_t> rolling, bool last_only);
-  // One token for each of several rows of a serving cache (RowKVCache: rows advance on their own):
-  // token t at position positions[t] of row rows[t] (each row once), K[i], V[i] [R, Hkv, S, D] and pos[i]
-  // [R, S] the whole caches; a row's slots [0, min(p + 1, S)) must hold its positions in order, as
-  // RowKVCache.load_row leaves them. The products run for all the rows together, so a step of 4
-  // rows reads the weights once. -> logits [T, 1, V], in the order of the tokens.
+  // Tokens of several rows of a serving cache (RowKVCache: rows advance on their own): token t at
+  // position positions[t] of row rows[t], K[i], V[i] [R, Hkv, S, D] and pos[i] [R, S] the whole
+  // caches; a row's slots [0, min(p + 1, S)) must hold its positions in order, as
+  // RowKVCache.load_row leaves them. A row may take several tokens (a prompt going in beside the
+  // decoding rows: chunked prefill), at consecutive positions in the order given. The products run
+  // for all the tokens together, so a step of 4 rows reads the weights once. -> logits [W, 1, V] of
+  // the tokens listed in `want`, in that order (the others' logits are not computed).
   at::Tensor step_rows(std::vector<int64_t> tokens, std::vector<int64_t> rows, std::vector<int64_t> positions,
                        std::vector<at::Tensor> K, std::vector<at::Tensor> Vc, std::vector<at::Tensor> pos,
-                       std::vector<int64_t> rolling);
+                       std::vector<int64_t> rolling, std::vector<int64_t> want);
 
  private:
-  // step and step_rows: token t of row row[t] at position positions[t]
+  // step and step_rows: token t of row row[t] at position positions[t]; logits of the tokens in
+  // `want` (in that order)
   at::Tensor run(const std::vector<int64_t>& tokens, const std::vector<int64_t>& row, const std::vector<int64_t>& positions,
                  std::vector<at::Tensor>& K, std::vector<at::Tensor>& Vc, std::vector<at::Tensor>& pos,
-                 const std::vector<int64_t>& rolling, bool last_only, const char* what);
+                 const std::vector<int64_t>& rolling, const std::vector<int64_t>& want, const char* what);
 };
 
 }  // namespace slm::cpu
