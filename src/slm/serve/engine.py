@@ -14,6 +14,13 @@ does one piece of prefill, then one decode step of every busy row:
   sampled. The copies (into its rows, and from the prefix cache before its first chunk) go a
   layer at a time within the same budget: a 4,000-token prompt's keys and values are ~180 MB
   for SmolLM2, ~40 ms copied in one go, a gap that long in every stream.
+- A prompt with few tokens left after its prefix-cache match (RIDE_TOKENS: a chat's new message,
+  a request behind a cached system prompt) rides the decode steps instead, where the fused
+  decoder runs them (slm.accel.decoder.fused_rows): the match's keys and values are copied into
+  its row, and its tokens go through the model as extra tokens of that row in the next steps,
+  beside the other rows' next tokens (chunked prefill, as vLLM does), worth at most RIDE_SHARE of
+  a step each; its first token is sampled with the rows'. No batch-1 cache, no layer-by-layer
+  turns, no copy of the prompt into its row.
 - Admission is fair between groups of requests (the prompts of one API call form a group): the
   groups take turns, one prompt each, so a call with 64 prompts does not hold every row before
   the next caller gets one.
@@ -34,6 +41,7 @@ import asyncio
 import collections
 import concurrent.futures
 import ctypes
+import itertools
 import logging
 import math
 import mmap
@@ -47,7 +55,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import KVCache, RowKVCache
+from ..accel.decoder import fused_rows
+from ..model import KVCache, RowKVCache, kv_cache
 from ..model.config import ModelConfig
 from ..runtime.adapters import RowAdapters
 from ..runtime.sampling import Row, Sampling, sample_rows
@@ -89,6 +98,27 @@ PREFILL_SHARE = 0.25
 # its earlier 64-wide module-path model), median of 6 rounds: 3.4x its pace alone with the one-row
 # share, 3.5x at 1, 3.65x at 2, 4.0x at 4.
 PREFILL_CROWD = 2
+# A prompt with at most this many tokens left after its prefix-cache match goes in by riding the
+# decode steps (where the fused decoder runs them): its row takes the matched keys and values, and
+# its tokens go through the model as extra tokens of that row in the next steps, beside the other
+# rows' next tokens (chunked prefill). Chats and applications resend a cached system prompt or
+# history plus a short message, so most requests of a busy server are such prompts. Through the
+# module path instead (a batch-1 cache a few layers a turn, then a copy into its row) each took
+# ~20 ms of turns over several steps, one prompt at a time, while its row sat idle: with 16
+# clients a third of the steps ran with fewer than 14 of 16 rows (docs/serving.md). Longer
+# prompts keep that path, whose turns bound the running streams' gaps.
+RIDE_TOKENS = 64
+# ... and at most this many tokens in all: a token's attention costs as much as its position is
+# long, and a rider's last tokens go through the model in one step, where the module path spreads
+# a chunk over turns a few layers at a time (the last token of a 4,000-token prompt took a step of
+# a 512-wide model from ~6 to ~21 ms).
+RIDE_CONTEXT = 1024
+# A decode step carries prompt tokens worth this share of its cost, less what the turn's prefill
+# before it took, priced at what one more token has cost the steps so far, and at least
+# RIDE_MIN_TOKENS (one after a turn of prefill that took a tenth of a step or more); with no row
+# decoding, a prefill chunk's worth.
+RIDE_SHARE = 0.5
+RIDE_MIN_TOKENS = 4
 
 
 @dataclass(kw_only=True)
@@ -169,6 +199,43 @@ def zeros_without_openmp(shape, device=None, dtype=torch.float32) -> torch.Tenso
     return torch.from_numpy(np.frombuffer(mmap.mmap(-1, n), dtype=np.uint8)).view(dtype).view(shape)
 
 
+_MADV_POPULATE_WRITE = 23  # Linux 5.14 and later
+_madvise = None
+
+
+def populate(cache: KVCache, slots: int) -> None:
+    """Fault in the pages that the first `slots` slots of each of the cache's mapped layer tensors
+    [1, heads, S, head dim] occupy, without changing what they hold (madvise MADV_POPULATE_WRITE;
+    elsewhere nothing). On the allocator thread, for a riding prompt's cache while its sequence
+    decodes: each first write to a page of a fresh mapping costs a fault (~3 us a page on the host
+    measured), and the ~1,200 pages a finished SmolLM2 sequence of 100 tokens fills took the engine
+    thread ~12 ms when it saved the sequence there."""
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                _madvise = libc.madvise
+            except (OSError, AttributeError):
+                pass
+    if not _madvise:
+        return
+    page = mmap.PAGESIZE
+    for t in cache.k + cache.v:
+        if t.numel() * t.element_size() < MAPPED_BYTES or not t.is_contiguous():
+            continue  # from the heap (zeros_without_openmp): small, and maybe shared with other data
+        n = min(slots, t.shape[2])
+        for h in range(t.shape[1]):
+            start = t[0, h].data_ptr()
+            end = start + n * t.shape[3] * t.element_size()
+            first = start - start % page
+            if _madvise(first, end - first, _MADV_POPULATE_WRITE) != 0:  # an older kernel: never mind
+                _madvise = False
+                return
+
+
 def yield_to_the_engine() -> None:
     """Lower the calling thread's scheduling priority (Linux: niceness 19 for this thread alone):
     the allocator thread's work (unmapping a long prompt's cache, ~180 MB for 4,000 SmolLM2 tokens,
@@ -231,7 +298,9 @@ class _Seq:
         self.req, self.index, self.row = req, index, row
         self.pos = len(req.prompt_ids)  # position of the next token fed to the model
         self.tokens: list[int] = []
-        self.prompt_cache: KVCache | None = None  # its prompt's, with room for it (a request of one choice)
+        # its prompt's, with room for it (a request of one choice); a riding prompt's (a future: it
+        # is made while the prompt goes in) only keeps the finished sequence for the prefix cache
+        self.prompt_cache: KVCache | concurrent.futures.Future | None = None
         self.matcher = None  # its grammar's state (serve/grammar.py), if it follows one
         self.last: float | None = None  # when its last token was sampled
         self.complete = False  # its grammar is complete: nothing may follow
@@ -248,7 +317,7 @@ class _Prefill:
     `rows` are the free rows it will take (kept for it meanwhile)."""
 
     def __init__(self, req: Request, rows: list[int], cache: concurrent.futures.Future,
-                 prefix: tuple[Entry | None, int] = (None, 0), taken: bool = False):
+                 prefix: tuple[Entry | None, int] = (None, 0), taken: bool = False, ride: bool = False):
         # The batch-1 cache is allocated on another thread (zeroing a long prompt's cache takes
         # milliseconds the running streams would otherwise wait); `cache` holds it once ready.
         self.req, self.rows, self.pending, self.cache, self.done = req, rows, cache, None, 0
@@ -262,6 +331,10 @@ class _Prefill:
         # before the prompt's first chunk, or into its rows after its last, whose logits wait in
         # `logits` meanwhile.
         self.copy, self.logits = None, None
+        # ride: its tokens go in with the decode steps (RIDE_TOKENS): the prefix's keys and values are
+        # copied into its row first, then `done` counts the prompt tokens its row holds; `cache` (the
+        # future's) is only where the finished sequence is kept for the prefix cache (None: nowhere).
+        self.ride = ride
 
 
 def embed_batch(model, prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -347,6 +420,7 @@ class Engine:
         self.groups: dict[asyncio.Queue, collections.deque[Request]] = {}
         self.n_waiting = 0
         self.prefills: collections.deque[_Prefill] = collections.deque()  # prompts going in, in turn
+        self.riding: list[_Prefill] = []  # prompts in their rows whose tokens go in with the steps (RIDE_TOKENS)
         self.cond = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
@@ -363,6 +437,7 @@ class Engine:
         # gaps of every stream). A GPU works apart from this thread: there, wall time.
         self._clock = time.thread_time if self.device.type == "cpu" else time.perf_counter
         self._chunk = min(MIN_CHUNK, prefill_chunk)
+        self._prefill_spent = 0.0  # the seconds of the last turn of prefill
         self._allocator = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slm-prefill-cache",
                                                                 initializer=yield_to_the_engine)
         self._worked = False
@@ -408,7 +483,7 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running": sum(s is not None for s in self.rows),
-                "waiting": self.n_waiting + len(self.prefills),
+                "waiting": self.n_waiting + len(self.prefills) + len(self.riding),
                 "max_batch": self.max_batch, "context": self.max_len, "generated_tokens": self.generated,
                 "peak_running": self.peak, "prompt_tokens": self.prompt_tokens, "prefix_cache": self.prefixes.stats()}
 
@@ -427,7 +502,7 @@ class Engine:
 
     # -- the loop (engine thread) --------------------------------------------------------------
     def _idle(self) -> bool:
-        return not self.n_waiting and not self.prefills and not any(self.rows) and not self.jobs
+        return not self.n_waiting and not self.prefills and not self.riding and not any(self.rows) and not self.jobs
 
     # -- embeddings: run on the engine thread, between its turns ---------------------------------
     def embed(self, prompts: list[list[int]], adapter: str | None = None) -> list[concurrent.futures.Future]:
@@ -514,7 +589,7 @@ class Engine:
                     self._job_turn()
                     self._drop_cancelled()
                     self._prefill()
-                    if any(self.rows):
+                    if any(self.rows) or self.riding:
                         self._step()
                     self._free()
                 except Exception:  # fail what is in flight, keep serving
@@ -524,6 +599,8 @@ class Engine:
                             self._finish(s, [Delta(s.req.first_index + s.index, finish_reason="error")])
                     while self.prefills:
                         self._fail(self.prefills.popleft())
+                    while self.riding:
+                        self._fail(self.riding.pop())
 
     def _drop_cancelled(self) -> None:
         for s in self.rows:
@@ -534,6 +611,8 @@ class Engine:
                     s.prompt_cache = None
         if any(p.req.cancelled for p in self.prefills):
             self.prefills = collections.deque(p for p in self.prefills if not p.req.cancelled)
+        if any(p.req.cancelled for p in self.riding):
+            self.riding = [p for p in self.riding if not p.req.cancelled]
 
     def _next(self, free: int) -> Request | None:
         """The next request to prefill: the first waiting one of the group whose turn it is, which
@@ -558,38 +637,46 @@ class Engine:
             return None
 
     def _prefill(self) -> None:
-        """Admit the next waiting request if rows are free for it, then put one chunk of one prompt
+        """Admit waiting requests if rows are free for them, then put one chunk of one prompt
         through the model. The prompts going in take turns chunk by chunk, so a short prompt that
-        arrives while a long one is going in is in after a chunk or two, not after the long one."""
-        reserved = {r for p in self.prefills for r in p.rows}
-        free = [i for i, s in enumerate(self.rows) if s is None and i not in reserved]
-        req = self._next(len(free))
-        if req is not None:
-            # Room for the completion too: the finished sequence stays in it for the prefix cache
-            # (mapped pages: the room costs memory only once written).
-            need = len(req.prompt_ids) + (req.params.max_tokens if req.n == 1 else 0)
-            entry, length = self.prefixes.match(req.prompt_ids, req.params.adapter)
-            taken = req.n == 1 and self._can_take(entry, length, need)
-            if taken:  # the prompt continues the whole entry, which has room: it goes on in its cache
-                self.prefixes.take(entry)
-                cache = concurrent.futures.Future()
-                cache.set_result(entry.cache)
-            else:
-                room = self._room(need) if req.n == 1 else need
-                cache = self._allocator.submit(self.model.new_cache, 1, room, zeros=zeros_without_openmp)
-            self.prefills.append(_Prefill(req, free[:req.n], cache, (entry, length), taken))
-            self.prompt_tokens += len(req.prompt_ids)
+        arrives while a long one is going in is in after a chunk or two, not after the long one.
+        A prompt that rides the decode steps (RIDE_TOKENS) takes a turn only to copy its prefix into
+        its row; while the turn's budget lasts, the next such prompt copies in the same turn."""
+        # One request a turn while rows decode (matching a prompt against the prefix cache and
+        # making its cache take a millisecond or more, which every stream would wait for); all that
+        # fit while none does (a crowd arriving together then goes in together).
+        while self._admit() and not any(self.rows):
+            pass
         busy = sum(s is not None for s in self.rows)
         others = busy > 0
-        # Of the prompts whose cache is ready (with no row decoding, waiting for one costs nothing),
-        # the one with the fewest tokens left goes next: a short prompt is in after a turn or two
-        # whatever is going in beside it, and a crowd of short prompts starts one by one instead of
-        # all of them together after as many turns as they take in all.
-        ready = [p for p in self.prefills if p.cache is not None or p.pending.done() or not others]
-        if not ready:
-            return
-        p = min(ready, key=lambda p: len(p.req.prompt_ids) - p.done)
-        self.prefills.remove(p)
+        # With rows decoding, a turn of prefill may cost PREFILL_SHARE of a decode step of as many
+        # rows as are decoding now; alone, no limit.
+        crowd = min(len(self.prefills) + 1, PREFILL_CROWD)
+        budget = crowd * PREFILL_SHARE * self._step_time(busy) if others and self._step_s else None
+        t = self._clock()
+        try:
+            self._prefill_turn(others, budget, t)
+        finally:
+            self._prefill_spent = self._clock() - t  # what the riders of the next step give way to
+
+    def _prefill_turn(self, others: bool, budget: float | None, t: float) -> None:
+        while True:
+            # Riding prompts first, in the order they came (a turn copies their prefixes); then of the
+            # prompts whose cache is ready (with no row decoding, waiting for one costs nothing), the
+            # one with the fewest tokens left: a short prompt is in after a turn or two whatever is
+            # going in beside it, and a crowd of short prompts starts one by one instead of all of
+            # them together after as many turns as they take in all.
+            p = next((p for p in self.prefills if p.ride), None)
+            if p is None:
+                ready = [p for p in self.prefills if p.cache is not None or p.pending.done() or not others]
+                if not ready:
+                    return
+                p = min(ready, key=lambda p: len(p.req.prompt_ids) - p.done)
+            self.prefills.remove(p)
+            if not p.ride:
+                break
+            if not self._ride_turn(p, budget, t) or (budget is not None and self._clock() - t >= budget):
+                return
         if p.cache is None:
             try:
                 p.cache = p.pending.result()
@@ -604,11 +691,6 @@ class Engine:
                 log.exception("prefill failed")
                 self._fail(p)
                 return
-        # With rows decoding, a turn of prefill may cost PREFILL_SHARE of a decode step of as many
-        # rows as are decoding now; alone, no limit.
-        crowd = min(len(self.prefills) + 1, PREFILL_CROWD)
-        budget = crowd * PREFILL_SHARE * self._step_time(busy) if others and self._step_s else None
-        t = self._clock()
         if p.copy is not None:  # keys and values being copied: from the prefix cache, or into its rows
             try:
                 copied = self._copy_turn(p, budget, t)
@@ -648,6 +730,69 @@ class Engine:
         else:
             self.prefills.append(p)
 
+    def _admit(self) -> bool:
+        """Admit the next waiting request if rows are free for it: whether one was."""
+        reserved = {r for p in [*self.prefills, *self.riding] for r in p.rows}
+        free = [i for i, s in enumerate(self.rows) if s is None and i not in reserved]
+        req = self._next(len(free))
+        if req is None:
+            return False
+        # Room for the completion too: the finished sequence stays in it for the prefix cache
+        # (mapped pages: the room costs memory only once written).
+        need = len(req.prompt_ids) + (req.params.max_tokens if req.n == 1 else 0)
+        entry, length = self.prefixes.match(req.prompt_ids, req.params.adapter)
+        taken = req.n == 1 and self._can_take(entry, length, need)
+        ride = req.n == 1 and req.params.adapter is None and len(req.prompt_ids) - length <= RIDE_TOKENS \
+            and len(req.prompt_ids) <= RIDE_CONTEXT and fused_rows(self.model, self.cache) is not None
+        if taken:  # the prompt continues the whole entry, which has room: it goes on in its cache
+            self.prefixes.take(entry)
+            cache = concurrent.futures.Future()
+            cache.set_result(entry.cache)
+            self._allocator.submit(populate, entry.cache, need)  # the room it will write
+        elif ride:  # made here: on the allocator thread (which yields to this one) it could wait long
+            cache = concurrent.futures.Future()
+            keep = None  # nowhere to keep the finished sequence without a prefix cache: no cache
+            if self.prefixes.budget > 0:
+                keep = self.model.new_cache(1, self._room(need), zeros=zeros_without_openmp)
+                self._allocator.submit(populate, keep, need)  # its pages faulted in while it decodes
+            cache.set_result(keep)
+        else:
+            room = self._room(need) if req.n == 1 else need
+            cache = self._allocator.submit(self.model.new_cache, 1, room, zeros=zeros_without_openmp)
+        self.prefills.append(_Prefill(req, free[:req.n], cache, (entry, length), taken, ride))
+        self.prompt_tokens += len(req.prompt_ids)
+        return True
+
+    def _ride_turn(self, p: _Prefill, budget: float | None, t: float) -> bool:
+        """A riding prompt's turn: the keys and values of its prefix-cache match go into its row
+        (all of them if the prompt continues a whole entry), a layer at a time within the turn's
+        budget; then it rides the decode steps. Whether it is in (or failed); else it goes on in a
+        later turn."""
+        try:
+            if p.copy is None:  # its first turn
+                entry, length = p.prefix
+                into_keep = iter(())
+                keep = p.pending.result()  # made in _admit
+                if entry is not None and not p.taken and keep is not None \
+                        and length * self._token_bytes > kv_cache.COPY_SLICE_BYTES:
+                    # A long match goes into the cache that will keep the finished sequence now, a
+                    # slice a turn, so that keeping it copies only the rest: a 4,000-token match is
+                    # ~130 MB for a model of 8 layers of 512, a gap of that many ms in every stream
+                    # in one go. A short one is copied with the rest from its row then.
+                    into_keep = PrefixCache.load_layers(entry, length, keep)
+                into_row = self.cache.load_row_layers(p.rows[0], entry.cache if entry is not None else None, length)
+                p.copy, p.done = itertools.chain(into_keep, into_row), length
+            if not self._copy_turn(p, budget, t):
+                self.prefills.append(p)
+                return False
+        except Exception:
+            log.exception("prefill failed")
+            self._fail(p)
+            return True
+        p.prefix = (None, 0)  # the entry may be taken or dropped now
+        self.riding.append(p)
+        return True
+
     def _room(self, need: int) -> int:
         """Tokens of cache for a prompt of one choice and its completion (`need`): NEXT_TURN_ROOM
         more, within the context, where the layers that keep every position are then mapped
@@ -685,7 +830,13 @@ class Engine:
 
     def _start(self, p: _Prefill) -> None:
         """p's sequences take their rows (loaded) and sample their first tokens."""
-        req, seqs, logits = p.req, [], p.logits
+        self._advance(self._seat(p), p.logits.expand(p.req.n, -1), list(range(p.req.n)))
+
+    def _seat(self, p: _Prefill) -> list[_Seq]:
+        """p's sequences, in their rows (loaded), before their first tokens are sampled."""
+        req, seqs = p.req, []
+        if p.ride:  # its cache is only where the finished sequence is kept: still being made, maybe
+            p.cache = p.pending
         for i, row in enumerate(p.rows):
             seqs.append(_Seq(req, i, row, self.tokenizer, self.vocab, self.device))
             if req.params.grammar is not None:
@@ -693,7 +844,7 @@ class Engine:
             if req.n == 1:
                 seqs[-1].prompt_cache = p.cache
             self.rows[row] = seqs[-1]
-        self._advance(seqs, logits.expand(req.n, -1), list(range(req.n)))
+        return seqs
 
     def _chunk_turn(self, p: _Prefill, others: bool, budget: float | None, t: float):
         """Put p's next chunk through the model, or as many of its layers as the budget holds:
@@ -731,25 +882,83 @@ class Engine:
         p.req._push([Delta(p.req.first_index + i, finish_reason="error") for i in range(p.req.n)])
 
     def _step(self) -> None:
+        """One decode step: every busy row's next token, and the next tokens of the prompts riding
+        in (as many as _ride_room gives). A prompt whose last token goes in samples its first
+        token with the rows."""
         t = self._clock()
         busy = [s for s in self.rows if s is not None]
-        self.peak = max(self.peak, len(busy) + sum(p.req.n for p in self.prefills))  # rows in use
-        B = max(s.row for s in busy) + 1  # rows past the last busy one are not computed
-        ids = torch.zeros(B, 1, dtype=torch.long)
-        pos = torch.full((B, 1), -1, dtype=torch.long)
+        self.peak = max(self.peak, len(busy) + sum(p.req.n for p in self.prefills) + len(self.riding))  # rows in use
+        tokens, rows, at, starting = [s.tokens[-1] for s in busy], [s.row for s in busy], [s.pos for s in busy], []
+        want = list(range(len(busy)))
+        room = self._ride_room(len(busy))
+        for p in self.riding:
+            k = min(len(p.req.prompt_ids) - p.done, room)
+            if k <= 0:
+                break
+            tokens += p.req.prompt_ids[p.done:p.done + k]
+            rows += [p.rows[0]] * k
+            at += range(p.done, p.done + k)
+            p.done, room = p.done + k, room - k
+            if p.done == len(p.req.prompt_ids):
+                want.append(len(tokens) - 1)
+                starting.append(p)
         for s in busy:
-            ids[s.row, 0], pos[s.row, 0] = s.tokens[-1], s.pos
             s.pos += 1
         adapted: dict[str, list[int]] = {}  # each adapter's rows
         for s in busy:
             if s.req.params.adapter is not None:
                 adapted.setdefault(s.req.params.adapter, []).append(s.row)
+        fused = fused_rows(self.model, self.cache) if len(tokens) > len(busy) else None
+        if len(tokens) > len(busy) and fused is None:  # cannot happen while the model is unchanged
+            raise RuntimeError("prompts are riding the decode steps, but the fused decoder no longer runs them")
+        if fused is not None and not adapted:  # one call: the rows' next tokens and the prompts' tokens
+            logits = fused(tokens, rows, at, want)[:, -1]
+        else:
+            logits = self._rows_forward(busy, adapted) if busy else None
+            if fused is not None:  # the rows decode with adapters (the module path); the prompts apart
+                n = len(busy)
+                ride = fused(tokens[n:], rows[n:], at[n:], [w - n for w in want[n:]])[:, -1]
+                logits = ride if logits is None else torch.cat([logits, ride])
+        if starting:
+            self.riding = [p for p in self.riding if p not in starting]
+        seqs = busy + [s for p in starting for s in self._seat(p)]
+        if seqs:
+            self._advance(seqs, logits, list(range(len(seqs))))
+        took = self._clock() - t
+        was = self._step_s.get(len(tokens))
+        self._step_s[len(tokens)] = took if was is None else 0.8 * was + 0.2 * took
+
+    def _ride_room(self, busy: int) -> int:
+        """The prompt tokens a step of `busy` decoding rows may carry (RIDE_SHARE): the turn's
+        prefill and the riders together slow the running streams by about that share."""
+        if not busy or not self._step_s:
+            return self.prefill_chunk
+        step = self._step_time(busy)
+        room = int((RIDE_SHARE * step - self._prefill_spent) / self._token_time())
+        return max(1 if self._prefill_spent > 0.1 * step else RIDE_MIN_TOKENS, room)
+
+    def _token_time(self) -> float:
+        """Seconds one more token adds to a decode step: the slope between the steps of the fewest
+        and the most tokens measured, or a step's time per token while only one size has run."""
+        least, most = min(self._step_s), max(self._step_s)
+        if most > least:
+            slope = (self._step_s[most] - self._step_s[least]) / (most - least)
+            if slope > 0:
+                return slope
+        return self._step_s[most] / most
+
+    def _rows_forward(self, busy: list[_Seq], adapted: dict[str, list[int]]) -> torch.Tensor:
+        """Logits [len(busy), V] of the busy rows' next tokens, through the model's forward over the
+        cache's first rows (each row with its adapter, if any)."""
+        B = max(s.row for s in busy) + 1  # rows past the last busy one are not computed
+        ids = torch.zeros(B, 1, dtype=torch.long)
+        pos = torch.full((B, 1), -1, dtype=torch.long)
+        for s in busy:
+            ids[s.row, 0], pos[s.row, 0] = s.tokens[-1], s.pos - 1
         with self.adapters.applied(adapted):
             logits = self.model(ids.to(self.device), cache=self.cache, pos=pos.to(self.device))[:, -1]
-        self._advance(busy, logits, [s.row for s in busy])
-        took = self._clock() - t
-        was = self._step_s.get(len(busy))
-        self._step_s[len(busy)] = took if was is None else 0.8 * was + 0.2 * took
+        rows = [s.row for s in busy]
+        return logits if rows == list(range(B)) else logits[rows]
 
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
         """Sample one token for each sequence from its row of logits and send what it produced."""
@@ -815,6 +1024,15 @@ class Engine:
         """Put a finished sequence in the prefix cache: its generated tokens' keys and values
         (all fed but the last) go from its row into its prompt's cache, which has room for them."""
         cache, s.prompt_cache = s.prompt_cache, None
+        if isinstance(cache, concurrent.futures.Future):  # a riding prompt's, made on the allocator thread
+            if not cache.done():  # not yet (a busy allocator): the sequence is not kept, nor waited for
+                self._garbage.append(cache)
+                return
+            try:
+                cache = cache.result()
+            except Exception:  # noqa: BLE001 - its reply is complete; the prefix cache only misses it
+                log.exception("allocating a cache to keep a sequence in failed")
+                return
         if cache is None:
             return
         if self.prefixes.budget > 0:
