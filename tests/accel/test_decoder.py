@@ -149,8 +149,9 @@ def test_prompts_ride_beside_decoding_rows(checkpoint, quantize, monkeypatch):
     """Chunked prefill in the serving engine's step (Decoder.step_rows with several tokens of a
     row): row 0 decodes a token a step while a prompt goes into row 2 five tokens a step, after its
     first three came from a cache that holds more (RowKVCache.load_row_layers with n), past the
-    sliding windows' lengths; only the tokens asked for get logits. Both rows' logits and keys are
-    what the module path gives each sequence alone in a batch-1 cache."""
+    sliding windows' lengths (the model's forward with right-aligned rows and last_only, as the
+    engine steps). Both rows' logits and keys are what the module path gives each sequence alone
+    in a batch-1 cache."""
     from slm.model import RowKVCache
     model = slm.load(checkpoint, quantize=quantize).model
     a, b = [9, 8, 7, 6, 5, 4, 3, 2, 1] * 2, [(13 * i + 5) % 400 for i in range(23)]
@@ -167,13 +168,16 @@ def test_prompts_ride_beside_decoding_rows(checkpoint, quantize, monkeypatch):
         step = decoder.fused_rows(model, rows)
         assert step is not None, "the decoder does not run this model"
         got_a, got_b, done = [], [], 3
-        for i, tok in enumerate(steps):
-            chunk = b[done:done + 5]
-            logits = step([tok] + chunk, [0] + [2] * 5, [len(a) + i] + list(range(done, done + 5)), [0, 5])
-            assert logits.shape == (2, 1, model.config.vocab_size)
+        for i, tok in enumerate(steps):  # as the engine steps: each row's tokens right-aligned, -1 before them
+            ids, pos = torch.zeros(3, 5, dtype=torch.long), torch.full((3, 5), -1)
+            ids[0, -1], pos[0, -1] = tok, len(a) + i
+            ids[2], pos[2] = torch.tensor(b[done:done + 5]), torch.arange(done, done + 5)
+            logits = model(ids, cache=rows, pos=pos, last_only=True)
+            assert logits.shape == (3, 1, model.config.vocab_size)
             got_a.append(logits[0, 0])
-            got_b.append(logits[1, 0])
+            got_b.append(logits[2, 0])
             done += 5
+        assert rows.__dict__.get("_rows_step"), "the decoder did not run"
         with pytest.raises(RuntimeError, match="consecutive positions"):
             step([1, 2], [1, 1], [4, 6], [1])
         with monkeypatch.context() as m:  # each sequence alone, on the module path

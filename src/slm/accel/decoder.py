@@ -13,7 +13,8 @@ it knows (nn.Linear or cpu_decode's Linear in fp32, Int8Linear, Int4Linear, GGUF
 LayerNorm). Anything else keeps the module path, which gives the same logits (tests/accel/test_decoder.py
 holds the two together, and tests/accel/test_accel.py both to the reference model). Longer prompts go to the
 modules' GEMMs. The engine's step of several rows of its RowKVCache, one token each at its own
-position, goes to `rows_step_for` (`Decoder.step_rows`): the products take the rows together, so
+position (or with last_only, several of a row right-aligned: a prompt going in beside the decoding
+rows), goes to `rows_step_for` (`Decoder.step_rows`): the products take the rows together, so
 the weights are read once a step, as at batch 1. `SLM_NO_DECODER=1` turns both off.
 
 A decoder holds the weights it was built from. It is kept per model while they stay the same, and
@@ -63,16 +64,27 @@ class Transformer(reference.Transformer):
                 logits = step(input_ids[0].tolist(), first, last_only)
                 cache.seen += T
                 return logits
-        if B > 1 and T == 1 and type(cache) is RowKVCache and pos is not None and pos.shape == (B, 1) \
-                and attention_mask is None and not return_hidden and input_ids.is_cpu \
+        if (B > 1 or T > 1) and (T == 1 or last_only) and type(cache) is RowKVCache and pos is not None \
+                and pos.shape == (B, T) and attention_mask is None and not return_hidden and input_ids.is_cpu \
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
             step = rows_step_for(self, cache)
             if step is not None:  # the serving engine's step of several rows, in one C++ call
-                at = pos[:, 0].tolist()
-                busy = [b for b, p in enumerate(at) if p >= 0]  # -1: an idle row, not computed
-                if busy and max(at) < cache.max_len:
-                    ids = input_ids[:, 0].tolist()
-                    out = step([ids[b] for b in busy], busy, [at[b] for b in busy])
+                # Each row's tokens (position -1: padding; a row of it is idle and not computed),
+                # and the logits of each row's last one: a row may take several tokens at
+                # consecutive positions (a prompt going in beside the decoding rows).
+                at, ids = pos.tolist(), input_ids.tolist()
+                tokens, rows, positions, want, busy = [], [], [], [], []
+                for b in range(B):
+                    for t in range(T):
+                        if at[b][t] >= 0:
+                            tokens.append(ids[b][t])
+                            rows.append(b)
+                            positions.append(at[b][t])
+                    if rows and rows[-1] == b:
+                        busy.append(b)
+                        want.append(len(tokens) - 1)
+                if busy and max(positions) < cache.max_len:
+                    out = step(tokens, rows, positions, want)
                     if len(busy) == B:
                         return out
                     logits = out.new_zeros(B, 1, out.shape[-1])
@@ -305,8 +317,8 @@ def rows_step_for(model, cache):
 def fused_rows(model, cache):
     """rows_step_for(model, cache) where a forward of `model` would run the decoder now (slm's
     accelerated model, outside module_path(), no autograd or autocast), else None. For the serving
-    engine: the prompts going in then ride in its decode steps as extra tokens of their rows
-    (chunked prefill), which the module path's RowKVCache (one token a row) cannot take."""
+    engine: where it is, the prompts going in may ride its decode steps as extra tokens of their
+    rows (chunked prefill), which the module path's RowKVCache (one token a row) cannot take."""
     if not isinstance(model, Transformer) or model.__dict__.get("_module_path", 0) or type(cache) is not RowKVCache \
             or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return None

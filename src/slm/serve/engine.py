@@ -888,19 +888,17 @@ class Engine:
         t = self._clock()
         busy = [s for s in self.rows if s is not None]
         self.peak = max(self.peak, len(busy) + sum(p.req.n for p in self.prefills) + len(self.riding))  # rows in use
-        tokens, rows, at, starting = [s.tokens[-1] for s in busy], [s.row for s in busy], [s.pos for s in busy], []
-        want = list(range(len(busy)))
-        room = self._ride_room(len(busy))
+        # each row's tokens this step at their positions: a busy row's next token, a rider's next few
+        steps: dict[int, tuple[list[int], list[int]]] = {s.row: ([s.tokens[-1]], [s.pos]) for s in busy}
+        room, riders, starting = self._ride_room(len(busy)), [], []
         for p in self.riding:
             k = min(len(p.req.prompt_ids) - p.done, room)
             if k <= 0:
                 break
-            tokens += p.req.prompt_ids[p.done:p.done + k]
-            rows += [p.rows[0]] * k
-            at += range(p.done, p.done + k)
+            steps[p.rows[0]] = (p.req.prompt_ids[p.done:p.done + k], list(range(p.done, p.done + k)))
+            riders.append(p.rows[0])
             p.done, room = p.done + k, room - k
             if p.done == len(p.req.prompt_ids):
-                want.append(len(tokens) - 1)
                 starting.append(p)
         for s in busy:
             s.pos += 1
@@ -908,25 +906,22 @@ class Engine:
         for s in busy:
             if s.req.params.adapter is not None:
                 adapted.setdefault(s.req.params.adapter, []).append(s.row)
-        fused = fused_rows(self.model, self.cache) if len(tokens) > len(busy) else None
-        if len(tokens) > len(busy) and fused is None:  # cannot happen while the model is unchanged
+        if riders and fused_rows(self.model, self.cache) is None:  # cannot happen while the model is unchanged
             raise RuntimeError("prompts are riding the decode steps, but the fused decoder no longer runs them")
-        if fused is not None and not adapted:  # one call: the rows' next tokens and the prompts' tokens
-            logits = fused(tokens, rows, at, want)[:, -1]
+        if adapted and riders:  # the adapters' rows on the module path, one token a row; the riders apart
+            logits = self._rows_forward({r: steps[r] for r in (s.row for s in busy)}, adapted)
+            logits.update(self._rows_forward({r: steps[r] for r in riders}, {}))
         else:
-            logits = self._rows_forward(busy, adapted) if busy else None
-            if fused is not None:  # the rows decode with adapters (the module path); the prompts apart
-                n = len(busy)
-                ride = fused(tokens[n:], rows[n:], at[n:], [w - n for w in want[n:]])[:, -1]
-                logits = ride if logits is None else torch.cat([logits, ride])
+            logits = self._rows_forward(steps, adapted)
         if starting:
             self.riding = [p for p in self.riding if p not in starting]
         seqs = busy + [s for p in starting for s in self._seat(p)]
         if seqs:
-            self._advance(seqs, logits, list(range(len(seqs))))
+            self._advance(seqs, torch.stack([logits[s.row] for s in seqs]), list(range(len(seqs))))
         took = self._clock() - t
-        was = self._step_s.get(len(tokens))
-        self._step_s[len(tokens)] = took if was is None else 0.8 * was + 0.2 * took
+        n = sum(len(ids) for ids, _ in steps.values())
+        was = self._step_s.get(n)
+        self._step_s[n] = took if was is None else 0.8 * was + 0.2 * took
 
     def _ride_room(self, busy: int) -> int:
         """The prompt tokens a step of `busy` decoding rows may carry (RIDE_SHARE): the turn's
@@ -947,18 +942,21 @@ class Engine:
                 return slope
         return self._step_s[most] / most
 
-    def _rows_forward(self, busy: list[_Seq], adapted: dict[str, list[int]]) -> torch.Tensor:
-        """Logits [len(busy), V] of the busy rows' next tokens, through the model's forward over the
-        cache's first rows (each row with its adapter, if any)."""
-        B = max(s.row for s in busy) + 1  # rows past the last busy one are not computed
-        ids = torch.zeros(B, 1, dtype=torch.long)
-        pos = torch.full((B, 1), -1, dtype=torch.long)
-        for s in busy:
-            ids[s.row, 0], pos[s.row, 0] = s.tokens[-1], s.pos - 1
+    def _rows_forward(self, steps: dict[int, tuple[list[int], list[int]]],
+                      adapted: dict[str, list[int]]) -> dict[int, torch.Tensor]:
+        """The logits [V] of each row's last token this step, through one forward of the model over
+        the cache's first rows: steps maps a row to its tokens and their positions (one, or a
+        rider's several: right-aligned, the padding before them at position -1, so that each row's
+        last token is the forward's last column); rows past the last one given are not computed,
+        those between are idle (-1)."""
+        B, T = max(steps) + 1, max(len(ids) for ids, _ in steps.values())
+        ids = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.full((B, T), -1, dtype=torch.long)
+        for row, (tokens, at) in steps.items():
+            ids[row, T - len(tokens):], pos[row, T - len(at):] = torch.tensor(tokens), torch.tensor(at)
         with self.adapters.applied(adapted):
-            logits = self.model(ids.to(self.device), cache=self.cache, pos=pos.to(self.device))[:, -1]
-        rows = [s.row for s in busy]
-        return logits if rows == list(range(B)) else logits[rows]
+            logits = self.model(ids.to(self.device), cache=self.cache, pos=pos.to(self.device), last_only=True)[:, -1]
+        return {row: logits[row] for row in steps}
 
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
         """Sample one token for each sequence from its row of logits and send what it produced."""
