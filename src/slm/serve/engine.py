@@ -909,15 +909,18 @@ class Engine:
         if riders and fused_rows(self.model, self.cache) is None:  # cannot happen while the model is unchanged
             raise RuntimeError("prompts are riding the decode steps, but the fused decoder no longer runs them")
         if adapted and riders:  # the adapters' rows on the module path, one token a row; the riders apart
-            logits = self._rows_forward({r: steps[r] for r in (s.row for s in busy)}, adapted)
-            logits.update(self._rows_forward({r: steps[r] for r in riders}, {}))
+            rows = [s.row for s in busy]
+            on_rows = self._rows_forward({r: steps[r] for r in rows}, adapted)
+            logits = on_rows.new_empty(max(steps) + 1, on_rows.shape[-1])
+            logits[rows] = on_rows[rows]
+            logits[riders] = self._rows_forward({r: steps[r] for r in riders}, {})[riders]
         else:
             logits = self._rows_forward(steps, adapted)
         if starting:
             self.riding = [p for p in self.riding if p not in starting]
         seqs = busy + [s for p in starting for s in self._seat(p)]
         if seqs:
-            self._advance(seqs, torch.stack([logits[s.row] for s in seqs]), list(range(len(seqs))))
+            self._advance(seqs, logits, [s.row for s in seqs])
         took = self._clock() - t
         n = sum(len(ids) for ids, _ in steps.values())
         was = self._step_s.get(n)
@@ -943,20 +946,19 @@ class Engine:
         return self._step_s[most] / most
 
     def _rows_forward(self, steps: dict[int, tuple[list[int], list[int]]],
-                      adapted: dict[str, list[int]]) -> dict[int, torch.Tensor]:
-        """The logits [V] of each row's last token this step, through one forward of the model over
-        the cache's first rows: steps maps a row to its tokens and their positions (one, or a
-        rider's several: right-aligned, the padding before them at position -1, so that each row's
-        last token is the forward's last column); rows past the last one given are not computed,
-        those between are idle (-1)."""
+                      adapted: dict[str, list[int]]) -> torch.Tensor:
+        """The logits [rows, V] of each row's last token this step (row r's in row r), through one
+        forward of the model over the cache's first rows: steps maps a row to its tokens and their
+        positions (one, or a rider's several: right-aligned, the padding before them at position
+        -1, so that each row's last token is the forward's last column); rows past the last one
+        given are not computed, those between are idle (-1) and their logits are zeros."""
         B, T = max(steps) + 1, max(len(ids) for ids, _ in steps.values())
         ids = torch.zeros(B, T, dtype=torch.long)
         pos = torch.full((B, T), -1, dtype=torch.long)
         for row, (tokens, at) in steps.items():
             ids[row, T - len(tokens):], pos[row, T - len(at):] = torch.tensor(tokens), torch.tensor(at)
         with self.adapters.applied(adapted):
-            logits = self.model(ids.to(self.device), cache=self.cache, pos=pos.to(self.device), last_only=True)[:, -1]
-        return {row: logits[row] for row in steps}
+            return self.model(ids.to(self.device), cache=self.cache, pos=pos.to(self.device), last_only=True)[:, -1]
 
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
         """Sample one token for each sequence from its row of logits and send what it produced."""
