@@ -951,7 +951,8 @@ class Engine:
         forward of the model over the cache's first rows: steps maps a row to its tokens and their
         positions (one, or a rider's several: right-aligned, the padding before them at position
         -1, so that each row's last token is the forward's last column); rows past the last one
-        given are not computed, those between are idle (-1) and their logits are zeros."""
+        given are not computed, those between are idle (-1) and their logits are not to be read
+        (zeros from the decoder, whatever the modules made of the padding on the module path)."""
         B, T = max(steps) + 1, max(len(ids) for ids, _ in steps.values())
         ids = torch.zeros(B, T, dtype=torch.long)
         pos = torch.full((B, T), -1, dtype=torch.long)
