@@ -483,6 +483,49 @@ def test_prefix_cache_keeps_to_its_budget_and_drops_what_it_extends():
     assert pc.nbytes == 2300 and (pc.hits, pc.misses) == (3, 1)
 
 
+def test_prefix_cache_index_finds_what_comparing_every_entry_finds():
+    """The index (block hashes of 16 tokens) gives the match that comparing the prompt with every
+    entry gives: the longest usable prefix of the same adapter, a ringed entry only whole, the
+    first stored of those sharing as much; and it drops exactly the entries a new one extends.
+    Random prompts built from shared stems, so that many entries share many blocks."""
+    import random
+    from slm.model import KVCache
+    from slm.model.config import ModelConfig
+    from slm.serve.prefix import PrefixCache
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                      sliding_window=40)
+    rng = random.Random(0)
+    stems = [[rng.randrange(6) for _ in range(rng.choice([0, 5, 16, 31, 32, 48, 70]))] for _ in range(6)]
+
+    def tokens():
+        out = list(rng.choice(stems))
+        return out + [rng.randrange(4) for _ in range(rng.randrange(1, 40))]
+
+    def filled(n):
+        c = KVCache(cfg, 1, max(n, 80))  # over 40 tokens, the sliding layer's ring has wrapped
+        c.seen = n
+        return c
+
+    pc, kept = PrefixCache(budget=10**9), []  # kept: (tokens, adapter, entry), oldest first
+    for step in range(400):
+        t, adapter = tokens(), rng.choice([None, None, "a"])
+        if step % 3 == 0:
+            whole = filled(len(t)).size[40] < len(t)
+            kept = [(u, a, e) for u, a, e in kept
+                    if not (a == adapter and len(u) <= len(t) and u == t[:len(u)] and (len(u) == len(t) or not whole))]
+            pc.add(t, filled(len(t)), 1, adapter)
+            kept.append((t, adapter, pc.entries[max(pc.entries)]))
+            assert [e for _, _, e in kept] == sorted(pc.entries.values(), key=lambda e: e.key)
+        else:
+            best, length = None, 0
+            for u, a, e in kept:
+                n = next((i for i, (x, y) in enumerate(zip(t[:-1], u)) if x != y), min(len(t) - 1, len(u)))
+                if a == adapter and n > length and not (e.whole_only and n < len(u)):
+                    best, length = e, n
+            got = pc.match(t, adapter)
+            assert (got[0], got[1]) == (best, length), (t, adapter)
+
+
 @pytest.mark.parametrize("family", ["llama-untied", "gemma3"])
 def test_cache_copies_go_a_slice_a_turn_beside_running_rows(family, tmp_path, tokenizer_dir, monkeypatch):
     """While a row decodes, a prompt's keys and values go into its rows, and a prefix cache hit's

@@ -21,24 +21,52 @@ is reading stays alive until that prefill has copied it.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..model import KVCache, copy_slices
 
 
-@dataclass
+# Tokens per level of the index: a prompt is matched by hashes of its first 16, 32, ... tokens,
+# so that finding its longest stored prefix costs about a dictionary lookup per 16 of its tokens
+# and a comparison of at most 16 tokens per entry sharing its deepest level, however many entries
+# are stored. (Comparing the prompt with every entry, a few tensor operations each, took the
+# serving engine's thread 1-9 ms an admission with a few hundred entries: a gap in every stream.)
+BLOCK = 16
+
+
+def block_hashes(tokens) -> list[int]:
+    """The hash of tokens[:16], of tokens[:32], ...: one per whole block, each of all before it."""
+    out, h = [], 0
+    for end in range(BLOCK, len(tokens) + 1, BLOCK):
+        h = hash((h, *tokens[end - BLOCK:end]))
+        out.append(h)
+    return out
+
+
+@dataclass(eq=False)
 class Entry:
     tokens: torch.Tensor  # int64 [n]: the tokens whose keys and values `cache` holds
     cache: KVCache
     nbytes: int
     adapter: str | None = None  # the LoRA adapter that computed them (None: the base model)
+    ids: tuple[int, ...] = ()  # the same tokens, for comparing with a prompt's
+    hashes: list[int] = field(default_factory=list)  # block_hashes(ids): where the index holds it
+    key: int = -1  # its key in PrefixCache.entries
 
     @property
     def whole_only(self) -> bool:
         """Whether only the whole entry can be reused: a layer's ring has wrapped."""
         return any(w is not None and len(self.tokens) > self.cache.size[w] for w in self.cache.windows)
+
+
+def common_length(a, b, start: int) -> int:
+    """How many first tokens the sequences a and b share, given that they share `start`."""
+    n, m = start, min(len(a), len(b))
+    while n < m and a[n] == b[n]:
+        n += 1
+    return n
 
 
 class PrefixCache:
@@ -51,30 +79,50 @@ class PrefixCache:
         self._next = 0
         self.hits, self.misses, self.hit_tokens = 0, 0, 0
         self.dropped: list[Entry] = []  # entries dropped since the owner last took them
+        # The index: each block hash of an entry's tokens, and its first token, to the keys of the
+        # entries with it (dicts: insertion-ordered sets).
+        self._levels: dict[int, dict[int, None]] = {}
+        self._first: dict[int, dict[int, None]] = {}
 
     def stats(self) -> dict:
         return {"entries": len(self.entries), "bytes": self.nbytes, "budget_bytes": self.budget,
                 "hits": self.hits, "misses": self.misses, "hit_tokens": self.hit_tokens}
 
+    def _sharing(self, ids, hashes: list[int]):
+        """(k, keys) from the deepest level down: the entries whose first k blocks hash as ids's
+        do (k = 0: those with its first token), each once, at the deepest level it shares."""
+        seen: set[int] = set()
+        for k in range(len(hashes), -1, -1):
+            keys = self._levels.get(hashes[k - 1]) if k else self._first.get(ids[0])
+            if keys:
+                fresh = [key for key in keys if key not in seen]
+                seen.update(fresh)
+                yield k, fresh
+
     def match(self, prompt: list[int], adapter: str | None = None) -> tuple[Entry | None, int]:
         """The stored entry of the same adapter sharing the longest usable prefix with `prompt`, and
         that length: at most len(prompt) - 1 (the last prompt token must go through the model for
-        its logits)."""
+        its logits). Of entries sharing as much, the one stored first."""
         best, length = None, 0
-        if self.entries and len(prompt) > 1:
-            ids = torch.tensor(prompt[:-1], dtype=torch.long)
-            for key, e in self.entries.items():
-                if e.adapter != adapter:  # other weights made other keys and values
-                    continue
-                m = min(len(ids), len(e.tokens))
-                differ = (ids[:m] != e.tokens[:m]).nonzero()
-                n = int(differ[0, 0]) if len(differ) else m
-                if e.whole_only and n < len(e.tokens):
-                    continue
-                if n > length:
-                    best, length, best_key = e, n, key
+        ids = tuple(prompt[:-1])
+        if self.entries and ids:
+            for k, keys in self._sharing(ids, block_hashes(ids)):
+                start, usable = k * BLOCK, []
+                for key in keys:
+                    e = self.entries[key]
+                    if e.adapter == adapter:  # other weights made other keys and values
+                        n = common_length(ids, e.ids, start)
+                        if n and not (e.whole_only and n < len(e.ids)):
+                            usable.append((n, e))
+                # the longest (the first stored of equals) whose first blocks do equal the prompt's
+                # (equal hashes of unequal blocks: the next)
+                head = ids[:start]
+                best, length = next(((e, n) for n, e in sorted(usable, key=lambda u: -u[0])
+                                     if e.ids[:start] == head), (None, 0))
+                if best is not None:  # deeper levels share more than any entry below them can
+                    break
             if best is not None:
-                self.entries.move_to_end(best_key)
+                self.entries.move_to_end(best.key)
         if best is None:
             self.misses += 1
         else:
@@ -90,13 +138,18 @@ class PrefixCache:
         size = n * token_bytes
         if n < 2 or size > self.budget or cache.seen != n:
             return False
-        ids = torch.tensor(tokens, dtype=torch.long)
-        entry = Entry(ids, cache, size, adapter)
-        for key, e in list(self.entries.items()):
-            m = len(e.tokens)
-            if e.adapter == adapter and m <= n and torch.equal(e.tokens, ids[:m]) and (m == n or not entry.whole_only):
-                self._drop(key)  # a prefix of this one (or the same): this one serves it
-        self.entries[self._next] = entry
+        ids = tuple(tokens)
+        entry = Entry(torch.tensor(tokens, dtype=torch.long), cache, size, adapter, ids, block_hashes(ids), self._next)
+        for k, keys in list(self._sharing(ids, entry.hashes)):
+            for key in keys:
+                e = self.entries[key]
+                m = len(e.ids)
+                if e.adapter == adapter and m <= n and e.ids == ids[:m] and (m == n or not entry.whole_only):
+                    self._drop(key)  # a prefix of this one (or the same): this one serves it
+        self.entries[entry.key] = entry
+        for h in entry.hashes:
+            self._levels.setdefault(h, {})[entry.key] = None
+        self._first.setdefault(ids[0], {})[entry.key] = None
         self._next += 1
         self.nbytes += size
         while self.nbytes > self.budget:
@@ -106,17 +159,26 @@ class PrefixCache:
     def take(self, entry: Entry) -> None:
         """Remove `entry` without freeing it: a prompt that continues the whole of it goes on in its
         cache (the engine checks it has room), so nothing is allocated or copied."""
-        for key, e in self.entries.items():
-            if e is entry:
-                del self.entries[key]
-                self.nbytes -= entry.nbytes
-                return
-        raise KeyError("not an entry of this cache")
+        if self.entries.get(entry.key) is not entry:
+            raise KeyError("not an entry of this cache")
+        self._remove(entry.key)
 
-    def _drop(self, key: int) -> None:
+    def _remove(self, key: int) -> Entry:
         entry = self.entries.pop(key)
         self.nbytes -= entry.nbytes
-        self.dropped.append(entry)  # freed by the engine off its thread (Engine._free)
+        for h in entry.hashes:
+            keys = self._levels[h]
+            del keys[key]
+            if not keys:
+                del self._levels[h]
+        keys = self._first[entry.ids[0]]
+        del keys[key]
+        if not keys:
+            del self._first[entry.ids[0]]
+        return entry
+
+    def _drop(self, key: int) -> None:
+        self.dropped.append(self._remove(key))  # freed by the engine off its thread (Engine._free)
 
     @staticmethod
     def load_layers(entry: Entry, length: int, dst: KVCache):
