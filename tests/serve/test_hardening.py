@@ -129,7 +129,7 @@ def test_idle_and_half_sent_connections_are_closed(server):
 
 
 # -- fairness -------------------------------------------------------------------------------------
-ROUNDS = 3
+ROUNDS = 5
 
 def anonymous_rss(pid: int) -> int:
     """Bytes of the process's resident anonymous memory (heap, tensors): what a burst could leave
