@@ -166,7 +166,8 @@ def _pick(x: torch.Tensor, settings: list[Sampling], gens: list[torch.Generator 
     y = x[hot].float() if len(hot) < len(settings) else x.float()
     # (y - max) / T: at a tiny temperature the best token stays finite and the rest go to -inf
     temps = torch.tensor([s.temperature for s in ss], device=x.device)[:, None].clamp(min=torch.finfo().tiny)
-    y = (y - y.max(-1, keepdim=True).values).mul_(1 / temps)  # a product: dividing 16 x 49,152 took ~0.7 ms
+    # amax, not max: max also finds where (16 x 49,152: 181 us against 34)
+    y = (y - y.amax(-1, keepdim=True)).mul_(1 / temps)  # a product: dividing 16 x 49,152 took ~0.7 ms
     k = torch.tensor([min(s.top_k, y.shape[-1]) for s in ss], device=x.device)
     if k.any():
         top = torch.topk(y, int(k.max())).values
