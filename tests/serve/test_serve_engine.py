@@ -470,7 +470,7 @@ def test_prefix_cache_keeps_to_its_budget_and_drops_what_it_extends():
     pc = PrefixCache(budget=30 * 100)
     pc.add([1, 2, 3], filled(3), 100)
     pc.add([1, 2, 3, 4, 5], filled(5), 100)  # extends [1, 2, 3]
-    assert [e.tokens.tolist() for e in pc.entries.values()] == [[1, 2, 3, 4, 5]] and pc.nbytes == 500
+    assert [list(e.tokens) for e in pc.entries.values()] == [[1, 2, 3, 4, 5]] and pc.nbytes == 500
     assert pc.match([1, 2, 3, 4, 5])[1] == 4  # the last prompt token is prefilled for its logits
     assert pc.match([1, 2, 9])[1] == 2 and pc.match([7, 1])[0] is None
     pc.add(list(range(10, 30)), filled(20), 100)

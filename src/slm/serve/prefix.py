@@ -23,8 +23,6 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
-import torch
-
 from ..model import KVCache, copy_slices
 
 
@@ -47,12 +45,11 @@ def block_hashes(tokens) -> list[int]:
 
 @dataclass(eq=False)
 class Entry:
-    tokens: torch.Tensor  # int64 [n]: the tokens whose keys and values `cache` holds
+    tokens: tuple[int, ...]  # the tokens whose keys and values `cache` holds
     cache: KVCache
     nbytes: int
     adapter: str | None = None  # the LoRA adapter that computed them (None: the base model)
-    ids: tuple[int, ...] = ()  # the same tokens, for comparing with a prompt's
-    hashes: list[int] = field(default_factory=list)  # block_hashes(ids): where the index holds it
+    hashes: list[int] = field(default_factory=list)  # block_hashes(tokens): where the index holds it
     key: int = -1  # its key in PrefixCache.entries
 
     @property
@@ -111,14 +108,14 @@ class PrefixCache:
                 for key in keys:
                     e = self.entries[key]
                     if e.adapter == adapter:  # other weights made other keys and values
-                        n = common_length(ids, e.ids, start)
-                        if n and not (e.whole_only and n < len(e.ids)):
+                        n = common_length(ids, e.tokens, start)
+                        if n and not (e.whole_only and n < len(e.tokens)):
                             usable.append((n, e))
                 # the longest (the first stored of equals) whose first blocks do equal the prompt's
                 # (equal hashes of unequal blocks: the next)
                 head = ids[:start]
                 best, length = next(((e, n) for n, e in sorted(usable, key=lambda u: -u[0])
-                                     if e.ids[:start] == head), (None, 0))
+                                     if e.tokens[:start] == head), (None, 0))
                 if best is not None:  # deeper levels share more than any entry below them can
                     break
             if best is not None:
@@ -139,12 +136,12 @@ class PrefixCache:
         if n < 2 or size > self.budget or cache.seen != n:
             return False
         ids = tuple(tokens)
-        entry = Entry(torch.tensor(tokens, dtype=torch.long), cache, size, adapter, ids, block_hashes(ids), self._next)
-        for k, keys in list(self._sharing(ids, entry.hashes)):
+        entry = Entry(ids, cache, size, adapter, block_hashes(ids), self._next)
+        for _, keys in list(self._sharing(ids, entry.hashes)):
             for key in keys:
                 e = self.entries[key]
-                m = len(e.ids)
-                if e.adapter == adapter and m <= n and e.ids == ids[:m] and (m == n or not entry.whole_only):
+                m = len(e.tokens)
+                if e.adapter == adapter and m <= n and e.tokens == ids[:m] and (m == n or not entry.whole_only):
                     self._drop(key)  # a prefix of this one (or the same): this one serves it
         self.entries[entry.key] = entry
         for h in entry.hashes:
@@ -171,10 +168,10 @@ class PrefixCache:
             del keys[key]
             if not keys:
                 del self._levels[h]
-        keys = self._first[entry.ids[0]]
+        keys = self._first[entry.tokens[0]]
         del keys[key]
         if not keys:
-            del self._first[entry.ids[0]]
+            del self._first[entry.tokens[0]]
         return entry
 
     def _drop(self, key: int) -> None:
