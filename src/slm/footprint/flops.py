@@ -31,8 +31,18 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 def attention_flops(cfg: ModelConfig, context: float) -> float:
     """Forward FLOPs per token of the attention matmuls when a token sees `context` positions."""
-    per_layer = [min(context, w) if (w := cfg.layer_window(i)) else context for i in range(cfg.num_layers)]
-    return 4 * sum(per_layer) * cfg.num_heads * cfg.head_dim
+    return attention_pricer(cfg)(context)
+
+
+def attention_pricer(cfg: ModelConfig):
+    """attention_flops(cfg, ·) with the layers grouped by window once: for a caller that prices
+    many tokens (the receipt's hook, before every decode step of a server: looping over the
+    layers for each of 16 rows took ~60 us of a step, ~23 us grouped)."""
+    windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
+    full = sum(1 for w in windows if not w)
+    windowed = {w: windows.count(w) for w in windows if w}
+    per_position = 4 * cfg.num_heads * cfg.head_dim
+    return lambda context: per_position * (full * context + sum(n * min(context, w) for w, n in windowed.items()))
 
 
 def flops_per_token(cfg: ModelConfig, context: float, training: bool = True) -> float:

@@ -34,7 +34,7 @@ from ..model.config import ModelConfig
 from ..settings import cache_dir, env_float
 from . import devices
 from .energy import EnergyMeter
-from .flops import attention_flops, flops_per_token, matmul_params
+from .flops import attention_pricer, flops_per_token, matmul_params
 
 DEFAULT_PUE = 1.0
 DEFAULT_GRID = 475.0  # g CO2 per kWh, world average electricity (IEA)
@@ -129,16 +129,10 @@ class Tracker:
         model = getattr(model, "model", model)
         cfg = self.model_cfg = model.config
         self.dtype = self.dtype or model.dtype
-        # Once here, not per call: the hook runs before every decode step of a server (16 rows of
-        # SmolLM2: 62 us a step through inspect's bind and a loop over the layers per row, 23 so).
+        # Once here, not per call: the hook runs before every decode step of a server.
         names = list(inspect.signature(model.forward).parameters)
         body, head = 2 * (matmul_params(cfg) - cfg.vocab_size * cfg.hidden_size), 2 * cfg.vocab_size * cfg.hidden_size
-        windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
-        full, windowed = windows.count(None), {w: windows.count(w) for w in windows if w is not None}
-        per_position = attention_flops(cfg, 1) // max(cfg.num_layers, 1)
-
-        def attention(context: int) -> int:  # attention_flops(cfg, context), by groups of layers
-            return per_position * (full * context + sum(n * min(context, w) for w, n in windowed.items()))
+        attention = attention_pricer(cfg)
 
         def hook(module, args, kwargs):
             a = {**dict(zip(names, args)), **kwargs}
