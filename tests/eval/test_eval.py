@@ -199,6 +199,53 @@ def test_builtin_probes_are_new_text_and_well_formed(tmp_path):
         assert p["context"] not in train
 
 
+def test_held_out_probes_are_other_probes_of_every_kind():
+    from slm.data.probes import KINDS, held_out, probes
+    reported = {p["context"] for p in probes()}
+    held = held_out()
+    assert held == held_out() and len(held) > 400
+    assert not reported & {p["context"] for p in held}
+    assert {p["kind"] for p in held} == set(KINDS)
+
+
+# Each probe's sentence frame, its names, numbers and things left open: the lessons teach the same
+# facts in other sentences ("Now she has" after other starts than "has 5 pears and eats two"), so a
+# model that answers a probe has carried the fact over, not completed a sentence it was shown.
+PROBE_FRAMES = {
+    "arithmetic": [r"has \d+ \w+ and eats \w+\. Now (he|she) has", r"and then (his|her) \w+ gave (him|her) \w+ more\. Now"],
+    "compare": [r"The one with more \w+ is"],
+    "animal_sound": [r"heard an? \w+ say\b", r"heard\. It was the sound of the"],
+    "baby_animal": [r"with their babies\. The babies were"],
+    "opposite": [r"The opposite of \w+ is", r"(^|[.!?:]\s+)[A-Z][a-z]* is the opposite of"],
+    "color": [r"The color of [^.]* is", r"What color is [^?]*\? It is"],
+    "feeling": [r"\. (He|She) felt very"],
+    "pronoun": [r"who likes to play at the \w+\. Every day, \w+ brings"],
+    "food": [r"was very hungry after playing at the \w+, so (he|she) ate"],
+}
+
+
+def test_no_lesson_uses_a_probes_sentence_frame(tmp_path):
+    import random
+    import re
+
+    from slm.data.lessons import LESSONS, lesson
+    from slm.data.probes import KINDS, probes
+    from slm.data.synth import write_corpus
+    frames = {kind: [re.compile(f, re.M) for f in fs] for kind, fs in PROBE_FRAMES.items()}
+    for p in probes():  # each frame is the frame of its kind's probes
+        if p["kind"] in frames:
+            assert any(f.search(p["context"]) for f in frames[p["kind"]]), p["context"]
+    assert set(frames) | {"nature"} == set(KINDS)  # nature's probes are whole scenes, checked as text above
+    r = random.Random(0)
+    docs = [lesson(r, kind)[1] for kind in LESSONS for _ in range(3000)]
+    write_corpus(str(tmp_path), 3000, seed=1)
+    docs.append((tmp_path / "train.txt").read_text())
+    for kind, fs in frames.items():
+        for f in fs:
+            hit = next((m for d in docs for m in [f.search(d)] if m), None)
+            assert hit is None, f"{kind}: the corpus uses a probe's frame: {hit.string[max(hit.start() - 60, 0):hit.end() + 20]!r}"
+
+
 def test_builtin_task_runs_and_states_chance(ours):
     r = evaluate(ours, "builtin", limit=30, batch_size=16, progress=False)
     assert r["n"] == 30 and r["format"] == "builtin"

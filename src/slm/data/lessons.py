@@ -8,9 +8,16 @@ animal sounds, baby animals, opposites, colours, feelings, everyday physics, foo
 mixes plain statements ("A duck says quack.") with small scenes about named children ("Mia heard
 the duck. It said quack."), and exercises with answers, so the fact is seen from several sides.
 
-The probes are written in their own sentences: no lesson uses a probe's wording (a test checks
-that no probe's context occurs in the training split), so a model that scores on the probes has
-learnt the fact, not the sentence.
+The probes are written in their own sentences: no lesson uses a probe's sentence frame (tests check
+that no probe's context occurs in the training split, and that no lesson matches the frame of any
+probe kind with its names, numbers and things left open), so a model that scores on the probes has
+carried the fact over to a new sentence, not completed one it was shown.
+
+What a lesson must give is the probes' everyday words in sentences of its own. A model trained on
+lessons told only in the past tense completed its own take-away sentences ("had 5 pears. He ate
+two of them, so he had") right every time and the probes' present-tense ones at chance: "Now",
+"eats", "brings" and "felt very" never occurred in that corpus. So each kind is told in both
+tenses, with several starts and several endings that combine freely.
 """
 
 from __future__ import annotations
@@ -37,10 +44,15 @@ COLORS = [("the sky", "blue", "on a clear, sunny day"), ("the grass", "green", "
           ("coal", "black", ""), ("a leaf", "green", "in summer")]
 SAD_EVENTS = ["could not find {his} {toy} anywhere", "broke {his} {toy} by mistake", "was sick and had to stay in bed",
               "dropped {his} {food} on the ground", "lost {his} {toy} at the {place}",
-              "saw that the rain had ruined {his} {toy}", "missed {his} friend, who had moved away"]
+              "saw that the rain had ruined {his} {toy}", "missed {his} friend, who had moved away",
+              "fell down and hurt {his} knee", "found {his} {toy} torn in two", "had nobody to play with at the {place}",
+              "spilled {his} juice all over {his} picture", "could not go to the {place} because of the storm"]
 GLAD_EVENTS = ["got {a_toy} as a present", "won a race at the {place}", "found {his} lost {toy}",
                "played all day with {his} best friend", "got a big hug from {his} grandma",
-               "built a snowman with {his} family", "got a prize for {his} picture"]
+               "built a snowman with {his} family", "got a prize for {his} picture",
+               "had a birthday party with all {his} friends", "learnt to ride a bike at last",
+               "got a new {toy} from {his} aunt", "went to the {place} with {his} best friend",
+               "saw a rainbow after the rain"]
 SAD_WORDS, GLAD_WORDS = ["sad", "upset", "unhappy"], ["happy", "glad", "joyful"]
 # (what happened, what came of it): everyday physics and the way of things
 NATURE = [
@@ -112,6 +124,11 @@ def _sounds(r: random.Random) -> list[str]:
             f'"{cap(s)}!" said the {an}, and {c.name} laughed.',
             f"When {a(an)} talks, it says {s}.",
             f"{c.name} can make the sound of {a(an)}: {s}, {s}!",
+            f"{c.name} could hear {a(an)} saying {s}.",
+            f"Listen! The {an} says {s} to {c.name}.",
+            f"{cap(s)} is the sound of {a(an)}.",
+            f'{c.name} heard "{s}, {s}" from the barn. That was the {an}.',
+            f'"{cap(s)}, {s}!" {c.name} knew at once that it was {a(an)}.',
         ]))
     for an in r.sample(animals, 2):
         out += [f"Exercise: What does {a(an)} say?", f"Answer: {cap(a(an))} says {SOUNDS[an]}."]
@@ -149,6 +166,9 @@ def _opposites(r: random.Random) -> list[str]:
             f"The word {x} has an opposite, and that opposite is {y}.",
             f"The opposite word for {x} is {y}.",
             f"What is the other way around from {x}? It is {y}.",
+            f"{cap(x)} means the opposite of {y}.",
+            f"{cap(x)} has an opposite, and it is {y}.",
+            f"{cap(x)} is not {y}: {x} and {y} are opposites.",
         ]))
     for x, y in r.sample(pairs, 2):
         out += [f"Exercise: Which word is the opposite of {x}?", f"Answer: {cap(y)}."]
@@ -185,6 +205,8 @@ def _feelings(r: random.Random) -> list[str]:
             f"When {c.name} {event}, {c.he} was {feel}.",
             f"{c.name} {event}. That made {c.him} feel {feel}.",
             f"{c.name} {event}, so {c.he} was very {feel}.",
+            f"{c.name} {event}. {c.He} felt {feel}.",
+            f"After {c.name} {event}, {c.he} felt very {feel}.",
         ]))
     return out
 
@@ -213,47 +235,74 @@ def _food(r: random.Random) -> list[str]:
     return out
 
 
+def _taken_away(r: random.Random, c: Char, x: str, y: str, friend: str) -> tuple[str, bool]:
+    """The start of a take-away scene and whether it is told in the present tense."""
+    return r.choice([
+        (f"{c.name} had {x}. {c.He} ate {y} of them", False),
+        (f"{c.name} had {x}, but {c.he} gave {y} to {friend}", False),
+        (f"{c.name} had {x} and dropped {y} on the way home", False),
+        (f"{c.name} picked {x}, and {y} of them rolled away", False),
+        (f"{c.name} has {x}. {c.He} eats {y} of them", True),
+        (f"{c.name} has {x} and gives {y} to {friend}", True),
+        (f"{c.name} has {x}. {c.He} loses {y} in the grass", True),
+    ])
+
+
+def _given_more(r: random.Random, c: Char, x: str, y: str, friend: str) -> tuple[str, bool]:
+    parent = r.choice(PARENTS)
+    return r.choice([
+        (f"{c.name} had {x}. {c.His} {parent} gave {c.him} {y} more", False),
+        (f"{c.name} found {x} and then {y} more", False),
+        (f"{c.name} had {x}, and {friend} brought {c.him} {y} more", False),
+        (f"{c.name} has {x}. {c.His} {parent} gives {c.him} {y} more", True),
+        (f"{c.name} has {x} and finds {y} more", True),
+        (f"{c.name} has {x}. {friend} gives {c.him} {y} more", True),
+    ])
+
+
 def _counting(r: random.Random) -> list[str]:
+    """Take-away and add-more scenes told in the past and the present, each start with several
+    endings ("so she had 3 left", "Now she has 3"), so the sum is tied to no one sentence."""
     out = ["Lesson: Counting"]
-    for _ in range(4):
-        c, item = _child(r), r.choice([f for f in FOODS if f != "pea"] + ["ball", "book", "shell", "flower"])
-        parent = r.choice(PARENTS)
+    for _ in range(5):
+        (c, other), item = _two(r), r.choice([f for f in FOODS if f != "pea"] + ["ball", "book", "shell", "flower"])
+        friend = other.name
         if r.random() < 0.5:
             x = r.randint(2, 9)
             y = r.randint(1, min(x, 4))
-            out.append(r.choice([
-                f"{c.name} had {_count(x, item)}. {c.He} ate {NUM_WORDS[y]} of them, so {c.he} had "
-                f"{_count(x - y, item)} left.",
-                f"There were {_count(x, item)} on the table. {c.name} took {NUM_WORDS[y]}, and then there were "
-                f"{_count(x - y, item)}.",
-                f"{c.name} has {_count(x, item)}. If {c.he} gives away {NUM_WORDS[y]}, {c.he} will have "
-                f"{_count(x - y, item)}. {x} take away {y} is {x - y}.",
-            ]))
+            z, sign = x - y, f"{x} take away {y} is {x - y}."
+            start, now = _taken_away(r, c, _count(x, item), NUM_WORDS[y] if r.random() < 0.7 else str(y), friend)
         else:
             x, y = r.randint(1, 7), r.randint(1, 4)
-            out.append(r.choice([
-                f"{c.name} had {_count(x, item)}. {c.His} {parent} gave {c.him} {NUM_WORDS[y]} more, so {c.he} had "
-                f"{_count(x + y, item)}.",
-                f"{c.name} found {_count(x, item)} and then {NUM_WORDS[y]} more. That makes {_count(x + y, item)}.",
-                f"{c.name} has {_count(x, item)}. With {NUM_WORDS[y]} more, {c.he} will have {_count(x + y, item)}. "
-                f"{x} and {y} make {x + y}.",
-            ]))
+            z, sign = x + y, f"{x} and {y} make {x + y}."
+            start, now = _given_more(r, c, _count(x, item), NUM_WORDS[y] if r.random() < 0.7 else str(y), friend)
+        left = _count(z, item)
+        end = r.choice([f". Now {c.he} has {left}.", f", so now {c.he} has {left}.",
+                        f". {c.He} still has {left}." if z < x else f", so {c.he} has {left} in all."] if now else
+                       [f". Then {c.he} had {left}.", f". After that, {c.he} had {left}.",
+                        f", so {c.he} had {left} left." if z < x else f", so {c.he} had {left} in all."])
+        out.append(start + end + (" " + sign if r.random() < 0.3 else ""))
     return out
 
 
 def _comparing(r: random.Random) -> list[str]:
+    """Who has more, said straight after the two numbers (the way a question is answered) in
+    several sentence shapes, and sometimes why."""
     out = ["Lesson: Who has more?"]
-    for _ in range(3):
+    for _ in range(4):
         (p, q), item = _two(r), r.choice([t for t in TOYS if " " not in t and t != "yo-yo"])
         x, y = r.sample(range(1, 15), 2)
         more, less = (p, q) if x > y else (q, p)
-        big, small = max(x, y), min(x, y)
+        big, small, things = max(x, y), min(x, y), plural(item)
+        why = f", because {big} is more than {small}" if r.random() < 0.4 else ""
         out.append(r.choice([
-            f"{p.name} had {_count(x, item)} and {q.name} had {_count(y, item)}. {more.name} had more, "
-            f"because {big} is more than {small}.",
-            f"{p.name} has {_count(x, item)}. {q.name} has {_count(y, item)}. Who has more {plural(item)}? "
-            f"{more.name} does.",
-            f"{less.name} had fewer {plural(item)} than {more.name}: {small} is less than {big}.",
+            f"{p.name} had {_count(x, item)} and {q.name} had {_count(y, item)}. {more.name} had more{why}.",
+            f"{p.name} has {_count(x, item)}. {q.name} has {_count(y, item)}. Who has more {things}? "
+            f"{more.name} does{why}.",
+            f"{p.name} has {_count(x, item)} and {q.name} has {_count(y, item)}, so {more.name} has more {things}{why}.",
+            f"{p.name} has {_count(x, item)} and {q.name} has {_count(y, item)}. More {things} belong to {more.name}.",
+            f"Who has more {things}, {p.name} or {q.name}? {p.name} has {x} and {q.name} has {y}, so it is {more.name}.",
+            f"{less.name} had fewer {things} than {more.name}: {small} is less than {big}.",
         ]))
     return out
 
@@ -268,6 +317,9 @@ def _pronouns(r: random.Random) -> list[str]:
             f"{c.name} is a {c.kind}, so we say {c.his} {toy}, not {'his' if c.his == 'her' else 'her'} {toy}.",
             f"Each morning, {c.name} packs {c.his} bag and walks to the {place} with {c.his} {toy}.",
             f"{c.name} is a {c.kind} who loves {c.his} {toy}. {c.He} keeps it on {c.his} bed.",
+            f"{c.name} likes to take {c.his} {toy} to the {place}.",
+            f"Every morning, {c.name} brings {c.his} {toy} to the {place}.",
+            f"{c.name} is a {c.kind}. After school, {c.he} plays with {c.his} {toy} at the {place}.",
         ]))
     out += [f"Exercise: {c.name} has {a(toy)}. Whose {toy} is it?", f"Answer: It is {c.his} {toy}."]
     return out

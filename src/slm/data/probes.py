@@ -226,6 +226,14 @@ def probes(per_kind: int = 20, seed: int = 0) -> list[dict]:
     return [ps[i] for i in range(per_kind) for ps in by_kind if i < len(ps)]
 
 
+def held_out(per_kind: int = 60, seed: int = 11) -> list[dict]:
+    """Probes from the same generators on another seed, less any whose context is one of probes()'s:
+    a second, larger sample for choosing between corpora and recipes, so the 200 reported probes
+    are not also the ones that choices were made on."""
+    reported = {p["context"] for p in probes()}
+    return [p for p in probes(per_kind, seed) if p["context"] not in reported]
+
+
 def score(lm: LM, items: list[dict], batch_size: int = 32) -> dict:
     """How lm answers the probes, scored as `slm eval --task builtin` scores them (lm-eval's acc:
     the choice whose " " + text is likeliest after the context, encoded with BOS):
