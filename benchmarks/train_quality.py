@@ -11,7 +11,9 @@ minutes, so only its last point is an M-minute run; the points before are the sa
 (on a high learning rate), drawn thinner. --record appends each run's last point to
 benchmarks/results/train_quality.jsonl. --judge adds the judge's grades (slm.eval.judge) of the
 lessons and stories each model writes, as `make demo` prints them, and gemma-3-270m's perplexity of
-its stories against the corpus's own.
+its stories against the corpus's own. --held-out also scores each finished model on the held-out
+probes (`slm.data.probes.held_out`: the same kinds drawn on another seed, ~520 items), the sample
+that corpus and recipe choices are made on.
 """
 
 import argparse
@@ -57,6 +59,17 @@ def grade(run: str, reader) -> dict:
     return out
 
 
+def held_out(run: str) -> dict:
+    """The finished model's accuracy on the held-out probes, in all and by kind."""
+    from slm import load
+    from slm.data.probes import held_out as items, score
+    probes = items()
+    s = score(load(run), probes)
+    print(f"  held-out probes: acc {s['acc']:.3f} of {len(probes)}; "
+          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(s["by_kind"].items())))
+    return {"held_out_probes": round(s["acc"], 3), "held_out_by_kind": {k: round(v, 2) for k, v in s["by_kind"].items()}}
+
+
 def plot(curves: list[dict], png: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -90,6 +103,7 @@ def main() -> None:
     p.add_argument("--plot", default=None, help="write the figure here")
     p.add_argument("--judge", action="store_true",
                    help="also grade each model's samples (sums, pronouns, names, repetition, gemma's perplexity)")
+    p.add_argument("--held-out", action="store_true", help="also score each model on the held-out probes")
     p.add_argument("--record", action="store_true", help="append each run's last point to the results")
     a = p.parse_args()
     curves = [curve(r) for r in a.runs]
@@ -108,6 +122,8 @@ def main() -> None:
         grades = grade(c["run"], reader) if a.judge else {}
         if grades:
             print("  judge: " + ", ".join(f"{k} {v}" for k, v in grades.items()))
+        if a.held_out:
+            grades.update(held_out(c["run"]))
         if a.record:
             from results_log import record
             record("train_quality", run=c["run"], shape=c["shape"], training_minutes=round(last["minutes"], 1),
