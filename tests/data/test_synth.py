@@ -95,8 +95,12 @@ def test_arithmetic_answers(sample):
             for x, op, y, z in re.findall(r"(\d+) (and|take away) (\d+) (?:make|is) (\d+)", d):
                 assert (int(x) + int(y) if op == "and" else int(x) - int(y)) == int(z), d
                 checked += 1
-            for x, y, z in re.findall(r"had (\d+) \w+\. \w+ ate (\w+) of them, so \w+ had (\d+)", d):
-                assert int(x) - vocab.NUM_WORDS.index(y) == int(z), d
+            # Each scene, whatever its start and ending: the count, the number given or taken
+            # (a word or a numeral), the count after; more is added, anything else taken away.
+            number = re.compile(r"\b(\d+|" + "|".join(vocab.NUM_WORDS) + r")\b")
+            for scene in d.split("\n")[1:]:
+                x, y, z = (int(n) if n.isdigit() else vocab.NUM_WORDS.index(n) for n in number.findall(scene)[:3])
+                assert (x + y if " more" in scene else x - y) == z, scene
                 checked += 1
         if m["skeleton"] in ("textbook/add", "textbook/sub", "textbook/mul"):
             # Every exercise's answer also agrees with the numbers in its question.
