@@ -16,9 +16,8 @@ import random
 import sys
 
 from slm import load
-from slm.data.probes import OPPOSITES, SOUNDS
+from slm.data.probes import OPPOSITES, SOUNDS, score
 from slm.data.vocab import BOYS, FOODS, GIRLS, NUM_WORDS, TOYS, a, cap, plural
-from slm.runtime.loglik import encode_pair, loglikelihoods
 
 ITEMS = 60
 COUNTABLE = [f for f in FOODS if f != "pea"]
@@ -81,13 +80,8 @@ SHAPES = ("lesson", "lesson 2", "probe")
 def accuracy(lm, make, shape: str) -> float:
     r = random.Random(f"probe_forms/{make.__name__}")  # the same items for every run and shape
     items = [make(r, shape) for _ in range(ITEMS)]
-    reqs = [encode_pair(lm, ctx, " " + c, add_bos=True) for ctx, choices in items for c in choices]
-    lls = iter(ll for ll, _ in loglikelihoods(lm, reqs, batch_size=32, progress=False))
-    right = 0
-    for _, choices in items:  # the right choice is first
-        scores = [next(lls) for _ in choices]
-        right += max(range(len(scores)), key=scores.__getitem__) == 0
-    return right / len(items)
+    # scored as the probes are; each maker puts the right choice first
+    return score(lm, [{"kind": shape, "context": ctx, "choices": choices, "gold": 0} for ctx, choices in items])["acc"]
 
 
 def main() -> None:
