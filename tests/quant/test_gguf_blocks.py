@@ -392,6 +392,39 @@ def test_several_rows_of_x_take_exact_products_with_avx512(qtype, monkeypatch):
         torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item(), msg=f"{rows} rows")
 
 
+def _amx() -> bool:
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    return _vnni() and "amx_int8" in flags and "amx_tile" in flags
+
+
+@needs_kernels
+@pytest.mark.skipif(not _amx(), reason="cols16_amx runs on CPUs with AMX-INT8")
+@pytest.mark.parametrize("qtype", VNNI, ids=lambda q: q.name)
+def test_amx_tiles_compute_what_vnni_computes_bit_for_bit(qtype, monkeypatch):
+    """9 to MAX_DIRECT rows of x through cols16_amx (AMX tiles: 16 rows of weights by up to 16
+    pairs of x rows a block, a last 8 rows or fewer of x through cols16_vnni; the 12 rows left of
+    a part and a part that starts off a multiple of 16 through rows_gguf): the same integers,
+    scaled and summed in the same order as cols16_vnni, so the same floats bit for bit."""
+    assert torch.ops.slm_cpu.cpu_has_amx(), "the CPU lists AMX-INT8, but this process may not use the tiles"
+    monkeypatch.setenv("SLM_NO_AMX", "1")
+    assert not torch.ops.slm_cpu.cpu_has_amx()
+    torch.manual_seed(0)
+    k = 576  # 18 blocks: the tiles' two-block pipeline ends on an even block count here, odd below
+    m, w = layer([(qtype, 44), (Q.Q8_0, 6), (qtype, 32)], k, bias=True)
+    m_odd, _ = layer([(qtype, 48)], 544)
+    for rows in (9, 12, 16, 17, 24, 25, 32):
+        for layer_, kk in ((m, k), (m_odd, 544)):
+            x = torch.randn(rows, kk) * torch.logspace(-2, 2, kk)  # blocks of very different scales
+            monkeypatch.setenv("SLM_NO_AMX", "1")
+            vnni = layer_(x)
+            monkeypatch.setenv("SLM_NO_AMX", "0")
+            amx = layer_(x)
+            assert torch.equal(amx, vnni), f"{rows} rows, K {kk}: max difference {(amx - vnni).abs().max()}"
+    x = torch.randn(16, k)
+    ref = (quantize_x_reference(x).double() @ w.double().T).float() + m.bias
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
 @needs_kernels
 @pytest.mark.skipif(not _vnni(), reason="cols16_vnni runs on CPUs with AVX-512 VNNI")
 @pytest.mark.parametrize("qtype", VNNI, ids=lambda q: q.name)

@@ -69,6 +69,9 @@ at::Tensor dequantize_gguf(const at::Tensor& blocks, at::IntArrayRef types, at::
                            const at::Tensor& ids);
 at::Tensor linear_gguf(const at::Tensor& x_in, const at::Tensor& blocks, at::IntArrayRef types, at::IntArrayRef rows,
                        int64_t K, const std::optional<at::Tensor>& bias_, int64_t max_direct);
+// Whether linear_gguf's Q8_0/Q4_0/Q4_1 products of 9 or more rows of x go through AMX tiles: the
+// CPU has AMX-INT8 and AVX-512 VNNI, Linux let this process use the tiles, SLM_NO_AMX is unset.
+bool cpu_has_amx();
 
 // -- fp32 (matvec_f32.cpp) -------------------------------------------------------------------------
 // y [N] (+ bias) = w [N, K] x [K].

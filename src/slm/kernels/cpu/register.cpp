@@ -29,6 +29,7 @@ std::tuple<std::vector<std::string>, std::vector<int64_t>> abi_constants() {
 
 TORCH_LIBRARY(slm_cpu, m) {
   m.def("abi_constants() -> (str[], int[])", &abi_constants);
+  m.def("cpu_has_amx() -> bool", &cpu_has_amx);
   m.def("rms_norm(Tensor x, Tensor w, float eps, bool plus_one) -> Tensor");
   m.def("rms_norm_rope(Tensor x, Tensor w, float eps, bool plus_one, Tensor cos, Tensor sin) -> Tensor");
   m.def("rms_norm_add(Tensor x, Tensor w, float eps, bool plus_one, Tensor residual) -> Tensor");
