@@ -401,10 +401,11 @@ def _amx() -> bool:
 @pytest.mark.skipif(not _amx(), reason="cols16_amx runs on CPUs with AMX-INT8")
 @pytest.mark.parametrize("qtype", VNNI, ids=lambda q: q.name)
 def test_amx_tiles_compute_what_vnni_computes_bit_for_bit(qtype, monkeypatch):
-    """9 to MAX_DIRECT rows of x through cols16_amx (AMX tiles: 16 rows of weights by up to 16
-    pairs of x rows a block, a last 8 rows or fewer of x through cols16_vnni; the 12 rows left of
-    a part and a part that starts off a multiple of 16 through rows_gguf): the same integers,
-    scaled and summed in the same order as cols16_vnni, so the same floats bit for bit."""
+    """9 to MAX_DIRECT rows of x through the AMX tiles (cols16_amx: 16 rows of weights by up to 16
+    pairs of x rows a block; Q8_0 through cols16_amx_q8, the weights loaded straight from their
+    blocks and the products transposed; a last 8 rows or fewer of x through cols16_vnni; the 12
+    rows left of a part and a part that starts off a multiple of 16 through rows_gguf): the same
+    integers, scaled and summed in the same order as cols16_vnni, so the same floats bit for bit."""
     assert torch.ops.slm_cpu.cpu_has_amx(), "the CPU lists AMX-INT8, but this process may not use the tiles"
     monkeypatch.setenv("SLM_NO_AMX", "1")
     assert not torch.ops.slm_cpu.cpu_has_amx()

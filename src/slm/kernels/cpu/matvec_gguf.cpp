@@ -999,8 +999,9 @@ bool cpu_has_amx() {
 }
 
 // The tiles cols16_amx uses, set up on the calling thread (tile configuration is per thread):
-// 0-3: two blocks' two 16 x 16 int32 products; 4, 5: 16 rows of x and of their residuals, 32
-// bytes (one block) each; 6: one block of 16 rows of weights, 8 rows of 64 bytes (4 of K by 16 rows).
+// 0-3: two blocks' two 16 x 16 int32 products; 4, 5: 16 rows of 32 bytes (one block: x and its
+// residuals; cols16_amx_q8: the weights); 6, 7: 8 rows of 64 bytes (4 of K by 16 rows: one block
+// of weights; cols16_amx_q8: of x, of the residuals).
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -1011,7 +1012,7 @@ const TileConfig AMX_TILES = [] {
   TileConfig c;
   for (int t = 0; t < 4; ++t) c.rows[t] = 16, c.colsb[t] = 64;
   c.rows[4] = c.rows[5] = 16, c.colsb[4] = c.colsb[5] = 32;
-  c.rows[6] = 8, c.colsb[6] = 64;
+  c.rows[6] = c.rows[7] = 8, c.colsb[6] = c.colsb[7] = 64;
   return c;
 }();
 SLM_AMX void amx_begin() { _tile_loadconfig(&AMX_TILES); }
@@ -1066,6 +1067,20 @@ SLM_AMX SLM_INLINE void amx_add(__m512* acc, const int32_t* c1, const int32_t* c
   }
 }
 
+// Block i's integers of cols16_amx_q8 (c1: w . q, c2: w . q', rows: weight rows) into its
+// accumulators: d (lanes: weight rows) the weights' scales, dxv the x rows' residual steps.
+SLM_AMX SLM_INLINE void amx_add_q8(__m512* acc, const int32_t* c1, const int32_t* c2, __m512 d, const float* dxv) {
+  const __m512 dx = _mm512_loadu_ps(dxv);
+#pragma GCC unroll 16
+  for (int n = 0; n < 16; ++n) {
+    const __m512i a = _mm512_load_si512(c1 + 16 * n);
+    const __m512i v = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(a, 8), _mm512_slli_epi32(a, 1)),
+                                       _mm512_load_si512(c2 + 16 * n));  // 254 (w . q) + (w . q')
+    const __m512 dn = _mm512_permutexvar_ps(_mm512_set1_epi32(n), d);
+    acc[n] = _mm512_fmadd_ps(_mm512_mul_ps(dn, dx), _mm512_cvtepi32_ps(v), acc[n]);
+  }
+}
+
 // cols16_vnni's numbers for 16 rows of weights and up to 16 pairs of x rows (RX, of which `rows`
 // are stored; xq, dx, xs and S hold 16 rows, zeros past the real ones) through the tiles. The
 // blocks go through a pipeline, each stage on another block: block i's products run in one pair
@@ -1110,6 +1125,72 @@ SLM_AMX void cols16_amx(const uint8_t* __restrict w, int64_t row_bytes, const in
     _mm512_storeu_ps(y + r * ldy, bias ? _mm512_add_ps(acc[r], _mm512_loadu_ps(bias)) : acc[r]);
 }
 
+// Q8_0 weights need no gather: their bytes are signed, as tdpbssd's first matrix, and 16 rows of
+// a block are one strided tile load straight from the file's blocks (16 rows of 32 bytes, the
+// rows row_bytes apart). x then goes in the layout of the second matrix (amx_x_layout, once a
+// call) and the products come out transposed: C[n][m] for weight row n and x row m, each row of
+// C one weight row's dots with the 16 x rows. The accumulators hold weight rows too (acc[n],
+// lanes: x rows) and are transposed into y at the end. Each product d d' v and each sum is the one
+// cols16_vnni makes, in the same order: the same floats bit for bit.
+//
+// x's pairs of one group of 16 rows (xq + 2 b K: row b's x, then its residual K further) as the
+// tiles' second matrix: block i's x at xv + (2 i) 512, its residuals at xv + (2 i + 1) 512, each
+// 8 rows of 64 bytes (4 of K by 16 rows of x); dxv + 16 i: the 16 rows' residual steps of block i.
+inline void amx_x_layout(const int8_t* xq, const float* dx, int64_t K, int64_t nb32, int64_t i, int8_t* xv, float* dxv) {
+  for (int h = 0; h < 2; ++h) {
+    int8_t* out = xv + (2 * i + h) * 512;
+    for (int m = 0; m < 16; ++m) {
+      const int8_t* src = xq + (2 * m + h) * K + 32 * i;
+      for (int kk = 0; kk < 8; ++kk) std::memcpy(out + 64 * kk + 4 * m, src + 4 * kk, 4);
+    }
+  }
+  for (int m = 0; m < 16; ++m) dxv[16 * i + m] = dx[(2 * m + 1) * nb32 + i];
+}
+
+// y[0..rows, 0..16) (+ bias) for 16 rows of Q8_0 weights and one group of 16 rows of x laid out by
+// amx_x_layout (xv, dxv), as cols16_vnni<T_Q8_0> computes them.
+SLM_AMX void cols16_amx_q8(const uint8_t* __restrict w, int64_t row_bytes, const int8_t* __restrict xv,
+                           const float* __restrict dxv, int64_t nb32, int64_t rows, float* y, int64_t ldy,
+                           const float* bias) {
+  constexpr int64_t BB = 34;
+  const Rows16 R(row_bytes, nb32);
+  alignas(64) int32_t c[2][2][16 * 16];  // [block parity][w . q, w . q'], rows: weight rows
+  __m512 acc[16], d[2], unused;
+#pragma GCC unroll 16
+  for (int n = 0; n < 16; ++n) acc[n] = _mm512_setzero_ps();
+  R.scales<T_Q8_0>(w, d[0], unused);
+#define SLM_AMX_Q8_STAGE(P, C1, C2)                                                                 \
+  {                                                                                                 \
+    _tile_loadd(4, w + i * BB + 2, row_bytes);                                                      \
+    _tile_loadd(6, xv + 2 * i * 512, 64);                                                           \
+    _tile_loadd(7, xv + (2 * i + 1) * 512, 64);                                                     \
+    _tile_zero(C1);                                                                                 \
+    _tile_zero(C2);                                                                                 \
+    _tile_dpbssd(C1, 4, 6);                                                                         \
+    _tile_dpbssd(C2, 4, 7);                                                                         \
+    if (i > 0) amx_add_q8(acc, c[1 - P][0], c[1 - P][1], d[1 - P], dxv + 16 * (i - 1));             \
+    if (i + 1 < nb32) {                                                                             \
+      R.prefetch(w, i + 1);                                                                         \
+      R.scales<T_Q8_0>(w + (i + 1) * BB, d[1 - P], unused);                                         \
+    }                                                                                               \
+    _tile_stored(C1, c[P][0], 64);                                                                  \
+    _tile_stored(C2, c[P][1], 64);                                                                  \
+  }
+  R.prefetch(w, 0);
+  for (int64_t i = 0; i < nb32; ++i) {
+    if (i % 2 == 0) SLM_AMX_Q8_STAGE(0, 0, 1)
+    else SLM_AMX_Q8_STAGE(1, 2, 3)
+  }
+#undef SLM_AMX_Q8_STAGE
+  const int L = (nb32 - 1) % 2;
+  amx_add_q8(acc, c[L][0], c[L][1], d[L], dxv + 16 * (nb32 - 1));
+  alignas(64) float t[16 * 16];  // [weight row][x row]
+#pragma GCC unroll 16
+  for (int n = 0; n < 16; ++n) _mm512_store_ps(t + 16 * n, acc[n]);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int n = 0; n < 16; ++n) y[m * ldy + n] = bias ? t[16 * n + m] + bias[n] : t[16 * n + m];
+}
+
 // cols16_amx for the 16 rows of weights at w and every row of x, 16 rows of x at a time (the
 // arrays hold zero rows up to a multiple of 16), a last 8 or fewer through cols16_vnni.
 template <int64_t T>
@@ -1127,10 +1208,32 @@ SLM_AMX void cols16_amx_rows(const uint8_t* w, int64_t row_bytes, const int8_t* 
     else cols16_amx<T, 16>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
   }
 }
+// cols16_amx_q8 for the 16 rows of Q8_0 weights at w and every row of x (xv, dxv: amx_x_layout's,
+// one group of 16 rows after another), a group of 8 rows or fewer through cols16_vnni.
+void cols16_amx_q8_rows(const uint8_t* w, int64_t row_bytes, const int8_t* xq, const float* dx, const float* xs,
+                        const int32_t* S, const int8_t* xv, const float* dxv, int64_t B, int64_t K, float* y,
+                        int64_t ldy, const float* bias) {
+  const int64_t nb32 = K / 32;
+  for (int64_t b = 0; b < B; b += 16) {
+    const int64_t rows = std::min<int64_t>(16, B - b);
+    const int8_t* q = xq + 2 * b * K;
+    const float *d = dx + 2 * b * nb32, *sx = xs + 2 * b * nb32;
+    const int32_t* sb = S + b * nb32;
+    if (rows <= 4) cols16_vnni<T_Q8_0, 4>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
+    else if (rows <= 8) cols16_vnni<T_Q8_0, 8>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
+    else cols16_amx_q8(w, row_bytes, xv + b / 16 * nb32 * 1024, dxv + b / 16 * nb32 * 16, nb32, rows, y + b * ldy, ldy, bias);
+  }
+}
 #else  // a compiler without the AMX intrinsics: cols16_vnni alone
 bool cpu_has_amx() { return false; }
 inline void amx_begin() {}
 inline void amx_end() {}
+inline void amx_x_layout(const int8_t*, const float*, int64_t, int64_t, int64_t, int8_t*, float*) {}
+void cols16_amx_q8_rows(const uint8_t* w, int64_t row_bytes, const int8_t* xq, const float* dx, const float* xs,
+                        const int32_t* S, const int8_t*, const float*, int64_t B, int64_t K, float* y,
+                        int64_t ldy, const float* bias) {
+  cols16_vnni_rows<T_Q8_0>(w, row_bytes, xq, dx, xs, S, B, K, y, ldy, bias);
+}
 template <int64_t T>
 void cols16_amx_rows(const uint8_t* w, int64_t row_bytes, const int8_t* xq, const float* dx, const float* xs,
                      const int32_t* S, int64_t B, int64_t K, float* y, int64_t ldy, const float* bias) {
@@ -1269,6 +1372,10 @@ void gguf_vnni(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int
   // the pairs as int16, for rows_gguf: where a part's rows are not whole 16s
   const bool tails = N % 16 != 0 || std::any_of(P.row0.begin(), P.row0.end(), [](int64_t r) { return r % 16 != 0; });
   std::vector<int16_t> x16(tails ? B * K : 0);
+  // x as cols16_amx_q8's tiles read it, for Q8_0 parts
+  const bool q8 = amx && std::any_of(P.types.begin(), P.types.end(), [](int64_t t) { return t == T_Q8_0; });
+  std::vector<int8_t> xv(q8 ? 2 * Bp * K : 0);
+  std::vector<float> dxv(q8 ? Bp * nb32 : 0);
   SharedChunks work(P);
   // One parallel region: the threads quantize the rows of x between them, then take chunks of
   // rows of weights from a shared counter (a quantization before the region kept the other
@@ -1282,6 +1389,14 @@ void gguf_vnni(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int
                   S.data() + b * nb32);
       if (tails) pair16(xq.data(), b, K, x16.data());
     }
+    if (q8) {
+#pragma omp for schedule(static)
+      for (int64_t gi = 0; gi < Bp / 16 * nb32; ++gi) {
+        const int64_t g = gi / nb32, i = gi % nb32;
+        amx_x_layout(xq.data() + 2 * 16 * g * K, dx.data() + 2 * 16 * g * nb32, K, nb32, i,
+                     xv.data() + g * nb32 * 1024, dxv.data() + g * nb32 * 16);
+      }
+    }
     work.each(P, [&](size_t p, int64_t a, int64_t b) {
       const int64_t t = P.types[p], rb = P.row_bytes[p], r0 = P.row0[p];
       const uint8_t* w = bp + P.byte0[p];
@@ -1289,7 +1404,7 @@ void gguf_vnni(const Parts& P, const uint8_t* bp, const float* x, int64_t B, int
       for (; n + 16 <= b; n += 16) {
         const float* bn = bias_p ? bias_p + r0 + n : nullptr;
         if (amx) {
-          if (t == T_Q8_0) cols16_amx_rows<T_Q8_0>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
+          if (t == T_Q8_0) cols16_amx_q8_rows(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), xv.data(), dxv.data(), B, K, yp + r0 + n, N, bn);
           else if (t == T_Q4_0) cols16_amx_rows<T_Q4_0>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
           else cols16_amx_rows<T_Q4_1>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
         } else if (t == T_Q8_0) cols16_vnni_rows<T_Q8_0>(w + n * rb, rb, xq.data(), dx.data(), xs.data(), S.data(), B, K, yp + r0 + n, N, bn);
