@@ -952,21 +952,41 @@ SLM_VNNI void cols16_vnni(const uint8_t* __restrict w, int64_t row_bytes, const 
     _mm512_storeu_ps(y + r * ldy, bias ? _mm512_add_ps(acc[r], _mm512_loadu_ps(bias)) : acc[r]);
 }
 
+// fn(rows, group) for each group of 16 rows of x, the last one maybe short: a group's pairs, scales
+// and sums start at row 16 group of xq (2 K a row), dx and xs (2 nb32), S (nb32), its outputs at
+// that row of y (ldy).
+struct XGroup {
+  const int8_t* q;
+  const float *d, *sx;
+  const int32_t* sb;
+  float* y;
+};
+template <class F>
+SLM_INLINE void each_x_group(const int8_t* xq, const float* dx, const float* xs, const int32_t* S, int64_t B, int64_t K,
+                             float* y, int64_t ldy, F&& fn) {
+  const int64_t nb32 = K / 32;
+  for (int64_t b = 0; b < B; b += 16)
+    fn(std::min<int64_t>(16, B - b), b / 16, XGroup{xq + 2 * b * K, dx + 2 * b * nb32, xs + 2 * b * nb32, S + b * nb32, y + b * ldy});
+}
+
+// cols16_vnni for one group of up to 16 rows of x (padded with zero rows to 4, 8 or 16).
+template <int64_t T>
+SLM_VNNI void cols16_vnni_group(const uint8_t* w, int64_t row_bytes, const XGroup& g, int64_t rows, int64_t K,
+                                int64_t ldy, const float* bias) {
+  const int64_t nb32 = K / 32;
+  if (rows <= 4) cols16_vnni<T, 4>(w, row_bytes, g.q, K, g.d, g.sx, g.sb, nb32, rows, g.y, ldy, bias);
+  else if (rows <= 8) cols16_vnni<T, 8>(w, row_bytes, g.q, K, g.d, g.sx, g.sb, nb32, rows, g.y, ldy, bias);
+  else cols16_vnni<T, 16>(w, row_bytes, g.q, K, g.d, g.sx, g.sb, nb32, rows, g.y, ldy, bias);
+}
+
 // cols16_vnni for the 16 rows of weights at w and every row of x, 16 rows of x at a time (the
 // arrays hold zero rows up to a multiple of 8, for the last 4, 8 or 16).
 template <int64_t T>
 SLM_VNNI void cols16_vnni_rows(const uint8_t* w, int64_t row_bytes, const int8_t* xq, const float* dx, const float* xs,
                                const int32_t* S, int64_t B, int64_t K, float* y, int64_t ldy, const float* bias) {
-  const int64_t nb32 = K / 32;
-  for (int64_t b = 0; b < B; b += 16) {
-    const int64_t rows = std::min<int64_t>(16, B - b);
-    const int8_t* q = xq + 2 * b * K;
-    const float *d = dx + 2 * b * nb32, *sx = xs + 2 * b * nb32;
-    const int32_t* sb = S + b * nb32;
-    if (rows <= 4) cols16_vnni<T, 4>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
-    else if (rows <= 8) cols16_vnni<T, 8>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
-    else cols16_vnni<T, 16>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
-  }
+  each_x_group(xq, dx, xs, S, B, K, y, ldy, [&](int64_t rows, int64_t, const XGroup& g) {
+    cols16_vnni_group<T>(w, row_bytes, g, rows, K, ldy, bias);
+  });
 }
 
 bool cpu_has_vnni();
@@ -1197,16 +1217,11 @@ template <int64_t T>
 SLM_AMX void cols16_amx_rows(const uint8_t* w, int64_t row_bytes, const int8_t* xq, const float* dx, const float* xs,
                              const int32_t* S, int64_t B, int64_t K, float* y, int64_t ldy, const float* bias) {
   const int64_t nb32 = K / 32;
-  for (int64_t b = 0; b < B; b += 16) {
-    const int64_t rows = std::min<int64_t>(16, B - b);
-    const int8_t* q = xq + 2 * b * K;
-    const float *d = dx + 2 * b * nb32, *sx = xs + 2 * b * nb32;
-    const int32_t* sb = S + b * nb32;
+  each_x_group(xq, dx, xs, S, B, K, y, ldy, [&](int64_t rows, int64_t, const XGroup& g) {
     // a tile's products cost the same for 1 to 16 rows of x: 8 rows or fewer go faster through vpdpbusd
-    if (rows <= 4) cols16_vnni<T, 4>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
-    else if (rows <= 8) cols16_vnni<T, 8>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
-    else cols16_amx<T, 16>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
-  }
+    if (rows <= 8) cols16_vnni_group<T>(w, row_bytes, g, rows, K, ldy, bias);
+    else cols16_amx<T, 16>(w, row_bytes, g.q, K, g.d, g.sx, g.sb, nb32, rows, g.y, ldy, bias);
+  });
 }
 // cols16_amx_q8 for the 16 rows of Q8_0 weights at w and every row of x (xv, dxv: amx_x_layout's,
 // one group of 16 rows after another), a group of 8 rows or fewer through cols16_vnni.
@@ -1214,15 +1229,10 @@ void cols16_amx_q8_rows(const uint8_t* w, int64_t row_bytes, const int8_t* xq, c
                         const int32_t* S, const int8_t* xv, const float* dxv, int64_t B, int64_t K, float* y,
                         int64_t ldy, const float* bias) {
   const int64_t nb32 = K / 32;
-  for (int64_t b = 0; b < B; b += 16) {
-    const int64_t rows = std::min<int64_t>(16, B - b);
-    const int8_t* q = xq + 2 * b * K;
-    const float *d = dx + 2 * b * nb32, *sx = xs + 2 * b * nb32;
-    const int32_t* sb = S + b * nb32;
-    if (rows <= 4) cols16_vnni<T_Q8_0, 4>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
-    else if (rows <= 8) cols16_vnni<T_Q8_0, 8>(w, row_bytes, q, K, d, sx, sb, nb32, rows, y + b * ldy, ldy, bias);
-    else cols16_amx_q8(w, row_bytes, xv + b / 16 * nb32 * 1024, dxv + b / 16 * nb32 * 16, nb32, rows, y + b * ldy, ldy, bias);
-  }
+  each_x_group(xq, dx, xs, S, B, K, y, ldy, [&](int64_t rows, int64_t group, const XGroup& g) {
+    if (rows <= 8) cols16_vnni_group<T_Q8_0>(w, row_bytes, g, rows, K, ldy, bias);
+    else cols16_amx_q8(w, row_bytes, xv + group * nb32 * 1024, dxv + group * nb32 * 16, nb32, rows, g.y, ldy, bias);
+  });
 }
 #else  // a compiler without the AMX intrinsics: cols16_vnni alone
 bool cpu_has_amx() { return false; }
