@@ -808,7 +808,31 @@ struct Rows16 {
     d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
     m = T == T_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16))) : d;
   }
+  // One block's weights of the 16 rows (Q8_0, Q4_0, Q4_1) as unsigned bytes, as vpdpbusd and the
+  // AMX tiles take them: W[j] holds weights 4j .. 4j + 3 of each row (Q4's nibbles; Q8_0's bytes
+  // + 128).
+  template <int64_t T>
+  SLM_AVX512 SLM_INLINE void unsigned_weights(const uint8_t* blk, __m512i* W) const {
+    if constexpr (T == T_Q8_0) {
+      const __m512i flip = _mm512_set1_epi8(char(0x80));
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) W[j] = _mm512_xor_si512(gather(blk + 2 + 4 * j), flip);
+    } else {  // byte j: weight j (low nibble), j + 16 (high)
+      const __m512i m4 = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m512i q = gather(blk + (T == T_Q4_1 ? 4 : 2) + 4 * j);
+        W[j] = _mm512_and_si512(q, m4);
+        W[4 + j] = _mm512_and_si512(_mm512_srli_epi32(q, 4), m4);
+      }
+    }
+  }
 };
+
+// 254 a + b in int32: a pair's two dots (w . q, w . q') as one, in units of the residual's step.
+SLM_AVX512 SLM_INLINE __m512i pair254(__m512i a, __m512i b) {
+  return _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(a, 8), _mm512_slli_epi32(a, 1)), b);
+}
 
 // y[r, 0..16) (+ bias) for 16 rows of weights w (stride row_bytes; type T: Q8_0, Q4_0 or Q4_1) and
 // RX rows of x (stride K), read across the rows: for each k, the 16 rows' weights as one vector,
@@ -897,7 +921,6 @@ SLM_VNNI void cols16_vnni(const uint8_t* __restrict w, int64_t row_bytes, const 
   constexpr int64_t BB = block_bytes_c(T);
   constexpr int32_t OFFSET = T == T_Q8_0 ? 128 : T == T_Q4_0 ? 8 : 0;  // what the unsigned weights add
   const Rows16 R(row_bytes, nb32);
-  const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(char(0x80));
   __m512 acc[RX];
 #pragma GCC unroll 16
   for (int r = 0; r < RX; ++r) acc[r] = _mm512_setzero_ps();
@@ -907,17 +930,7 @@ SLM_VNNI void cols16_vnni(const uint8_t* __restrict w, int64_t row_bytes, const 
     __m512 d, m;
     R.scales<T>(blk, d, m);
     __m512i W[8];  // W[j]: weights 4j .. 4j + 3 of the 16 rows
-    if constexpr (T == T_Q8_0) {
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) W[j] = _mm512_xor_si512(R.gather(blk + 2 + 4 * j), flip);
-    } else {  // byte j: weight j (low nibble), j + 16 (high)
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const __m512i q = R.gather(blk + (T == T_Q4_1 ? 4 : 2) + 4 * j);
-        W[j] = _mm512_and_si512(q, m4);
-        W[4 + j] = _mm512_and_si512(_mm512_srli_epi32(q, 4), m4);
-      }
-    }
+    R.unsigned_weights<T>(blk, W);
     // G rows of x at a time, their dots side by side: one row's 16 vpdpbusd in a chain would
     // wait on each other's latency.
     constexpr int G = RX < 8 ? RX : 8;
@@ -1042,19 +1055,11 @@ SLM_AMX void amx_end() { _tile_release(); }
 // wt, and the block's scales.
 template <int64_t T>
 SLM_AMX SLM_INLINE void amx_weights(const uint8_t* blk, const Rows16& R, uint8_t* wt, __m512& d, __m512& m) {
-  const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(char(0x80));
   R.scales<T>(blk, d, m);
-  if constexpr (T == T_Q8_0) {
+  __m512i W[8];
+  R.unsigned_weights<T>(blk, W);
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) _mm512_store_si512(wt + 64 * j, _mm512_xor_si512(R.gather(blk + 2 + 4 * j), flip));
-  } else {  // byte j: weight j (low nibble), j + 16 (high)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m512i q = R.gather(blk + (T == T_Q4_1 ? 4 : 2) + 4 * j);
-      _mm512_store_si512(wt + 64 * j, _mm512_and_si512(q, m4));
-      _mm512_store_si512(wt + 64 * (4 + j), _mm512_and_si512(_mm512_srli_epi32(q, 4), m4));
-    }
-  }
+  for (int j = 0; j < 8; ++j) _mm512_store_si512(wt + 64 * j, W[j]);
 }
 
 // Block i's weights (wt) into tile 6, its x and residuals into tiles 4 and 5, their products into
@@ -1078,9 +1083,7 @@ SLM_AMX SLM_INLINE void amx_add(__m512* acc, const int32_t* c1, const int32_t* c
   constexpr int32_t OFFSET = T == T_Q8_0 ? 128 : T == T_Q4_0 ? 8 : 0;  // what the unsigned weights add
 #pragma GCC unroll 16
   for (int r = 0; r < RX; ++r) {
-    const __m512i a = _mm512_load_si512(c1 + 16 * r);
-    __m512i v = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(a, 8), _mm512_slli_epi32(a, 1)),
-                                 _mm512_load_si512(c2 + 16 * r));  // 254 (w . q) + (w . q')
+    __m512i v = pair254(_mm512_load_si512(c1 + 16 * r), _mm512_load_si512(c2 + 16 * r));
     if constexpr (OFFSET != 0) v = _mm512_sub_epi32(v, _mm512_set1_epi32(OFFSET * S[r * nb32 + i]));
     acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(dx[(2 * r + 1) * nb32 + i])), _mm512_cvtepi32_ps(v), acc[r]);
     if constexpr (T == T_Q4_1) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[2 * r * nb32 + i]), acc[r]);
@@ -1093,9 +1096,7 @@ SLM_AMX SLM_INLINE void amx_add_q8(__m512* acc, const int32_t* c1, const int32_t
   const __m512 dx = _mm512_loadu_ps(dxv);
 #pragma GCC unroll 16
   for (int n = 0; n < 16; ++n) {
-    const __m512i a = _mm512_load_si512(c1 + 16 * n);
-    const __m512i v = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(a, 8), _mm512_slli_epi32(a, 1)),
-                                       _mm512_load_si512(c2 + 16 * n));  // 254 (w . q) + (w . q')
+    const __m512i v = pair254(_mm512_load_si512(c1 + 16 * n), _mm512_load_si512(c2 + 16 * n));
     const __m512 dn = _mm512_permutexvar_ps(_mm512_set1_epi32(n), d);
     acc[n] = _mm512_fmadd_ps(_mm512_mul_ps(dn, dx), _mm512_cvtepi32_ps(v), acc[n]);
   }
