@@ -834,6 +834,20 @@ SLM_AVX512 SLM_INLINE __m512i pair254(__m512i a, __m512i b) {
   return _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(a, 8), _mm512_slli_epi32(a, 1)), b);
 }
 
+// Block i's integer dots v (254 q + q' of x row `row` against 16 rows of unsigned weights) added to
+// that row's accumulator: less what the unsigned weights add (8 for Q4_0, 128 for Q8_0) times the
+// pair's integer sum S, times d d', and for Q4_1 m times the pair's sum xs. cols16_vnni and the
+// AMX kernels scale through this one function, so their floats agree bit for bit.
+template <int64_t T>
+SLM_AVX512 SLM_INLINE __m512 add_block(__m512 acc, __m512i v, __m512 d, __m512 m, const float* dx, const float* xs,
+                                       const int32_t* S, int64_t nb32, int64_t i, int64_t row) {
+  constexpr int32_t OFFSET = T == T_Q8_0 ? 128 : T == T_Q4_0 ? 8 : 0;
+  if constexpr (OFFSET != 0) v = _mm512_sub_epi32(v, _mm512_set1_epi32(OFFSET * S[row * nb32 + i]));
+  acc = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(dx[(2 * row + 1) * nb32 + i])), _mm512_cvtepi32_ps(v), acc);
+  if constexpr (T == T_Q4_1) acc = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[2 * row * nb32 + i]), acc);
+  return acc;
+}
+
 // y[r, 0..16) (+ bias) for 16 rows of weights w (stride row_bytes; type T: Q8_0, Q4_0 or Q4_1) and
 // RX rows of x (stride K), read across the rows: for each k, the 16 rows' weights as one vector,
 // their blocks' bytes gathered and decoded in registers (dequant_row's values exactly: d q, d (q -
@@ -919,7 +933,6 @@ SLM_VNNI void cols16_vnni(const uint8_t* __restrict w, int64_t row_bytes, const 
                           const float* __restrict dx, const float* __restrict xs, const int32_t* __restrict S,
                           int64_t nb32, int64_t rows, float* y, int64_t ldy, const float* bias) {
   constexpr int64_t BB = block_bytes_c(T);
-  constexpr int32_t OFFSET = T == T_Q8_0 ? 128 : T == T_Q4_0 ? 8 : 0;  // what the unsigned weights add
   const Rows16 R(row_bytes, nb32);
   __m512 acc[RX];
 #pragma GCC unroll 16
@@ -953,12 +966,7 @@ SLM_VNNI void cols16_vnni(const uint8_t* __restrict w, int64_t row_bytes, const 
         for (int r = 0; r < G; ++r)
           v[r] = _mm512_dpbusd_epi32(v[r], W[j], _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x1 + (2 * r + 1) * K + 4 * j)));
 #pragma GCC unroll 8
-      for (int r = 0; r < G; ++r) {
-        const int64_t row = r0 + r;
-        if constexpr (OFFSET != 0) v[r] = _mm512_sub_epi32(v[r], _mm512_set1_epi32(OFFSET * S[row * nb32 + i]));
-        acc[row] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(dx[(2 * row + 1) * nb32 + i])), _mm512_cvtepi32_ps(v[r]), acc[row]);
-        if constexpr (T == T_Q4_1) acc[row] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[2 * row * nb32 + i]), acc[row]);
-      }
+      for (int r = 0; r < G; ++r) acc[r0 + r] = add_block<T>(acc[r0 + r], v[r], d, m, dx, xs, S, nb32, i, r0 + r);
     }
   }
   for (int64_t r = 0; r < rows; ++r)
@@ -1080,14 +1088,10 @@ SLM_AMX SLM_INLINE void amx_weights(const uint8_t* blk, const Rows16& R, uint8_t
 template <int64_t T, int RX>
 SLM_AMX SLM_INLINE void amx_add(__m512* acc, const int32_t* c1, const int32_t* c2, __m512 d, __m512 m,
                                 const float* dx, const float* xs, const int32_t* S, int64_t nb32, int64_t i) {
-  constexpr int32_t OFFSET = T == T_Q8_0 ? 128 : T == T_Q4_0 ? 8 : 0;  // what the unsigned weights add
 #pragma GCC unroll 16
-  for (int r = 0; r < RX; ++r) {
-    __m512i v = pair254(_mm512_load_si512(c1 + 16 * r), _mm512_load_si512(c2 + 16 * r));
-    if constexpr (OFFSET != 0) v = _mm512_sub_epi32(v, _mm512_set1_epi32(OFFSET * S[r * nb32 + i]));
-    acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(dx[(2 * r + 1) * nb32 + i])), _mm512_cvtepi32_ps(v), acc[r]);
-    if constexpr (T == T_Q4_1) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[2 * r * nb32 + i]), acc[r]);
-  }
+  for (int r = 0; r < RX; ++r)
+    acc[r] = add_block<T>(acc[r], pair254(_mm512_load_si512(c1 + 16 * r), _mm512_load_si512(c2 + 16 * r)), d, m, dx, xs,
+                          S, nb32, i, r);
 }
 
 // Block i's integers of cols16_amx_q8 (c1: w . q, c2: w . q', rows: weight rows) into its
