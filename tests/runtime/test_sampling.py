@@ -145,12 +145,20 @@ def test_building_one_command_imports_only_its_module():
     assert r.stdout.strip() == "['slm.cli.run']"
 
 
+def aten_draws(monkeypatch) -> None:
+    """_pick through its ATen ops, not kernels/cpu/sample.cpp's one call."""
+    import slm.runtime.sampling as sampling
+    fused_op = sampling.kernels.fused_op
+    monkeypatch.setattr(sampling.kernels, "fused_op", lambda name: None if name == "sample_top_p" else fused_op(name))
+
+
 def test_top_p_among_candidates_equals_the_full_sort(monkeypatch):
     """top_p looks among the most likely tokens first (NUCLEUS_WIDENING), widening the search only
     for the rows whose nucleus reaches further, and sorts a row's whole vocabulary only when no
     narrower search holds top_p: the draws are those of the full sort, for peaked rows (the first
     candidates suffice), flat ones (they do not) and rows without top_p, side by side in one batch."""
     import slm.runtime.sampling as sampling
+    aten_draws(monkeypatch)
     V = 4096
     g = torch.Generator().manual_seed(2)
     settings = [Sampling(temperature=0.8, top_p=0.95, seed=1), Sampling(temperature=1.0, top_p=0.5, seed=2),
@@ -170,3 +178,67 @@ def test_top_p_among_candidates_equals_the_full_sort(monkeypatch):
     assert draws((256, 1024, 2**62)) == sorted_fully
     assert draws((1, 2, 2**62)) == sorted_fully  # never enough: every row falls back to the sort
     assert len({tuple(d) for d in sorted_fully}) > 1
+
+
+def clear_of_boundaries(x: torch.Tensor, t: float, top_p: float, u: float, tol: float = 2e-6) -> bool:
+    """Whether a draw's outcome is settled beyond float rounding: in float64, no token's share of
+    those before it lies within tol of top_p, and u times the kept tokens' total lies more than tol
+    (relatively) from each of their cumulative weights."""
+    p = torch.exp((x.double() - x.max()) / t).masked_fill(x == float("-inf"), 0)
+    w = p
+    if top_p < 1:
+        shares, idx = (p / p.sum()).sort(descending=True)
+        before = shares.cumsum(0) - shares
+        if (before - top_p).abs().min() < tol:
+            return False
+        w = torch.zeros_like(p)
+        w[idx[before < top_p]] = shares[before < top_p]
+    cdf = w.cumsum(0)
+    return bool((cdf[w > 0] - u * cdf[-1]).abs().min() > tol * cdf[-1])
+
+
+def test_the_fused_draw_draws_what_the_aten_ops_draw(monkeypatch):
+    """sample_top_p (kernels/cpu/sample.cpp, one call for every row without top_k) draws the token
+    _pick's ATen ops draw from the same row and uniform number: peaked rows and flat ones (whose
+    nucleus reaches past the near candidates), a row with most tokens at -inf (never drawn), at
+    several temperatures and top_p, top_p 1 among them. Draws whose outcome hangs on the last bits
+    of a sum (the two add in different orders) are left out: a few in a hundred, flat rows of
+    49,152 tokens. And a row
+    draws the same alone as in a batch of rows."""
+    import pytest
+
+    from slm import kernels
+    if kernels.fused_op("sample_top_p") is None:
+        pytest.skip(f"the CPU kernels are unavailable: {kernels.kernel_error()}")
+    g = torch.Generator().manual_seed(7)
+    cases = []
+    for n in range(400):
+        Vn = (50, 4096, 49152)[n % 3]
+        x = torch.randn(Vn, generator=g) * (8.0, 3.0, 1.0)[n % 5 % 3]
+        if n % 7 == 0:
+            masked = torch.rand(Vn, generator=g) < 0.9
+            masked[n % Vn] = False  # one token at least left
+            x[masked] = float("-inf")
+        s = Sampling(temperature=(0.3, 0.8, 1.5)[n % 4 % 3], top_p=(0.5, 0.9, 0.95, 1.0)[n % 4], seed=n)
+        cases.append((x, s))
+    tokens = {}
+    for fused in (True, False):
+        if not fused:
+            aten_draws(monkeypatch)
+        tokens[fused] = [int(sample(x[None], s, torch.Generator().manual_seed(s.seed))) for x, s in cases]
+    monkeypatch.undo()
+    checked = 0
+    for (x, s), a, b in zip(cases, tokens[True], tokens[False]):
+        u = float(torch.rand(1, generator=torch.Generator().manual_seed(s.seed)))
+        assert x[a] != float("-inf")
+        if clear_of_boundaries(x, s.temperature, s.top_p, u):
+            checked += 1
+            assert a == b, (x.shape, s, u)
+    assert checked >= 370, checked
+    # alone and in a batch (rows of one vocabulary)
+    xs = torch.stack([x for x, _ in cases if x.shape[0] == 4096][:12])
+    ss = [s for x, s in cases if x.shape[0] == 4096][:12]
+    rows = [Row(s, 4096, "cpu") for s in ss]
+    batched = sample_rows(xs, rows)
+    alone = [int(sample(xs[i:i + 1], s, torch.Generator().manual_seed(s.seed))) for i, s in enumerate(ss)]
+    assert batched == alone

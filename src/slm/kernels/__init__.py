@@ -14,6 +14,7 @@ run only where the CPU has it and SLM_NO_AVX512 is unset) registers `torch.ops.s
   matvec_f32.cpp   `matvec_f32`: one-row fp32 products when decoding
   norm_rope.cpp    `rms_norm`, `rms_norm_rope`, `rms_norm_add`
   gelu.cpp         `gelu_tanh_mul`;  argmax.cpp: `argmax_rows`
+  sample.cpp       `sample_top_p`: sampling's draw with a temperature and top-p (runtime/sampling.py)
   attention.cpp    `attn_decode` (one query over the cache), `attn_step` (the step between the products)
   train.cpp        the CPU training step's `softmax_xent_` (cross-entropy's softmax and gradient in
                    place, train/loss.py), `rms_norm_train`, `glu_train`, `rope_qk_train`, `attn_train`

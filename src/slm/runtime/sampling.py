@@ -164,6 +164,12 @@ def _pick(x: torch.Tensor, settings: list[Sampling], gens: list[torch.Generator 
         tok[cold] = argmax(x[cold].float()).to(x.device)
     ss = [settings[j] for j in hot]
     y = x[hot].float() if len(hot) < len(settings) else x.float()
+    op = kernels.fused_op("sample_top_p") if y.device.type == "cpu" and not any(s.top_k for s in ss) else None
+    if op is not None:  # what follows draws, in one call (kernels/cpu/sample.cpp; tests/runtime/test_sampling.py)
+        u = torch.cat([torch.rand(1, generator=gens[j], device=x.device) for j in hot])
+        temps = torch.tensor([s.temperature for s in ss], dtype=torch.float32).clamp(min=torch.finfo().tiny)
+        tok[hot] = op(y.contiguous(), temps, torch.tensor([s.top_p for s in ss], dtype=torch.float32), u)
+        return tok
     # (y - max) / T: at a tiny temperature the best token stays finite and the rest go to -inf
     temps = torch.tensor([s.temperature for s in ss], device=x.device)[:, None].clamp(min=torch.finfo().tiny)
     # amax, not max: max also finds where (16 x 49,152: 181 us against 34)

@@ -7,6 +7,7 @@
 #include "norm_rope.cpp"
 #include "gelu.cpp"
 #include "argmax.cpp"
+#include "sample.cpp"
 #include "attention.cpp"
 #include "train.cpp"
 #include "decoder.cpp"

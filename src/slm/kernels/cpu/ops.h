@@ -27,6 +27,9 @@ at::Tensor gelu_tanh_mul(const at::Tensor& x);
 // argmax.cpp
 at::Tensor argmax_rows(const at::Tensor& x);
 
+// sample.cpp
+at::Tensor sample_top_p(const at::Tensor& x, const at::Tensor& temperature, const at::Tensor& top_p, const at::Tensor& u);
+
 // attention.cpp
 at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
 // One sequence's attn_step (the Decoder's attention, a token at a time).

@@ -36,6 +36,7 @@ TORCH_LIBRARY(slm_cpu, m) {
   m.def("gelu_tanh_mul(Tensor x) -> Tensor");
   m.def("attn_decode(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("sample_top_p(Tensor x, Tensor temperature, Tensor top_p, Tensor u) -> Tensor");
   m.def("glu_train(Tensor h, Tensor? dy, bool gelu) -> Tensor");
   m.def("rope_qk_train(Tensor qkv, Tensor cos, Tensor sin, int H, int K) -> (Tensor, Tensor)");
   m.def("rope_qkv_backward(Tensor dq, Tensor dk, Tensor dv, Tensor cos, Tensor sin) -> Tensor");
@@ -77,6 +78,7 @@ TORCH_LIBRARY_IMPL(slm_cpu, CPU, m) {
   m.impl("gelu_tanh_mul", &gelu_tanh_mul);
   m.impl("attn_decode", &attn_decode);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("sample_top_p", &sample_top_p);
   m.impl("softmax_xent_", &softmax_xent_);
   m.impl("rms_norm_train", &rms_norm_train);
   m.impl("rms_norm_train_backward", &rms_norm_train_backward);
