@@ -94,6 +94,7 @@ static int64_t sample_row(const float* x, int64_t V, float temperature, float to
     if (!(float(acc) - share < top_p)) break;
     kept.emplace_back(j, share);
   }
+  if (top.empty()) return 0;  // no probability compares (NaN logits): as good a token as any
   if (kept.empty()) kept.emplace_back(top[0].second, top[0].first / sum);  // a top_p of 0 in fp32: the most likely
   std::sort(kept.begin(), kept.end());
   return kept[draw(int64_t(kept.size()), [&kept](int64_t j) { return kept[j].second; }, u)].first;
