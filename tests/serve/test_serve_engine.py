@@ -418,7 +418,9 @@ def test_a_chat_reuses_its_history_from_the_prefix_cache(family, room, tmp_path,
     serve; a prompt that shares just the first message then misses, where Llama reuses it.
     room: every prompt cache is mapped (as a real model's are), so it has NEXT_TURN_ROOM tokens
     of room and each next turn goes on in the entry's own cache, taken with no copy; without it
-    (a tiny model's caches come from the heap) the history is copied into a new cache."""
+    (a tiny model's caches come from the heap) the history is copied into a new cache. Each turn
+    rides into the row the conversation was saved from, which still holds it: nothing is copied
+    back into a row."""
     import slm.serve.engine as engine_mod
     from slm.runtime.generate import generate_ids
     if room:
@@ -428,9 +430,12 @@ def test_a_chat_reuses_its_history_from_the_prefix_cache(family, room, tmp_path,
     g = torch.Generator().manual_seed(1)
     new = lambda n: torch.randint(5, 400, (n,), generator=g).tolist()  # noqa: E731
     engine = Engine(lm, max_batch=2, max_len=128)
-    taken = []
+    taken, copied = [], []
     take = engine.prefixes.take
     engine.prefixes.take = lambda entry: taken.append(entry) or take(entry)
+    load_row_layers = engine.cache.load_row_layers
+    engine.cache.load_row_layers = lambda row, src, n=None: (copied.append(n) if src is not None else None) or \
+        load_row_layers(row, src, n)
     engine.start()
     try:
         prompt, expect_hit = new(12), 0
@@ -451,6 +456,40 @@ def test_a_chat_reuses_its_history_from_the_prefix_cache(family, room, tmp_path,
         assert (stats["hits"], stats["hit_tokens"]) == ((3, hit_so_far) if wrapped else (4, hit_so_far + 12)), stats
         assert 0 < stats["bytes"] <= stats["budget_bytes"]
         assert len(taken) == (3 if room else 0)  # the last prompt shares only the first message: copied
+        assert not copied, copied
+    finally:
+        engine.stop()
+
+
+def test_a_row_written_since_is_not_taken_for_the_history_it_held(tmp_path, tokenizer_dir):
+    """A chat's next turn goes into the row its history was saved from only while that row holds
+    it: once another prompt has taken the row (one of two choices, whose sequences are not kept for
+    the prefix cache), the history is copied from the prefix cache into whichever row the turn
+    gets, and the turn gives what its prompt gives alone."""
+    fam, kw = FAMILIES["llama-untied"]
+    lm = slm.load(make_checkpoint(str(tmp_path / "m"), fam, tokenizer_dir, **kw))
+    g = torch.Generator().manual_seed(3)
+    new = lambda n: torch.randint(5, 400, (n,), generator=g).tolist()  # noqa: E731
+    engine = Engine(lm, max_batch=2, max_len=128)
+    copied = []
+    load_row_layers = engine.cache.load_row_layers
+    engine.cache.load_row_layers = lambda row, src, n=None: (copied.append((row, n)) if src is not None else None) or \
+        load_row_layers(row, src, n)
+    greedy = lambda ids, n: "".join(lm.stream(ids, max_new_tokens=n, temperature=0))  # noqa: E731
+    engine.start()
+    try:
+        first = new(12)
+        (text,), = asyncio.run(run(engine, [(first, Params(max_tokens=6, temperature=0), 1)]))
+        assert text == greedy(first, 6)
+        other = new(20)  # two choices, into rows 0 (the chat's: the lowest free) and 1; not kept
+        texts, = asyncio.run(run(engine, [(other, Params(max_tokens=6, temperature=0), 2)]))
+        assert list(texts) == [greedy(other, 6)] * 2
+        copied.clear()  # (its prompt, prefilled apart, copied into both rows)
+        from slm.runtime.generate import generate_ids
+        turn = first + [step[0] for step in generate_ids(lm.model, [first], 6)] + new(5)
+        (text,), = asyncio.run(run(engine, [(turn, Params(max_tokens=6, temperature=0), 1)]))
+        assert text == greedy(turn, 6)
+        assert copied == [(0, len(first) + 5)], copied  # the history (its last reply token unfed) copied back
     finally:
         engine.stop()
 

@@ -161,6 +161,14 @@ class RowKVCache(KVCache):
                 m = min(n, src.size[src.windows[i]])
                 self.pos[w][row, :m] = src.pos[src.windows[i]][0, :m]
 
+    def keep_row(self, row: int, n: int) -> None:
+        """What load_row(row, src, n) leaves in a row that holds src's keys and values already (the
+        sequence src was saved from, untouched since): its positions from n on are forgotten, and
+        nothing is copied."""
+        for w in self.windows:
+            held = self.pos[w][row]
+            held[held >= n] = -1
+
     def save_row(self, row: int, dst: KVCache, end: int) -> None:
         """The inverse of load_row for the positions dst.seen .. end - 1 of `row`: copy them into
         the batch-1 cache dst (which has room for them), which then holds positions 0 .. end - 1."""

@@ -317,7 +317,8 @@ class _Prefill:
     `rows` are the free rows it will take (kept for it meanwhile)."""
 
     def __init__(self, req: Request, rows: list[int], cache: concurrent.futures.Future,
-                 prefix: tuple[Entry | None, int] = (None, 0), taken: bool = False, ride: bool = False):
+                 prefix: tuple[Entry | None, int] = (None, 0), taken: bool = False, ride: bool = False,
+                 home: bool = False):
         # The batch-1 cache is allocated on another thread (zeroing a long prompt's cache takes
         # milliseconds the running streams would otherwise wait); `cache` holds it once ready.
         self.req, self.rows, self.pending, self.cache, self.done = req, rows, cache, None, 0
@@ -334,7 +335,8 @@ class _Prefill:
         # ride: its tokens go in with the decode steps (RIDE_TOKENS): the prefix's keys and values are
         # copied into its row first, then `done` counts the prompt tokens its row holds; `cache` (the
         # future's) is only where the finished sequence is kept for the prefix cache (None: nowhere).
-        self.ride = ride
+        # home: its row is the one its prefix-cache match was saved from, which holds it still.
+        self.ride, self.home = ride, home
 
 
 def embed_batch(model, prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -446,6 +448,9 @@ class Engine:
         self.constraints = Constraints(self.tokenizer, self.vocab, self.eos_ids)
         self._token_bytes = kv_cache_bytes(cfg, 1, 1, self.model.dtype)  # one token's keys and values
         self._garbage: list = []  # caches let go of this turn, freed by _free off this thread
+        # Each idle row that still holds the sequence a prefix-cache entry was saved from, by the
+        # entry's cache: a prompt that continues it goes in there without copying it back.
+        self._resident: dict[int, KVCache] = {}
         # LoRA adapters that requests may name (Params.adapter): each row decodes with its own, in
         # the same step as the others (runtime/adapters.py).
         self.adapters = adapters or RowAdapters(self.model)
@@ -744,6 +749,14 @@ class Engine:
         taken = req.n == 1 and self._can_take(entry, length, need)
         ride = req.n == 1 and req.params.adapter is None and len(req.prompt_ids) - length <= RIDE_TOKENS \
             and len(req.prompt_ids) <= RIDE_CONTEXT and fused_rows(self.model, self.cache) is not None
+        # a rider goes into the row its match was saved from if that row still holds it
+        home = next((r for r in free if entry is not None and self._resident.get(r) is entry.cache), None) \
+            if ride else None
+        if home is not None:
+            free.remove(home)
+            free.insert(0, home)
+        for r in free[:req.n]:  # rows about to be written
+            self._resident.pop(r, None)
         if taken:  # the prompt continues the whole entry, which has room: it goes on in its cache
             self.prefixes.take(entry)
             cache = concurrent.futures.Future()
@@ -759,7 +772,7 @@ class Engine:
         else:  # the pages its prefix-cache match goes into faulted in there: the copy is turns of this thread
             room = self._room(need) if req.n == 1 else need
             cache = self._allocator.submit(self._populated_cache, room, length)
-        self.prefills.append(_Prefill(req, free[:req.n], cache, (entry, length), taken, ride))
+        self.prefills.append(_Prefill(req, free[:req.n], cache, (entry, length), taken, ride, home is not None))
         self.prompt_tokens += len(req.prompt_ids)
         return True
 
@@ -790,7 +803,11 @@ class Engine:
                     # ~130 MB for a model of 8 layers of 512, a gap of that many ms in every stream
                     # in one go. A short one is copied with the rest from its row then.
                     into_keep = PrefixCache.load_layers(entry, length, keep)
-                into_row = self.cache.load_row_layers(p.rows[0], entry.cache if entry is not None else None, length)
+                if p.home:  # its row holds the match already (`_resident`)
+                    self.cache.keep_row(p.rows[0], length)
+                    into_row = iter(())
+                else:
+                    into_row = self.cache.load_row_layers(p.rows[0], entry.cache if entry is not None else None, length)
                 p.copy, p.done = itertools.chain(into_keep, into_row), length
             if not self._copy_turn(p, budget, t):
                 self.prefills.append(p)
@@ -1049,6 +1066,7 @@ class Engine:
         if self.prefixes.budget > 0:
             self.cache.save_row(s.row, cache, s.pos)
             if self.prefixes.add(s.req.prompt_ids + s.tokens[:-1], cache, self._token_bytes, s.req.params.adapter):
+                self._resident[s.row] = cache
                 return
         self._garbage.append(cache)
 
