@@ -448,9 +448,10 @@ class Engine:
         self.constraints = Constraints(self.tokenizer, self.vocab, self.eos_ids)
         self._token_bytes = kv_cache_bytes(cfg, 1, 1, self.model.dtype)  # one token's keys and values
         self._garbage: list = []  # caches let go of this turn, freed by _free off this thread
-        # Each idle row that still holds the sequence a prefix-cache entry was saved from, by the
-        # entry's cache: a prompt that continues it goes in there without copying it back.
-        self._resident: dict[int, KVCache] = {}
+        # Each idle row that still holds the sequence a prefix-cache entry was saved from: the
+        # entry's key (never reused: a taken or dropped entry matches no prompt). A prompt that
+        # continues it goes in there without copying it back.
+        self._resident: dict[int, int] = {}
         # LoRA adapters that requests may name (Params.adapter): each row decodes with its own, in
         # the same step as the others (runtime/adapters.py).
         self.adapters = adapters or RowAdapters(self.model)
@@ -750,8 +751,8 @@ class Engine:
         ride = req.n == 1 and req.params.adapter is None and len(req.prompt_ids) - length <= RIDE_TOKENS \
             and len(req.prompt_ids) <= RIDE_CONTEXT and fused_rows(self.model, self.cache) is not None
         # a rider goes into the row its match was saved from if that row still holds it
-        home = next((r for r in free if entry is not None and self._resident.get(r) is entry.cache), None) \
-            if ride else None
+        home = next((r for r in free if self._resident.get(r) == entry.key), None) \
+            if ride and entry is not None else None
         if home is not None:
             free.remove(home)
             free.insert(0, home)
@@ -1065,8 +1066,9 @@ class Engine:
             return
         if self.prefixes.budget > 0:
             self.cache.save_row(s.row, cache, s.pos)
-            if self.prefixes.add(s.req.prompt_ids + s.tokens[:-1], cache, self._token_bytes, s.req.params.adapter):
-                self._resident[s.row] = cache
+            kept = self.prefixes.add(s.req.prompt_ids + s.tokens[:-1], cache, self._token_bytes, s.req.params.adapter)
+            if kept is not None:
+                self._resident[s.row] = kept.key
                 return
         self._garbage.append(cache)
 

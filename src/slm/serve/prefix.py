@@ -127,14 +127,15 @@ class PrefixCache:
             self.hit_tokens += length
         return best, length
 
-    def add(self, tokens: list[int], cache: KVCache, token_bytes: int, adapter: str | None = None) -> bool:
+    def add(self, tokens: list[int], cache: KVCache, token_bytes: int, adapter: str | None = None) -> Entry | None:
         """Keep `cache` (batch 1), which holds the keys and values of `tokens` (cache.seen of them),
-        unless it alone is over the budget (False); entries it extends are dropped. token_bytes: what
-        one token's keys and values take (the budget counts what the entry holds, not its room)."""
+        as a new entry (returned; its key is never used again), unless it alone is over the budget
+        (None); entries it extends are dropped. token_bytes: what one token's keys and values take
+        (the budget counts what the entry holds, not its room)."""
         n = len(tokens)
         size = n * token_bytes
         if n < 2 or size > self.budget or cache.seen != n:
-            return False
+            return None
         ids = tuple(tokens)
         entry = Entry(ids, cache, size, adapter, block_hashes(ids), self._next)
         for _, keys in list(self._sharing(ids, entry.hashes)):
@@ -151,7 +152,7 @@ class PrefixCache:
         self.nbytes += size
         while self.nbytes > self.budget:
             self._drop(next(iter(self.entries)))
-        return True
+        return entry
 
     def take(self, entry: Entry) -> None:
         """Remove `entry` without freeing it: a prompt that continues the whole of it goes on in its
