@@ -164,15 +164,17 @@ def _pick(x: torch.Tensor, settings: list[Sampling], gens: list[torch.Generator 
         tok[cold] = argmax(x[cold].float()).to(x.device)
     ss = [settings[j] for j in hot]
     y = x[hot].float() if len(hot) < len(settings) else x.float()
+    # At a tiny temperature the best token stays finite and the rest go to -inf. Each row's
+    # generator gives one number, in the rows' order.
+    temps = torch.tensor([s.temperature for s in ss], dtype=torch.float32, device=x.device)
+    temps = temps.clamp(min=torch.finfo().tiny)
+    u = torch.cat([torch.rand(1, generator=gens[j], device=x.device) for j in hot])
     op = kernels.fused_op("sample_top_p") if y.device.type == "cpu" and not any(s.top_k for s in ss) else None
     if op is not None:  # what follows draws, in one call (kernels/cpu/sample.cpp; tests/runtime/test_sampling.py)
-        u = torch.cat([torch.rand(1, generator=gens[j], device=x.device) for j in hot])
-        temps = torch.tensor([s.temperature for s in ss], dtype=torch.float32).clamp(min=torch.finfo().tiny)
         tok[hot] = op(y.contiguous(), temps, torch.tensor([s.top_p for s in ss], dtype=torch.float32), u)
         return tok
-    # (y - max) / T: at a tiny temperature the best token stays finite and the rest go to -inf
-    temps = torch.tensor([s.temperature for s in ss], device=x.device)[:, None].clamp(min=torch.finfo().tiny)
-    # amax, not max: max also finds where (16 x 49,152: 181 us against 34)
+    temps, u = temps[:, None], u[:, None]
+    # (y - max) / T; amax, not max: max also finds where (16 x 49,152: 181 us against 34)
     y = (y - y.amax(-1, keepdim=True)).mul_(1 / temps)  # a product: dividing 16 x 49,152 took ~0.7 ms
     k = torch.tensor([min(s.top_k, y.shape[-1]) for s in ss], device=x.device)
     if k.any():
@@ -180,9 +182,8 @@ def _pick(x: torch.Tensor, settings: list[Sampling], gens: list[torch.Generator 
         kth = top.gather(1, (k.clamp(min=1) - 1)[:, None]).masked_fill(k[:, None] == 0, float("-inf"))
         y = y.masked_fill(y < kth, float("-inf"))
     # Each row's numbers depend on its own settings alone, as they must for a seeded row to draw
-    # the same alone or in a batch; each row's generator gives one number, in the rows' order.
+    # the same alone or in a batch.
     probs = y.exp_()
-    u = torch.cat([torch.rand(1, generator=gens[j], device=x.device) for j in hot])[:, None]
     picked = torch.zeros(len(ss), dtype=torch.long, device=x.device)
     nucleus = [j for j, s in enumerate(ss) if s.top_p < 1]
     if nucleus:  # keep the smallest set of tokens whose probability reaches top_p, and draw among them
